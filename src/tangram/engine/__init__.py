@@ -1,0 +1,1 @@
+"""Inference engine: model skeletons bound to loaded (later: pooled) weights."""

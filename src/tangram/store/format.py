@@ -1,0 +1,194 @@
+"""Tangram checkpoint format: a directory with an index, aligned data files and model files.
+
+Layout of a checkpoint directory::
+
+    tangram.json        index (this module): format version, files, tensors, aliases
+    data-00000.bin ...  raw tensor bytes, every tensor starting on a 4 KiB boundary
+    config.json, generation_config.json, tokenizer files, chat template (copied through)
+
+A tensor's *identity* is its content hash plus dtype and shape; later stages
+(the device pool) use it to share equal tensors across models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field, ValidationError
+
+from tangram.store.errors import CorruptCheckpointError, MissingFileError
+
+FORMAT_NAME = "tangram"
+FORMAT_VERSION = 1
+INDEX_FILE = "tangram.json"
+ALIGNMENT = 4096
+HASH_ALGO = "xxh3_128"
+
+# Every dtype an LLM checkpoint uses; fp8 variants only where this torch has them.
+_DTYPE_NAMES = [
+    "float64", "float32", "float16", "bfloat16",
+    "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64", "bool",
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
+    "complex64",
+]
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name) for name in _DTYPE_NAMES if isinstance(getattr(torch, name, None), torch.dtype)
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Index name of a torch dtype; raises ValueError for dtypes the format does not store."""
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} is not supported by the Tangram format") from None
+
+
+def align_up(value: int, alignment: int = ALIGNMENT) -> int:
+    """Round `value` up to a multiple of `alignment`."""
+    return (value + alignment - 1) // alignment * alignment
+
+
+class DataFile(BaseModel):
+    """One data file of a checkpoint."""
+
+    name: str
+    size: int = Field(ge=0)
+
+
+class TensorEntry(BaseModel):
+    """Where one stored tensor lives and what it is."""
+
+    file: int = Field(ge=0)
+    dtype: str
+    shape: list[int]
+    offset: int = Field(ge=0)
+    nbytes: int = Field(ge=0)
+    hash: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype of this tensor."""
+        return DTYPES[self.dtype]
+
+    @property
+    def key(self) -> str:
+        """Tensor identity: content hash + dtype + shape."""
+        return f"{self.hash}:{self.dtype}:{'x'.join(map(str, self.shape))}"
+
+
+class CheckpointIndex(BaseModel):
+    """The index of a Tangram checkpoint (`tangram.json`)."""
+
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+    alignment: int = ALIGNMENT
+    hash_algo: str = HASH_ALGO
+    files: list[DataFile]
+    tensors: dict[str, TensorEntry]
+    # name -> stored tensor name, for tied or content-equal tensors stored once
+    aliases: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    def names(self) -> list[str]:
+        """Every tensor name, stored and aliased, in a stable order."""
+        return sorted([*self.tensors, *self.aliases])
+
+    def resolve(self, name: str) -> str:
+        """Stored tensor name behind `name` (itself unless it is an alias)."""
+        if name in self.tensors:
+            return name
+        try:
+            return self.aliases[name]
+        except KeyError:
+            raise KeyError(f"no tensor named {name!r} in this checkpoint") from None
+
+    def entry(self, name: str) -> TensorEntry:
+        """The stored entry behind a (possibly aliased) tensor name."""
+        return self.tensors[self.resolve(name)]
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of tensor data (each stored tensor once, without padding)."""
+        return sum(e.nbytes for e in self.tensors.values())
+
+    def validate_against(self, directory: Path) -> None:
+        """Check the index is self-consistent and its data files exist with the recorded sizes."""
+        index_path = directory / INDEX_FILE
+        if self.format != FORMAT_NAME:
+            raise CorruptCheckpointError(index_path, f"format is {self.format!r}, expected {FORMAT_NAME!r}")
+        if self.version > FORMAT_VERSION:
+            raise CorruptCheckpointError(
+                index_path, f"format version {self.version} is newer than this Tangram supports ({FORMAT_VERSION})"
+            )
+        for name, target in self.aliases.items():
+            if target not in self.tensors:
+                raise CorruptCheckpointError(index_path, f"alias {name!r} points to unknown tensor {target!r}")
+        for df in self.files:
+            path = directory / df.name
+            if not path.is_file():
+                raise MissingFileError(path, "data file listed in the index is missing")
+            actual = path.stat().st_size
+            if actual != df.size:
+                raise CorruptCheckpointError(
+                    path, f"data file is {actual} bytes, the index says {df.size} (truncated or overwritten)"
+                )
+        for name, e in self.tensors.items():
+            if e.dtype not in DTYPES:
+                raise CorruptCheckpointError(index_path, f"tensor {name!r} has unknown dtype {e.dtype!r}")
+            if e.file >= len(self.files):
+                raise CorruptCheckpointError(index_path, f"tensor {name!r} refers to data file #{e.file}, which does not exist")
+            if any(d < 0 for d in e.shape):
+                raise CorruptCheckpointError(index_path, f"tensor {name!r} has a negative dimension {e.shape}")
+            expected = math.prod(e.shape) * DTYPES[e.dtype].itemsize
+            if e.nbytes != expected:
+                raise CorruptCheckpointError(
+                    index_path, f"tensor {name!r}: {e.nbytes} bytes recorded, {expected} expected for {e.dtype}{e.shape}"
+                )
+            end = e.offset + e.nbytes
+            size = self.files[e.file].size
+            if end > size:
+                raise CorruptCheckpointError(
+                    directory / self.files[e.file].name,
+                    f"tensor {name!r} spans bytes {e.offset}..{end}, past the end of the file ({size} bytes)",
+                )
+
+
+def read_index(path: str | Path) -> CheckpointIndex:
+    """Read and validate the index of the checkpoint directory `path`."""
+    directory = Path(path)
+    index_path = directory / INDEX_FILE
+    if not directory.is_dir():
+        raise MissingFileError(directory, "checkpoint directory does not exist")
+    if not index_path.is_file():
+        raise MissingFileError(index_path, "no Tangram index here (not a Tangram checkpoint, or an unfinished write)")
+    try:
+        raw = json.loads(index_path.read_text())
+        index = CheckpointIndex.model_validate(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(index_path, f"index is not valid JSON ({exc})") from None
+    except ValidationError as exc:
+        raise CorruptCheckpointError(index_path, f"index does not match the format: {exc.errors()[0]['msg']} "
+                                     f"at {'.'.join(map(str, exc.errors()[0]['loc']))}") from None
+    index.validate_against(directory)
+    return index
+
+
+class Checkpoint:
+    """An opened (index read and validated) Tangram checkpoint directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.index = read_index(self.path)
+
+    def file_path(self, file: int) -> Path:
+        """Path of data file number `file`."""
+        return self.path / self.index.files[file].name
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, tensors={len(self.index.tensors)}, bytes={self.index.total_bytes})"

@@ -1,0 +1,142 @@
+"""Read planning: turn the tensors to load into few, large, aligned file reads.
+
+Pure functions, no I/O. Adjacent tensors of one file are coalesced into one
+run (the padding between them is read into a scratch area); runs are then cut
+into chunks so several reader threads share the work and a CUDA staging buffer
+holds one chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tangram.store.format import ALIGNMENT
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One stored tensor to read: its bytes in the file and the destination bytes."""
+
+    name: str
+    file: int
+    offset: int
+    nbytes: int
+    dest: torch.Tensor  # flat uint8, exactly nbytes long, on the target device
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous part of a read: `length` bytes to `dest[dest_start:]`, or to scratch if dest is None."""
+
+    length: int
+    dest: torch.Tensor | None = None
+    dest_start: int = 0
+    piece: Piece | None = None
+
+
+@dataclass
+class ReadRun:
+    """One read call: bytes [offset, offset + length) of a file, scattered over segments."""
+
+    file: int
+    offset: int
+    segments: list[Segment] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        """Bytes this run reads from the file."""
+        return sum(s.length for s in self.segments)
+
+    @property
+    def payload(self) -> int:
+        """Bytes that land in a destination (the rest is padding)."""
+        return sum(s.length for s in self.segments if s.dest is not None)
+
+
+def plan_reads(
+    pieces: list[Piece],
+    *,
+    chunk_bytes: int = 16 << 20,
+    max_gap: int = 64 << 10,
+    max_segments: int = 512,
+) -> list[ReadRun]:
+    """Coalesce `pieces` into runs and cut runs into chunks of at most `chunk_bytes`.
+
+    Pieces of one file whose gap is at most `max_gap` share a run. Chunk cuts
+    fall on ALIGNMENT boundaries of the file, so every run starts aligned
+    (O_DIRECT and mmap need that). A run never has more than `max_segments`
+    segments (the iovec limit of preadv is 1024).
+    """
+    if chunk_bytes < ALIGNMENT or chunk_bytes % ALIGNMENT:
+        raise ValueError(f"chunk_bytes must be a positive multiple of {ALIGNMENT}")
+    runs: list[ReadRun] = []
+    ordered = sorted((p for p in pieces if p.nbytes > 0), key=lambda p: (p.file, p.offset))
+    current: ReadRun | None = None
+    end = 0
+    for p in ordered:
+        if p.dest.numel() != p.nbytes:
+            raise ValueError(f"destination of {p.name!r} holds {p.dest.numel()} bytes, needs {p.nbytes}")
+        gap = p.offset - end
+        if current is not None and current.file == p.file and 0 <= gap <= max_gap:
+            if gap:
+                current.segments.append(Segment(gap))
+        else:
+            if p.offset % ALIGNMENT:
+                raise ValueError(f"tensor {p.name!r} starts at unaligned offset {p.offset}")
+            current = ReadRun(p.file, p.offset)
+            runs.append(current)
+        current.segments.append(Segment(p.nbytes, p.dest, 0, p))
+        end = p.offset + p.nbytes
+    return [chunk for run in runs for chunk in _cut(run, chunk_bytes, max_segments)]
+
+
+def _cut(run: ReadRun, chunk_bytes: int, max_segments: int) -> list[ReadRun]:
+    """Split one run into chunks of at most chunk_bytes (cuts on aligned file offsets)."""
+    out: list[ReadRun] = []
+    cur = ReadRun(run.file, run.offset)
+    room = chunk_bytes
+    for seg in run.segments:
+        start = 0
+        while start < seg.length:
+            take = min(seg.length - start, room)
+            if take > 0:
+                cur.segments.append(
+                    Segment(take, seg.dest, seg.dest_start + start if seg.dest is not None else 0, seg.piece)
+                )
+                start += take
+                room -= take
+            if room == 0 or len(cur.segments) >= max_segments:
+                nxt = cur.offset + cur.length
+                if nxt % ALIGNMENT:  # only reachable through max_segments: back off to an aligned cut
+                    cur, carry = _split_aligned(cur)
+                    out.append(cur)
+                    cur = carry
+                else:
+                    out.append(cur)
+                    cur = ReadRun(run.file, nxt)
+                room = chunk_bytes - cur.length
+    if cur.segments:
+        out.append(cur)
+    return out
+
+
+def _split_aligned(run: ReadRun) -> tuple[ReadRun, ReadRun]:
+    """Cut `run` at its last aligned file offset; return (head, tail)."""
+    cut = (run.offset + run.length) // ALIGNMENT * ALIGNMENT
+    head, tail = ReadRun(run.file, run.offset), ReadRun(run.file, cut)
+    pos = run.offset
+    for seg in run.segments:
+        if pos + seg.length <= cut:
+            head.segments.append(seg)
+        elif pos >= cut:
+            tail.segments.append(seg)
+        else:
+            k = cut - pos
+            head.segments.append(Segment(k, seg.dest, seg.dest_start, seg.piece))
+            tail.segments.append(Segment(seg.length - k, seg.dest, seg.dest_start + k if seg.dest is not None else 0, seg.piece))
+        pos += seg.length
+    if not head.segments:
+        raise ValueError("cannot split a run into aligned chunks under the segment limit")
+    return head, tail
