@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from tangram.progress import byte_progress
 from tangram.store.errors import (
@@ -74,7 +74,7 @@ def _tensors(kind: str, files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]
                 with safe_open(f, framework="pt") as fh:
                     for key in fh.keys():
                         yield key, fh.get_tensor(key)
-            except (OSError, RuntimeError, ValueError) as exc:
+            except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
                 if isinstance(exc, CheckpointError):
                     raise
                 raise CorruptCheckpointError(f, f"cannot read safetensors file ({exc})") from None

@@ -150,6 +150,10 @@ class CheckpointIndex(BaseModel):
                 raise CorruptCheckpointError(
                     index_path, f"tensor {name!r}: {e.nbytes} bytes recorded, {expected} expected for {e.dtype}{e.shape}"
                 )
+            if e.offset % ALIGNMENT:
+                raise CorruptCheckpointError(
+                    index_path, f"tensor {name!r} starts at offset {e.offset}, not aligned to {ALIGNMENT} bytes"
+                )
             end = e.offset + e.nbytes
             size = self.files[e.file].size
             if end > size:

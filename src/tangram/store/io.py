@@ -100,6 +100,10 @@ def read_contiguous(fd: int, run: ReadRun, buf: torch.Tensor, path: Path, *, dir
         if n == 0:
             raise _truncated(path, run, done)
         done += n
+        if direct and done % ALIGNMENT:  # an unaligned O_DIRECT result only happens at end of file
+            if done < want:
+                raise _truncated(path, run, done)
+            break
 
 
 def scatter_from(src: torch.Tensor, run: ReadRun, *, non_blocking: bool = False) -> None:

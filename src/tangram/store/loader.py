@@ -134,6 +134,8 @@ class Loader:
             entry = index.tensors[index.resolve(name)]
             if dest.dtype != torch.uint8 or dest.dim() != 1 or not dest.is_contiguous():
                 raise ValueError(f"destination of {name!r} must be a flat contiguous uint8 tensor")
+            if dest.numel() != entry.nbytes:
+                raise ValueError(f"destination of {name!r} holds {dest.numel()} bytes, needs {entry.nbytes}")
             cached = self.cache.get(entry.hash) if self.cache is not None else None
             if cached is not None and cached.numel() == entry.nbytes:
                 dest.copy_(cached, non_blocking=cuda)

@@ -156,7 +156,11 @@ def save(
         if dst.exists():  # overwrite: move the old one aside first, so a crash leaves one whole copy
             trash = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:12]}"
             dst.rename(trash)
-            tmp.rename(dst)
+            try:
+                tmp.rename(dst)
+            except BaseException:
+                trash.rename(dst)
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             tmp.rename(dst)
