@@ -21,15 +21,18 @@ def big_file(tmp_path):
     return path
 
 
+FAKE = {"pread/1x64MiB": 1.0, "mmap/2x16MiB": 3.0, "odirect/2x16MiB": 2.0}
+
+
 @pytest.fixture
 def fake_measure(monkeypatch):
     calls = []
 
     def measure(path, nbytes=probe.PROBE_BYTES, repeats=2):
         calls.append(str(path))
-        return {"pread": 1.0, "mmap": 3.0, "odirect": 2.0}
+        return dict(FAKE)
 
-    monkeypatch.setattr(probe, "measure_methods", measure)
+    monkeypatch.setattr(probe, "measure_configs", measure)
     return calls
 
 
@@ -41,8 +44,8 @@ def test_data_dir_is_the_test_home(tangram_home):
 @pytest.mark.parametrize("value", ["pread", "odirect", "mmap"])
 def test_env_override(monkeypatch, tmp_path, fake_measure, value, big_file):
     monkeypatch.setenv(probe.ENV_METHOD, value)
-    assert probe.choose_method(big_file) is ReadMethod(value)
-    assert probe.choose_method(tmp_path / "does-not-even-exist") is ReadMethod(value)
+    assert probe.choose_config(big_file).method is ReadMethod(value)
+    assert probe.choose_config(tmp_path / "does-not-even-exist").method is ReadMethod(value)
     assert fake_measure == []
     assert not probe._cache_file().exists()
 
@@ -50,7 +53,7 @@ def test_env_override(monkeypatch, tmp_path, fake_measure, value, big_file):
 def test_env_override_bad_value(monkeypatch, tmp_path):
     monkeypatch.setenv(probe.ENV_METHOD, "turbo")
     with pytest.raises(ValueError) as ei:
-        probe.choose_method(tmp_path)
+        probe.choose_config(tmp_path)
     msg = str(ei.value)
     assert "TANGRAM_READ_METHOD" in msg and "'turbo'" in msg
     assert all(m in msg for m in ("pread", "odirect", "mmap"))
@@ -62,48 +65,48 @@ def test_env_override_bad_value(monkeypatch, tmp_path):
 def test_small_file_uses_pread_without_persisting(tmp_path, fake_measure):
     small = tmp_path / "small.bin"
     small.write_bytes(b"x" * (probe.MIN_PROBE_BYTES - 1))
-    assert probe.choose_method(small) is ReadMethod.PREAD
-    assert probe.choose_method(small) is ReadMethod.PREAD
+    assert probe.choose_config(small).method is ReadMethod.PREAD
+    assert probe.choose_config(small).method is ReadMethod.PREAD
     assert fake_measure == []
     assert not probe._cache_file().exists()
     assert os.stat(small).st_dev not in probe._memo  # not remembered: a later big file gets measured
 
 
 def test_big_file_measured_once_and_persisted(big_file, fake_measure):
-    assert probe.choose_method(big_file) is ReadMethod.MMAP  # the fastest of the fake measurement
+    assert probe.choose_config(big_file).method is ReadMethod.MMAP  # the fastest of the fake measurement
     assert fake_measure == [str(big_file)]
     stored = json.loads(probe._cache_file().read_text())
     dev = str(os.stat(big_file).st_dev)
-    assert stored[dev]["method"] == "mmap"
-    assert stored[dev]["gbps"] == {"pread": 1.0, "mmap": 3.0, "odirect": 2.0}
+    assert stored[dev]["config"] == "mmap/2x16MiB"
+    assert stored[dev]["gbps"] == FAKE
     assert stored[dev]["measured_on"] == str(big_file)
     # same process: memoised
-    assert probe.choose_method(big_file) is ReadMethod.MMAP
+    assert probe.choose_config(big_file).method is ReadMethod.MMAP
     # a new process (memo empty): read back from read_method.json, not measured again
     probe._memo.clear()
-    assert probe.choose_method(big_file) is ReadMethod.MMAP
+    assert probe.choose_config(big_file).method is ReadMethod.MMAP
     assert len(fake_measure) == 1
     # other files on the same filesystem share the answer, small ones included
     other = big_file.parent / "other.bin"
     other.write_bytes(b"y")
-    assert probe.choose_method(other) is ReadMethod.MMAP
+    assert probe.choose_config(other).method is ReadMethod.MMAP
     assert len(fake_measure) == 1
     # forget() drops both memo and file; the next call measures again
     probe.forget()
     assert not probe._cache_file().exists()
-    assert probe.choose_method(big_file) is ReadMethod.MMAP
+    assert probe.choose_config(big_file).method is ReadMethod.MMAP
     assert len(fake_measure) == 2
 
 
 def test_unreadable_cache_file_is_remeasured(big_file, fake_measure):
     probe._cache_file().write_text("{broken")
-    assert probe.choose_method(big_file) is ReadMethod.MMAP
+    assert probe.choose_config(big_file).method is ReadMethod.MMAP
     assert len(fake_measure) == 1
-    assert json.loads(probe._cache_file().read_text())[str(os.stat(big_file).st_dev)]["method"] == "mmap"
+    assert json.loads(probe._cache_file().read_text())[str(os.stat(big_file).st_dev)]["config"] == "mmap/2x16MiB"
 
 
 def test_loader_uses_remembered_method(tmp_path, big_file, fake_measure):
-    probe.choose_method(big_file)
+    probe.choose_config(big_file)
     state = {"w": make_tensor((1000,), torch.float16, seed=3)}
     save(state, tmp_path / "c")
     dests = {"w": torch.empty(2000, dtype=torch.uint8)}
@@ -113,12 +116,13 @@ def test_loader_uses_remembered_method(tmp_path, big_file, fake_measure):
 
 
 def test_real_measurement(big_file):
-    results = probe.measure_methods(big_file, repeats=1)
-    expected = {"pread", "mmap"} | ({"odirect"} if odirect_supported(big_file) else set())
+    results = probe.measure_configs(big_file, repeats=1)
+    odirect = odirect_supported(big_file)
+    expected = {c.label for c in probe.CANDIDATES if odirect or c.method is not ReadMethod.ODIRECT}
     assert set(results) == expected
     assert all(v > 0 for v in results.values())
     # end to end, with the real measurement
-    method = probe.choose_method(big_file)
+    config = probe.choose_config(big_file)
     stored = json.loads(probe._cache_file().read_text())[str(os.stat(big_file).st_dev)]
-    assert stored["method"] == method.value
-    assert method.value == max(stored["gbps"], key=stored["gbps"].get)
+    assert stored["config"] == config.label
+    assert config.label == max(stored["gbps"], key=stored["gbps"].get)

@@ -12,34 +12,26 @@ on per-thread streams overlap with the next reads.
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor, wait, FIRST_EXCEPTION
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tangram.store import io
+from tangram.store import io, probe
 from tangram.store.cache import HostCache
 from tangram.store.errors import HashMismatchError
 from tangram.store.format import Checkpoint
 from tangram.store.hashing import hash_bytes
 from tangram.store.io import ReadMethod
-from tangram.store.plan import Piece, ReadRun, plan_reads
-from tangram.store.probe import choose_method
+from tangram.store.execute import ReadConfig, StagingRing, execute, run_all
+from tangram.store.plan import Piece, plan_reads
 
 log = logging.getLogger(__name__)
 
 DEST_ALIGNMENT = 256  # byte alignment of tensors placed by `load` (>= CUDA's 256)
-
-
-def default_threads() -> int:
-    """Reader threads: enough to keep the disk queue full, bounded by the cores."""
-    return max(2, min(8, os.cpu_count() or 2))
 
 
 @dataclass
@@ -54,30 +46,12 @@ class LoadStats:
     seconds: float = 0.0
     method: str = ""
     threads: int = 0
+    chunk_bytes: int = 0
 
     @property
     def bytes_total(self) -> int:
         """Payload bytes placed in destinations."""
         return self.bytes_from_disk + self.bytes_from_cache
-
-
-class _StagingRing:
-    """A fixed set of pinned host buffers, each reusable once its last copy has finished."""
-
-    def __init__(self, count: int, nbytes: int) -> None:
-        self.nbytes = nbytes
-        self._free: queue.Queue[tuple[torch.Tensor, torch.cuda.Event | None]] = queue.Queue()
-        for _ in range(count):
-            self._free.put((io.host_buffer(nbytes, pin=True), None))
-
-    def take(self) -> torch.Tensor:
-        buf, event = self._free.get()
-        if event is not None:
-            event.synchronize()
-        return buf
-
-    def give(self, buf: torch.Tensor, event: torch.cuda.Event) -> None:
-        self._free.put((buf, event))
 
 
 class Loader:
@@ -88,23 +62,30 @@ class Loader:
         *,
         threads: int | None = None,
         method: ReadMethod | str | None = None,
-        chunk_bytes: int = 16 << 20,
+        chunk_bytes: int | None = None,
         cache: HostCache | None = None,
         staging_buffers: int | None = None,
     ) -> None:
-        self.threads = threads or default_threads()
+        """Unset `threads`, `method`, `chunk_bytes` come from the per-filesystem measurement (probe.py)."""
+        self.threads = threads
         self.method = ReadMethod(method) if method is not None else None
         self.chunk_bytes = chunk_bytes
         self.cache = cache
-        self._staging_count = staging_buffers or 2 * self.threads
-        self._staging: _StagingRing | None = None
+        self._staging_count = staging_buffers
+        self._staging: StagingRing | None = None
         self._staging_lock = threading.Lock()
         self.last_stats: LoadStats | None = None  # stats of the latest `load` (informational)
 
-    def _ring(self) -> _StagingRing:
+    def config(self, path: Path) -> ReadConfig:
+        """The read configuration for a data file: measured defaults with this loader's overrides applied."""
+        method = self.method or probe.forced_method()
+        base = probe.config_for(method) if method is not None else probe.choose_config(path)
+        return ReadConfig(base.method, self.threads or base.threads, self.chunk_bytes or base.chunk_bytes)
+
+    def _ring(self, config: ReadConfig) -> StagingRing:
         with self._staging_lock:
-            if self._staging is None:
-                self._staging = _StagingRing(self._staging_count, self.chunk_bytes)
+            if self._staging is None or self._staging.nbytes < config.chunk_bytes:
+                self._staging = StagingRing(self._staging_count or 2 * max(2, config.threads), config.chunk_bytes)
             return self._staging
 
     def load_into(
@@ -123,7 +104,7 @@ class Loader:
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
         start = time.perf_counter()
         index = ckpt.index
-        stats = LoadStats(threads=self.threads)
+        stats = LoadStats()
         devices = {t.device for t in dests.values()}
         if len(devices) > 1:
             raise ValueError(f"destinations span several devices: {sorted(map(str, devices))}")
@@ -145,18 +126,17 @@ class Loader:
             else:
                 pieces.append(Piece(name, entry.file, entry.offset, entry.nbytes, dest))
         stats.tensors = len(dests)
-        method = self.method or (choose_method(ckpt.file_path(pieces[0].file)) if pieces else ReadMethod.PREAD)
-        if cuda and method is ReadMethod.MMAP:
-            method = ReadMethod.PREAD  # staging is pinned memory: read into it directly
-        stats.method = method.value
-        runs = plan_reads(pieces, chunk_bytes=self.chunk_bytes)
+        config = self.config(ckpt.file_path(pieces[0].file)) if pieces else probe.DEFAULT
+        stats.method, stats.threads, stats.chunk_bytes = config.method.value, config.threads, config.chunk_bytes
+        runs = plan_reads(pieces, chunk_bytes=config.chunk_bytes)
         stats.reads = len(runs)
         stats.bytes_from_disk = sum(r.payload for r in runs)
         stats.bytes_padding = sum(r.length for r in runs) - stats.bytes_from_disk
         if runs:
-            self._execute(ckpt, runs, method, device, progress)
+            paths = {f: ckpt.file_path(f) for f in {r.file for r in runs}}
+            execute(runs, paths, config, device, staging=lambda: self._ring(config), progress=progress)
         if cuda:
-            torch.cuda.synchronize(device)
+            torch.cuda.synchronize(device)  # cache-hit copies too
         if verify:
             self._verify(ckpt, pieces)
         if self.cache is not None and pieces:
@@ -164,62 +144,6 @@ class Loader:
         stats.seconds = time.perf_counter() - start
         log.debug("loaded %s: %s", ckpt.path, stats)
         return stats
-
-    def _execute(
-        self,
-        ckpt: Checkpoint,
-        runs: list[ReadRun],
-        method: ReadMethod,
-        device: torch.device,
-        progress: Callable[[int], None] | None,
-    ) -> None:
-        direct = method is ReadMethod.ODIRECT
-        fds: dict[int, int] = {}
-        try:
-            for f in sorted({r.file for r in runs}):
-                fds[f] = io.open_data_file(ckpt.file_path(f), direct=direct)
-            if device.type == "cuda":
-                ring = self._ring()
-                local = threading.local()
-
-                def work(run: ReadRun) -> None:
-                    if not hasattr(local, "stream"):
-                        local.stream = torch.cuda.Stream(device)
-                    buf = ring.take()
-                    try:
-                        io.read_contiguous(fds[run.file], run, buf, ckpt.file_path(run.file), direct=direct)
-                    except BaseException:
-                        ring.give(buf, torch.cuda.Event())
-                        raise
-                    with torch.cuda.stream(local.stream):
-                        io.scatter_from(buf, run, non_blocking=True)
-                        event = torch.cuda.Event()
-                        event.record(local.stream)
-                    ring.give(buf, event)
-                    if progress:
-                        progress(run.payload)
-
-            else:
-                local = threading.local()
-
-                def work(run: ReadRun) -> None:
-                    path = ckpt.file_path(run.file)
-                    if method is ReadMethod.PREAD:
-                        io.read_scatter(fds[run.file], run, path)
-                    elif method is ReadMethod.MMAP:
-                        io.read_mmap(fds[run.file], run, path)
-                    else:
-                        if not hasattr(local, "bounce"):
-                            local.bounce = io.host_buffer(self.chunk_bytes + io.ALIGNMENT)
-                        io.read_contiguous(fds[run.file], run, local.bounce, path, direct=True)
-                        io.scatter_from(local.bounce, run)
-                    if progress:
-                        progress(run.payload)
-
-            _run_all(work, runs, self.threads)
-        finally:
-            for fd in fds.values():
-                os.close(fd)
 
     def _verify(self, ckpt: Checkpoint, pieces: list[Piece]) -> None:
         index = ckpt.index
@@ -232,7 +156,7 @@ class Loader:
                     ckpt.file_path(p.file), f"tensor {p.name!r}: content hash {got} differs from the index ({entry.hash})"
                 )
 
-        _run_all(check, pieces, self.threads)
+        run_all(check, pieces, max(2, self.threads or 2))
 
     def load(
         self,
@@ -266,19 +190,3 @@ def typed_view(raw: torch.Tensor, dtype: torch.dtype, shape: list[int] | tuple[i
     if raw.numel() == 0:
         return torch.empty(shape, dtype=dtype, device=raw.device)
     return raw.view(dtype).view(shape)
-
-
-def _run_all(fn: Callable, items: list, threads: int) -> None:
-    """Run fn over items on `threads` threads; the first error cancels the rest and is raised."""
-    if threads <= 1 or len(items) <= 1:
-        for item in items:
-            fn(item)
-        return
-    with ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="tangram-load") as pool:
-        futures = [pool.submit(fn, item) for item in items]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for fut in futures:
-            if fut.done() and fut.exception() is not None:
-                for other in futures:
-                    other.cancel()
-                raise fut.exception()  # type: ignore[misc]

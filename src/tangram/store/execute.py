@@ -1,0 +1,136 @@
+"""Execute planned reads on reader threads, into CPU or CUDA destinations.
+
+CPU destinations are filled by the chosen read method directly. CUDA
+destinations go through a ring of pinned staging buffers: a thread reads a
+chunk into a free buffer, enqueues asynchronous host-to-device copies on its
+own stream and records an event; the buffer is reused once the event is done,
+so copies overlap the next reads.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tangram.store import io
+from tangram.store.io import ReadMethod
+from tangram.store.plan import ReadRun
+
+
+@dataclass(frozen=True)
+class ReadConfig:
+    """How to read: method, reader threads, chunk size."""
+
+    method: ReadMethod = ReadMethod.PREAD
+    threads: int = 2
+    chunk_bytes: int = 16 << 20
+
+    @property
+    def label(self) -> str:
+        """Short name, e.g. `pread/1x64MiB`."""
+        return f"{self.method.value}/{self.threads}x{self.chunk_bytes >> 20}MiB"
+
+
+class StagingRing:
+    """A fixed set of pinned host buffers, each reusable once its last copy has finished."""
+
+    def __init__(self, count: int, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self._free: queue.Queue[tuple[torch.Tensor, torch.cuda.Event | None]] = queue.Queue()
+        for _ in range(count):
+            self._free.put((io.host_buffer(nbytes, pin=True), None))
+
+    def take(self) -> torch.Tensor:
+        """A free buffer (waits for its previous copies to finish)."""
+        buf, event = self._free.get()
+        if event is not None:
+            event.synchronize()
+        return buf
+
+    def give(self, buf: torch.Tensor, event: torch.cuda.Event | None) -> None:
+        """Return a buffer; it is free once `event` has completed."""
+        self._free.put((buf, event))
+
+
+def execute(
+    runs: list[ReadRun],
+    paths: Mapping[int, Path],
+    config: ReadConfig,
+    device: torch.device,
+    *,
+    staging: Callable[[], StagingRing] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Read every run into its destinations with `config`; returns when all bytes have landed."""
+    method = config.method
+    if device.type == "cuda" and method is ReadMethod.MMAP:
+        method = ReadMethod.PREAD  # staging is pinned host memory: read into it directly
+    direct = method is ReadMethod.ODIRECT
+    fds: dict[int, int] = {}
+    local = threading.local()
+    try:
+        for f in sorted({r.file for r in runs}):
+            fds[f] = io.open_data_file(paths[f], direct=direct)
+
+        def cuda_work(run: ReadRun) -> None:
+            if not hasattr(local, "stream"):
+                local.stream = torch.cuda.Stream(device)
+            ring = staging() if staging else None
+            assert ring is not None, "CUDA destinations need a staging ring"
+            buf = ring.take()
+            try:
+                io.read_contiguous(fds[run.file], run, buf, paths[run.file], direct=direct)
+            except BaseException:
+                ring.give(buf, None)
+                raise
+            with torch.cuda.stream(local.stream):
+                io.scatter_from(buf, run, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(local.stream)
+            ring.give(buf, event)
+            if progress:
+                progress(run.payload)
+
+        def cpu_work(run: ReadRun) -> None:
+            path = paths[run.file]
+            if method is ReadMethod.PREAD:
+                io.read_scatter(fds[run.file], run, path)
+            elif method is ReadMethod.MMAP:
+                io.read_mmap(fds[run.file], run, path)
+            else:
+                if not hasattr(local, "bounce"):
+                    local.bounce = io.host_buffer(config.chunk_bytes + io.ALIGNMENT)
+                io.read_contiguous(fds[run.file], run, local.bounce, path, direct=True)
+                io.scatter_from(local.bounce, run)
+            if progress:
+                progress(run.payload)
+
+        run_all(cuda_work if device.type == "cuda" else cpu_work, runs, config.threads)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def run_all(fn: Callable, items: list, threads: int) -> None:
+    """Run fn over items on `threads` threads, in order; the first error cancels the rest and is raised."""
+    if threads <= 1 or len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="tangram-load") as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for fut in futures:
+            if fut.done() and not fut.cancelled() and fut.exception() is not None:
+                for other in futures:
+                    other.cancel()
+                raise fut.exception()  # type: ignore[misc]
