@@ -17,7 +17,7 @@ from tangram.store import probe
 from tangram.store.format import DTYPES
 from tangram.store.io import odirect_supported
 
-READ_METHODS = ("pread", "odirect", "mmap")
+READ_METHODS = ("pread", "odirect", "mmap", "auto")
 
 
 # --------------------------------------------------------------------------- environment

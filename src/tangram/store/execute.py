@@ -21,7 +21,11 @@ import torch
 
 from tangram.store import io
 from tangram.store.io import ReadMethod
-from tangram.store.plan import ReadRun
+from tangram.store.format import ALIGNMENT, align_up
+from tangram.store.plan import ReadRun, Segment
+
+
+AUTO_CACHED = 0.5  # AUTO reads a chunk through the page cache when at least this much of it is there
 
 
 @dataclass(frozen=True)
@@ -72,52 +76,83 @@ def execute(
     method = config.method
     if device.type == "cuda" and method is ReadMethod.MMAP:
         method = ReadMethod.PREAD  # staging is pinned host memory: read into it directly
-    direct = method is ReadMethod.ODIRECT
     fds: dict[int, int] = {}
+    dfds: dict[int, int] = {}
     local = threading.local()
+
+    def bounce() -> torch.Tensor:
+        if not hasattr(local, "bounce"):
+            local.bounce = io.host_buffer(config.chunk_bytes + ALIGNMENT)
+        return local.bounce
+
+    def read(run: ReadRun, need: int) -> None:
+        """Read `run` (its first `need` bytes must exist) with the configured method."""
+        path = paths[run.file]
+        if method is ReadMethod.PREAD:
+            io.read_scatter(fds[run.file], run, path)
+        elif method is ReadMethod.MMAP:
+            io.read_mmap(fds[run.file], run, path)
+        elif method is ReadMethod.ODIRECT:
+            io.read_direct(dfds[run.file], run, bounce(), path, need)
+        elif io.cached_fraction(fds[run.file], run.offset, need) >= AUTO_CACHED:  # AUTO, warm: memory speed
+            io.read_scatter(fds[run.file], ReadRun(run.file, run.offset, _trim(run.segments, need)), path)
+        else:  # AUTO, cold: from the disk, past the page cache
+            io.read_direct(dfds[run.file], run, bounce(), path, need)
+
+    def cuda_work(run: ReadRun) -> None:
+        if not hasattr(local, "stream"):
+            local.stream = torch.cuda.Stream(device)
+        assert staging is not None, "CUDA destinations need a staging ring"
+        ring = staging()
+        buf = ring.take()
+        length = run.length if method is ReadMethod.PREAD else align_up(run.length)
+        try:
+            read(ReadRun(run.file, run.offset, [Segment(length, buf, 0)]), run.length)
+        except BaseException:
+            ring.give(buf, None)
+            raise
+        with torch.cuda.stream(local.stream):
+            io.scatter_from(buf, run, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(local.stream)
+        ring.give(buf, event)
+        if progress:
+            progress(run.payload)
+
+    def cpu_work(run: ReadRun) -> None:
+        read(run, run.length)
+        if progress:
+            progress(run.payload)
+
     try:
         for f in sorted({r.file for r in runs}):
-            fds[f] = io.open_data_file(paths[f], direct=direct)
-
-        def cuda_work(run: ReadRun) -> None:
-            if not hasattr(local, "stream"):
-                local.stream = torch.cuda.Stream(device)
-            ring = staging() if staging else None
-            assert ring is not None, "CUDA destinations need a staging ring"
-            buf = ring.take()
-            try:
-                io.read_contiguous(fds[run.file], run, buf, paths[run.file], direct=direct)
-            except BaseException:
-                ring.give(buf, None)
-                raise
-            with torch.cuda.stream(local.stream):
-                io.scatter_from(buf, run, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(local.stream)
-            ring.give(buf, event)
-            if progress:
-                progress(run.payload)
-
-        def cpu_work(run: ReadRun) -> None:
-            path = paths[run.file]
-            if method is ReadMethod.PREAD:
-                io.read_scatter(fds[run.file], run, path)
-            elif method is ReadMethod.MMAP:
-                io.read_mmap(fds[run.file], run, path)
-            else:
-                if not hasattr(local, "bounce"):
-                    local.bounce = io.host_buffer(config.chunk_bytes + io.ALIGNMENT)
-                io.read_contiguous(fds[run.file], run, local.bounce, path, direct=True)
-                io.scatter_from(local.bounce, run)
-            if progress:
-                progress(run.payload)
-
+            if method is not ReadMethod.ODIRECT:
+                fds[f] = io.open_data_file(paths[f], direct=False)
+            if method in (ReadMethod.ODIRECT, ReadMethod.AUTO):
+                try:
+                    dfds[f] = io.open_data_file(paths[f], direct=True)
+                except OSError as exc:
+                    if method is ReadMethod.ODIRECT:
+                        raise OSError(exc.errno, f"{paths[f]}: O_DIRECT not supported here ({exc.strerror})") from None
+                    method = ReadMethod.PREAD  # AUTO on a filesystem without O_DIRECT: buffered reads only
         run_all(cuda_work if device.type == "cuda" else cpu_work, runs, config.threads)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
-        for fd in fds.values():
+        for fd in [*fds.values(), *dfds.values()]:
             os.close(fd)
+
+
+def _trim(segments: list[Segment], need: int) -> list[Segment]:
+    """The segments covering the first `need` bytes."""
+    out, pos = [], 0
+    for seg in segments:
+        if pos >= need:
+            break
+        take = min(seg.length, need - pos)
+        out.append(seg if take == seg.length else Segment(take, seg.dest, seg.dest_start, seg.piece))
+        pos += take
+    return out
 
 
 def run_all(fn: Callable, items: list, threads: int) -> None:

@@ -6,16 +6,19 @@ the file when it ends early (a truncated data file), never returns short data.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 import os
 from enum import Enum
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tangram.store.errors import CorruptCheckpointError
 from tangram.store.format import ALIGNMENT, align_up
-from tangram.store.plan import ReadRun
+from tangram.store.plan import ReadRun, tail
 
 _SCRATCH = bytearray(64 << 10)  # padding between coalesced tensors lands here; its content is never used
 
@@ -26,6 +29,7 @@ class ReadMethod(str, Enum):
     PREAD = "pread"  # buffered preadv straight into the destination (scatter)
     ODIRECT = "odirect"  # O_DIRECT into an aligned buffer, then copy
     MMAP = "mmap"  # mmap(MAP_POPULATE) of the range, then copy
+    AUTO = "auto"  # chunks the page cache holds: buffered; the others: O_DIRECT (checked with mincore)
 
 
 def host_buffer(nbytes: int, *, pin: bool = False, touch: bool = True) -> torch.Tensor:
@@ -79,31 +83,83 @@ def preadv_full(fd: int, views: list[memoryview], offset: int, path: Path, run: 
             views[0] = views[0][n:]
 
 
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def cached_fraction(fd: int, offset: int, length: int) -> float:
+    """Fraction of the pages of a file range that the page cache holds (mincore; triggers no I/O)."""
+    if length <= 0:
+        return 1.0
+    start = offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+    size = min(offset + length, os.fstat(fd).st_size) - start
+    if size <= 0:
+        return 0.0
+    region = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    try:
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        anchor = ctypes.c_char.from_buffer(region)
+        try:
+            if _libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec) != 0:
+                return 0.0
+        finally:
+            del anchor
+        return sum(v & 1 for v in bytes(vec)) / pages
+    finally:
+        region.close()
+
+
+def _aligned(view_owner: torch.Tensor, length: int) -> bool:
+    return view_owner.data_ptr() % ALIGNMENT == 0 and length % ALIGNMENT == 0
+
+
+def read_direct(fd: int, run: ReadRun, bounce: torch.Tensor, path: Path, need: int | None = None) -> None:
+    """O_DIRECT read of `run`: aligned destination parts are read into directly, the rest through `bounce`.
+
+    `fd` is opened with O_DIRECT; `run` starts on an aligned file offset; `bounce`
+    is page aligned and at least the run's length rounded up to ALIGNMENT. Only
+    the first `need` bytes (default: all) must exist in the file.
+    """
+    need = run.length if need is None else need
+    while run.segments:
+        views: list[memoryview] = []
+        copies: list[tuple[int, int, int, torch.Tensor]] = []  # (run position, bounce position, length, dest)
+        rel = bpos = bstart = 0
+        for seg in run.segments:
+            dst = seg.dest[seg.dest_start : seg.dest_start + seg.length] if seg.dest is not None else None
+            if dst is not None and _aligned(dst, seg.length):
+                if bpos > bstart:
+                    views.append(memoryview(bounce[bstart:bpos].numpy()))
+                views.append(memoryview(dst.numpy()))
+                bstart = bpos
+            else:
+                if dst is not None:
+                    copies.append((rel, bpos, seg.length, dst))
+                bpos += seg.length
+            rel += seg.length
+        if bpos > bstart:  # the final bounce part may end mid-block: round up (a short read at EOF is fine)
+            views.append(memoryview(bounce[bstart : bstart + align_up(bpos - bstart)].numpy()))
+        n = os.preadv(fd, views, run.offset)
+        restart = n
+        for at, bp, length, dst in copies:
+            if at + length <= n:
+                dst.copy_(bounce[bp : bp + length])
+            elif at < n:
+                restart = min(restart, at)  # partly read: read it again (destination segments start aligned)
+        if n >= need:
+            return
+        if n == 0 or n % ALIGNMENT or run.offset + need > os.fstat(fd).st_size:
+            raise _truncated(path, run, n)  # the file ends before the bytes we need
+        if restart == 0:
+            raise OSError(f"{path}: O_DIRECT read made no progress at offset {run.offset}")
+        run = tail(run, restart)  # rare: a short but aligned read; go on after it
+        need -= restart
+
+
 def read_scatter(fd: int, run: ReadRun, path: Path) -> None:
     """Buffered read of `run` straight into its CPU destinations (one preadv per run)."""
     views = _views(run)
     preadv_full(fd, views, run.offset, path, run)
-
-
-def read_contiguous(fd: int, run: ReadRun, buf: torch.Tensor, path: Path, *, direct: bool) -> None:
-    """Read the whole of `run` into the start of the host buffer `buf` (staging or bounce).
-
-    With `direct`, `fd` is O_DIRECT: the read length is rounded up to ALIGNMENT
-    and `buf` must be page aligned; the final block of a file may come back short.
-    """
-    want = run.length
-    length = align_up(want) if direct else want
-    view = memoryview(buf[:length].numpy())
-    done = 0
-    while done < want:
-        n = os.preadv(fd, [view[done:]], run.offset + done)
-        if n == 0:
-            raise _truncated(path, run, done)
-        done += n
-        if direct and done % ALIGNMENT:  # an unaligned O_DIRECT result only happens at end of file
-            if done < want:
-                raise _truncated(path, run, done)
-            break
 
 
 def scatter_from(src: torch.Tensor, run: ReadRun, *, non_blocking: bool = False) -> None:
@@ -120,11 +176,16 @@ def read_mmap(fd: int, run: ReadRun, path: Path) -> None:
     size = os.fstat(fd).st_size
     if run.offset + run.length > size:
         raise _truncated(path, run, max(0, size - run.offset))
-    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
-    region = mmap.mmap(fd, run.length, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=run.offset)
+    # Read-only shared mapping: a private writable one makes MAP_POPULATE copy every page (3x slower).
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    region = mmap.mmap(fd, run.length, flags=flags, prot=mmap.PROT_READ, offset=run.offset)
     try:
-        src = torch.frombuffer(region, dtype=torch.uint8)
-        scatter_from(src, run)
+        src = np.frombuffer(region, dtype=np.uint8)
+        pos = 0
+        for seg in run.segments:
+            if seg.dest is not None:
+                np.copyto(seg.dest[seg.dest_start : seg.dest_start + seg.length].numpy(), src[pos : pos + seg.length])
+            pos += seg.length
         del src
     finally:
         region.close()
@@ -134,6 +195,23 @@ def open_data_file(path: Path, *, direct: bool) -> int:
     """Open a data file for reading (O_DIRECT when asked); raises OSError if the filesystem refuses."""
     flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
     return os.open(path, flags)
+
+
+def populate_page_cache(path: Path) -> None:
+    """Read a file once through the page cache (for warm-read measurements)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        buf = bytearray(8 << 20)
+        pos = 0
+        while pos < size:
+            n = os.preadv(fd, [buf], pos)
+            if n == 0:
+                break
+            pos += n
+    finally:
+        os.close(fd)
 
 
 def evict_from_page_cache(path: Path) -> None:

@@ -31,7 +31,7 @@ from tangram.store.plan import Piece, plan_reads
 
 log = logging.getLogger(__name__)
 
-DEST_ALIGNMENT = 256  # byte alignment of tensors placed by `load` (>= CUDA's 256)
+DEST_ALIGNMENT = 4096  # tensors placed by `load` start on pages: O_DIRECT reads land in them directly
 
 
 @dataclass

@@ -140,3 +140,18 @@ def _split_aligned(run: ReadRun) -> tuple[ReadRun, ReadRun]:
     if not head.segments:
         raise ValueError("cannot split a run into aligned chunks under the segment limit")
     return head, tail
+
+
+def tail(run: ReadRun, skip: int) -> ReadRun:
+    """The part of `run` after its first `skip` bytes (skip should be ALIGNMENT-aligned for O_DIRECT)."""
+    out = ReadRun(run.file, run.offset + skip)
+    pos = 0
+    for seg in run.segments:
+        end = pos + seg.length
+        if end > skip:
+            k = max(0, skip - pos)
+            out.segments.append(
+                Segment(seg.length - k, seg.dest, seg.dest_start + k if seg.dest is not None else 0, seg.piece)
+            )
+        pos = end
+    return out

@@ -1,0 +1,289 @@
+"""The contenders of `bench load`: Tangram's loader, its peers, and the limits they are held to.
+
+Every loader fills the same destination (`Target`: one pre-touched device buffer,
+each stored tensor at a fixed 256-byte aligned offset) and is checked against the
+index hashes afterwards. Peers run with their best settings found on the
+development machines; each is imported lazily, so a missing peer is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tangram.bench.synthetic import SyntheticCheckpoint
+from tangram.store import Checkpoint, CheckpointIndex, HostCache, Loader
+from tangram.store.format import align_up
+from tangram.store.hashing import hash_bytes
+from tangram.store.io import host_buffer
+from tangram.store.loader import DEST_ALIGNMENT
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Target:
+    """The destination every method fills: one device buffer and a flat uint8 view per stored tensor."""
+
+    device: torch.device
+    index: CheckpointIndex
+    buffer: torch.Tensor
+    views: dict[str, torch.Tensor]
+
+    @classmethod
+    def create(cls, index: CheckpointIndex, device: torch.device) -> Target:
+        """Lay out the stored tensors in file order at 256-byte aligned offsets of a pre-touched buffer."""
+        order = sorted(index.tensors, key=lambda n: (index.tensors[n].file, index.tensors[n].offset))
+        offsets: dict[str, int] = {}
+        total = 0
+        for name in order:
+            offsets[name] = total
+            total += align_up(index.tensors[name].nbytes, DEST_ALIGNMENT)
+        if device.type == "cuda":
+            buf = torch.zeros(total, dtype=torch.uint8, device=device)
+        else:
+            buf = host_buffer(total)
+        views = {n: buf[offsets[n] : offsets[n] + index.tensors[n].nbytes] for n in order}
+        return cls(device, index, buf, views)
+
+    def view(self, name: str) -> torch.Tensor:
+        """Destination bytes of tensor `name` (aliases resolved)."""
+        return self.views[self.index.resolve(name)]
+
+    def place(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy a loaded tensor's bytes into its destination."""
+        src = tensor.detach()
+        if not src.is_contiguous():
+            src = src.contiguous()
+        self.view(name).copy_(src.reshape(-1).view(torch.uint8))
+
+    def clear(self) -> None:
+        """Zero the buffer, so bytes a method failed to write cannot pass the check."""
+        self.buffer.zero_()
+        self.sync()
+
+    def sync(self) -> None:
+        """Wait for queued device work."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def mismatches(self) -> list[str]:
+        """Stored tensors whose destination bytes differ from the index hash."""
+        self.sync()
+        host = self.buffer.cpu() if self.device.type == "cuda" else self.buffer
+        base = self.buffer.data_ptr()
+        bad = []
+        for name, view in self.views.items():
+            start = view.data_ptr() - base
+            if hash_bytes(host[start : start + view.numel()]) != self.index.tensors[name].hash:
+                bad.append(name)
+        return bad
+
+
+@contextmanager
+def _env(**values: str) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@dataclass
+class Method:
+    """A way to get a checkpoint's bytes into the target. `fmt` names the synthetic file format it reads."""
+
+    name: str = ""
+    fmt: str = ""
+    kind: str = "loader"  # "loader" (checked) or "limit"
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def unavailable(self) -> str | None:
+        """Why this method cannot run here (None when it can)."""
+        return None
+
+    def files(self, ckpt: SyntheticCheckpoint) -> list[Path]:
+        """Files this method reads (evicted for cold runs, read through for warm runs)."""
+        return ckpt.files(self.fmt)
+
+    def prepare(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
+        """Untimed set-up before the first run."""
+
+    def run(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
+        """The timed load: every byte ends in `target`."""
+        raise NotImplementedError
+
+
+def _importable(module: str) -> str | None:
+    try:
+        __import__(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure makes the peer unavailable
+        return f"{module} not importable: {type(exc).__name__}: {exc}"
+    return None
+
+
+class TangramMethod(Method):
+    """Tangram's Loader with its defaults (read method, threads and chunk size measured by the store's probe)."""
+
+    def __init__(self, cache: bool = False) -> None:
+        super().__init__("tangram", "tangram")
+        self.loader = Loader()
+        self.cache = HostCache(0) if cache else None
+        self.settings = {"threads": self.loader.threads, "chunk_bytes": self.loader.chunk_bytes, "method": None}
+
+    def prepare(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
+        opened = Checkpoint(ckpt.tangram_dir)
+        if opened.index.files:
+            # The store measures the filesystem once per machine (probe.py): keep that out of the timed runs.
+            cfg = self.loader.config(opened.file_path(0))
+            self.settings.update(method=cfg.method.value, threads=cfg.threads, chunk_bytes=cfg.chunk_bytes)
+        if self.cache is not None:
+            self.cache = HostCache(opened.index.total_bytes + (64 << 20))
+            self.loader = Loader(cache=self.cache)
+            self.loader.load_into(opened, target.views)
+            self.cache.wait_idle()
+            missing = [n for n, e in opened.index.tensors.items() if e.hash not in self.cache]
+            if missing:
+                raise RuntimeError(f"host cache did not take {len(missing)} tensors (first {missing[0]!r})")
+
+    def run(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
+        stats = self.loader.load_into(Checkpoint(ckpt.tangram_dir), target.views)
+        if self.cache is not None and stats.bytes_from_disk:
+            raise RuntimeError(f"dram run read {stats.bytes_from_disk} bytes from disk (cache miss)")
+
+
+class SafetensorsMethod(Method):
+    """safetensors.torch.load_file to host memory, then a copy into the target."""
+
+    def __init__(self) -> None:
+        super().__init__("safetensors", "safetensors", settings={"call": "load_file(path, device='cpu')"})
+
+    def unavailable(self) -> str | None:
+        return _importable("safetensors.torch")
+
+    def run(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
+        from safetensors.torch import load_file
+
+        for name, t in load_file(str(ckpt.safetensors_path), device="cpu").items():
+            target.place(name, t)
+        target.sync()
+
+
+class TorchMmapMethod(Method):
+    """torch.load(mmap=True, weights_only=True), then a copy into the target (the copy faults the pages in)."""
+
+    def __init__(self) -> None:
+        super().__init__("torch_mmap", "torch", settings={"call": "torch.load(path, mmap=True, weights_only=True)"})
+
+    def run(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
+        state = torch.load(ckpt.torch_path, mmap=True, weights_only=True, map_location="cpu")
+        for name, t in state.items():
+            target.place(name, t)
+        target.sync()
+
+
+class FastSafetensorsMethod(Method):
+    """fastsafetensors without GDS (pread into bounce buffers by its C++ threads), then a copy into the target.
+
+    Buffered reads and 4 threads were its fastest settings on the 2-core development
+    machines, cold and warm (O_DIRECT, its default on local disks, was slower there
+    and defeats the page cache). Override with TANGRAM_BENCH_FST_ODIRECT=1.
+    """
+
+    def __init__(self) -> None:
+        odirect = os.environ.get("TANGRAM_BENCH_FST_ODIRECT", "0")
+        super().__init__("fastsafetensors", "safetensors",
+                         settings={"nogds": True, "max_threads": 4, "bbuf_size_kb": 16 * 1024, "odirect": odirect == "1"})
+
+    def unavailable(self) -> str | None:
+        return _importable("fastsafetensors")
+
+    def run(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
+        from fastsafetensors import SafeTensorsFileLoader
+
+        s = self.settings
+        with _env(FASTSAFETENSORS_ODIRECT="1" if s["odirect"] else "0"):
+            loader = SafeTensorsFileLoader(None, str(target.device), nogds=True, max_threads=s["max_threads"],
+                                           bbuf_size_kb=s["bbuf_size_kb"], set_numa=False)
+            try:
+                loader.add_filenames({0: [str(ckpt.safetensors_path)]})
+                fb = loader.copy_files_to_device()
+                try:
+                    for name in loader.get_keys():
+                        target.place(name, fb.get_tensor(name))
+                    target.sync()
+                finally:
+                    fb.close()
+            finally:
+                loader.close()
+
+
+class RunaiMethod(Method):
+    """runai-model-streamer's SafetensorsStreamer to host memory (library defaults: they measured best), then a copy."""
+
+    def __init__(self) -> None:
+        super().__init__("runai_model_streamer", "safetensors", settings={"device": "cpu", "owned": True})
+
+    def unavailable(self) -> str | None:
+        os.environ.setdefault("RUNAI_STREAMER_LOG_LEVEL", "WARNING")
+        return _importable("runai_model_streamer")
+
+    def run(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
+        from runai_model_streamer import SafetensorsStreamer
+
+        with SafetensorsStreamer() as streamer:
+            streamer.stream_file(str(ckpt.safetensors_path), device="cpu")
+            for name, t in streamer.get_tensors():
+                target.place(name, t)
+        target.sync()
+
+
+class TensorizerMethod(Method):
+    """tensorizer's TensorDeserializer straight to the device with parallel readers, then a copy into the target."""
+
+    def __init__(self, num_readers: int = 2) -> None:
+        super().__init__("tensorizer", "tensorizer", settings={"num_readers": num_readers, "lazy_load": False})
+
+    def unavailable(self) -> str | None:
+        return _importable("tensorizer")
+
+    def run(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
+        from tensorizer import TensorDeserializer
+
+        des = TensorDeserializer(str(ckpt.tensorizer_path), device=target.device,
+                                 num_readers=self.settings["num_readers"])
+        try:
+            for name, t in des.items():
+                target.place(name, t)
+            target.sync()
+        finally:
+            des.close()
+
+
+def loader_methods(formats: list[str]) -> tuple[list[Method], dict[str, str]]:
+    """Tangram and every importable peer whose file format was generated; plus the skipped ones with reasons."""
+    candidates: list[Method] = [
+        TangramMethod(), SafetensorsMethod(), TorchMmapMethod(), FastSafetensorsMethod(), RunaiMethod(),
+        TensorizerMethod(),
+    ]
+    methods: list[Method] = []
+    skipped: dict[str, str] = {}
+    for m in candidates:
+        reason = m.unavailable() or (None if m.fmt in formats else f"no {m.fmt} file generated")
+        if reason:
+            skipped[m.name] = reason
+        else:
+            methods.append(m)
+    return methods, skipped

@@ -1,0 +1,110 @@
+"""`bench load` machinery on a tiny model, one repeat: JSON shape, summary keys, every result checked."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from tangram.bench import common
+from tangram.bench import load as bench_load
+from tangram.bench.load_methods import Method, Target
+from tangram.bench.synthetic import MODELS, SyntheticCheckpoint, ensure_checkpoint
+
+
+class _BrokenPeer(Method):
+    """A peer that writes garbage: the check must catch it and the benchmark must go on."""
+
+    def __init__(self) -> None:
+        super().__init__("broken_peer", "safetensors")
+
+    def run(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
+        target.buffer.fill_(7)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
+    tmp = tmp_path_factory.mktemp("bench")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TANGRAM_HOME", str(tmp / "home"))
+    original = bench_load.loader_methods
+
+    def with_broken(formats: list[str]) -> tuple[list[Method], dict[str, str]]:
+        methods, skipped = original(formats)
+        return [*methods, _BrokenPeer()], skipped
+
+    mp.setattr(bench_load, "loader_methods", with_broken)
+    out = io.StringIO()
+    json_path = tmp / "out" / "load.json"
+    try:
+        doc = bench_load.run_load_bench(
+            quick=True, json_path=json_path, device="cpu", workdir=tmp / "work",
+            console=Console(file=out, width=120), models=["tiny-qwen2"], repeats=1, progress=False,
+        )
+    finally:
+        mp.undo()
+    return doc, json_path, out.getvalue()
+
+
+def test_json_shape(result: tuple[dict, Path, str]) -> None:
+    doc, json_path, _ = result
+    assert set(doc) == {"bench", "device", "host", "config", "rows", "summary"}
+    assert doc["bench"] == "load" and doc["device"] == "cpu"
+    assert doc["host"]["cpu_count"] >= 1 and "torch" in doc["host"]
+    assert json.loads(json_path.read_text()) == json.loads(json.dumps(doc, default=str))
+    cfg = doc["config"]
+    assert cfg["mode"] == "quick" and cfg["repeats"] == 1 and cfg["device"] == "cpu"
+    assert cfg["models"][0]["name"] == "tiny-qwen2" and cfg["models"][0]["bytes"] > 0
+    assert cfg["threads"] >= 1 and cfg["read_method"] in {"pread", "odirect", "mmap"}
+    for row in doc["rows"]:
+        assert {"model", "bytes", "state", "method", "seconds", "gbps", "runs"} <= set(row)
+
+
+def test_summary_keys(result: tuple[dict, Path, str]) -> None:
+    summary = result[0]["summary"]
+    assert set(summary) == set(bench_load.SUMMARY_KEYS)
+    assert summary["pool_speedup"] is None
+    for key in ("cold_vs_best_peer", "cold_vs_limit", "warm_vs_limit", "dram_speedup"):
+        assert isinstance(summary[key], float) and summary[key] > 0, key
+
+
+def test_every_method_checked(result: tuple[dict, Path, str]) -> None:
+    rows = result[0]["rows"]
+    loaders = [r for r in rows if r["kind"] == "loader" and r["method"] != "broken_peer"]
+    names = {r["method"] for r in loaders}
+    assert {"tangram", "safetensors", "torch_mmap"} <= names
+    for r in loaders:
+        assert r.get("error") is None, r
+        assert r["checked"] is True and len(r["runs"]) == 1, r
+    states = {(r["state"], r["method"]) for r in rows}
+    assert {("cold", "tangram"), ("warm", "tangram"), ("dram", "tangram")} <= states
+    assert {("cold", "raw_read"), ("warm", "memcpy")} <= states
+    assert not any(r["state"] == "pool" for r in rows)
+
+
+def test_failing_peer_is_recorded(result: tuple[dict, Path, str]) -> None:
+    doc, _, text = result
+    broken = [r for r in doc["rows"] if r["method"] == "broken_peer"]
+    assert broken and all("content check failed" in r["error"] and r["checked"] is False for r in broken)
+    assert "tiny-qwen2" in text and "cold_vs_best_peer" in text
+
+
+def test_checkpoint_cache_is_reused(tmp_path: Path) -> None:
+    first = ensure_checkpoint(MODELS["tiny-qwen2"], tmp_path, formats=["tangram", "safetensors"])
+    stamp = first.safetensors_path.stat().st_mtime_ns
+    again = ensure_checkpoint(MODELS["tiny-qwen2"], tmp_path, formats=["safetensors"])
+    assert again.safetensors_path.stat().st_mtime_ns == stamp and again.total_bytes == first.total_bytes
+    index = json.loads((first.tangram_dir / "tangram.json").read_text())
+    assert index["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}  # the tie is kept
+
+
+def test_common_helpers(tmp_path: Path) -> None:
+    assert common.median([3.0, 1.0, 2.0]) == 2.0 and common.median([]) is None
+    assert common.ratio(1.0, 4.0) == 0.25 and common.ratio(None, 1.0) is None and common.ratio(1.0, 0) is None
+    assert common.gbps(2_000_000_000, 2.0) == 1.0
+    path = common.write_result({"bench": "x", "rows": []}, tmp_path / "a" / "r.json")
+    assert json.loads(path.read_text()) == {"bench": "x", "rows": []}
+    assert str(common.resolve_device("cpu")) == "cpu"
