@@ -1,0 +1,271 @@
+"""The device memory pool: content-addressed tensor registry over one arena, with retention.
+
+`acquire(checkpoint)` binds every tensor of a model already resident (shared by
+content identity `hash:dtype:shape`, across models) and loads only the missing
+ones into the arena through the loader; `release(binding)` drops the
+references and leaves the tensors *retained* for the next start. Space for
+missing tensors comes from free bytes, then from evicting retained tensors as
+the policy decides; active bytes are never touched: when they would have to
+be, `PoolFullError` is raised (callers turn it into waiting).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tangram.pool.arena import Arena, Block
+from tangram.pool.policy import Extent, Policy, State, decayed_rate, eviction_order, find_window, retention_gain
+from tangram.store import Checkpoint, Loader, LoadStats
+from tangram.store.loader import typed_view
+
+log = logging.getLogger(__name__)
+
+
+class PoolFullError(RuntimeError):
+    """The request cannot be met without touching active bytes (wait for a release, then retry)."""
+
+    def __init__(self, device: str, need: int, available: int) -> None:
+        self.need, self.available = need, available
+        super().__init__(f"device pool on {device}: need {need} bytes, only {available} free or retained")
+
+
+@dataclass
+class _Resident:
+    key: str
+    block: Block
+    nbytes: int
+    refs: int = 0
+    models: set[str] = field(default_factory=set)
+    last_used: float = 0.0
+    uses: float = 0.0
+    ready: threading.Event = field(default_factory=threading.Event)
+    failed: bool = False
+
+
+@dataclass
+class _ModelStats:
+    rate: float = 0.0  # decayed request rate (starts per second)
+    last: float = 0.0
+
+
+@dataclass
+class Binding:
+    """One acquired model: its tensors (views into the pool) and what the acquire cost."""
+
+    model: str
+    tensors: dict[str, torch.Tensor]
+    keys: list[str]
+    bytes_loaded: int
+    bytes_reused: int
+    seconds: float
+    load: LoadStats | None = None
+    released: bool = False
+
+
+class DevicePool:
+    """One pool per device: an arena allocated once, shared by every model on that device. Thread-safe."""
+
+    def __init__(
+        self,
+        capacity_bytes: int,
+        device: str | torch.device = "cpu",
+        *,
+        policy: Policy | str = Policy.TANGRAM,
+        loader: Loader | None = None,
+        half_life_s: float = 300.0,
+        reload_bandwidth: float = 2e9,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.device = torch.device(device)
+        alignment = 4096  # >= CUDA's 256; page aligned on CPU so O_DIRECT reads land in place
+        self.arena = Arena(capacity_bytes, self.device, alignment)
+        self.policy = Policy(policy)
+        self.loader = loader or Loader()
+        self.half_life_s = half_life_s
+        self.reload_bandwidth = reload_bandwidth  # bytes/s of the tier evicted bytes come back from
+        self.clock = clock
+        self._tensors: dict[str, _Resident] = {}
+        self._models: dict[str, _ModelStats] = {}
+        self._lock = threading.RLock()
+
+    @property
+    def capacity(self) -> int:
+        """Usable bytes of the arena."""
+        return self.arena.capacity
+
+    # ------------------------------------------------------------------ acquire / release
+
+    def acquire(self, checkpoint: Checkpoint | str | Path, model: str | None = None) -> Binding:
+        """Bind a model's tensors: reuse resident ones, load only the missing ones."""
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+        model = model or str(ckpt.path.resolve())
+        index = ckpt.index
+        start = time.perf_counter()
+        by_key = {}
+        for name, entry in index.tensors.items():
+            by_key.setdefault(entry.key, (name, entry))
+        with self._lock:
+            now = self.clock()
+            stats = self._models.setdefault(model, _ModelStats())
+            stats.rate = decayed_rate(stats.rate, stats.last, now, self.half_life_s) + 1.0 / self.half_life_s
+            stats.last = now
+            reused = [k for k in by_key if k in self._tensors and not self._tensors[k].failed]
+            missing = [k for k in by_key if k not in reused]
+            for k in reused:
+                self._pin(self._tensors[k], model, now)
+            try:
+                placed = self._allocate([(k, by_key[k][1].nbytes) for k in missing])
+            except PoolFullError:
+                for k in reused:
+                    self._unpin(self._tensors[k])
+                raise
+            for k, block in placed.items():
+                r = _Resident(k, block, by_key[k][1].nbytes)
+                self._tensors[k] = r
+                self._pin(r, model, now)
+            pinned = [self._tensors[k] for k in by_key]
+        load_stats = None
+        if missing:
+            dests = {by_key[k][0]: self.arena.view(placed[k], by_key[k][1].nbytes) for k in missing}
+            try:
+                load_stats = self.loader.load_into(ckpt, dests)
+            except BaseException:
+                with self._lock:
+                    for k in missing:
+                        r = self._tensors.pop(k)
+                        r.failed = True
+                        r.ready.set()
+                        self.arena.free(r.block.offset)
+                    for k in reused:
+                        self._unpin(self._tensors[k])
+                raise
+            for k in missing:
+                self._tensors[k].ready.set()
+        for r in pinned:  # another acquire may still be loading a shared tensor
+            r.ready.wait()
+        if any(r.failed for r in pinned):
+            with self._lock:
+                for r in pinned:
+                    if not r.failed:
+                        self._unpin(r)
+            raise RuntimeError(f"a concurrent load of a shared tensor of {model} failed; retry the acquire")
+        views: dict[str, torch.Tensor] = {}
+        for name, entry in index.tensors.items():
+            r = self._tensors[entry.key]
+            views[name] = typed_view(self.arena.view(r.block, entry.nbytes), entry.torch_dtype, entry.shape)
+        for alias, target in index.aliases.items():
+            views[alias] = views[target]
+        loaded = sum(by_key[k][1].nbytes for k in missing)
+        return Binding(model, views, list(by_key), loaded, sum(by_key[k][1].nbytes for k in reused),
+                       time.perf_counter() - start, load_stats)
+
+    def release(self, binding: Binding) -> None:
+        """Drop a binding's references; its tensors stay retained until space is needed."""
+        with self._lock:
+            if binding.released:
+                return
+            binding.released = True
+            for k in binding.keys:
+                self._unpin(self._tensors[k])
+
+    def _pin(self, r: _Resident, model: str, now: float) -> None:
+        r.refs += 1
+        r.models.add(model)
+        r.last_used = now
+        r.uses += 1
+
+    def _unpin(self, r: _Resident) -> None:
+        r.refs -= 1
+        assert r.refs >= 0, f"reference count of {r.key} went negative"
+
+    # ------------------------------------------------------------------ placement
+
+    def extents(self) -> list[Extent]:
+        """The arena as the policies see it: used and free extents in offset order, with gains."""
+        now = self.clock()
+        blocks = {b.offset: b for b in self.arena.blocks()}
+        out = [Extent(off, size, State.FREE) for off, size in self.arena.gaps()]
+        for b in blocks.values():
+            r = self._tensors[b.key]
+            out.append(Extent(b.offset, b.size, State.ACTIVE if r.refs else State.RETAINED, r.key,
+                              self._gain(r, now), r.last_used, r.uses))
+        return sorted(out, key=lambda e: e.offset)
+
+    def _gain(self, r: _Resident, now: float) -> float:
+        rates = [decayed_rate(self._models[m].rate, self._models[m].last, now, self.half_life_s) for m in r.models]
+        return retention_gain(rates, r.nbytes, self.reload_bandwidth)
+
+    def _evict(self, key: str) -> None:
+        r = self._tensors.pop(key)
+        assert r.refs == 0, "never evict active bytes"
+        self.arena.free(r.block.offset)
+
+    def _allocate(self, wants: list[tuple[str, int]]) -> dict[str, Block]:
+        """Blocks for (key, nbytes) pairs; evicts retained tensors per policy; PoolFullError if impossible."""
+        sizes = [(k, self.arena.size_of(n)) for k, n in wants]
+        total = sum(s for _, s in sizes)
+        if not sizes:
+            return {}
+        extents = self.extents()
+        available = sum(e.size for e in extents if e.state is not State.ACTIVE)
+        if total > available:
+            raise PoolFullError(str(self.device), total, available)
+        if self.policy is Policy.TANGRAM:
+            window = find_window(extents, total, lambda e: e.gain)
+            if window is not None:  # pack the model's missing tensors together
+                for i in window.evict:
+                    self._evict(extents[i].key)  # type: ignore[arg-type]
+                placed, pos = {}, window.offset
+                for k, s in sizes:
+                    placed[k] = self.arena.place(pos, s, k)
+                    pos += s
+                return placed
+        return self._allocate_each(sizes)
+
+    def _allocate_each(self, sizes: list[tuple[str, int]]) -> dict[str, Block]:
+        """Tensor by tensor, first fit, evicting in policy order until each fits; rolls back on failure."""
+        placed: dict[str, Block] = {}
+        ext = self.extents()
+        victims = [ext[i].key for i in eviction_order(ext, self.policy)]
+        try:
+            for k, s in sorted(sizes, key=lambda ks: -ks[1]):  # big ones first: less fragmentation
+                off = self.arena.first_fit(s)
+                while off is None and victims:
+                    victim = victims.pop(0)
+                    if victim in self._tensors and self._tensors[victim].refs == 0:
+                        self._evict(victim)
+                    off = self.arena.first_fit(s)
+                if off is None:
+                    free = sum(size for _, size in self.arena.gaps())
+                    raise PoolFullError(str(self.device), s, free)
+                placed[k] = self.arena.place(off, s, k)
+        except PoolFullError:
+            for block in placed.values():
+                self.arena.free(block.offset)
+            raise
+        return placed
+
+    # ------------------------------------------------------------------ introspection
+
+    def snapshot(self) -> dict:
+        """Per tensor state, bytes, models and gain; totals per state; largest free block; fragmentation."""
+        from tangram.pool.policy import fragmentation, largest_free
+
+        with self._lock:
+            ext = self.extents()
+            totals = {s.value: sum(e.size for e in ext if e.state is s) for s in State}
+            tensors = [
+                {"key": e.key, "state": e.state.value, "bytes": e.size, "offset": e.offset,
+                 "models": sorted(self._tensors[e.key].models), "gain": e.gain}
+                for e in ext if e.key is not None
+            ]
+            return {"device": str(self.device), "capacity": self.capacity, "policy": self.policy.value,
+                    "totals": totals, "largest_free": largest_free(ext), "fragmentation": fragmentation(ext),
+                    "tensors": tensors}

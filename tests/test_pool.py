@@ -1,0 +1,141 @@
+"""The device pool on CPU: accounting, sharing, retention, eviction, errors, concurrency."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from conftest import make_tensor
+from tangram.pool import DevicePool, Policy, PoolFullError
+from tangram.store import Loader, save
+
+KB = 4096
+
+
+def state(seed: int, n: int = 4, elems: int = 4096) -> dict[str, torch.Tensor]:
+    return {f"layer{i}.weight": make_tensor((elems,), torch.float32, seed=seed * 100 + i) for i in range(n)}
+
+
+def family(tmp_path):
+    """A base model and a variant that differs in one layer."""
+    base = state(1)
+    variant = dict(base)
+    variant["layer3.weight"] = base["layer3.weight"] + 1
+    save(base, tmp_path / "base")
+    save(variant, tmp_path / "variant")
+    return base, variant
+
+
+def check_accounting(pool: DevicePool) -> dict:
+    snap = pool.snapshot()
+    assert sum(snap["totals"].values()) == pool.capacity
+    return snap
+
+
+def assert_tensors(binding, want):
+    for k, v in want.items():
+        assert torch.equal(binding.tensors[k].view(torch.uint8), v.view(torch.uint8)), k  # random bytes hold NaNs
+
+
+def test_acquire_release_reacquire_loads_nothing(tmp_path):
+    base, _ = family(tmp_path)
+    pool = DevicePool(1 << 20, loader=Loader(method="pread"))
+    b = pool.acquire(tmp_path / "base")
+    assert b.bytes_loaded == 4 * 16384 and b.bytes_reused == 0
+    assert_tensors(b, base)
+    assert check_accounting(pool)["totals"]["active"] == 4 * 16384
+    pool.release(b)
+    snap = check_accounting(pool)
+    assert snap["totals"]["active"] == 0 and snap["totals"]["retained"] == 4 * 16384
+    b2 = pool.acquire(tmp_path / "base")
+    assert b2.bytes_loaded == 0 and b2.load is None
+    assert_tensors(b2, base)
+    assert b2.tensors["layer0.weight"].data_ptr() == b.tensors["layer0.weight"].data_ptr()
+
+
+def test_sibling_variant_reads_only_the_differing_bytes(tmp_path):
+    base, variant = family(tmp_path)
+    pool = DevicePool(1 << 20, loader=Loader(method="pread"))
+    pool.release(pool.acquire(tmp_path / "base"))
+    v = pool.acquire(tmp_path / "variant")
+    assert v.bytes_loaded == 16384 and v.bytes_reused == 3 * 16384
+    assert v.load.bytes_from_disk == 16384
+    assert_tensors(v, variant)
+    shared = [t for t in pool.snapshot()["tensors"] if len(t["models"]) == 2]
+    assert len(shared) == 3
+
+
+def test_eviction_never_touches_active_bytes_and_full_pool_raises(tmp_path):
+    save(state(1), tmp_path / "a")
+    save(state(2), tmp_path / "b")
+    pool = DevicePool(5 * 16384, loader=Loader(method="pread"))  # room for one model
+    a = pool.acquire(tmp_path / "a")
+    with pytest.raises(PoolFullError) as ei:
+        pool.acquire(tmp_path / "b")
+    assert ei.value.need == 4 * 16384
+    assert_tensors(a, state(1))  # untouched
+    check_accounting(pool)
+    pool.release(a)
+    b = pool.acquire(tmp_path / "b")  # evicts a's retained tensors
+    assert_tensors(b, state(2))
+    snap = check_accounting(pool)
+    # only as much of a as b needed was evicted: one of a's tensors is still retained
+    assert snap["totals"]["retained"] == 16384 and snap["totals"]["active"] == 4 * 16384
+
+
+@pytest.mark.parametrize("policy", list(Policy))
+def test_policies_fit_models_into_a_small_pool(tmp_path, policy):
+    for s in range(4):
+        save(state(s, n=3, elems=1024 * (s + 1)), tmp_path / f"m{s}")
+    pool = DevicePool(40 * KB, policy=policy, loader=Loader(method="pread"))
+    for rnd in range(3):
+        for s in (0, 1, 2, 3, 1, 0):
+            b = pool.acquire(tmp_path / f"m{s}")
+            assert_tensors(b, state(s, n=3, elems=1024 * (s + 1)))
+            check_accounting(pool)
+            pool.release(b)
+    assert 0.0 <= pool.snapshot()["fragmentation"] <= 1.0
+
+
+def test_model_larger_than_pool_is_a_clear_error(tmp_path):
+    save(state(1), tmp_path / "a")
+    pool = DevicePool(2 * 16384, loader=Loader(method="pread"))
+    with pytest.raises(PoolFullError, match="need 65536 bytes"):
+        pool.acquire(tmp_path / "a")
+    assert check_accounting(pool)["totals"]["free"] == pool.capacity
+
+
+def test_failed_load_leaves_the_pool_consistent(tmp_path):
+    save(state(1), tmp_path / "a")
+    data = tmp_path / "a" / "data-00000.bin"
+    pool = DevicePool(1 << 20, loader=Loader(method="pread"))
+    from tangram.store import Checkpoint
+
+    ckpt = Checkpoint(tmp_path / "a")
+    with open(data, "r+b") as fh:
+        fh.truncate(data.stat().st_size - 100)  # after the index was read
+    with pytest.raises(Exception, match="truncated"):
+        pool.acquire(ckpt)
+    snap = check_accounting(pool)
+    assert snap["totals"]["free"] == pool.capacity and snap["tensors"] == []
+
+
+def test_concurrent_acquire_release(tmp_path):
+    base, variant = family(tmp_path)
+    save(state(7), tmp_path / "other")
+    pool = DevicePool(1 << 20, loader=Loader(method="pread"))
+    wants = {"base": base, "variant": variant, "other": state(7)}
+
+    def work(i: int) -> None:
+        name = list(wants)[i % 3]
+        b = pool.acquire(tmp_path / name)
+        assert_tensors(b, wants[name])
+        pool.release(b)
+
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(work, range(48)))
+    snap = check_accounting(pool)
+    assert snap["totals"]["active"] == 0
+    assert snap["totals"]["retained"] == (4 + 1 + 4) * 16384  # base + variant's one layer + other
