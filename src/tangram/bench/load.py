@@ -29,7 +29,7 @@ from tangram.bench.common import (
     resolve_device, result_doc, step_progress, write_result,
 )
 from tangram.bench.limits import H2DPinned, Limit, Memcpy, RawRead, raw_read_variants
-from tangram.bench.load_methods import Method, TangramMethod, Target, loader_methods
+from tangram.bench.load_methods import Method, PoolMethod, TangramMethod, Target, loader_methods
 from tangram.bench.synthetic import MODELS, SyntheticCheckpoint, ensure_checkpoint
 from tangram.paths import data_dir
 from tangram.store import Checkpoint
@@ -100,9 +100,10 @@ def _timed(series: _Series, ckpt: SyntheticCheckpoint, target: Target) -> None:
         finally:
             gc.enable()
         if m.kind == "loader":
-            bad = target.mismatches()
+            bad = m.result(target).mismatches()
             if bad:
                 raise RuntimeError(f"content check failed: {len(bad)} tensors differ from the index (first {bad[0]!r})")
+        m.finish()
         series.runs.append(elapsed)
     except Exception as exc:  # noqa: BLE001 - a failing peer is recorded, the benchmark goes on
         series.error = f"{type(exc).__name__}: {exc}"
@@ -127,10 +128,11 @@ def _bench_model(
     cold = [_Series(ckpt.name, "cold", m, nbytes) for m in methods]
     warm = [_Series(ckpt.name, "warm", m, nbytes) for m in methods]
     dram_s = _Series(ckpt.name, "dram", dram, nbytes)
+    pool_s = _Series(ckpt.name, "pool", PoolMethod(), nbytes)
     raw_s = [_Series(ckpt.name, "cold", r, sum(p.stat().st_size for p in data_files)) for r in raws]
     warm_limits = [_Series(ckpt.name, "warm", m, nbytes) for m in limits_warm]
-    everything = cold + warm + [dram_s] + raw_s + warm_limits
-    prepared = cold + [dram_s] + raw_s + warm_limits
+    everything = cold + warm + [dram_s, pool_s] + raw_s + warm_limits
+    prepared = cold + [dram_s, pool_s] + raw_s + warm_limits
     bar.add_total(len(prepared) + repeats * len(everything))
 
     # Untimed: a first run of every loader (imports, library start-up, the store's read-method probe) and checks.
@@ -163,7 +165,7 @@ def _bench_model(
     gc.freeze()
     try:
         for rep in range(repeats):
-            for phase in (cold + raw_s, warm, [dram_s], warm_limits):
+            for phase in (cold + raw_s, warm, [dram_s], [pool_s], warm_limits):
                 k = rep % len(phase) if phase else 0
                 for s in phase[k:] + phase[:k]:  # rotate the order each repeat
                     bar.describe(f"{ckpt.name}: {s.state} {s.method.name} ({rep + 1}/{repeats})")
@@ -201,6 +203,7 @@ def model_summary(rows: list[dict[str, Any]], model: str) -> dict[str, Any]:
     t_cold = _find(rows, model, "cold", "tangram")
     t_warm = _find(rows, model, "warm", "tangram")
     t_dram = _find(rows, model, "dram", "tangram")
+    t_pool = _find(rows, model, "pool", "tangram")
     raw = _find(rows, model, "cold", "raw_read")
     mem = _find(rows, model, "warm", "memcpy")
     peers = [r for r in rows if r["model"] == model and r["state"] == "cold" and r["kind"] == "loader"
@@ -211,7 +214,7 @@ def model_summary(rows: list[dict[str, Any]], model: str) -> dict[str, Any]:
         "cold_vs_best_peer": ratio(g(t_cold), g(best_peer)),
         "cold_vs_limit": ratio(g(t_cold), g(raw)),
         "warm_vs_limit": ratio(g(t_warm), g(mem)),
-        "pool_speedup": None,  # the device pool tier is not implemented yet
+        "pool_speedup": ratio(t_cold["seconds"] if t_cold else None, t_pool["seconds"] if t_pool else None),
         "dram_speedup": ratio(t_cold["seconds"] if t_cold else None, t_dram["seconds"] if t_dram else None),
     }
 
@@ -233,7 +236,7 @@ def _display_rows(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]
         variant = r.get("variant", "")
         method = r["method"] + (f" {variant[len('raw_read'):]}" if variant else "")
         out.append({**r, "n": len(r["runs"]), "check": check, "method": method})
-    order = {"cold": 0, "warm": 1, "dram": 2}
+    order = {"cold": 0, "warm": 1, "dram": 2, "pool": 3}
     return sorted(out, key=lambda r: (order.get(r["state"], 9), r["kind"] != "loader", -(r["gbps"] or 0)))
 
 
@@ -265,7 +268,8 @@ def run_load_bench(
     rows: list[dict[str, Any]] = []
     config: dict[str, Any] = {
         "mode": "quick" if quick else "full", "device": str(dev), "repeats": n_rep, "models": [],
-        "states": ["cold", "warm", "dram"], "pool": "not implemented (no rows; pool_speedup null)",
+        "states": ["cold", "warm", "dram", "pool"],
+        "pool": "re-acquire of a released model from Tangram's device pool (tensors retained: a re-bind)",
         "order": "repeat-major; methods rotated each repeat; medians",
         "cold": "posix_fadvise(DONTNEED) of the method's files before each run",
         "warm": "the method's files read through the page cache before each run",
