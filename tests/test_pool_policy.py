@@ -93,3 +93,9 @@ def test_window_is_optimal_against_brute_force(specs, need):
         assert got is not None and got.cost == pytest.approx(best, abs=1e-9)
         assert got.size >= need
         assert all(ext[k].state is R for k in got.evict)
+
+
+def test_worked_example_of_docs_pool_md():
+    ext = layout((2, A, 0), (2, R, 5.0), (1, F, 0), (3, R, 1.0), (2, R, 1.0))
+    w = find_window(ext, 4, lambda e: e.gain)
+    assert (w.offset, w.evict, w.cost, w.size) == (4, (3,), 1.0, 4)
