@@ -12,6 +12,7 @@ be, `PoolFullError` is raised (callers turn it into waiting).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -69,12 +70,31 @@ class Binding:
     released: bool = False
 
 
+def free_device_bytes(device: torch.device) -> int:
+    """Free memory of a device now: CUDA's free bytes, or the host's available physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def resolve_capacity(capacity: int | float, device: torch.device) -> int:
+    """Bytes for a capacity given as bytes (int > 1) or as a fraction (0, 1] of the device's free memory."""
+    if isinstance(capacity, float) and 0 < capacity <= 1:
+        return int(free_device_bytes(device) * capacity)
+    if capacity >= 1 and float(capacity).is_integer():
+        return int(capacity)
+    raise ValueError(f"pool capacity {capacity!r}: give bytes (an integer) or a fraction of free memory in (0, 1]")
+
+
 class DevicePool:
-    """One pool per device: an arena allocated once, shared by every model on that device. Thread-safe."""
+    """One pool per device: an arena allocated once, shared by every model on that device. Thread-safe.
+
+    `capacity` is bytes (int) or a fraction of the device's free memory (float in (0, 1]).
+    """
 
     def __init__(
         self,
-        capacity_bytes: int,
+        capacity: int | float,
         device: str | torch.device = "cpu",
         *,
         policy: Policy | str = Policy.TANGRAM,
@@ -85,7 +105,7 @@ class DevicePool:
     ) -> None:
         self.device = torch.device(device)
         alignment = 4096  # >= CUDA's 256; page aligned on CPU so O_DIRECT reads land in place
-        self.arena = Arena(capacity_bytes, self.device, alignment)
+        self.arena = Arena(resolve_capacity(capacity, self.device), self.device, alignment)
         self.policy = Policy(policy)
         self.loader = loader or Loader()
         self.half_life_s = half_life_s
