@@ -180,5 +180,17 @@ def bench_load(
     run_load_bench(quick=quick, json_path=json_path, device=device, console=console)
 
 
+@bench_app.command("pool")
+def bench_pool(
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Small models, short trace (< 60 s).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the workload generator.")] = 0,
+) -> None:
+    """Device pool policies (tangram, lru, lfu) replaying one acquire/release trace over a small pool."""
+    from tangram.bench.pool import run_pool_bench
+
+    run_pool_bench(quick=quick, json_path=json_path, seed=seed, console=console)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -134,6 +134,7 @@ class DevicePool:
         with self._lock:
             now = self.clock()
             stats = self._models.setdefault(model, _ModelStats())
+            before = (stats.rate, stats.last)
             stats.rate = decayed_rate(stats.rate, stats.last, now, self.half_life_s) + 1.0 / self.half_life_s
             stats.last = now
             reused = [k for k in by_key if k in self._tensors and not self._tensors[k].failed]
@@ -145,6 +146,7 @@ class DevicePool:
             except PoolFullError:
                 for k in reused:
                     self._unpin(self._tensors[k])
+                stats.rate, stats.last = before  # a retried acquire must not count twice
                 raise
             for k, block in placed.items():
                 r = _Resident(k, block, by_key[k][1].nbytes)
