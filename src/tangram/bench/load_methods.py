@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +104,7 @@ def _env(**values: str) -> Iterator[None]:
 
 
 @dataclass
-class Method:
+class Method(ABC):
     """A way to get a checkpoint's bytes into the target. `fmt` names the synthetic file format it reads."""
 
     name: str = ""
@@ -122,9 +123,9 @@ class Method:
     def prepare(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
         """Untimed set-up before the first run."""
 
+    @abstractmethod
     def run(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
         """The timed load: every byte ends in `target`."""
-        raise NotImplementedError
 
     def result(self, target: Target) -> Target:
         """Where the bytes of the last run are, for the content check (default: `target`)."""
