@@ -128,9 +128,10 @@ class DevicePool:
         model = model or str(ckpt.path.resolve())
         index = ckpt.index
         start = time.perf_counter()
+        keys = {name: entry.key for name, entry in index.tensors.items()}
         by_key = {}
         for name, entry in index.tensors.items():
-            by_key.setdefault(entry.key, (name, entry))
+            by_key.setdefault(keys[name], (name, entry))
         with self._lock:
             now = self.clock()
             stats = self._models.setdefault(model, _ModelStats())
@@ -138,7 +139,8 @@ class DevicePool:
             stats.rate = decayed_rate(stats.rate, stats.last, now, self.half_life_s) + 1.0 / self.half_life_s
             stats.last = now
             reused = [k for k in by_key if k in self._tensors and not self._tensors[k].failed]
-            missing = [k for k in by_key if k not in reused]
+            reused_set = set(reused)
+            missing = [k for k in by_key if k not in reused_set]
             for k in reused:
                 self._pin(self._tensors[k], model, now)
             try:
@@ -171,7 +173,8 @@ class DevicePool:
             for k in missing:
                 self._tensors[k].ready.set()
         for r in pinned:  # another acquire may still be loading a shared tensor
-            r.ready.wait()
+            if not r.ready.is_set():
+                r.ready.wait()
         if any(r.failed for r in pinned):
             with self._lock:
                 for r in pinned:
@@ -180,7 +183,7 @@ class DevicePool:
             raise RuntimeError(f"a concurrent load of a shared tensor of {model} failed; retry the acquire")
         views: dict[str, torch.Tensor] = {}
         for name, entry in index.tensors.items():
-            r = self._tensors[entry.key]
+            r = self._tensors[keys[name]]
             views[name] = typed_view(self.arena.view(r.block, entry.nbytes), entry.torch_dtype, entry.shape)
         for alias, target in index.aliases.items():
             views[alias] = views[target]
