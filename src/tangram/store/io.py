@@ -86,25 +86,37 @@ def preadv_full(fd: int, views: list[memoryview], offset: int, path: Path, run: 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def cached_fraction(fd: int, offset: int, length: int) -> float:
-    """Fraction of the pages of a file range that the page cache holds (mincore; triggers no I/O)."""
+def cached_fraction(fd: int, offset: int, length: int, *, samples: int = 2, sample_bytes: int = 128 << 10) -> float:
+    """Fraction of a file range that the page cache holds (mincore; triggers no I/O).
+
+    Long ranges are sampled: `samples` evenly spaced windows of `sample_bytes`
+    (the first and the last by default). A full mincore walk of a 16 MiB chunk
+    cost about 0.2 ms, 5% of reading it cold; files are mostly cached whole or not at all.
+    """
     if length <= 0:
         return 1.0
     start = offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
     size = min(offset + length, os.fstat(fd).st_size) - start
     if size <= 0:
         return 0.0
-    region = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    region = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=start)
     try:
-        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-        vec = (ctypes.c_ubyte * pages)()
-        anchor = ctypes.c_char.from_buffer(region)
-        try:
-            if _libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec) != 0:
+        base = np.frombuffer(region, dtype=np.uint8, count=1).ctypes.data
+        if size <= samples * sample_bytes:
+            windows = [(0, size)]
+        else:
+            step = (size - sample_bytes) // (samples - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+            windows = [(i * step, sample_bytes) for i in range(samples)]
+        vec = np.zeros((max(n for _, n in windows) + mmap.PAGESIZE - 1) // mmap.PAGESIZE, dtype=np.uint8)
+        out = vec.ctypes.data
+        resident = total = 0
+        for at, n in windows:
+            pages = (n + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            if _libc.mincore(ctypes.c_void_p(base + at), ctypes.c_size_t(n), ctypes.c_void_p(out)) != 0:
                 return 0.0
-        finally:
-            del anchor
-        return int(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1)) / pages
+            resident += int(np.count_nonzero(vec[:pages] & 1))
+            total += pages
+        return resident / total
     finally:
         region.close()
 
