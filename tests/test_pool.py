@@ -195,3 +195,22 @@ def mixed_models(tmp_path_factory):
         save(st_, root / f"m{i}")
         out.append((root / f"m{i}", st_))
     return out
+
+
+def test_failed_load_unpins_the_shared_tensors_it_reused(tmp_path):
+    base, variant = family(tmp_path)
+    pool = DevicePool(1 << 20, loader=Loader(method="pread"))
+    b = pool.acquire(tmp_path / "base")
+    from tangram.store import Checkpoint
+
+    ckpt = Checkpoint(tmp_path / "variant")
+    data = tmp_path / "variant" / "data-00000.bin"
+    with open(data, "r+b") as fh:
+        fh.truncate(data.stat().st_size - 100)  # the variant's own layer is the last tensor
+    with pytest.raises(Exception, match="truncated"):
+        pool.acquire(ckpt, model="variant")
+    pool.release(b)
+    snap = check_accounting(pool)
+    assert snap["totals"]["active"] == 0  # the variant's failed acquire left no reference behind
+    assert snap["totals"]["retained"] == 4 * 16384
+    assert_tensors(pool.acquire(tmp_path / "base"), base)

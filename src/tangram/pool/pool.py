@@ -167,8 +167,9 @@ class DevicePool:
                         r.failed = True
                         r.ready.set()
                         self.arena.free(r.block.offset)
-                    for k in reused:
-                        self._unpin(self._tensors[k])
+                    for r in pinned:
+                        if not r.failed:
+                            self._unpin(r)
                 raise
             for k in missing:
                 self._tensors[k].ready.set()
