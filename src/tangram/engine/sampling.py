@@ -1,0 +1,92 @@
+"""Sampling parameters and batched next-token selection (greedy, temperature, top-k, top-p, seed).
+
+Pure functions over a [batch, vocab] logits tensor with one parameter set per
+row, so a continuous-batching engine can mix greedy and sampled requests in
+one decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class SamplingParams(BaseModel):
+    """How to pick tokens for one request; invalid values raise pydantic.ValidationError with a clear message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = Field(16, ge=1, le=1_000_000, description="tokens to generate at most")
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus: smallest set with this probability mass")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = all)")
+    seed: int | None = Field(None, ge=0, description="per-request random seed (reproducible sampling)")
+    stop: list[str] = Field(default_factory=list, max_length=16, description="stop strings (not returned)")
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stops(cls, value: list[str]) -> list[str]:
+        if any(s == "" for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _non_negative_ids(cls, value: list[int]) -> list[int]:
+        if any(t < 0 for t in value):
+            raise ValueError("stop token ids must be >= 0")
+        return value
+
+    @property
+    def greedy(self) -> bool:
+        """Whether tokens are chosen by argmax."""
+        return self.temperature == 0.0
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A seeded generator for a sampled request with a seed, else None (the global RNG is used)."""
+    if params.greedy or params.seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(params.seed)
+    return gen
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top-k and top-p sets. `top_k` 0 means no limit."""
+    vocab = logits.shape[-1]
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).unsqueeze(-1)
+    drop = ranks >= k
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above
+    drop |= mass_before >= top_p.unsqueeze(-1)  # the most likely token always stays
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None] | None = None,
+) -> torch.Tensor:
+    """Next token per row of `logits` [batch, vocab] under each row's parameters; returns [batch] int64."""
+    if logits.dim() != 2 or logits.shape[0] != len(params):
+        raise ValueError(f"logits {tuple(logits.shape)} do not match {len(params)} parameter sets")
+    out = torch.argmax(logits, dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return out
+    idx = torch.tensor(rows, device=logits.device)
+    sub = logits.index_select(0, idx).float()
+    temps = torch.tensor([params[i].temperature for i in rows], device=logits.device).unsqueeze(-1)
+    top_k = torch.tensor([params[i].top_k for i in rows], device=logits.device)
+    top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device)
+    probs = torch.softmax(filter_logits(sub / temps, top_k, top_p), dim=-1)
+    for j, i in enumerate(rows):
+        gen = generators[i] if generators is not None else None
+        out[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
+    return out
