@@ -214,3 +214,44 @@ def test_failed_load_unpins_the_shared_tensors_it_reused(tmp_path):
     assert snap["totals"]["active"] == 0  # the variant's failed acquire left no reference behind
     assert snap["totals"]["retained"] == 4 * 16384
     assert_tensors(pool.acquire(tmp_path / "base"), base)
+
+
+def test_kv_blocks_evict_retained_lowest_gain_first_then_back_pressure(tmp_path):
+    save(state(1), tmp_path / "hot")
+    save(state(2), tmp_path / "cold")
+    pool = DevicePool(9 * 16384, loader=Loader(method="pread"), clock=lambda: 0.0)
+    for _ in range(5):  # "hot" is requested often, "cold" once
+        pool.release(pool.acquire(tmp_path / "hot", model="hot"))
+    pool.release(pool.acquire(tmp_path / "cold", model="cold"))
+    assert check_accounting(pool)["totals"]["retained"] == 8 * 16384
+    blocks = [pool.allocate_kv(16384) for _ in range(2)]  # the 1 free unit, then one eviction
+    snap = check_accounting(pool)
+    assert snap["kv_bytes"] == 2 * 16384 and snap["totals"]["active"] == 2 * 16384
+    by_model = {m: sum(1 for t in snap["tensors"] if t["models"] == [m]) for m in ("hot", "cold")}
+    assert by_model == {"hot": 4, "cold": 3}  # the victim was the rarely used model's tensor
+    b = pool.acquire(tmp_path / "hot", model="hot")  # still a pool hit
+    assert b.bytes_loaded == 0
+    more = []
+    with pytest.raises(PoolFullError):
+        while True:  # only active bytes (hot's tensors, KV) eventually remain: back-pressure
+            more.append(pool.allocate_kv(16384))
+    assert len(more) == 3  # cold's 3 retained tensors were evicted for KV, hot's active ones were not
+    assert_tensors(b, state(1))
+    for kv in blocks + more:
+        pool.free_kv(kv)
+        pool.free_kv(kv)  # idempotent
+    pool.release(b)
+    snap = check_accounting(pool)
+    assert snap["kv_bytes"] == 0 and snap["totals"]["active"] == 0
+
+
+def test_kv_block_bytes_are_writable_and_isolated(tmp_path):
+    save(state(3), tmp_path / "m")
+    pool = DevicePool(1 << 20, loader=Loader(method="pread"))
+    b = pool.acquire(tmp_path / "m")
+    kv = [pool.allocate_kv(5000) for _ in range(3)]
+    for i, k in enumerate(kv):
+        assert k.data.numel() == 5000 and k.data.data_ptr() % 4096 == 0
+        k.data.fill_(i + 1)
+    assert [int(k.data[0]) for k in kv] == [1, 2, 3]
+    assert_tensors(b, state(3))

@@ -11,6 +11,7 @@ be, `PoolFullError` is raised (callers turn it into waiting).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -22,7 +23,9 @@ from pathlib import Path
 import torch
 
 from tangram.pool.arena import Arena, Block
-from tangram.pool.policy import Extent, Policy, State, decayed_rate, eviction_order, find_window, retention_gain
+from tangram.pool.policy import (
+    Extent, Policy, State, decayed_rate, eviction_order, find_window, fragmentation, largest_free, retention_gain,
+)
 from tangram.store import Checkpoint, Loader, LoadStats
 from tangram.store.loader import typed_view
 
@@ -54,6 +57,15 @@ class _Resident:
 class _ModelStats:
     rate: float = 0.0  # decayed request rate (starts per second)
     last: float = 0.0
+
+
+@dataclass
+class KVBlock:
+    """A KV cache block carved from the pool: `data` is its flat uint8 view."""
+
+    key: str
+    data: torch.Tensor
+    block: Block
 
 
 @dataclass
@@ -113,6 +125,8 @@ class DevicePool:
         self.clock = clock
         self._tensors: dict[str, _Resident] = {}
         self._models: dict[str, _ModelStats] = {}
+        self._kv: dict[str, KVBlock] = {}
+        self._kv_ids = itertools.count()
         self._lock = threading.RLock()
 
     @property
@@ -219,6 +233,9 @@ class DevicePool:
         blocks = {b.offset: b for b in self.arena.blocks()}
         out = [Extent(off, size, State.FREE) for off, size in self.arena.gaps()]
         for b in blocks.values():
+            if b.key in self._kv:  # KV cache blocks are active while they exist
+                out.append(Extent(b.offset, b.size, State.ACTIVE, None))
+                continue
             r = self._tensors[b.key]
             out.append(Extent(b.offset, b.size, State.ACTIVE if r.refs else State.RETAINED, r.key,
                               self._gain(r, now), r.last_used, r.uses))
@@ -278,12 +295,37 @@ class DevicePool:
             raise
         return placed
 
+    # ------------------------------------------------------------------ KV cache blocks (ElasticKV)
+
+    def allocate_kv(self, nbytes: int) -> KVBlock:
+        """One KV cache block of `nbytes` from the pool, active until `free_kv`.
+
+        Free bytes first; then retained tensors are evicted (policy order: for
+        `tangram` the least gain per byte first); when only active bytes are
+        left, PoolFullError (back-pressure: wait for a block or a release).
+        """
+        with self._lock:
+            key = f"kv:{next(self._kv_ids)}"
+            size = self.arena.size_of(nbytes)
+            off = self.arena.first_fit(size)  # fast path: no eviction needed
+            if off is not None:
+                block = self.arena.place(off, size, key)
+            else:
+                block = self._allocate_each([(key, size)])[key]
+            kv = KVBlock(key, self.arena.view(block, nbytes), block)
+            self._kv[key] = kv
+            return kv
+
+    def free_kv(self, kv: KVBlock) -> None:
+        """Return a KV block to the pool (idempotent)."""
+        with self._lock:
+            if self._kv.pop(kv.key, None) is not None:
+                self.arena.free(kv.block.offset)
+
     # ------------------------------------------------------------------ introspection
 
     def snapshot(self) -> dict:
-        """Per tensor state, bytes, models and gain; totals per state; largest free block; fragmentation."""
-        from tangram.pool.policy import fragmentation, largest_free
-
+        """Per tensor state, bytes, models and gain; totals per state; KV bytes; largest free block; fragmentation."""
         with self._lock:
             ext = self.extents()
             totals = {s.value: sum(e.size for e in ext if e.state is s) for s in State}
@@ -293,5 +335,5 @@ class DevicePool:
                 for e in ext if e.key is not None
             ]
             return {"device": str(self.device), "capacity": self.capacity, "policy": self.policy.value,
-                    "totals": totals, "largest_free": largest_free(ext), "fragmentation": fragmentation(ext),
-                    "tensors": tensors}
+                    "totals": totals, "kv_bytes": sum(b.block.size for b in self._kv.values()),  # part of active
+                    "largest_free": largest_free(ext), "fragmentation": fragmentation(ext), "tensors": tensors}
