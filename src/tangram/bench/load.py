@@ -33,7 +33,7 @@ from tangram.bench.load_methods import Method, PoolMethod, TangramMethod, Target
 from tangram.bench.synthetic import MODELS, SyntheticCheckpoint, ensure_checkpoint
 from tangram.paths import data_dir
 from tangram.store import Checkpoint
-from tangram.store.io import evict_from_page_cache, odirect_supported
+from tangram.store.io import evict_from_page_cache, odirect_supported, populate_page_cache
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +43,6 @@ FULL_REPEATS = 5
 QUICK_REPEATS = 3
 SUMMARY_KEYS = ("cold_vs_best_peer", "cold_vs_limit", "warm_vs_limit", "pool_speedup", "dram_speedup")
 PEER_PACKAGES = ("safetensors", "fastsafetensors", "runai-model-streamer", "tensorizer", "transformers")
-
-
-def _read_through(paths: Sequence[Path]) -> None:
-    """Bring files into the page cache by reading them (untimed)."""
-    scratch = bytearray(16 << 20)
-    for path in paths:
-        with open(path, "rb", buffering=0) as fh:
-            while fh.readinto(scratch):
-                pass
 
 
 class _Series:
@@ -88,7 +79,8 @@ def _timed(series: _Series, ckpt: SyntheticCheckpoint, target: Target) -> None:
             for p in m.files(ckpt):
                 evict_from_page_cache(p)
         elif series.state == "warm" and m.kind == "loader":
-            _read_through(m.files(ckpt))
+            for p in m.files(ckpt):
+                populate_page_cache(p)
         gc.collect()
         gc.disable()
         try:

@@ -230,9 +230,8 @@ class DevicePool:
     def extents(self) -> list[Extent]:
         """The arena as the policies see it: used and free extents in offset order, with gains."""
         now = self.clock()
-        blocks = {b.offset: b for b in self.arena.blocks()}
         out = [Extent(off, size, State.FREE) for off, size in self.arena.gaps()]
-        for b in blocks.values():
+        for b in self.arena.blocks():
             if b.key in self._kv:  # KV cache blocks are active while they exist
                 out.append(Extent(b.offset, b.size, State.ACTIVE, None))
                 continue
@@ -270,12 +269,12 @@ class DevicePool:
                     placed[k] = self.arena.place(pos, s, k)
                     pos += s
                 return placed
-        return self._allocate_each(sizes)
+        return self._allocate_each(sizes, extents)
 
-    def _allocate_each(self, sizes: list[tuple[str, int]]) -> dict[str, Block]:
+    def _allocate_each(self, sizes: list[tuple[str, int]], ext: list[Extent] | None = None) -> dict[str, Block]:
         """Tensor by tensor, first fit, evicting in policy order until each fits; rolls back on failure."""
         placed: dict[str, Block] = {}
-        ext = self.extents()
+        ext = self.extents() if ext is None else ext
         victims = [ext[i].key for i in eviction_order(ext, self.policy)]
         try:
             for k, s in sorted(sizes, key=lambda ks: -ks[1]):  # big ones first: less fragmentation
