@@ -100,7 +100,7 @@ def write_json(path: Path, data: dict) -> None:
 
 def tiny_config(arch: str):
     """A tiny transformers config of a real architecture (random weights, 2 layers)."""
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=256, num_hidden_layers=2, num_attention_heads=4)
     if arch == "llama":
@@ -108,6 +108,9 @@ def tiny_config(arch: str):
                            max_position_embeddings=64, tie_word_embeddings=False, **common)
     if arch == "qwen2":
         return Qwen2Config(hidden_size=32, intermediate_size=64, num_key_value_heads=2,
+                           max_position_embeddings=64, tie_word_embeddings=True, **common)
+    if arch == "qwen3":
+        return Qwen3Config(hidden_size=32, intermediate_size=64, num_key_value_heads=2, head_dim=16,
                            max_position_embeddings=64, tie_word_embeddings=True, **common)
     if arch == "mistral":
         return MistralConfig(hidden_size=32, intermediate_size=64, num_key_value_heads=2,
@@ -214,3 +217,36 @@ def meta_model_from(ckpt_state: dict[str, torch.Tensor], config):
             if module.original_inv_freq.is_meta:
                 module.original_inv_freq = module.inv_freq.clone()
     return model.eval()
+
+
+ENGINE_ARCHS = ["llama", "qwen2", "qwen3", "mistral", "opt", "gpt2"]
+
+
+def engine_model(arch: str, seed: int = 0):
+    """A tiny model whose greedy continuations vary (larger init than the default 0.02), eos disabled."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(arch)
+    config.initializer_range = 0.5
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def engine_checkpoint(model, directory: Path) -> Path:
+    """`model` saved as a HF directory (with a word-level tokenizer) and converted to Tangram's format."""
+    from tangram.store import convert
+
+    save_hf_dir(model, directory / "hf")
+    convert(directory / "hf", directory / "ckpt")
+    return directory / "ckpt"
+
+
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """transformers' own greedy continuation of `prompt` (n tokens)."""
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()

@@ -1,1 +1,11 @@
-"""Inference engine: model skeletons bound to loaded (later: pooled) weights."""
+"""The inference engine: model skeleton over pooled weights, continuous batching on ElasticKV."""
+
+from tangram.engine.engine import Engine
+from tangram.engine.errors import EngineError, RequestError
+from tangram.engine.instance import EngineConfig, Instance
+from tangram.engine.request import OutputQueue, RequestOutput
+from tangram.engine.sampling import SamplingParams
+from tangram.engine.stages import StartCost, Stages, Totals
+
+__all__ = ["Engine", "EngineConfig", "EngineError", "Instance", "OutputQueue", "RequestError", "RequestOutput",
+           "SamplingParams", "StartCost", "Stages", "Totals"]

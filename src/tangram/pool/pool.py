@@ -128,6 +128,7 @@ class DevicePool:
         self._kv: dict[str, KVBlock] = {}
         self._kv_ids = itertools.count()
         self._lock = threading.RLock()
+        self._space = threading.Condition(self._lock)  # notified when active bytes become free or retained
 
     @property
     def capacity(self) -> int:
@@ -214,6 +215,17 @@ class DevicePool:
             binding.released = True
             for k in binding.keys:
                 self._unpin(self._tensors[k])
+            self._space.notify_all()
+
+    def footprint(self, binding: Binding) -> int:
+        """Arena bytes a binding's tensors occupy (shared tensors counted once)."""
+        with self._lock:
+            return sum(self._tensors[k].block.size for k in binding.keys if k in self._tensors)
+
+    def wait_for_space(self, timeout: float) -> bool:
+        """Block until a release or a KV free (or `timeout` s); True if woken by one."""
+        with self._space:
+            return self._space.wait(timeout)
 
     def _pin(self, r: _Resident, model: str, now: float) -> None:
         r.refs += 1
@@ -320,6 +332,7 @@ class DevicePool:
         with self._lock:
             if self._kv.pop(kv.key, None) is not None:
                 self.arena.free(kv.block.offset)
+                self._space.notify_all()
 
     # ------------------------------------------------------------------ introspection
 

@@ -1,0 +1,119 @@
+"""A model instance: pooled weights bound into a skeleton, tokenizer, KV allocator and engine.
+
+Starting one is the cold start: load (acquire the weights from the device
+pool, loading only what is not resident), init (model skeleton on the meta
+device with the pooled tensors assigned, tokenizer), KV (the allocator; in
+`reserve` mode the maximum KV size is taken now). Closing one releases the
+weights to the pool, where they stay retained for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import AutoTokenizer, GenerationConfig
+
+from tangram.engine.engine import Engine
+from tangram.engine.errors import EngineError
+from tangram.engine.runner import ModelRunner
+from tangram.engine.skeleton import build_causal_lm
+from tangram.engine.stages import StartCost
+from tangram.kv import KVAllocator, KVMode, KVSpec
+from tangram.pool import DevicePool
+from tangram.store import Checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class EngineConfig(BaseModel):
+    """Engine settings of an instance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kv_mode: KVMode = KVMode.ELASTIC
+    block_tokens: int = Field(16, ge=1, le=4096)
+    max_batch: int = Field(16, ge=1, le=4096)
+    max_model_len: int | None = Field(None, ge=2, description="default: the model's context length")
+    max_prefill_tokens: int = Field(4096, ge=1)
+    reserve_tokens: int | None = Field(None, ge=1, description="reserve mode: KV tokens to take at start "
+                                       "(default max_batch x max_model_len)")
+
+
+def _eos_ids(path: Path, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except OSError:
+        pass
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class Instance:
+    """One running model on one device pool; `close()` (or a with block) releases it."""
+
+    def __init__(self, checkpoint: Checkpoint | str | Path, pool: DevicePool, config: EngineConfig | None = None,
+                 *, name: str | None = None, arrival: float | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.pool = pool
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+        self.path = ckpt.path
+        self.name = name or ckpt.path.name
+        t0 = time.perf_counter()
+        arrival = t0 if arrival is None else arrival
+        self.binding = pool.acquire(ckpt, model=name)
+        t1 = time.perf_counter()
+        try:
+            self.engine = self._build(ckpt.path)
+        except BaseException:
+            pool.release(self.binding)
+            raise
+        t2 = time.perf_counter()
+        b = self.binding
+        from_cache = b.load.bytes_from_cache if b.load else 0
+        self.cost = StartCost(start=StartCost.classify(b.bytes_loaded, from_cache), init_s=t2 - t1, load_s=t1 - t0,
+                              bytes_loaded=b.bytes_loaded, bytes_reused=b.bytes_reused,
+                              load_begin=t0 - arrival, load_end=t1 - arrival)
+        self.engine.start_cost, self.engine.ready_at = self.cost, t2
+        log.info("started %s on %s: %s, load %.3f s (%d B loaded, %d B reused), init %.3f s", self.name,
+                 pool.device, self.cost.start, self.cost.load_s, b.bytes_loaded, b.bytes_reused, self.cost.init_s)
+
+    def _build(self, path: Path) -> Engine:
+        cfg = self.config
+        model = build_causal_lm(path, self.binding.tensors)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        text = model.config.get_text_config()
+        context = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+        if context is None and cfg.max_model_len is None:
+            raise EngineError(f"{path}: the config gives no context length; set max_model_len")
+        max_len = min(x for x in (context, cfg.max_model_len) if x is not None)
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        spec = KVSpec.from_config(model.config, dtype, cfg.block_tokens)
+        weights = self.pool.footprint(self.binding)
+        if cfg.kv_mode is KVMode.RESERVE:
+            reserve = spec.blocks_for(cfg.reserve_tokens or cfg.max_batch * max_len)
+            self.kv = KVAllocator(self.pool, spec, KVMode.RESERVE, reserve)
+            limit = reserve
+        else:
+            self.kv = KVAllocator(self.pool, spec, KVMode.ELASTIC)
+            limit = max(0, self.pool.capacity - weights) // self.pool.arena.size_of(spec.block_bytes)
+        runner = ModelRunner(model, self.kv)
+        return Engine(runner, tokenizer, max_model_len=max_len, eos_token_ids=_eos_ids(path, tokenizer),
+                      max_batch=cfg.max_batch, max_prefill_tokens=cfg.max_prefill_tokens, max_kv_blocks=limit)
+
+    def close(self) -> None:
+        """Abort what is left, free KV (and any reservation), release the weights (they stay retained)."""
+        self.engine.shutdown()
+        self.kv.close()
+        self.pool.release(self.binding)
+
+    def __enter__(self) -> Instance:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

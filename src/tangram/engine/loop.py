@@ -1,0 +1,48 @@
+"""Runs an engine's steps on a background thread: event-driven, idle while there is no work."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from tangram.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class EngineLoop:
+    """Steps `engine` whenever it has work; sleeps on its condition when idle and on the pool when stalled."""
+
+    def __init__(self, engine: Engine, name: str = "engine") -> None:
+        self.engine = engine
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> EngineLoop:
+        """Start the thread."""
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop after the current step; requests still queued are aborted (their KV freed)."""
+        with self.engine.work:
+            self._stop = True
+            self.engine.work.notify_all()
+        self._thread.join(timeout)
+        self.engine.shutdown()
+
+    def _run(self) -> None:
+        eng = self.engine
+        while True:
+            with eng.work:
+                while not self._stop and not eng.has_work():
+                    eng.work.wait()
+                if self._stop:
+                    return
+            try:
+                progressed = eng.step()
+            except Exception:  # noqa: BLE001 - keep serving; the step already failed its requests
+                log.exception("engine step failed")
+                progressed = True
+            if not progressed and eng.stalled:
+                eng.kv.pool.wait_for_space(0.05)  # back-pressure: woken by any KV free or model release

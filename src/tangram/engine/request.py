@@ -1,0 +1,81 @@
+"""A generation request inside the engine, and the outputs it streams."""
+
+from __future__ import annotations
+
+import enum
+import queue
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from tangram.engine.detok import TextStream
+from tangram.engine.sampling import SamplingParams
+from tangram.engine.stages import Stages
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class Status(enum.Enum):
+    """Where a request is in the engine."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestOutput:
+    """One streamed update: new tokens and text since the last update; the last one has `finished` set."""
+
+    request_id: str
+    delta: str
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    stages: Stages | None = None
+    output_ids: list[int] | None = None  # every generated id, on the final output only
+
+
+@dataclass
+class Request:
+    """Engine-side state of one request. `cached` tokens of `ids` have their KV in `blocks`."""
+
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: float
+    sink: Callable[[RequestOutput], None]
+    text: TextStream
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    blocks: list = field(default_factory=list)
+    cached: int = 0
+    status: Status = Status.WAITING
+    stages: Stages = field(default_factory=Stages)
+    finish_reason: FinishReason | None = None
+    first_token_at: float | None = None
+
+    @property
+    def ids(self) -> list[int]:
+        """Prompt and generated ids."""
+        return self.prompt_ids + self.output_ids
+
+
+class OutputQueue:
+    """A sink that collects outputs for a synchronous reader (`tangram run`, tests)."""
+
+    def __init__(self) -> None:
+        self.q: queue.Queue[RequestOutput] = queue.Queue()
+
+    def __call__(self, out: RequestOutput) -> None:
+        self.q.put(out)
+
+    def get(self, timeout: float | None = None) -> RequestOutput:
+        """Next output (blocks)."""
+        return self.q.get(timeout=timeout)

@@ -1,0 +1,37 @@
+"""Runs a transformers causal LM over KV held in pool blocks: prefill one sequence, decode a batch."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from tangram.kv import KVAllocator, PagedCache, SeqSlot
+
+
+class ModelRunner:
+    """Forward passes of one model; inputs on the model's device, logits of the last position back."""
+
+    def __init__(self, model: PreTrainedModel, kv: KVAllocator) -> None:
+        self.model, self.kv = model, kv
+        self.device = kv.device()
+
+    @torch.inference_mode()
+    def forward(self, tokens: list[list[int]], slots: list[SeqSlot]) -> torch.Tensor:
+        """Next-token logits [B, vocab] for sequences that each add `len(tokens[i])` (equal) new tokens."""
+        t = len(tokens[0])
+        cache = PagedCache(self.kv.spec, self.kv.elements, slots, t)
+        lengths = [s.past + t for s in slots]
+        ids = torch.tensor(tokens, dtype=torch.int64, device=self.device)
+        past = torch.tensor([s.past for s in slots], dtype=torch.int64, device=self.device).unsqueeze(1)
+        positions = past + torch.arange(t, device=self.device)
+        out = self.model(input_ids=ids, attention_mask=cache.attention_mask(lengths), position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    def prefill(self, ids: list[int], offsets: list[int]) -> torch.Tensor:
+        """Logits [1, vocab] after the whole sequence `ids` (no KV cached yet)."""
+        return self.forward([ids], [SeqSlot(offsets, 0)])
+
+    def decode(self, last: list[int], slots: list[SeqSlot]) -> torch.Tensor:
+        """Logits [B, vocab] after one new token per sequence."""
+        return self.forward([[t] for t in last], slots)
