@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   install, convert the real demo model (SmolLM2-135M) and load it (CPU when no GPU)
+#   make demo   install, convert the real demo model (SmolLM2-135M) and answer a prompt with it (CPU when no GPU)
 #   make test   install with the test tools and run the whole test suite
 # A machine that already has a CUDA build of torch keeps it; elsewhere torch is
 # pinned to the CPU build torch==2.13.0 in the same install command.
@@ -37,7 +37,7 @@ install-peers: install
 
 demo: install
 	$(VENV)/bin/tangram fetch-demo
-	$(VENV)/bin/tangram load demo --ask "What is the capital of France?"
+	$(VENV)/bin/tangram run demo "What is the capital of France?" --chat
 
 test: install-dev
 	$(PY) -m pytest -q

@@ -51,8 +51,11 @@ def test_bad_inputs_exit_nonzero_naming_the_file(tmp_path):
     (empty / "tokenizer.json").write_text("{}")
     result = runner.invoke(app, ["convert", str(empty), str(tmp_path / "out")])
     assert result.exit_code == 2 and "no safetensors or PyTorch .bin weights" in result.output
-    result = runner.invoke(app, ["load", str(empty)])
-    assert result.exit_code == 2 and "tangram.json" in result.output
+    result = runner.invoke(app, ["load", str(empty)])  # a HF directory is converted first: same clear error
+    assert result.exit_code == 2 and "no safetensors or PyTorch .bin weights" in result.output
+    (tmp_path / "neither").mkdir()
+    result = runner.invoke(app, ["load", str(tmp_path / "neither")])
+    assert result.exit_code == 2 and "neither a Tangram checkpoint" in result.output
 
 
 def test_load_reports_truncated_checkpoint(tmp_path):
@@ -65,3 +68,25 @@ def test_load_reports_truncated_checkpoint(tmp_path):
     result = runner.invoke(app, ["load", str(dst)])
     assert result.exit_code == 2
     assert data.name in result.output and "truncated" in result.output
+
+
+def test_run_streams_text_and_prints_the_stage_breakdown(tmp_path):
+    from conftest import engine_model
+
+    src = save_hf_dir(engine_model("llama"), tmp_path / "hf")
+    result = runner.invoke(app, ["run", str(src), "w5 w17 w33", "--max-tokens", "5"])
+    assert result.exit_code == 0, result.output
+    assert "stage breakdown (cold start" in result.output and "time to first token" in result.output
+    assert result.output.count(" w") >= 4  # the streamed words
+    again = runner.invoke(app, ["run", str(src), "w5 w17 w33", "--max-tokens", "5", "--kv-mode", "reserve"])
+    assert again.exit_code == 0, again.output  # the converted copy is reused
+
+
+def test_run_rejects_bad_input(tmp_path):
+    src = save_hf_dir(tiny_model("llama"), tmp_path / "hf")
+    bad = runner.invoke(app, ["run", str(src), "w5", "--temperature", "-1"])
+    assert bad.exit_code == 2 and "temperature" in bad.output
+    missing = runner.invoke(app, ["run", str(tmp_path / "nope"), "hi"])
+    assert missing.exit_code == 2 and "no such model" in missing.output
+    chat = runner.invoke(app, ["run", str(src), "w5", "--chat"])
+    assert chat.exit_code == 2 and "chat template" in chat.output

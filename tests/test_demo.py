@@ -46,3 +46,34 @@ def test_demo_answers_from_loaded_weights(demo_ckpt):
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_engine_greedy_is_token_exact_with_transformers_on_smollm2(demo_ckpt):
+    from tangram.engine import EngineConfig, Instance, SamplingParams
+    from tangram.pool import DevicePool
+
+    prompts = ["What is the capital of France?", "Write one sentence about the sea.", "2 + 2 ="]
+    with Instance(demo_ckpt, DevicePool(400 << 20), EngineConfig(block_tokens=16)) as inst:
+        eng = inst.engine
+        ids = [eng.encode(p, chat=True) for p in prompts]
+        outs = eng.generate(ids, SamplingParams(max_tokens=24))  # batched: three lengths at once
+        model = eng.runner.model  # the same pooled fp16 weights, run by transformers
+        for p, o in zip(ids, outs):
+            with torch.inference_mode():
+                ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                     max_new_tokens=24, do_sample=False)[0, len(p):].tolist()
+            assert o.output_ids == ref[:len(o.output_ids)]
+            assert o.finish_reason == "length" or ref[len(o.output_ids) - 1] in eng.eos
+    assert "Paris" in outs[0].text and outs[0].finish_reason == "stop"
+
+
+def test_tangram_run_demo_answers_paris(demo_ckpt, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tangram.cli import app
+
+    monkeypatch.setenv("TANGRAM_HOME", str(demo_ckpt.parent.parent))  # the converted demo of this module
+
+    result = CliRunner().invoke(app, ["run", "demo", "What is the capital of France?", "--chat", "--max-tokens", "24"])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.output and "time to first token" in result.output

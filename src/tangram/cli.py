@@ -111,13 +111,12 @@ def load(
     verify: Annotated[bool, typer.Option("--verify", help="Re-hash every tensor while loading.")] = False,
     method: Annotated[Optional[str], typer.Option(help="Read method: pread, odirect, mmap (default: measured).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="Reader threads.")] = None,
-    ask: Annotated[Optional[str], typer.Option(help="Bind the weights into the model and answer this prompt.")] = None,
 ) -> None:
-    """Load a checkpoint into device memory and report how fast; optionally answer a prompt with it."""
+    """Load a checkpoint into device memory and report how fast (`tangram run` also answers a prompt)."""
     import torch
 
-    from tangram.demo import resolve_model
     from tangram.progress import byte_progress
+    from tangram.resolve import resolve_model
     from tangram.store import Checkpoint, CheckpointError, Loader
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -142,30 +141,29 @@ def load(
     table.add_row(dev, str(len(loaded)), _gb(stats.bytes_total), f"{stats.seconds:.3f}",
                   f"{stats.bytes_total / max(stats.seconds, 1e-9) / 1e9:.2f}", stats.method, str(stats.threads))
     console.print(table)
-    if ask:
-        _answer(path, loaded, ask)
 
 
-def _answer(path: Path, tensors: dict, prompt: str) -> None:
-    """Greedy-answer `prompt` with the loaded weights bound into a transformers model."""
-    import torch
-    from transformers import AutoTokenizer
+@app.command()
+def run(
+    model: Annotated[str, typer.Argument(help="`demo`, a Tangram checkpoint, or a Hugging Face model directory.")],
+    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = all).")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed of sampling.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N; default: cuda if present, else cpu.")] = "auto",
+    kv_mode: Annotated[str, typer.Option(help="elastic (KV blocks on demand) or reserve (maximum KV at start).")]
+    = "elastic",
+    pool_gb: Annotated[Optional[float], typer.Option(help="Device pool size in GB (default: 1.5x the model).")]
+    = None,
+) -> None:
+    """Run one prompt on the embedded engine: stream the text, then print the cold-start stage breakdown."""
+    from tangram.cli_run import run_prompt
 
-    from tangram.engine.skeleton import build_causal_lm
-
-    if next(iter(tensors.values())).device.type == "cpu":  # half precision matmuls are slow on CPU
-        tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-    model = build_causal_lm(path, tensors)
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.chat_template:
-        enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
-    else:
-        enc = tok(prompt, return_tensors="pt")
-    ids = enc["input_ids"].to(model.device)
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False)
-    console.print(f"[bold]{prompt}[/]\n{tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()}")
+    run_prompt(model, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+               chat=chat, device=device, kv_mode=kv_mode, pool_gb=pool_gb, console=console, fail=_fail)
 
 
 @bench_app.command("load")
@@ -190,6 +188,18 @@ def bench_pool(
     from tangram.bench.pool import run_pool_bench
 
     run_pool_bench(quick=quick, json_path=json_path, seed=seed, console=console)
+
+
+@bench_app.command("kv")
+def bench_kv(
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Small models, short trace (< 60 s).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the workload generator.")] = 0,
+) -> None:
+    """ElasticKV against reserved KV: retained bytes, cold loads, decode throughput, concurrency."""
+    from tangram.bench.kv import run_kv_bench
+
+    run_kv_bench(quick=quick, json_path=json_path, seed=seed, console=console)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -89,9 +89,3 @@ def fetch_demo(root: Path | None = None, *, force: bool = False, show_progress: 
         raise
     return ckpt
 
-
-def resolve_model(name_or_path: str, *, show_progress: bool = False) -> Path:
-    """`demo` -> the demo checkpoint (fetched on first use); anything else is a path."""
-    if name_or_path == "demo":
-        return fetch_demo(show_progress=show_progress)
-    return Path(name_or_path)
