@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tangram import __version__
+from tangram.cli_serve import register as register_serving
 
 app = typer.Typer(help="Tangram: serverless LLM serving with a short cold start.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (see BENCHMARKS.md).", no_args_is_help=True)
@@ -201,6 +202,8 @@ def bench_kv(
 
     run_kv_bench(quick=quick, json_path=json_path, seed=seed, console=console)
 
+
+register_serving(app)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -49,6 +49,7 @@ class Stages(BaseModel):
         self.start = cost.start
         self.init_s, self.load_s = cost.init_s, cost.load_s
         self.bytes_loaded, self.bytes_reused = cost.bytes_loaded, cost.bytes_reused
+        self.load_interval = (cost.load_begin, cost.load_end)
 
 
 class Totals(BaseModel):

@@ -217,6 +217,12 @@ class DevicePool:
                 self._unpin(self._tensors[k])
             self._space.notify_all()
 
+    def resident_bytes(self, index) -> int:
+        """Bytes of a checkpoint index's distinct tensors resident in this pool now (active or retained)."""
+        keys = {e.key: e.nbytes for e in index.tensors.values()}
+        with self._lock:
+            return sum(n for k, n in keys.items() if k in self._tensors and not self._tensors[k].failed)
+
     def footprint(self, binding: Binding) -> int:
         """Arena bytes a binding's tensors occupy (shared tensors counted once)."""
         with self._lock:

@@ -1,0 +1,126 @@
+"""`tangram serve` and the admin commands `deploy`, `ls`, `rm`, `status`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+URL = typer.Option("--url", help="Server base URL.", envvar="TANGRAM_URL")
+TOKEN = typer.Option("--token", help="Admin token (default: $TANGRAM_ADMIN_TOKEN or the local server's).")
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False, markup=False)
+    raise typer.Exit(code=2)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the serving commands to the CLI."""
+
+    @app.command()
+    def serve(
+        host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+        port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
+        config: Annotated[Optional[Path], typer.Option("--config", help="Serve config (JSON or TOML).")] = None,
+    ) -> None:
+        """Serve the OpenAI-compatible API (the demo model when no deployment is configured)."""
+        from pydantic import ValidationError
+
+        from tangram.control import ServeConfig
+        from tangram.serve import Server
+
+        try:
+            cfg = ServeConfig.from_file(config) if config else ServeConfig()
+            updates = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+            cfg = cfg.model_copy(update=updates)
+            server = Server(cfg)
+        except (OSError, ValueError, ValidationError) as exc:
+            _fail(exc)
+        if server.generated_token:
+            from tangram.serve.server import token_file
+
+            console.print(f"admin token (also in {token_file()}): [bold]{server.token}[/]")
+        names = ", ".join(d.name for d in cfg.deployments) or "demo"
+        console.print(f"serving {names} at http://{cfg.host}:{cfg.port}/v1 (OpenAI-compatible); Ctrl-C stops")
+        server.run()
+
+    @app.command()
+    def deploy(
+        name: Annotated[str, typer.Argument(help="Deployment (model) name clients use.")],
+        checkpoint: Annotated[str, typer.Option("--checkpoint", help="`demo`, a checkpoint or a HF directory.")],
+        keep_alive: Annotated[float, typer.Option("--keep-alive", help="Idle seconds before scale to zero.")] = 60.0,
+        max_instances: Annotated[int, typer.Option("--max-instances")] = 1,
+        min_instances: Annotated[int, typer.Option("--min-instances")] = 0,
+        target_concurrency: Annotated[int, typer.Option("--target-concurrency")] = 8,
+        url: Annotated[str, URL] = "http://127.0.0.1:8000",
+        token: Annotated[Optional[str], TOKEN] = None,
+    ) -> None:
+        """Create or update a deployment on a running server."""
+        from tangram.serve.client import AdminClient, AdminError
+
+        path = Path(checkpoint)
+        spec = {"name": name, "checkpoint": str(path.resolve()) if path.exists() else checkpoint,
+                "keep_alive_s": keep_alive, "max_instances": max_instances, "min_instances": min_instances,
+                "target_concurrency": target_concurrency}
+        try:
+            d = AdminClient(url, token).deploy(spec)
+        except AdminError as exc:
+            _fail(exc)
+        console.print(f"deployed {d['name']} ({d['bytes'] / 1e9:.3f} GB) from {d['resolved_checkpoint']}")
+
+    @app.command("ls")
+    def ls(url: Annotated[str, URL] = "http://127.0.0.1:8000", token: Annotated[Optional[str], TOKEN] = None) -> None:
+        """List deployments."""
+        from tangram.serve.client import AdminClient, AdminError
+
+        try:
+            rows = AdminClient(url, token).list()
+        except AdminError as exc:
+            _fail(exc)
+        table = Table("name", "checkpoint", "GB", "instances", "inflight", "queued", "keep-alive s", "max")
+        for d in rows:
+            table.add_row(d["name"], d["checkpoint"], f"{d['bytes'] / 1e9:.3f}", str(d["instances"]),
+                          str(d["inflight"]), str(d["queued"]), f"{d['keep_alive_s']:g}", str(d["max_instances"]))
+        console.print(table)
+
+    @app.command("rm")
+    def rm(name: str, url: Annotated[str, URL] = "http://127.0.0.1:8000",
+           token: Annotated[Optional[str], TOKEN] = None) -> None:
+        """Remove a deployment (its instances stop; its tensors stay retained in the pool)."""
+        from tangram.serve.client import AdminClient, AdminError
+
+        try:
+            AdminClient(url, token).remove(name)
+        except AdminError as exc:
+            _fail(exc)
+        console.print(f"removed {name}")
+
+    @app.command()
+    def status(url: Annotated[str, URL] = "http://127.0.0.1:8000",
+               token: Annotated[Optional[str], TOKEN] = None) -> None:
+        """Per device: pool bytes active/retained/free, KV bytes, instances; per deployment: queue."""
+        from tangram.serve.client import AdminClient, AdminError
+
+        try:
+            st = AdminClient(url, token).status()
+        except AdminError as exc:
+            _fail(exc)
+        table = Table("worker", "active GB", "retained GB", "free GB", "KV GB", "instances", title="devices")
+        for w in st["workers"]:
+            p = w["pool"]
+            inst = ", ".join(f"{i['deployment']}({i['inflight']})" for i in w["instances"]) or "-"
+            table.add_row(w["worker"], f"{p['active'] / 1e9:.3f}", f"{p['retained'] / 1e9:.3f}",
+                          f"{p['free'] / 1e9:.3f}", f"{w['kv_bytes'] / 1e9:.3f}", inst)
+        console.print(table)
+        dep = Table("deployment", "instances", "starting", "inflight", "queued", "last error", title="deployments")
+        for name, d in st["deployments"].items():
+            dep.add_row(name, str(d["instances"]), str(d["starting"]), str(d["inflight"]), str(d["queued"]),
+                        d["last_error"] or "-")
+        console.print(dep)
+

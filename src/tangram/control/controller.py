@@ -1,0 +1,234 @@
+"""The controller: deployments, request dispatch, scale-out, scale-to-zero. Runs on the server's event loop.
+
+Per deployment, a request goes to the least-loaded ready instance under its
+target concurrency; otherwise a new instance starts (up to `max_instances`)
+and the request waits for it; at the limit, the least-loaded instance takes it
+(its engine queues). An instance idle for `keep_alive_s` is stopped: its
+weights go back to the pool as retained, so the next start is a pool hit.
+Everything is event-driven: futures for waiters, `call_later` for keep-alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tangram.control.autoscale import least_loaded, pick_instance, should_scale_down
+from tangram.control.deployments import Deployment
+from tangram.control.placement import DeviceView, place
+from tangram.engine import RequestOutput, SamplingParams
+from tangram.resolve import resolve_model
+from tangram.store import Checkpoint
+from tangram.worker import Replica, Worker
+
+log = logging.getLogger(__name__)
+
+
+class UnknownDeployment(KeyError):
+    """No deployment of that name."""
+
+
+class DeploymentUnavailable(RuntimeError):
+    """The deployment's instance could not start (e.g. its checkpoint fails to load)."""
+
+
+@dataclass
+class _State:
+    spec: Deployment
+    checkpoint: Path
+    model_bytes: int
+    replicas: list[Replica] = field(default_factory=list)
+    starting: int = 0
+    waiters: list[asyncio.Future] = field(default_factory=list)
+    queued: int = 0
+    last_error: str | None = None
+    removed: bool = False
+    bytes_loaded: int = 0
+    bytes_reused: int = 0
+    starts: dict[str, int] = field(default_factory=lambda: {"pool-hit": 0, "dram": 0, "cold": 0})
+
+
+class Controller:
+    """Deployments over a set of workers (one per device)."""
+
+    def __init__(self, workers: list[Worker]) -> None:
+        if not workers:
+            raise ValueError("a controller needs at least one worker")
+        self.workers = workers
+        self._states: dict[str, _State] = {}
+
+    # ------------------------------------------------------------------ deployments
+
+    async def deploy(self, spec: Deployment) -> dict:
+        """Register (or replace the settings of) a deployment; a Hugging Face directory is converted now."""
+        loop = asyncio.get_running_loop()
+        path = await loop.run_in_executor(None, resolve_model, spec.checkpoint)
+        index = Checkpoint(path).index  # validates the checkpoint now, not at the first request
+        old = self._states.get(spec.name)
+        if old is not None and old.checkpoint != path:
+            await self.remove(spec.name)
+            old = None
+        if old is not None:
+            old.spec = spec
+        else:
+            self._states[spec.name] = _State(spec, path, index.total_bytes)
+        for _ in range(spec.min_instances - len(self._states[spec.name].replicas)):
+            self._start(self._states[spec.name], time.perf_counter())
+        return self.describe(spec.name)
+
+    async def remove(self, name: str) -> None:
+        """Stop a deployment's instances and forget it; waiting requests fail."""
+        state = self._get(name)
+        state.removed = True
+        del self._states[name]
+        self._wake(state, DeploymentUnavailable(f"deployment {name!r} was removed"))
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(None, r.worker.stop, r) for r in state.replicas))
+        state.replicas.clear()
+
+    def names(self) -> list[str]:
+        """Deployment names."""
+        return sorted(self._states)
+
+    def describe(self, name: str) -> dict:
+        """A deployment's settings and live state."""
+        s = self._get(name)
+        return {**s.spec.model_dump(mode="json"), "resolved_checkpoint": str(s.checkpoint), "bytes": s.model_bytes,
+                "instances": len(s.replicas), "starting": s.starting, "queued": s.queued,
+                "inflight": sum(r.inflight for r in s.replicas), "last_error": s.last_error,
+                "starts": dict(s.starts), "bytes_loaded": s.bytes_loaded, "bytes_reused": s.bytes_reused}
+
+    def status(self) -> dict:
+        """Per device pool bytes and instances; per deployment instances and queue."""
+        return {"workers": [w.status() for w in self.workers],
+                "deployments": {n: self.describe(n) for n in self.names()}}
+
+    def _get(self, name: str) -> _State:
+        try:
+            return self._states[name]
+        except KeyError:
+            raise UnknownDeployment(name) from None
+
+    # ------------------------------------------------------------------ requests
+
+    async def generate(self, name: str, prompt, params: SamplingParams, *, chat: bool = False
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; the first may wait for an instance to start."""
+        state = self._get(name)
+        arrival = time.perf_counter()
+        replica = await self._acquire(state, arrival)
+        schedule_s = time.perf_counter() - arrival
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        finished = False
+        try:
+            req = replica.instance.engine.add_request(
+                prompt, params, sink=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
+                arrival=arrival, chat=chat)
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                if out.stages is not None and out.stages.start == "warm":
+                    out.stages.schedule_s = schedule_s
+                yield out
+        finally:
+            if not finished and "req" in locals():
+                replica.instance.engine.abort(req.id)  # the client went away: free its KV blocks
+            self._release(state, replica)
+
+    async def _acquire(self, state: _State, arrival: float) -> Replica:
+        spec = state.spec
+        while True:
+            if state.removed:
+                raise DeploymentUnavailable(f"deployment {spec.name!r} was removed")
+            live = [r for r in state.replicas if not r.stopping]
+            i = pick_instance([r.inflight for r in live], spec.target_concurrency)
+            if i is None and len(live) + state.starting < spec.max_instances:
+                self._start(state, arrival)
+            elif i is None and live:
+                i = least_loaded([r.inflight for r in live])
+            if i is not None:
+                r = live[i]
+                r.inflight += 1
+                r.idle_since = None
+                return r
+            fut = asyncio.get_running_loop().create_future()
+            state.waiters.append(fut)
+            state.queued += 1
+            try:
+                await fut
+            finally:
+                state.queued -= 1
+
+    def _release(self, state: _State, replica: Replica) -> None:
+        replica.inflight -= 1
+        if replica.inflight == 0:
+            replica.idle_since = time.perf_counter()
+            asyncio.get_running_loop().call_later(state.spec.keep_alive_s, self._maybe_stop, state, replica)
+
+    # ------------------------------------------------------------------ scaling
+
+    def _start(self, state: _State, arrival: float) -> None:
+        state.starting += 1
+        views = [DeviceView(w.resident_bytes(state.checkpoint), len(w.replicas),
+                            w.pool.capacity - w.pool.snapshot()["totals"]["active"]) for w in self.workers]
+        worker = self.workers[place(views, state.model_bytes)]
+        asyncio.get_running_loop().create_task(self._start_on(state, worker, arrival))
+
+    async def _start_on(self, state: _State, worker: Worker, arrival: float) -> None:
+        spec = state.spec
+        loop = asyncio.get_running_loop()
+        try:
+            replica = await loop.run_in_executor(None, worker.start, spec.name, state.checkpoint, spec.engine, arrival)
+        except Exception as exc:  # noqa: BLE001 - a bad checkpoint fails this deployment only
+            log.exception("starting %s on %s failed", spec.name, worker.name)
+            state.starting -= 1
+            state.last_error = f"instance of {spec.name!r} failed to start: {exc}"
+            if not state.replicas and not state.starting:
+                self._wake(state, DeploymentUnavailable(state.last_error))
+            return
+        state.starting -= 1
+        if state.removed:
+            await loop.run_in_executor(None, worker.stop, replica)
+            return
+        cost = replica.instance.cost
+        state.last_error = None
+        state.starts[cost.start] += 1
+        state.bytes_loaded += cost.bytes_loaded
+        state.bytes_reused += cost.bytes_reused
+        state.replicas.append(replica)
+        replica.idle_since = time.perf_counter()
+        loop.call_later(spec.keep_alive_s, self._maybe_stop, state, replica)
+        self._wake(state)
+
+    def _wake(self, state: _State, error: Exception | None = None) -> None:
+        waiters, state.waiters = state.waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_exception(error) if error else fut.set_result(None)
+
+    def _maybe_stop(self, state: _State, replica: Replica) -> None:
+        live = [r for r in state.replicas if not r.stopping]
+        if replica not in live or replica.inflight or replica.idle_since is None:
+            return  # busy again: its next release re-arms the timer
+        now = time.perf_counter()
+        left = state.spec.keep_alive_s - (now - replica.idle_since)
+        if left > 0:  # the timer's clock ran ahead of ours, or it was re-armed
+            asyncio.get_running_loop().call_later(left + 1e-3, self._maybe_stop, state, replica)
+            return
+        if not should_scale_down(replica.idle_since, now, state.spec.keep_alive_s, len(live),
+                                 state.spec.min_instances):
+            return
+        replica.stopping = True
+        state.replicas.remove(replica)
+        log.info("scaling %s to %d instance(s): %s idle", state.spec.name, len(live) - 1, replica.id)
+        asyncio.get_running_loop().run_in_executor(None, replica.worker.stop, replica)
+
+    async def shutdown(self) -> None:
+        """Stop every instance."""
+        for name in list(self._states):
+            await self.remove(name)

@@ -1,0 +1,57 @@
+"""Deployments and the serving configuration (`tangram serve --config FILE`, JSON or TOML)."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tangram.engine import EngineConfig
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+
+
+class Deployment(BaseModel):
+    """A model users can call by `name`: where its checkpoint is and how it scales."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    checkpoint: str = Field(description="`demo`, a Tangram checkpoint, or a Hugging Face directory")
+    keep_alive_s: float = Field(60.0, ge=0, description="idle seconds before an instance scales to zero")
+    min_instances: int = Field(0, ge=0, le=64)
+    max_instances: int = Field(1, ge=1, le=64)
+    target_concurrency: int = Field(8, ge=1, le=4096, description="requests per instance before scaling out")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not NAME.match(value):
+            raise ValueError("deployment names are 1-128 letters, digits, '.', '_' or '-', starting alphanumeric")
+        return value
+
+
+class ServeConfig(BaseModel):
+    """Everything `tangram serve` needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    admin_token: str | None = None
+    pool_capacity: float = Field(0.5, gt=0, description="bytes (> 1) or a fraction of each device's free memory")
+    cpu_devices: int = Field(1, ge=1, le=64, description="logical CPU devices (each its own pool) without a GPU")
+    host_cache_bytes: int = Field(0, ge=0, description="host DRAM cache tier shared by the workers (0 = off)")
+    deployments: list[Deployment] = Field(default_factory=list)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ServeConfig:
+        """Read a JSON (.json) or TOML (.toml) file."""
+        p = Path(path)
+        text = p.read_text()
+        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+        return cls.model_validate(data)

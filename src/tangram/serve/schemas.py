@@ -1,0 +1,149 @@
+"""OpenAI-compatible request bodies, their mapping to sampling parameters, and response bodies."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tangram.engine import RequestOutput, SamplingParams
+
+DEFAULT_CHAT_MAX_TOKENS = 512
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    """A text part of a message's content."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    """One chat message."""
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        """The content as one string."""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Strict):
+    """`stream_options` of the OpenAI API."""
+
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="extension")
+    n: int = Field(1, ge=1, le=1, description="only one choice per request")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0)
+    presence_penalty: float | None = Field(None, ge=0, le=0, description="not supported: only 0")
+    frequency_penalty: float | None = Field(None, ge=0, le=0, description="not supported: only 0")
+    user: str | None = None
+    ignore_eos: bool = Field(False, description="extension")
+    stop_token_ids: list[int] | None = Field(None, description="extension")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else value
+        if stops is not None and (len(stops) > 4 or any(s == "" for s in stops)):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        """Engine sampling parameters (raises pydantic.ValidationError on bad combinations)."""
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+                              top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, seed=self.seed,
+                              stop=list(self.stop or []), stop_token_ids=list(self.stop_token_ids or []),
+                              ignore_eos=self.ignore_eos)
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: Literal[False] | None = None
+
+    def limit(self) -> int:
+        """Tokens to generate at most."""
+        return self.max_completion_tokens or self.max_tokens or DEFAULT_CHAT_MAX_TOKENS
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions (one prompt: a string, a one-string list, or token ids)."""
+
+    prompt: str | list[str] | list[int]
+    max_tokens: int = Field(16, ge=1)
+    echo: Literal[False] = False
+    logprobs: None = None
+    suffix: None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value):
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            if len(value) != 1:
+                raise ValueError("only one prompt per request (n=1)")
+            value = value[0]
+        if isinstance(value, (str, list)) and len(value) == 0:
+            raise ValueError("the prompt is empty")
+        return value
+
+
+def new_id(prefix: str) -> str:
+    """An OpenAI-style object id."""
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(out: RequestOutput) -> dict[str, int]:
+    """The usage object."""
+    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+            "total_tokens": out.prompt_tokens + out.completion_tokens}
+
+
+def extension(out: RequestOutput) -> dict[str, Any]:
+    """The `tangram` extension field: the cold-start stage breakdown of this request."""
+    return {"stages": out.stages.model_dump(mode="json") if out.stages else None}
+
+
+def finish(out: RequestOutput) -> str | None:
+    """OpenAI finish reason."""
+    return {"stop": "stop", "length": "length", "abort": "stop"}.get(out.finish_reason or "", None)
+
+
+def chat_body(rid: str, model: str, text: str, final: RequestOutput) -> dict:
+    """A whole chat completion."""
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish(final)}],
+            "usage": usage(final), "tangram": extension(final)}
+
+
+def chat_chunk(rid: str, model: str, created: int, delta: dict, reason: str | None = None, **extra) -> dict:
+    """One streamed chat chunk."""
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}], **extra}
+
+
+def completion_chunk(rid: str, model: str, created: int, text: str, reason: str | None = None, **extra) -> dict:
+    """A text completion (whole, or one streamed chunk)."""
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}], **extra}

@@ -1,0 +1,92 @@
+"""A worker owns one device: its pool (weights and KV of every model on it) and the running instances.
+
+Starting and stopping instances block (loads, model builds), so the
+controller calls them from a thread pool; each running instance steps on its
+own engine thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tangram.engine import EngineConfig, Instance
+from tangram.engine.loop import EngineLoop
+from tangram.pool import DevicePool
+from tangram.store import Checkpoint, Loader
+
+log = logging.getLogger(__name__)
+_ids = itertools.count()
+
+
+def local_devices(cpu_devices: int = 1) -> list[str]:
+    """Every CUDA device, or `cpu_devices` logical CPU devices (each gets its own pool) without a GPU."""
+    if torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu"] * cpu_devices
+
+
+@dataclass
+class Replica:
+    """A running instance of a deployment on one worker, with its engine thread and request count."""
+
+    id: str
+    deployment: str
+    worker: Worker
+    instance: Instance
+    loop: EngineLoop
+    inflight: int = 0
+    idle_since: float | None = None
+    stopping: bool = False
+    started_at: float = field(default_factory=time.perf_counter)
+
+
+class Worker:
+    """Device `index` of this node: a device pool shared by every model placed here."""
+
+    def __init__(self, index: int, device: str, capacity: int | float, loader: Loader | None = None) -> None:
+        self.index, self.device = index, device
+        self.pool = DevicePool(capacity, device, loader=loader or Loader())
+        self.replicas: dict[str, Replica] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        """`cpu#0`, `cuda:1#1`: device and worker index (several logical CPU devices share a type)."""
+        return f"{self.device}#{self.index}"
+
+    def start(self, deployment: str, checkpoint: Path, config: EngineConfig, arrival: float) -> Replica:
+        """Start an instance (blocking: load + init) and its engine thread."""
+        inst = Instance(Checkpoint(checkpoint), self.pool, config, name=deployment, arrival=arrival)
+        rid = f"{deployment}-{next(_ids)}"
+        replica = Replica(rid, deployment, self, inst, EngineLoop(inst.engine, name=f"engine-{rid}").start())
+        with self._lock:
+            self.replicas[rid] = replica
+        return replica
+
+    def stop(self, replica: Replica) -> None:
+        """Stop the engine thread and release the weights to the pool (they stay retained)."""
+        replica.loop.stop()
+        replica.instance.close()
+        with self._lock:
+            self.replicas.pop(replica.id, None)
+        log.info("stopped %s on %s", replica.id, self.name)
+
+    def resident_bytes(self, checkpoint: Path) -> int:
+        """Bytes of a checkpoint's tensors already in this worker's pool."""
+        return self.pool.resident_bytes(Checkpoint(checkpoint).index)
+
+    def status(self) -> dict:
+        """Pool bytes per state, KV bytes, and the instances here."""
+        snap = self.pool.snapshot()
+        with self._lock:
+            instances = [{"id": r.id, "deployment": r.deployment, "inflight": r.inflight}
+                         for r in self.replicas.values()]
+        return {"worker": self.name, "device": self.device, "capacity": snap["capacity"], "pool": snap["totals"],
+                "kv_bytes": snap["kv_bytes"], "instances": instances}

@@ -1,0 +1,70 @@
+"""Pure control-plane policies with hand-made inputs: autoscaling, dispatch, placement, config files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from tangram.control import Deployment, ServeConfig
+from tangram.control.autoscale import desired_instances, least_loaded, pick_instance, should_scale_down
+from tangram.control.placement import DeviceView, place
+from tangram.serve.server import is_loopback, resolve_token
+
+
+def test_desired_instances_follow_demand_within_limits():
+    assert desired_instances(0, target=4, min_instances=0, max_instances=3) == 0
+    assert desired_instances(1, target=4, min_instances=0, max_instances=3) == 1
+    assert desired_instances(9, target=4, min_instances=0, max_instances=3) == 3
+    assert desired_instances(0, target=4, min_instances=1, max_instances=3) == 1
+
+
+def test_pick_instance_prefers_least_loaded_under_target():
+    assert pick_instance([3, 1, 2], target=4) == 1
+    assert pick_instance([4, 4], target=4) is None
+    assert pick_instance([], target=4) is None
+    assert least_loaded([5, 4, 6]) == 1
+
+
+def test_scale_down_after_keep_alive_only():
+    assert should_scale_down(idle_since=10.0, now=15.0, keep_alive_s=5.0, instances=1, min_instances=0)
+    assert not should_scale_down(idle_since=10.0, now=14.9, keep_alive_s=5.0, instances=1, min_instances=0)
+    assert not should_scale_down(idle_since=10.0, now=99.0, keep_alive_s=5.0, instances=1, min_instances=1)
+    assert not should_scale_down(idle_since=None, now=99.0, keep_alive_s=5.0, instances=2, min_instances=0)
+
+
+def test_place_prefers_resident_bytes_then_fewer_instances_then_room():
+    devs = [DeviceView(0, 0, 10_000), DeviceView(600, 2, 500), DeviceView(600, 1, 500)]
+    assert place(devs, model_bytes=1000) == 2
+    assert place([DeviceView(0, 0, 100), DeviceView(0, 0, 5000)], model_bytes=1000) == 1
+    assert place([DeviceView(0, 3, 100), DeviceView(0, 1, 100)], model_bytes=1000) == 1  # nothing fits: least busy
+
+
+def test_deployment_validation():
+    with pytest.raises(ValidationError, match="deployment names"):
+        Deployment(name="bad name!", checkpoint="demo")
+    with pytest.raises(ValidationError):
+        Deployment(name="ok", checkpoint="demo", max_instances=0)
+    with pytest.raises(ValidationError):
+        Deployment(name="ok", checkpoint="demo", surprise=1)
+
+
+def test_config_from_json_and_toml(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"port": 9000, "deployments": [{"name": "a", "checkpoint": "demo"}]}))
+    assert ServeConfig.from_file(tmp_path / "c.json").deployments[0].name == "a"
+    (tmp_path / "c.toml").write_text('port = 9001\n[[deployments]]\nname = "b"\ncheckpoint = "demo"\n'
+                                     'keep_alive_s = 5\n[deployments.engine]\nkv_mode = "reserve"\n')
+    cfg = ServeConfig.from_file(tmp_path / "c.toml")
+    assert cfg.port == 9001 and cfg.deployments[0].engine.kv_mode.value == "reserve"
+
+
+def test_non_loopback_bind_needs_a_token(monkeypatch):
+    monkeypatch.delenv("TANGRAM_ADMIN_TOKEN", raising=False)
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0")
+    with pytest.raises(ValueError, match="refusing to listen on 0.0.0.0"):
+        resolve_token(ServeConfig(host="0.0.0.0"))
+    assert resolve_token(ServeConfig(host="0.0.0.0", admin_token="s3cret")) == ("s3cret", False)
+    token, generated = resolve_token(ServeConfig())
+    assert generated and len(token) >= 24
