@@ -37,7 +37,7 @@ install-peers: install
 
 demo: install
 	$(VENV)/bin/tangram fetch-demo
-	$(VENV)/bin/tangram run demo "What is the capital of France?" --chat
+	$(VENV)/bin/tangram serve --ask "What is the capital of France?"
 
 test: install-dev
 	$(PY) -m pytest -q

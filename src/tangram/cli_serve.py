@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,6 +21,26 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def ask_over_http(url: str, model: str, prompt: str) -> None:
+    """Stream a chat answer from the server with the openai client; print it and its stage breakdown."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                            temperature=0, max_tokens=64, stream=True)
+    console.print(f"[bold]{prompt}[/]")
+    stages = None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            console.out(chunk.choices[0].delta.content, end="", highlight=False)
+        stages = (chunk.model_extra or {}).get("tangram", {}).get("stages") or stages
+    console.out("")
+    if stages:
+        console.print(f"{stages['start']} start: time to first token {stages['ttft_s']:.3f} s (load "
+                      f"{stages['load_s']:.3f} s, {stages['bytes_loaded'] / 1e9:.3f} GB loaded; init "
+                      f"{stages['init_s']:.3f} s; prefill {stages['prefill_s']:.3f} s)")
+
+
 def register(app: typer.Typer) -> None:
     """Add the serving commands to the CLI."""
 
@@ -28,6 +49,8 @@ def register(app: typer.Typer) -> None:
         host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
         port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
         config: Annotated[Optional[Path], typer.Option("--config", help="Serve config (JSON or TOML).")] = None,
+        ask: Annotated[Optional[str], typer.Option(help="Once up, ask the first deployment this over HTTP.")] = None,
+        once: Annotated[bool, typer.Option("--once", help="With --ask: stop after the answer.")] = False,
     ) -> None:
         """Serve the OpenAI-compatible API (the demo model when no deployment is configured)."""
         from pydantic import ValidationError
@@ -48,7 +71,18 @@ def register(app: typer.Typer) -> None:
             console.print(f"admin token (also in {token_file()}): [bold]{server.token}[/]")
         names = ", ".join(d.name for d in cfg.deployments) or "demo"
         console.print(f"serving {names} at http://{cfg.host}:{cfg.port}/v1 (OpenAI-compatible); Ctrl-C stops")
-        server.run()
+        if not ask:
+            server.run()
+            return
+        server.save_token()
+        with server.running():
+            ask_over_http(server.url, names.split(", ")[0], ask)
+            if once:
+                return
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                pass
 
     @app.command()
     def deploy(

@@ -22,7 +22,7 @@ from tangram.control.deployments import Deployment
 from tangram.control.placement import DeviceView, place
 from tangram.engine import RequestOutput, SamplingParams
 from tangram.resolve import resolve_model
-from tangram.store import Checkpoint
+from tangram.store import Checkpoint, CheckpointIndex
 from tangram.worker import Replica, Worker
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class DeploymentUnavailable(RuntimeError):
 class _State:
     spec: Deployment
     checkpoint: Path
-    model_bytes: int
+    index: CheckpointIndex  # read once, at deploy
     replicas: list[Replica] = field(default_factory=list)
     starting: int = 0
     waiters: list[asyncio.Future] = field(default_factory=list)
@@ -75,7 +75,7 @@ class Controller:
         if old is not None:
             old.spec = spec
         else:
-            self._states[spec.name] = _State(spec, path, index.total_bytes)
+            self._states[spec.name] = _State(spec, path, index)
         for _ in range(spec.min_instances - len(self._states[spec.name].replicas)):
             self._start(self._states[spec.name], time.perf_counter())
         return self.describe(spec.name)
@@ -97,7 +97,7 @@ class Controller:
     def describe(self, name: str) -> dict:
         """A deployment's settings and live state."""
         s = self._get(name)
-        return {**s.spec.model_dump(mode="json"), "resolved_checkpoint": str(s.checkpoint), "bytes": s.model_bytes,
+        return {**s.spec.model_dump(mode="json"), "resolved_checkpoint": str(s.checkpoint), "bytes": s.index.total_bytes,
                 "instances": len(s.replicas), "starting": s.starting, "queued": s.queued,
                 "inflight": sum(r.inflight for r in s.replicas), "last_error": s.last_error,
                 "starts": dict(s.starts), "bytes_loaded": s.bytes_loaded, "bytes_reused": s.bytes_reused}
@@ -174,9 +174,9 @@ class Controller:
 
     def _start(self, state: _State, arrival: float) -> None:
         state.starting += 1
-        views = [DeviceView(w.resident_bytes(state.checkpoint), len(w.replicas),
+        views = [DeviceView(w.resident_bytes(state.index), len(w.replicas),
                             w.pool.capacity - w.pool.snapshot()["totals"]["active"]) for w in self.workers]
-        worker = self.workers[place(views, state.model_bytes)]
+        worker = self.workers[place(views, state.index.total_bytes)]
         asyncio.get_running_loop().create_task(self._start_on(state, worker, arrival))
 
     async def _start_on(self, state: _State, worker: Worker, arrival: float) -> None:

@@ -7,12 +7,21 @@ evicted, is decided by the pool and its policy.
 from __future__ import annotations
 
 import bisect
+import threading
 from dataclasses import dataclass
 
 import torch
 
 from tangram.store.format import align_up
-from tangram.store.io import host_buffer
+from tangram.store.io import host_buffer, populate_in_background
+
+BACKGROUND_TOUCH_BYTES = 1 << 30
+
+
+def _set_event() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
 
 
 @dataclass
@@ -34,10 +43,14 @@ class Arena:
         self.capacity = capacity_bytes // alignment * alignment
         self.device = device
         if device.type == "cpu":
-            self.buffer = host_buffer(self.capacity)  # page aligned, pre-touched
+            # page aligned; large arenas fault their pages in on a thread so a server starts at once
+            background = self.capacity >= BACKGROUND_TOUCH_BYTES
+            self.buffer = host_buffer(self.capacity, touch=not background)
+            self.touched = populate_in_background(self.buffer) if background else _set_event()
         else:
             self.buffer = torch.empty(self.capacity, dtype=torch.uint8, device=device)
             self.buffer.zero_()  # touch it once, now, not on the load path
+            self.touched = _set_event()
         self._starts: list[int] = []  # sorted offsets of used blocks
         self._blocks: dict[int, Block] = {}
 

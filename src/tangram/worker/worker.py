@@ -19,7 +19,7 @@ import torch
 from tangram.engine import EngineConfig, Instance
 from tangram.engine.loop import EngineLoop
 from tangram.pool import DevicePool
-from tangram.store import Checkpoint, Loader
+from tangram.store import Checkpoint, CheckpointIndex, Loader
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -78,9 +78,9 @@ class Worker:
             self.replicas.pop(replica.id, None)
         log.info("stopped %s on %s", replica.id, self.name)
 
-    def resident_bytes(self, checkpoint: Path) -> int:
+    def resident_bytes(self, index: CheckpointIndex) -> int:
         """Bytes of a checkpoint's tensors already in this worker's pool."""
-        return self.pool.resident_bytes(Checkpoint(checkpoint).index)
+        return self.pool.resident_bytes(index)
 
     def status(self) -> dict:
         """Pool bytes per state, KV bytes, and the instances here."""
