@@ -77,3 +77,22 @@ def test_tangram_run_demo_answers_paris(demo_ckpt, monkeypatch):
     result = CliRunner().invoke(app, ["run", "demo", "What is the capital of France?", "--chat", "--max-tokens", "24"])
     assert result.exit_code == 0, result.output
     assert "Paris" in result.output and "time to first token" in result.output
+
+
+def test_openai_client_gets_paris_from_the_served_demo(demo_ckpt):
+    import openai
+
+    from serving import serving
+    from tangram.control import Deployment
+
+    with serving([Deployment(name="smollm2", checkpoint=str(demo_ckpt))], pool_bytes=600 << 20) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        whole = c.chat.completions.create(model="smollm2", messages=question, temperature=0, max_tokens=24)
+        assert "Paris" in whole.choices[0].message.content
+        assert whole.model_extra["tangram"]["stages"]["start"] == "cold"
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="smollm2", messages=question, temperature=0, max_tokens=24, stream=True) if ch.choices)
+        assert streamed == whole.choices[0].message.content
+        text = c.completions.create(model="smollm2", prompt="The capital of France is", temperature=0, max_tokens=4)
+        assert "Paris" in text.choices[0].text
