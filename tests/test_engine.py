@@ -247,3 +247,21 @@ def test_fp32_weights_are_the_pool_tensors(llama):
         params = list(inst.engine.runner.model.parameters())
         assert params and all(lo <= p.data_ptr() < hi for p in params)
         assert all(p.dtype == torch.float32 for p in params)
+
+
+def test_restart_rebinds_the_kept_skeleton_and_keeps_no_pool_memory(llama):
+    model, ckpt = llama
+    pool = DevicePool(64 << 20)
+    with Instance(ckpt, pool) as first:
+        kept = first.model
+        with Instance(ckpt, pool) as twin:  # same checkpoint, same pool: the same tensors, one skeleton
+            assert twin.model is kept
+    assert all(p.is_meta for p in kept.parameters())  # released: nothing of the pool stays referenced
+    with Instance(ckpt, pool) as again:
+        assert again.model is kept and again.cost.start == "pool-hit"
+        out = again.engine.generate([PROMPTS[0]], GREEDY)[0]
+    assert out.output_ids == reference_greedy(model, PROMPTS[0], 20)
+    other_pool = DevicePool(64 << 20)
+    with Instance(ckpt, other_pool) as elsewhere:
+        assert elsewhere.model is kept  # idle skeleton re-bound to another pool's tensors
+        assert elsewhere.engine.generate([PROMPTS[0]], GREEDY)[0].output_ids == out.output_ids

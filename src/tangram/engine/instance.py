@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 
 from tangram.engine.engine import Engine
 from tangram.engine.errors import EngineError
 from tangram.engine.runner import ModelRunner
-from tangram.engine.skeleton import build_causal_lm
+from tangram.engine.skeleton import RUNTIME
 from tangram.engine.stages import StartCost
 from tangram.kv import KVAllocator, KVMode, KVSpec
 from tangram.pool import DevicePool
@@ -71,6 +71,8 @@ class Instance:
         try:
             self.engine = self._build(ckpt.path)
         except BaseException:
+            if getattr(self, "model", None) is not None:
+                RUNTIME.release(self.model)
             pool.release(self.binding)
             raise
         t2 = time.perf_counter()
@@ -85,8 +87,9 @@ class Instance:
 
     def _build(self, path: Path) -> Engine:
         cfg = self.config
-        model = build_causal_lm(path, self.binding.tensors)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = RUNTIME.model(path, self.binding.tensors)  # a kept skeleton re-bound, or a new build
+        self.model = model
+        tokenizer = RUNTIME.tokenizer(path)
         text = model.config.get_text_config()
         context = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
         if context is None and cfg.max_model_len is None:
@@ -110,6 +113,7 @@ class Instance:
         """Abort what is left, free KV (and any reservation), release the weights (they stay retained)."""
         self.engine.shutdown()
         self.kv.close()
+        RUNTIME.release(self.model)
         self.pool.release(self.binding)
 
     def __enter__(self) -> Instance:

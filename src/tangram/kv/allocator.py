@@ -17,6 +17,7 @@ import torch
 
 from tangram.kv.spec import KVSpec
 from tangram.pool import DevicePool, PoolFullError
+from tangram.pool.arena import Block
 from tangram.pool.pool import KVBlock
 
 
@@ -44,13 +45,21 @@ class KVAllocator:
         if self.mode is KVMode.RESERVE:
             if reserve_blocks < 1:
                 raise ValueError("reserve mode needs reserve_blocks >= 1")
-            try:
-                for _ in range(reserve_blocks):
-                    self._reserved.append(pool.allocate_kv(spec.block_bytes))
-            except PoolFullError:
-                self.close()
-                raise
-            self._free = list(self._reserved)
+            size = pool.arena.size_of(spec.block_bytes)
+            try:  # one contiguous reservation carved into blocks: one allocation instead of thousands
+                parent = pool.allocate_kv(size * reserve_blocks)
+                self._reserved = [parent]
+                self._free = [KVBlock(f"{parent.key}/{i}", parent.data[i * size:(i + 1) * size],
+                                      Block(parent.block.offset + i * size, size, parent.key))
+                              for i in range(reserve_blocks)]
+            except PoolFullError:  # fragmented pool: block by block
+                try:
+                    for _ in range(reserve_blocks):
+                        self._reserved.append(pool.allocate_kv(spec.block_bytes))
+                except PoolFullError:
+                    self.close()
+                    raise
+                self._free = list(self._reserved)
 
     def offset(self, block: KVBlock) -> int:
         """Element offset of a block in `elements`."""
@@ -92,7 +101,7 @@ class KVAllocator:
 
     def capacity_blocks(self) -> int | None:
         """Blocks this allocator can ever hold at once: the reservation, or None (elastic: up to the pool)."""
-        return len(self._reserved) if self.mode is KVMode.RESERVE else None
+        return self.in_use + len(self._free) if self.mode is KVMode.RESERVE else None
 
     def close(self) -> None:
         """Return a reservation to the pool (blocks still in use are the engine's to free first)."""
