@@ -192,7 +192,7 @@ def test_stage_breakdown_cold_then_pool_hit(llama):
     pool = DevicePool(64 << 20)
     for expect in ("cold", "pool-hit"):
         t0 = __import__("time").perf_counter()
-        with Instance(ckpt, pool, arrival=t0) as inst:
+        with Instance(ckpt, pool, EngineConfig(templates=False), arrival=t0) as inst:  # load, then prefill
             req, sink = collect(inst, PROMPTS[0], SamplingParams(max_tokens=3), arrival=t0)
             inst.engine.run_until_idle()
             st = drained(sink)[-1].stages

@@ -41,6 +41,7 @@ class Engine:
         self.max_kv_blocks = max_kv_blocks
         self.eos = set(eos_token_ids)
         self.start_cost, self.clock = start_cost, clock
+        self.finalize_start: Callable[[], None] | None = None
         self.ready_at = clock() if ready_at is None else ready_at
         self.totals = Totals()
         self.waiting: deque[Request] = deque()
@@ -79,8 +80,6 @@ class Engine:
         rid = request_id or f"req-{next(_ids)}"
         req = Request(rid, ids, params, self.clock() if arrival is None else arrival, sink or OutputQueue(),
                       TextStream(self.tokenizer, list(params.stop)), make_generator(params, self.kv.device()))
-        if self.start_cost is not None and req.arrival <= self.ready_at:
-            req.stages.charge_start(self.start_cost)  # this request waited for the instance to start
         with self.work:
             if rid in self._live:
                 raise RequestError(f"request id {rid!r} is already in use")
@@ -223,6 +222,11 @@ class Engine:
             if req.first_token_at is None:
                 req.first_token_at = now
                 req.stages.ttft_s = now - req.arrival
+                if self.start_cost is not None:
+                    if self.finalize_start is not None:
+                        self.finalize_start()  # a background load is over once a forward has used every weight
+                    if req.arrival <= self.ready_at:
+                        req.stages.charge_start(self.start_cost)  # this request waited for the start
             p = req.params
             reason = None
             if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:

@@ -24,6 +24,9 @@ from tangram.engine.stages import StartCost
 from tangram.kv import KVAllocator, KVMode, KVSpec
 from tangram.pool import DevicePool
 from tangram.store import Checkpoint
+from tangram.templates import (
+    Recorder, Template, WaitForWeights, checkpoint_id, libraries, load_template, names_by_param, save_template, warm,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ class EngineConfig(BaseModel):
     max_prefill_tokens: int = Field(4096, ge=1)
     reserve_tokens: int | None = Field(None, ge=1, description="reserve mode: KV tokens to take at start "
                                        "(default max_batch x max_model_len)")
+    templates: bool = Field(True, description="record a start-up template on the first run; with one, load in "
+                            "first-use order and execute while loading")
 
 
 def _eos_ids(path: Path, tokenizer) -> set[int]:
@@ -64,26 +69,54 @@ class Instance:
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
         self.path = ckpt.path
         self.name = name or ckpt.path.name
+        self.model = None
         t0 = time.perf_counter()
-        arrival = t0 if arrival is None else arrival
-        self.binding = pool.acquire(ckpt, model=name)
+        self.arrival = t0 if arrival is None else arrival
+        self.template = load_template(ckpt.path) if self.config.templates else None
+        if self.template is not None:  # load in first-use order on a thread; the first forward starts meanwhile
+            self.binding = pool.acquire(ckpt, model=name, order=self.template.groups, background=True)
+        else:
+            self.binding = pool.acquire(ckpt, model=name)
         t1 = time.perf_counter()
         try:
             self.engine = self._build(ckpt.path)
         except BaseException:
-            if getattr(self, "model", None) is not None:
-                RUNTIME.release(self.model)
-            pool.release(self.binding)
+            self._release()
             raise
         t2 = time.perf_counter()
         b = self.binding
-        from_cache = b.load.bytes_from_cache if b.load else 0
-        self.cost = StartCost(start=StartCost.classify(b.bytes_loaded, from_cache), init_s=t2 - t1, load_s=t1 - t0,
-                              bytes_loaded=b.bytes_loaded, bytes_reused=b.bytes_reused,
-                              load_begin=t0 - arrival, load_end=t1 - arrival)
+        self.cost = StartCost(start="cold", init_s=t2 - t1, load_s=t1 - t0, bytes_loaded=b.bytes_loaded,
+                              bytes_reused=b.bytes_reused, load_begin=t0 - self.arrival, load_end=t1 - self.arrival)
+        self._finalized = False
         self.engine.start_cost, self.engine.ready_at = self.cost, t2
-        log.info("started %s on %s: %s, load %.3f s (%d B loaded, %d B reused), init %.3f s", self.name,
-                 pool.device, self.cost.start, self.cost.load_s, b.bytes_loaded, b.bytes_reused, self.cost.init_s)
+        self.engine.finalize_start = self._finalize_cost
+        if b.job is None or b.job.done.is_set():
+            self._finalize_cost()
+
+    def _finalize_cost(self) -> None:
+        """Fill the load figures once the load is over (at once, or when a background load ends)."""
+        if self._finalized:
+            return
+        b = self.binding
+        if b.job is not None and b.job.began:
+            b.job.done.wait()
+            self.cost.load_s = b.job.seconds
+            self.cost.load_begin, self.cost.load_end = b.job.began - self.arrival, b.job.ended - self.arrival
+            self.engine.ready_at = max(self.engine.ready_at, b.job.ended)
+        stats = b.load or (b.job.stats if b.job is not None and b.bytes_loaded else None)
+        self.cost.start = StartCost.classify(b.bytes_loaded, stats.bytes_from_cache if stats else 0)
+        self._finalized = True
+        log.info("started %s on %s: %s, load %.3f s (%d B loaded, %d B reused), init %.3f s%s", self.name,
+                 self.pool.device, self.cost.start, self.cost.load_s, b.bytes_loaded, b.bytes_reused,
+                 self.cost.init_s, " (template: overlapped)" if self.template else "")
+
+    def _release(self) -> None:
+        if self.binding.job is not None:
+            self.binding.job.done.wait()  # never free pool bytes a load thread still writes
+        if self.model is not None:
+            RUNTIME.release(self.model)
+            self.model = None
+        self.pool.release(self.binding)
 
     def _build(self, path: Path) -> Engine:
         cfg = self.config
@@ -106,15 +139,32 @@ class Instance:
             self.kv = KVAllocator(self.pool, spec, KVMode.ELASTIC)
             limit = max(0, self.pool.capacity - weights) // self.pool.arena.size_of(spec.block_bytes)
         runner = ModelRunner(model, self.kv)
+        job = self.binding.job
+        if self.template is not None and job is not None and not job.done.is_set():
+            runner.waits = WaitForWeights(model, self.binding.ready, job)
+            warm(model.config, self.template, dtype, self.pool.device)
+        elif cfg.templates and self.template is None:
+            runner.recorder = Recorder(model, names_by_param(model, self.binding.tensors))
+            runner.on_recorded = lambda rec, tokens: self._save_template(rec, tokens, model)
         return Engine(runner, tokenizer, max_model_len=max_len, eos_token_ids=_eos_ids(path, tokenizer),
                       max_batch=cfg.max_batch, max_prefill_tokens=cfg.max_prefill_tokens, max_kv_blocks=limit)
+
+    def _save_template(self, rec: Recorder, tokens: int, model) -> None:
+        names = list(Checkpoint(self.path).index.tensors)
+        template = Template(checkpoint_id=checkpoint_id(self.path), libraries=libraries(),
+                            architecture=type(model).__name__, groups=rec.groups(names), prefill_tokens=tokens,
+                            hidden_shape=rec.hidden_shape, ops=rec.ops, workspace_bytes=rec.workspace_bytes)
+        try:
+            path = save_template(self.path, template)
+            log.info("recorded the start-up template of %s: %s", self.name, path)
+        except OSError as exc:
+            log.warning("could not store the start-up template of %s: %s", self.name, exc)
 
     def close(self) -> None:
         """Abort what is left, free KV (and any reservation), release the weights (they stay retained)."""
         self.engine.shutdown()
         self.kv.close()
-        RUNTIME.release(self.model)
-        self.pool.release(self.binding)
+        self._release()
 
     def __enter__(self) -> Instance:
         return self

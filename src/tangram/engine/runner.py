@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import PreTrainedModel
 
@@ -14,6 +16,9 @@ class ModelRunner:
     def __init__(self, model: PreTrainedModel, kv: KVAllocator) -> None:
         self.model, self.kv = model, kv
         self.device = kv.device()
+        self.waits = None  # templates.WaitForWeights while a background load runs (execute-while-load)
+        self.recorder = None  # templates.Recorder for the first prefill, when no template exists yet
+        self.on_recorded: Callable[[object, int], None] | None = None
 
     @torch.inference_mode()
     def forward(self, tokens: list[list[int]], slots: list[SeqSlot]) -> torch.Tensor:
@@ -24,8 +29,19 @@ class ModelRunner:
         ids = torch.tensor(tokens, dtype=torch.int64, device=self.device)
         past = torch.tensor([s.past for s in slots], dtype=torch.int64, device=self.device).unsqueeze(1)
         positions = past + torch.arange(t, device=self.device)
-        out = self.model(input_ids=ids, attention_mask=cache.attention_mask(lengths), position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        kwargs = dict(input_ids=ids, attention_mask=cache.attention_mask(lengths), position_ids=positions,
+                      past_key_values=cache, use_cache=True, logits_to_keep=1)
+        recorder, self.recorder = self.recorder, None
+        if recorder is not None:
+            with recorder:
+                out = self.model(**kwargs)
+            if self.on_recorded is not None:
+                self.on_recorded(recorder, t)
+        else:
+            out = self.model(**kwargs)
+        if self.waits is not None and self.waits.finished:
+            self.waits.remove()  # between forwards, on the engine thread
+            self.waits = None
         return out.logits[:, -1, :]
 
     def prefill(self, ids: list[int], offsets: list[int]) -> torch.Tensor:

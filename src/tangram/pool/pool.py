@@ -16,13 +16,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from tangram.pool.arena import Arena, Block
+from tangram.pool.loading import LoadJob, ordered_groups
 from tangram.pool.policy import (
     Extent, Policy, State, decayed_rate, eviction_order, find_window, fragmentation, largest_free, retention_gain,
 )
@@ -80,6 +81,9 @@ class Binding:
     seconds: float
     load: LoadStats | None = None
     released: bool = False
+    ready: dict[str, threading.Event] = field(default_factory=dict)  # per tensor name: its bytes have landed
+    residents: list = field(default_factory=list, repr=False)
+    job: LoadJob | None = None
 
 
 def free_device_bytes(device: torch.device) -> int:
@@ -137,8 +141,15 @@ class DevicePool:
 
     # ------------------------------------------------------------------ acquire / release
 
-    def acquire(self, checkpoint: Checkpoint | str | Path, model: str | None = None) -> Binding:
-        """Bind a model's tensors: reuse resident ones, load only the missing ones."""
+    def acquire(self, checkpoint: Checkpoint | str | Path, model: str | None = None, *,
+                order: Sequence[Sequence[str]] | None = None, background: bool = False) -> Binding:
+        """Bind a model's tensors: reuse resident ones, load only the missing ones.
+
+        `order`: groups of tensor names to load one after the other (a template's
+        first-use order). `background`: return as soon as space is placed and
+        load on a thread; `binding.ready[name]` is set when a tensor has landed
+        and `binding.job.done` when all have (wait for it before `release`).
+        """
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
         model = model or str(ckpt.path.resolve())
         index = ckpt.index
@@ -170,42 +181,55 @@ class DevicePool:
                 self._tensors[k] = r
                 self._pin(r, model, now)
             pinned = [self._tensors[k] for k in by_key]
-        load_stats = None
-        if missing:
-            dests = {by_key[k][0]: self.arena.view(placed[k], by_key[k][1].nbytes) for k in missing}
-            try:
-                load_stats = self.loader.load_into(ckpt, dests)
-            except BaseException:
-                with self._lock:
-                    for k in missing:
-                        r = self._tensors.pop(k)
-                        r.failed = True
-                        r.ready.set()
-                        self.arena.free(r.block.offset)
-                    for r in pinned:
-                        if not r.failed:
-                            self._unpin(r)
-                raise
-            for k in missing:
-                self._tensors[k].ready.set()
-        for r in pinned:  # another acquire may still be loading a shared tensor
-            if not r.ready.is_set():
-                r.ready.wait()
-        if any(r.failed for r in pinned):
-            with self._lock:
-                for r in pinned:
-                    if not r.failed:
-                        self._unpin(r)
-            raise RuntimeError(f"a concurrent load of a shared tensor of {model} failed; retry the acquire")
         views: dict[str, torch.Tensor] = {}
+        ready: dict[str, threading.Event] = {}
         for name, entry in index.tensors.items():
             r = self._tensors[keys[name]]
             views[name] = typed_view(self.arena.view(r.block, entry.nbytes), entry.torch_dtype, entry.shape)
+            ready[name] = r.ready
         for alias, target in index.aliases.items():
-            views[alias] = views[target]
-        loaded = sum(by_key[k][1].nbytes for k in missing)
-        return Binding(model, views, list(by_key), loaded, sum(by_key[k][1].nbytes for k in reused),
-                       time.perf_counter() - start, load_stats)
+            views[alias], ready[alias] = views[target], ready[target]
+        binding = Binding(model, views, list(by_key), sum(by_key[k][1].nbytes for k in missing),
+                          sum(by_key[k][1].nbytes for k in reused), 0.0, ready=ready, residents=pinned)
+        name_of = {by_key[k][0]: k for k in missing}
+        dests = {n: self.arena.view(placed[k], by_key[k][1].nbytes) for n, k in name_of.items()}
+        job = LoadJob(ordered_groups(list(name_of), order),
+                      lambda group: self.loader.load_into(ckpt, {n: dests[n] for n in group}),
+                      {n: self._tensors[k].ready for n, k in name_of.items()},
+                      lambda exc: self._drop_failed([self._tensors[k] for k in missing]))
+        binding.job = job
+        if background:
+            job.start()
+            binding.seconds = time.perf_counter() - start
+            return binding
+        job.run()
+        if job.error is not None:
+            self._unpin_all(pinned)
+            raise job.error
+        for r in pinned:  # another acquire may still be loading a shared tensor
+            r.ready.wait()
+        if any(r.failed for r in pinned):
+            self._unpin_all(pinned)
+            raise RuntimeError(f"a concurrent load of a shared tensor of {model} failed; retry the acquire")
+        binding.load = job.stats if missing else None
+        binding.seconds = time.perf_counter() - start
+        return binding
+
+    def _drop_failed(self, loading: list[_Resident]) -> None:
+        """A load failed: its tensors leave the registry (marked failed for waiters) and their space is freed."""
+        with self._lock:
+            for r in loading:
+                r.failed = True
+                if self._tensors.get(r.key) is r:
+                    del self._tensors[r.key]
+                    self.arena.free(r.block.offset)
+                r.ready.set()
+
+    def _unpin_all(self, pinned: list[_Resident]) -> None:
+        with self._lock:
+            for r in pinned:
+                if not r.failed:
+                    self._unpin(r)
 
     def release(self, binding: Binding) -> None:
         """Drop a binding's references; its tensors stay retained until space is needed."""
@@ -213,8 +237,9 @@ class DevicePool:
             if binding.released:
                 return
             binding.released = True
-            for k in binding.keys:
-                self._unpin(self._tensors[k])
+            for r in binding.residents:
+                if not r.failed:
+                    self._unpin(r)
             self._space.notify_all()
 
     def resident_bytes(self, index) -> int:

@@ -1,0 +1,152 @@
+"""Start-up templates: recording, reuse, invalidation, first-use load order, execute-while-load exactness."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+import torch
+
+from conftest import engine_checkpoint, engine_model, reference_greedy
+from tangram.engine import EngineConfig, Instance, SamplingParams
+from tangram.pool import DevicePool
+from tangram.store import Loader, read_index
+from tangram.templates import load_template
+from tangram.templates.template import template_path
+
+PROMPT = [5, 17, 33, 9, 60, 7, 101]
+GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
+
+
+class SlowLoader(Loader):
+    """Records the order of the tensors it loads and takes a while per call, so loads overlap the forward."""
+
+    def __init__(self, delay: float = 0.02) -> None:
+        super().__init__(method="pread")
+        self.delay, self.calls = delay, []
+
+    def load_into(self, ckpt, dests, **kw):
+        time.sleep(self.delay)
+        self.calls.append(list(dests))
+        return super().load_into(ckpt, dests, **kw)
+
+
+@pytest.fixture()
+def model_ckpt(tmp_path):
+    model = engine_model("llama")
+    return model, engine_checkpoint(model, tmp_path)
+
+
+def run(ckpt, loader=None, **cfg):
+    pool = DevicePool(64 << 20, loader=loader or Loader())
+    with Instance(ckpt, pool, EngineConfig(block_tokens=4, **cfg)) as inst:
+        out = inst.engine.generate([PROMPT], GREEDY)[0]
+        return inst, out
+
+
+def test_first_run_records_first_use_order(model_ckpt):
+    model, ckpt = model_ckpt
+    assert load_template(ckpt) is None
+    _, out = run(ckpt)
+    t = load_template(ckpt)
+    assert t is not None and t.prefill_tokens == len(PROMPT) and t.architecture == "LlamaForCausalLM"
+    order = t.order
+    assert order[0] == "model.embed_tokens.weight" and order[-1] == "lm_head.weight"
+    assert order.index("model.layers.0.self_attn.q_proj.weight") < order.index("model.layers.1.self_attn.q_proj.weight")
+    assert order.index("model.layers.1.mlp.down_proj.weight") < order.index("model.norm.weight")
+    index = read_index(ckpt)
+    assert set(order) == set(index.tensors) | set(index.aliases) and len(order) == len(set(order))
+    assert all(n.startswith("model.layers.0.") for n in t.groups[1])  # grouped by block
+    assert "mm" in t.ops or "linear" in t.ops or "addmm" in t.ops
+    assert 0 < t.workspace_bytes < 1 << 20  # activations of a 7-token prompt, not the arena views
+    assert out.output_ids == reference_greedy(model, PROMPT, 8)
+
+
+def test_cold_start_with_template_loads_in_first_use_order_and_overlaps(model_ckpt):
+    model, ckpt = model_ckpt
+    run(ckpt)  # records
+    t = load_template(ckpt)
+    loader = SlowLoader(delay=0.05)
+    inst, out = run(ckpt, loader=loader)
+    loaded = [n for call in loader.calls for n in call]
+    assert loaded == [n for n in t.order if n in set(loaded)]  # the template's order, group by group
+    aliases = set(read_index(ckpt).aliases)  # equal tensors are stored once: nothing to load for them
+    assert len(loader.calls) == sum(1 for g in t.groups if set(g) - aliases)
+    st = out.stages
+    assert st.start == "cold" and st.bytes_loaded > 0
+    assert st.prefill_interval[0] < st.load_interval[1]  # the forward began before the last weights landed
+    assert out.output_ids == reference_greedy(model, PROMPT, 8)  # token-identical
+
+
+def test_execute_while_load_gives_identical_logits(model_ckpt):
+    model, ckpt = model_ckpt
+    run(ckpt)
+    pool = DevicePool(64 << 20, loader=SlowLoader(delay=0.03))
+    with Instance(ckpt, pool, EngineConfig(block_tokens=4)) as inst:
+        runner = inst.engine.runner
+        assert runner.waits is not None
+        waits = runner.waits
+        blocks = inst.kv.allocate(2)
+        logits = runner.prefill(PROMPT, [inst.kv.offset(b) for b in blocks])
+        assert waits.waits > 0  # modules really waited for their weights
+        inst.kv.free(blocks)
+        assert runner.waits is None  # hooks removed once the load was over
+    with Instance(ckpt, DevicePool(64 << 20), EngineConfig(block_tokens=4, templates=False)) as plain:
+        blocks = plain.kv.allocate(2)
+        ref = plain.engine.runner.prefill(PROMPT, [plain.kv.offset(b) for b in blocks])  # loaded first, then run
+        plain.kv.free(blocks)
+    assert torch.equal(logits, ref)
+
+
+def test_template_is_invalidated_when_the_checkpoint_or_libraries_change(model_ckpt, tmp_path):
+    _, ckpt = model_ckpt
+    run(ckpt)
+    path = template_path(ckpt)
+    data = json.loads(path.read_text())
+    data["libraries"]["torch"] = "0.0.1"
+    path.write_text(json.dumps(data))
+    assert load_template(ckpt) is None
+    run(ckpt)  # re-recorded
+    assert load_template(ckpt) is not None
+    other = engine_checkpoint(engine_model("llama", seed=9), tmp_path / "other")
+    path.replace(template_path(other))  # a template of another checkpoint version
+    assert load_template(other) is None
+
+
+def test_corrupted_template_is_ignored_with_a_warning(model_ckpt, caplog):
+    model, ckpt = model_ckpt
+    run(ckpt)
+    template_path(ckpt).write_text('{"version": 1, "groups": [["model.norm.wei')
+    with caplog.at_level(logging.WARNING):
+        inst, out = run(ckpt)
+    assert "ignoring the unreadable start-up template" in caplog.text
+    assert inst.template is None and out.output_ids == reference_greedy(model, PROMPT, 8)
+    assert load_template(ckpt) is not None  # recorded afresh
+
+
+def test_templates_off_is_the_plain_start(model_ckpt):
+    model, ckpt = model_ckpt
+    run(ckpt)
+    inst, out = run(ckpt, templates=False)
+    assert inst.template is None and inst.binding.job is not None and inst.engine.runner.waits is None
+    assert out.output_ids == reference_greedy(model, PROMPT, 8)
+
+
+def test_a_failing_background_load_fails_the_request_cleanly(model_ckpt):
+    _, ckpt = model_ckpt
+    run(ckpt)
+
+    class Failing(SlowLoader):
+        def load_into(self, ckpt, dests, **kw):
+            if len(self.calls) == 2:
+                raise OSError("disk went away")
+            return super().load_into(ckpt, dests, **kw)
+
+    pool = DevicePool(64 << 20, loader=Failing(0.0))
+    with Instance(ckpt, pool, EngineConfig(block_tokens=4)) as inst:
+        out = inst.engine.generate([PROMPT], GREEDY)[0]
+        assert out.finish_reason == "error" and "disk went away" in out.error
+    snap = pool.snapshot()
+    assert snap["totals"]["active"] == 0 and snap["kv_bytes"] == 0
