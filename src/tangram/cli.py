@@ -203,6 +203,17 @@ def bench_kv(
     run_kv_bench(quick=quick, json_path=json_path, seed=seed, console=console)
 
 
+@bench_app.command("coldstart")
+def bench_coldstart(
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="The quick model, fewer repeats.")] = False,
+) -> None:
+    """Cold-start TTFT through the server: start-up templates on and off (skeleton of the end-to-end bench)."""
+    from tangram.bench.coldstart import run_coldstart_bench
+
+    run_coldstart_bench(quick=quick, json_path=json_path, console=console)
+
+
 register_serving(app)
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,7 +32,8 @@ class WaitForWeights:
     def _hook(self, events: list[threading.Event]):
         def pre(_module, _args) -> None:
             if not self.job.done.is_set():
-                self.waits += 1
+                if not all(e.is_set() for e in events):
+                    self.waits += 1
                 wait_for(events, self.job)
             elif self.job.error is not None:
                 raise RuntimeError(f"loading the model's weights failed: {self.job.error}")
