@@ -9,7 +9,6 @@ from pydantic import ValidationError
 
 from tangram.control import Deployment, ServeConfig
 from tangram.control.autoscale import desired_instances, least_loaded, pick_instance, should_scale_down
-from tangram.control.placement import DeviceView, place
 from tangram.serve.server import is_loopback, resolve_token
 
 
@@ -32,13 +31,6 @@ def test_scale_down_after_keep_alive_only():
     assert not should_scale_down(idle_since=10.0, now=14.9, keep_alive_s=5.0, instances=1, min_instances=0)
     assert not should_scale_down(idle_since=10.0, now=99.0, keep_alive_s=5.0, instances=1, min_instances=1)
     assert not should_scale_down(idle_since=None, now=99.0, keep_alive_s=5.0, instances=2, min_instances=0)
-
-
-def test_place_prefers_resident_bytes_then_fewer_instances_then_room():
-    devs = [DeviceView(0, 0, 10_000), DeviceView(600, 2, 500), DeviceView(600, 1, 500)]
-    assert place(devs, model_bytes=1000) == 2
-    assert place([DeviceView(0, 0, 100), DeviceView(0, 0, 5000)], model_bytes=1000) == 1
-    assert place([DeviceView(0, 3, 100), DeviceView(0, 1, 100)], model_bytes=1000) == 1  # nothing fits: least busy
 
 
 def test_deployment_validation():

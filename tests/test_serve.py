@@ -124,3 +124,34 @@ def test_scale_out_under_concurrent_load(model_dir):
     assert d["instances"] == 2 and sum(d["starts"].values()) == 2
     assert d["starts"]["pool-hit"] == 1  # the second instance re-bound the first one's tensors
     assert len({o.choices[0].text for o in outs}) == 1
+
+
+def test_restart_goes_to_the_device_that_holds_the_model(model_dir, tmp_path):
+    from serving import chat_model_dir
+
+    other = chat_model_dir(tmp_path / "other", seed=5)
+    deps = [Deployment(name="a", checkpoint=str(model_dir), keep_alive_s=0.5),
+            Deployment(name="b", checkpoint=str(other), keep_alive_s=0.5)]
+    with serving(deps, cpu_devices=2) as srv:
+        c = client(srv)
+
+        def where(name: str) -> str:
+            st = admin(srv, "GET", "/admin/status").json()
+            return next(w["worker"] for w in st["workers"] for i in w["instances"] if i["deployment"] == name)
+
+        def gone() -> None:
+            deadline = time.monotonic() + 30
+            while any(w["instances"] for w in admin(srv, "GET", "/admin/status").json()["workers"]):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+
+        assert c.completions.create(model="a", prompt="w5", max_tokens=2).model_extra["tangram"]["stages"]["start"] == "cold"
+        first = where("a")
+        gone()
+        c.completions.create(model="b", prompt="w5", max_tokens=2)
+        b_at = where("b")
+        gone()
+        again = c.completions.create(model="a", prompt="w5", max_tokens=2).model_extra["tangram"]["stages"]
+        assert where("a") == first and again["start"] == "pool-hit" and again["bytes_loaded"] == 0
+        workers = [w["worker"] for w in admin(srv, "GET", "/admin/status").json()["workers"]]
+    assert len(workers) == 2 and b_at in workers

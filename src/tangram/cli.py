@@ -214,6 +214,18 @@ def bench_coldstart(
     run_coldstart_bench(quick=quick, json_path=json_path, console=console)
 
 
+@bench_app.command("sim")
+def bench_sim(
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="512 devices, a shorter trace (< 60 s).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the workload generator.")] = 0,
+) -> None:
+    """Scheduling policies at cluster scale in the trace-driven simulator (real scheduler and pool policy code)."""
+    from tangram.bench.sim import run_sim_bench
+
+    run_sim_bench(quick=quick, json_path=json_path, seed=seed, console=console)
+
+
 register_serving(app)
 
 if __name__ == "__main__":  # pragma: no cover

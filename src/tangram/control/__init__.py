@@ -1,4 +1,4 @@
-"""Control plane: deployments, dispatch, autoscaling, placement."""
+"""Control plane: deployments, dispatch, autoscaling (placement: tangram.scheduler)."""
 
 from tangram.control.controller import Controller, DeploymentUnavailable, UnknownDeployment
 from tangram.control.deployments import Deployment, ServeConfig

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tangram.control.autoscale import least_loaded, pick_instance, should_scale_down
 from tangram.control.deployments import Deployment
-from tangram.control.placement import DeviceView, place
+from tangram.scheduler.adapter import choose_worker
 from tangram.engine import RequestOutput, SamplingParams
 from tangram.resolve import resolve_model
 from tangram.store import Checkpoint, CheckpointIndex
@@ -55,10 +55,10 @@ class _State:
 class Controller:
     """Deployments over a set of workers (one per device)."""
 
-    def __init__(self, workers: list[Worker]) -> None:
+    def __init__(self, workers: list[Worker], policy: str = "tangram") -> None:
         if not workers:
             raise ValueError("a controller needs at least one worker")
-        self.workers = workers
+        self.workers, self.policy = workers, policy
         self._states: dict[str, _State] = {}
 
     # ------------------------------------------------------------------ deployments
@@ -174,9 +174,7 @@ class Controller:
 
     def _start(self, state: _State, arrival: float) -> None:
         state.starting += 1
-        views = [DeviceView(w.resident_bytes(state.index), len(w.replicas),
-                            w.pool.capacity - w.pool.snapshot()["totals"]["active"]) for w in self.workers]
-        worker = self.workers[place(views, state.index.total_bytes)]
+        worker = self.workers[choose_worker(self.workers, state.index, self.policy)]
         asyncio.get_running_loop().create_task(self._start_on(state, worker, arrival))
 
     async def _start_on(self, state: _State, worker: Worker, arrival: float) -> None:

@@ -7,6 +7,8 @@ import re
 import tomllib
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tangram.engine import EngineConfig
@@ -46,6 +48,8 @@ class ServeConfig(BaseModel):
     pool_capacity: float = Field(0.5, gt=0, description="bytes (> 1) or a fraction of each device's free memory")
     cpu_devices: int = Field(1, ge=1, le=64, description="logical CPU devices (each its own pool) without a GPU")
     host_cache_bytes: int = Field(0, ge=0, description="host DRAM cache tier shared by the workers (0 = off)")
+    scheduler: Literal["tangram", "sllm", "least-loaded", "random"] = Field(
+        "tangram", description="placement of new instances across devices")
     deployments: list[Deployment] = Field(default_factory=list)
 
     @classmethod

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from tangram.control import Controller, Deployment, ServeConfig
 from tangram.paths import data_dir
+from tangram.scheduler.adapter import shared_estimator
 from tangram.serve.app import create_app
 from tangram.store import HostCache, Loader
 from tangram.worker import Worker, local_devices
@@ -70,7 +71,8 @@ class Server:
         self.config = config or ServeConfig()
         self.token, self.generated_token = resolve_token(self.config)
         self.workers = build_workers(self.config)
-        self.controller = Controller(self.workers)
+        shared_estimator()  # tier bandwidths for placement, measured (or read from the probe) before serving
+        self.controller = Controller(self.workers, self.config.scheduler)
         self.app: FastAPI = create_app(self.controller, admin_token=self.token)
         self.app.router.lifespan_context = self._lifespan
         self._uvicorn: uvicorn.Server | None = None

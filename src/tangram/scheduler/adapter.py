@@ -1,0 +1,108 @@
+"""The scheduler for the real controller: a view of this node's workers and the worker to start on.
+
+One node (the embedded server), one device per `tangram.worker.Worker`:
+- resident bytes: `worker.resident_bytes(index)` (tensors shared with other
+  models count, by content identity);
+- free / retained bytes: the pool's snapshot totals;
+- DRAM-cached bytes: the model's distinct tensors present in the loader's host
+  cache tier (`Loader.cache`, shared by the node's workers), when there is one;
+- queue wait: the in-flight requests of the worker's replicas, each charged
+  the mean prefill seconds its engine measured so far (`request_prior_s` until
+  it has finished a request).
+With a handful of devices the exact scan (`brute_force`) is the decision.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from tangram.scheduler.bandwidth import BandwidthEstimator
+from tangram.scheduler.cost import Bandwidths, CostParams, Policy
+from tangram.scheduler.view import ClusterView, DeviceState, brute_force
+
+if TYPE_CHECKING:
+    from tangram.store import CheckpointIndex, LoadStats
+    from tangram.worker import Replica, Worker
+
+log = logging.getLogger(__name__)
+
+MODEL = "model"
+_estimator: BandwidthEstimator | None = None
+_lock = threading.Lock()
+_rng = random.Random(0)
+
+
+def shared_estimator() -> BandwidthEstimator:
+    """This process's tier bandwidths, measured on first use (probe cache, else a short measurement)."""
+    global _estimator
+    with _lock:
+        if _estimator is None:
+            _estimator = BandwidthEstimator.at_start()
+        return _estimator
+
+
+def _queue_s(worker: Worker, request_prior_s: float) -> float:
+    wait = 0.0
+    for r in list(worker.replicas.values()):
+        totals = r.instance.engine.totals
+        per = totals.prefill_s / totals.requests if totals.requests else request_prior_s
+        wait += r.inflight * per
+    return wait
+
+
+def worker_view(workers: Sequence[Worker], index: CheckpointIndex, *, request_prior_s: float = 0.05) -> ClusterView:
+    """The scheduler's view of `workers` (one node) for the model of checkpoint `index`."""
+    devices, resident = [], {}
+    for i, w in enumerate(workers):
+        totals = w.pool.snapshot()["totals"]
+        devices.append(DeviceState(0, totals["free"], totals["retained"], _queue_s(w, request_prior_s)))
+        resident[i] = w.resident_bytes(index)
+    cache = next((w.pool.loader.cache for w in workers if w.pool.loader.cache is not None), None)
+    cached = 0
+    if cache is not None:
+        distinct = {e.hash: e.nbytes for e in index.tensors.values()}
+        cached = sum(n for h, n in distinct.items() if h in cache)
+    return ClusterView(devices, {MODEL: resident}, {MODEL: {0: cached}})
+
+
+def choose_worker(workers: Sequence[Worker], index: CheckpointIndex, policy: Policy | str = Policy.TANGRAM, *,
+                  bandwidths: BandwidthEstimator | Bandwidths | None = None, evict_weight: float = 0.5,
+                  rng: random.Random | None = None) -> int:
+    """Index into `workers` of the worker to start the checkpoint's model on.
+
+    When it fits nowhere (every pool's active bytes too high), the worker with
+    the most free + retained bytes: the start then waits there for space.
+    """
+    if not workers:
+        raise ValueError("no workers")
+    if bandwidths is None:
+        bandwidths = shared_estimator()
+    bw = bandwidths.bandwidths if isinstance(bandwidths, BandwidthEstimator) else bandwidths
+    view = worker_view(workers, index)
+    chosen = brute_force(view, MODEL, index.total_bytes, policy, CostParams(bw, evict_weight), rng or _rng)
+    if chosen is None:
+        chosen = max(range(len(workers)), key=lambda i: view.devices[i].free_bytes + view.devices[i].retained_bytes)
+    log.debug("placement (%s): worker %d of %d", Policy(policy).value, chosen, len(workers))
+    return chosen
+
+
+def load_stats(binding) -> LoadStats | None:
+    """What a pool binding's load did (None for a pool hit; waits for a background load to end)."""
+    if binding.load is not None:
+        return binding.load
+    job = getattr(binding, "job", None)
+    if job is None or not binding.bytes_loaded:
+        return None
+    job.done.wait()
+    return job.stats
+
+
+def observe_start(replica: Replica, bandwidths: BandwidthEstimator | None = None) -> None:
+    """Refine the tier bandwidths with what starting `replica` loaded (call after `Worker.start`)."""
+    stats = load_stats(replica.instance.binding)
+    if stats is not None:
+        (bandwidths or shared_estimator()).observe(stats)

@@ -1,0 +1,161 @@
+"""The simulator: workload generator, simulated pools on the real policies, determinism, and a tiny bench run."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from tangram.bench.kv_workload import coefficient_of_variation
+from tangram.scheduler import POLICIES, Bandwidths
+from tangram.sim import ClusterSpec, ModelMix, TraceShape, make_models, make_trace, simulate
+from tangram.sim.pool import SimPool, SimPoolFull
+from tangram.sim.replay import Started, percentile, replay
+from tangram.sim.workload import Request
+
+GB = 10**9
+
+
+def test_models_have_families_sharing_most_tensors() -> None:
+    models = make_models(ModelMix(n_models=40, family_fraction=0.6), seed=1)
+    assert len(models) == 40 and make_models(ModelMix(n_models=40, family_fraction=0.6), seed=1) == models
+    by = {m.name: m for m in models}
+    variants = [m for m in models if m.family != m.name]
+    assert len(variants) >= 5
+    for v in variants:
+        base = by[v.family]
+        shared = sum(s for k, s in v.tensors.items() if k in base.tensors)
+        assert 0.5 * v.nbytes < shared < v.nbytes  # most, not all, of a variant is its base's
+    solos = [m for m in models if m.family == m.name]
+    assert all(not set(a.tensors) & set(b.tensors) for a, b in zip(solos, solos[1:]))
+
+
+def test_trace_is_seeded_bursty_and_zipf() -> None:
+    models = make_models(ModelMix(n_models=20), seed=0)
+    shape = TraceShape(20_000, mean_gap_s=0.1, cv=4.0, zipf_s=1.2)
+    a, pop = make_trace(models, shape, seed=2)
+    assert make_trace(models, shape, seed=2)[0] == a and make_trace(models, shape, seed=3)[0] != a
+    gaps = [y.t - x.t for x, y in zip(a, a[1:])]
+    assert 3.0 < coefficient_of_variation(gaps) < 5.0
+    assert 0.08 < sum(gaps) / len(gaps) < 0.12
+    counts = {m.name: 0 for m in models}
+    for r in a:
+        counts[r.model] += 1
+    ranked = sorted(pop, key=pop.get, reverse=True)
+    assert counts[ranked[0]] / len(a) == pytest.approx(pop[ranked[0]], abs=0.02)
+    assert counts[ranked[0]] > 5 * counts[ranked[-1]]  # skew: top over bottom ~ 20^1.2
+    smooth = make_trace(models, TraceShape(5000, mean_gap_s=0.1, cv=1.0), seed=2)[0]
+    assert coefficient_of_variation([y.t - x.t for x, y in zip(smooth, smooth[1:])]) < 1.3
+
+
+def test_sim_pool_shares_packs_and_never_evicts_active_bytes() -> None:
+    pool = SimPool(100)
+    base = {"e": 20, "l0": 10, "l1": 10}
+    variant = {"e": 20, "l0": 10, "v1": 10}
+    loaded, evicted = pool.acquire("base", base, now=0.0)
+    assert sorted(loaded) == ["e", "l0", "l1"] and evicted == [] and pool.active == 40
+    loaded, _ = pool.acquire("variant", variant, now=1.0)
+    assert loaded == ["v1"] and pool.active == 50 and pool.free == 50
+    pool.release(base)
+    assert pool.active == 40 and pool.retained == 10  # only l1 is unused: e and l0 serve the variant
+    pool.release(variant)
+    assert pool.retained == 50 and pool.free == 50
+    other = {"x": 60}
+    loaded, evicted = pool.acquire("other", other, now=2.0)
+    assert loaded == ["x"] and evicted  # 60 > 50 free: retained tensors make room, packed in one window
+    assert pool.tensors["x"].size == 60 and pool.used == pool.active + pool.retained <= 100
+    with pytest.raises(SimPoolFull):
+        pool.acquire("big", {"y": 50}, now=3.0)  # only 40 bytes are not active
+    assert pool.active == 60
+
+
+def test_percentile() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 95) == 5.0 and percentile([], 50) is None
+
+
+class FixedBackend:
+    """A backend with fixed costs, to check the replay rules by hand."""
+
+    def __init__(self) -> None:
+        self.stops: list[float] = []
+
+    def place(self, model: str, now: float) -> int:
+        return 0
+
+    def start(self, model: str, device: int, now: float) -> Started:
+        return Started(1.0, bytes_disk=10)
+
+    def prefill(self, inst, request: Request) -> float:
+        return 0.1
+
+    def stop(self, inst, now: float) -> None:
+        self.stops.append(now)
+
+
+def test_replay_rules_by_hand() -> None:
+    trace = [Request(0.0, "a", 8, 0), Request(0.5, "a", 8, 0), Request(0.6, "b", 8, 0), Request(10.0, "a", 8, 0)]
+    backend = FixedBackend()
+    res = replay(trace, backend, keep_alive_s=2.0, max_concurrency=4, decode_s={"a": 0.0, "b": 0.0})
+    # a starts 0 -> 1, prefill to 1.1; the second waits for it: 1.2; b queues behind a's start on device 0: 1 -> 2.1
+    assert res.ttft[:3] == pytest.approx([1.1, 0.7, 1.5])
+    assert res.ttft[3] == pytest.approx(1.1)  # a was stopped after 2 s idle: a new start
+    assert len(res.starts) == 3 and backend.stops[:2] == pytest.approx([3.2, 4.1])
+
+
+def small_world(seed: int):
+    models = make_models(ModelMix(n_models=24), seed)
+    trace, _ = make_trace(models, TraceShape(1500, mean_gap_s=0.05, cv=4.0), seed)
+    spec = ClusterSpec(4, 4, 20 * GB, 30 * GB, Bandwidths(8e9, 2e9))
+    return models, trace, spec
+
+
+def test_simulation_is_deterministic_and_tangram_reuses_more() -> None:
+    models, trace, spec = small_world(0)
+    out = {}
+    for policy in POLICIES:
+        a, _ = simulate(spec, models, trace, policy, keep_alive_s=2.0, seed=1)
+        b, _ = simulate(spec, models, trace, policy, keep_alive_s=2.0, seed=1)
+        assert a.ttft == b.ttft and a.summary() == b.summary()
+        out[policy] = a.summary()
+        assert out[policy]["served"] == len(trace)
+    other, _ = simulate(spec, models, make_trace(models, TraceShape(1500, mean_gap_s=0.05), 1)[0], "tangram",
+                        keep_alive_s=2.0, seed=1)
+    assert other.ttft != out["tangram"]
+    assert out["tangram"]["pool_hits"] > out["random"]["pool_hits"]
+    assert out["tangram"]["bytes_loaded"] < out["random"]["bytes_loaded"]
+    assert out["tangram"]["bytes_loaded"] < out["sllm"]["bytes_loaded"]
+
+
+def test_simulated_pools_stay_consistent_with_the_scheduler() -> None:
+    models, trace, spec = small_world(2)
+    _, cluster = simulate(spec, models, trace, "tangram", keep_alive_s=1.0, seed=0)
+    by = {m.name: m for m in models}
+    for d, pool in enumerate(cluster.pools):
+        assert cluster.sched.free[d] == pool.free and cluster.sched.retained[d] == pool.retained
+        assert pool.active == 0  # every instance stopped at the end
+        for name, nbytes in cluster.sched.dev_res[d].items():
+            assert nbytes == sum(s for k, s in by[name].tensors.items() if k in pool.tensors)
+    assert cluster.decisions > 0
+
+
+def test_bench_sim_smoke(tmp_path) -> None:
+    from tangram.bench.sim import SimSizes, run_sim_bench
+    from tangram.bench.sim_real import RealSpec
+
+    sizes = SimSizes(models=16, nodes=2, devices_per_node=4, device_bytes=20 * GB, dram_bytes=30 * GB, requests=300,
+                     mean_gap_s=0.05, decision_nodes=25, decision_models=40, warm_requests=300, decisions=300,
+                     real=RealSpec(size="small", workers=2, requests=8))
+    console = Console(file=io.StringIO(), width=120)
+    doc = run_sim_bench(quick=True, json_path=tmp_path / "sim.json", seed=0, console=console, sizes=sizes,
+                        workdir=tmp_path / "models", progress=False)
+    summary = doc["summary"]
+    for key in ("ttft_p50", "ttft_p95", "ttft_p99", "bytes_loaded"):
+        assert set(summary[key]) == set(POLICIES)
+        assert all(isinstance(v, (int, float)) for v in summary[key].values())
+    assert isinstance(summary["decisions_per_second"], (int, float)) and summary["decisions_per_second"] > 0
+    assert isinstance(summary["sim_error"], float) and summary["sim_error"] >= 0
+    real = [r for r in doc["rows"] if r["section"] == "sim-vs-real"]
+    assert {r["run"] for r in real} == {"real", "sim"} and all(r["served"] == 8 for r in real)
+    assert (tmp_path / "sim.json").exists() and "simulator vs a small real run" in console.file.getvalue()
