@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tangram.control.autoscale import least_loaded, pick_instance, should_scale_down
 from tangram.control.deployments import Deployment
-from tangram.scheduler.adapter import choose_worker
+from tangram.scheduler.adapter import choose_worker, observe_start
 from tangram.engine import RequestOutput, SamplingParams
 from tangram.resolve import resolve_model
 from tangram.store import Checkpoint, CheckpointIndex
@@ -125,10 +125,10 @@ class Controller:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         finished = False
+        rid = None
         try:
-            req = replica.instance.engine.add_request(
-                prompt, params, sink=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
-                arrival=arrival, chat=chat)
+            rid = replica.submit(prompt, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
+                                 arrival=arrival, chat=chat)
             while not finished:
                 out = await queue.get()
                 finished = out.finished
@@ -136,8 +136,8 @@ class Controller:
                     out.stages.schedule_s = schedule_s
                 yield out
         finally:
-            if not finished and "req" in locals():
-                replica.instance.engine.abort(req.id)  # the client went away: free its KV blocks
+            if not finished and rid is not None:
+                replica.abort(rid)  # the client went away: free its KV blocks
             self._release(state, replica)
 
     async def _acquire(self, state: _State, arrival: float) -> Replica:
@@ -193,7 +193,8 @@ class Controller:
         if state.removed:
             await loop.run_in_executor(None, worker.stop, replica)
             return
-        cost = replica.instance.cost
+        loop.run_in_executor(None, observe_start, replica)  # refine the tier bandwidths with this load
+        cost = replica.cost
         state.last_error = None
         state.starts[cost.start] += 1
         state.bytes_loaded += cost.bytes_loaded

@@ -45,28 +45,15 @@ def shared_estimator() -> BandwidthEstimator:
         return _estimator
 
 
-def _queue_s(worker: Worker, request_prior_s: float) -> float:
-    wait = 0.0
-    for r in list(worker.replicas.values()):
-        totals = r.instance.engine.totals
-        per = totals.prefill_s / totals.requests if totals.requests else request_prior_s
-        wait += r.inflight * per
-    return wait
-
-
 def worker_view(workers: Sequence[Worker], index: CheckpointIndex, *, request_prior_s: float = 0.05) -> ClusterView:
-    """The scheduler's view of `workers` (one node) for the model of checkpoint `index`."""
-    devices, resident = [], {}
+    """The scheduler's view of `workers` (local or remote, any nodes) for the model of checkpoint `index`."""
+    devices, resident, cached = [], {}, {}
     for i, w in enumerate(workers):
-        totals = w.pool.snapshot()["totals"]
-        devices.append(DeviceState(0, totals["free"], totals["retained"], _queue_s(w, request_prior_s)))
-        resident[i] = w.resident_bytes(index)
-    cache = next((w.pool.loader.cache for w in workers if w.pool.loader.cache is not None), None)
-    cached = 0
-    if cache is not None:
-        distinct = {e.hash: e.nbytes for e in index.tensors.values()}
-        cached = sum(n for h, n in distinct.items() if h in cache)
-    return ClusterView(devices, {MODEL: resident}, {MODEL: {0: cached}})
+        st = w.placement_state(index, request_prior_s)
+        devices.append(DeviceState(st["node"], st["free"], st["retained"], st["queue_s"]))
+        resident[i] = st["resident"]
+        cached[st["node"]] = max(cached.get(st["node"], 0), st["cached"])  # one DRAM cache per node
+    return ClusterView(devices, {MODEL: resident}, {MODEL: cached})
 
 
 def choose_worker(workers: Sequence[Worker], index: CheckpointIndex, policy: Policy | str = Policy.TANGRAM, *,
@@ -103,6 +90,9 @@ def load_stats(binding) -> LoadStats | None:
 
 def observe_start(replica: Replica, bandwidths: BandwidthEstimator | None = None) -> None:
     """Refine the tier bandwidths with what starting `replica` loaded (call after `Worker.start`)."""
-    stats = load_stats(replica.instance.binding)
+    instance = getattr(replica, "instance", None)  # remote replicas report through their own worker
+    if instance is None:
+        return
+    stats = load_stats(instance.binding)
     if stats is not None:
         (bandwidths or shared_estimator()).observe(stats)

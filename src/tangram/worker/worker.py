@@ -11,12 +11,13 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from tangram.engine import EngineConfig, Instance
+from tangram.engine import EngineConfig, Instance, RequestOutput, SamplingParams, StartCost
 from tangram.engine.loop import EngineLoop
 from tangram.pool import DevicePool
 from tangram.store import Checkpoint, CheckpointIndex, Loader
@@ -46,12 +47,32 @@ class Replica:
     stopping: bool = False
     started_at: float = field(default_factory=time.perf_counter)
 
+    @property
+    def cost(self) -> StartCost:
+        """What starting this instance cost."""
+        return self.instance.cost
+
+    def submit(self, prompt, params: SamplingParams, sink: Callable[[RequestOutput], None], *, arrival: float,
+               chat: bool = False) -> str:
+        """Queue a request on this instance's engine; outputs go to `sink` (from the engine thread)."""
+        return self.instance.engine.add_request(prompt, params, sink=sink, arrival=arrival, chat=chat).id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks."""
+        self.instance.engine.abort(request_id)
+
+    def mean_prefill_s(self, prior: float) -> float:
+        """Mean prefill seconds this instance measured (`prior` before its first request)."""
+        totals = self.instance.engine.totals
+        return totals.prefill_s / totals.requests if totals.requests else prior
+
 
 class Worker:
     """Device `index` of this node: a device pool shared by every model placed here."""
 
-    def __init__(self, index: int, device: str, capacity: int | float, loader: Loader | None = None) -> None:
-        self.index, self.device = index, device
+    def __init__(self, index: int, device: str, capacity: int | float, loader: Loader | None = None,
+                 node: int = 0) -> None:
+        self.index, self.device, self.node = index, device, node
         self.pool = DevicePool(capacity, device, loader=loader or Loader())
         self.replicas: dict[str, Replica] = {}
         self._lock = threading.Lock()
@@ -81,6 +102,20 @@ class Worker:
     def resident_bytes(self, index: CheckpointIndex) -> int:
         """Bytes of a checkpoint's tensors already in this worker's pool."""
         return self.pool.resident_bytes(index)
+
+    def placement_state(self, index: CheckpointIndex, request_prior_s: float = 0.05) -> dict:
+        """What the scheduler needs of this device for the model of `index`."""
+        totals = self.pool.snapshot()["totals"]
+        with self._lock:
+            replicas = list(self.replicas.values())
+        cache = self.pool.loader.cache
+        cached = 0
+        if cache is not None:
+            distinct = {e.hash: e.nbytes for e in index.tensors.values()}
+            cached = sum(n for h, n in distinct.items() if h in cache)
+        return {"node": self.node, "free": totals["free"], "retained": totals["retained"],
+                "queue_s": sum(r.inflight * r.mean_prefill_s(request_prior_s) for r in replicas),
+                "resident": self.pool.resident_bytes(index), "cached": cached}
 
     def status(self) -> dict:
         """Pool bytes per state, KV bytes, and the instances here."""
