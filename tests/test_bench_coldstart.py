@@ -1,17 +1,64 @@
-"""Smoke run of the cold-start benchmark skeleton (templates on and off through the real server)."""
+"""bench coldstart: workload and aggregation (pure, hand-made inputs) and a tiny smoke run of the whole thing."""
 
 from __future__ import annotations
 
 from rich.console import Console
 
-from tangram.bench.coldstart import CONFIGS, run_coldstart_bench
+from tangram.bench.coldstart import run_coldstart_bench
+from tangram.bench.coldstart_workload import CONFIGS, QUICK, configurations, make_models, percentile, summarize, trace_spec
+from tangram.bench.kv_workload import coefficient_of_variation, make_trace
 
 
-def test_small_coldstart_run(tmp_path):
-    result = run_coldstart_bench(quick=True, small=True, json_path=tmp_path / "c.json", repeats=1,
+def test_configurations_are_the_protocols():
+    c = configurations()
+    assert c["baseline"].loader == "safetensors" and not c["baseline"].retain and c["baseline"].kv_mode == "reserve"
+    assert c["baseline"].scheduler == "random"
+    assert c["sllm"].host_cache and not c["sllm"].retain and c["sllm"].scheduler == "sllm"
+    assert c["tangram"].retain and c["tangram"].kv_mode == "elastic" and c["tangram"].templates
+    assert not c["tangram-notemplate"].templates
+
+
+def test_trace_is_deterministic_bursty_and_skewed():
+    models = make_models("quick")
+    a, pop = make_trace(models, trace_spec(QUICK), seed=3)
+    b, _ = make_trace(models, trace_spec(QUICK), seed=3)
+    assert a == b and a != make_trace(models, trace_spec(QUICK), seed=4)[0]
+    gaps = [y.t - x.t for x, y in zip(a, a[1:])]
+    assert coefficient_of_variation(gaps) > 1.5
+    assert max(pop.values()) > 2 * min(pop.values())
+    assert {len(r.prompt) for r in a} == {QUICK.prompt_tokens}
+    assert sum(m.base is not None for m in models) == 2  # a family shares tensors
+
+
+def test_summary_from_hand_made_results():
+    def req(model, ttft, start, load=0.0):
+        return {"model": model, "ttft_s": ttft, "start": start, "load_s": load}
+
+    runs = {
+        "sllm": {"results": [req("a", 1.0, "dram", 0.5), req("a", 0.2, "warm"), req("b", 2.0, "cold", 1.0)],
+                 "warm_ttft": {"a": 0.2, "b": 0.3}, "bytes_loaded": 300},
+        "tangram": {"results": [req("a", 0.3, "pool-hit", 0.01), req("a", 0.2, "warm"), req("b", 0.5, "pool-hit"),
+                                {"model": "b", "ttft_s": None, "error": "503"}],
+                    "warm_ttft": {"a": 0.2, "b": 0.3}, "bytes_loaded": 0},
+    }
+    s = summarize(runs)
+    assert s["failed"] == {"sllm": 0, "tangram": 1}
+    assert s["overhead_p50"]["sllm"] == 0.8 and abs(s["overhead_p50"]["tangram"] - 0.1) < 1e-9
+    assert abs(s["overhead_reduction_vs_sllm"]["p50"] - (1 - 0.1 / 0.8)) < 1e-9
+    assert s["starts"]["tangram"] == {"warm": 1, "pool-hit": 2, "dram": 0, "cold": 0}
+    assert s["pool_hit_ratio"] == 2 / 4 and abs(s["load_speedup_vs_sllm"] - 1.5 / 0.01) < 1e-6
+    assert percentile([3, 1, 2, 4], 50) == 2 and percentile([], 50) is None
+
+
+def test_small_run_end_to_end(tmp_path):
+    result = run_coldstart_bench(quick=True, small=True, json_path=tmp_path / "c.json", plot_dir=tmp_path / "plots",
                                  console=Console(quiet=True), progress=False)
     s = result["summary"]
-    assert set(s["ttft_p50"]) == set(CONFIGS) and all(v > 0 for v in s["ttft_p50"].values())
-    assert s["template_speedup"] > 0 and s["token_identical"] is True
-    assert {r["start"] for r in result["rows"]} == {"cold"} and all(r["bytes_loaded"] > 0 for r in result["rows"])
-    assert (tmp_path / "c.json").is_file()
+    for key in ("ttft_p50", "ttft_p95", "ttft_p99", "overhead_p50", "overhead_p95", "bytes_loaded", "failed"):
+        assert set(s[key]) == set(CONFIGS), key
+    assert all(v == 0 for v in s["failed"].values())
+    assert set(s["overhead_reduction_vs_sllm"]) == {"p50", "p95"} and "ttft_reduction_vs_sllm" in s
+    assert s["template_speedup"] > 0 and s["template_token_identical"] is True
+    assert s["bytes_loaded"]["tangram"] <= s["bytes_loaded"]["sllm"]
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"ttft_cdf.png", "start_stages.png",
+                                                                 "pool_occupancy.png"}

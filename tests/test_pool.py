@@ -255,3 +255,20 @@ def test_kv_block_bytes_are_writable_and_isolated(tmp_path):
         k.data.fill_(i + 1)
     assert [int(k.data[0]) for k in kv] == [1, 2, 3]
     assert_tensors(b, state(3))
+
+
+def test_a_pool_that_does_not_retain_frees_released_tensors(tmp_path):
+    from tangram.store import save
+
+    state = {"a": torch.ones(1000), "b": torch.zeros(3000)}
+    save(state, tmp_path / "m")
+    pool = DevicePool(1 << 20, retain=False)
+    first = pool.acquire(tmp_path / "m")
+    twin = pool.acquire(tmp_path / "m")  # shared while both are active
+    assert twin.bytes_loaded == 0
+    pool.release(first)
+    assert pool.snapshot()["totals"]["active"] > 0
+    pool.release(twin)
+    snap = pool.snapshot()
+    assert snap["totals"]["active"] == 0 and snap["totals"]["retained"] == 0
+    assert pool.acquire(tmp_path / "m").bytes_loaded == first.bytes_loaded  # loaded again

@@ -155,3 +155,21 @@ def test_restart_goes_to_the_device_that_holds_the_model(model_dir, tmp_path):
         assert where("a") == first and again["start"] == "pool-hit" and again["bytes_loaded"] == 0
         workers = [w["worker"] for w in admin(srv, "GET", "/admin/status").json()["workers"]]
     assert len(workers) == 2 and b_at in workers
+
+
+def test_a_full_pool_stops_idle_instances_instead_of_failing(model_dir, tmp_path):
+    from serving import chat_model_dir
+
+    other = chat_model_dir(tmp_path / "other2", seed=6)
+    deps = [Deployment(name="a", checkpoint=str(model_dir), keep_alive_s=600),
+            Deployment(name="b", checkpoint=str(other), keep_alive_s=600)]
+    with serving(deps, pool_bytes=64 << 20) as probe:
+        sizes = [d["bytes"] for d in admin(probe, "GET", "/admin/deployments").json()["deployments"]]
+    with serving(deps, pool_bytes=int(max(sizes) * 1.6)) as srv:  # room for one model at a time (and KV)
+        c = client(srv)
+        assert c.completions.create(model="a", prompt="w5", max_tokens=2).usage.completion_tokens == 2
+        b = c.completions.create(model="b", prompt="w5", max_tokens=2)  # a is idle: stopped to make room
+        assert b.usage.completion_tokens == 2
+        st = admin(srv, "GET", "/admin/status").json()["deployments"]
+        assert st["a"]["instances"] == 0 and st["b"]["instances"] == 1
+        assert c.completions.create(model="a", prompt="w5", max_tokens=2).usage.completion_tokens == 2

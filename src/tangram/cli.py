@@ -206,12 +206,14 @@ def bench_kv(
 @bench_app.command("coldstart")
 def bench_coldstart(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="The quick model, fewer repeats.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller models, a shorter trace (< 3 min).")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write PNG figures into this directory.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the workload generator.")] = 0,
 ) -> None:
-    """Cold-start TTFT through the server: start-up templates on and off (skeleton of the end-to-end bench)."""
+    """End-to-end cold-start TTFT through the server: baseline, sllm, tangram, tangram-notemplate."""
     from tangram.bench.coldstart import run_coldstart_bench
 
-    run_coldstart_bench(quick=quick, json_path=json_path, console=console)
+    run_coldstart_bench(quick=quick, json_path=json_path, plot_dir=plot, seed=seed, console=console)
 
 
 @bench_app.command("sim")

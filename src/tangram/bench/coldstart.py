@@ -1,15 +1,15 @@
-"""`tangram bench coldstart`: end-to-end cold-start TTFT through the running server (skeleton).
+"""`tangram bench coldstart`: end-to-end cold-start TTFT through the running server (BENCHMARKS.md).
 
-This first version measures what start-up templates buy: the same cold start
-from disk (a fresh device pool, the checkpoint's files dropped from the page
-cache) is replayed through the real HTTP API for the configurations `tangram`
-(templates on: first-use load order, execute-while-load) and
-`tangram-notemplate`, interleaved, on the largest model of the run. A
-configuration's first request is untimed: it records the template, and warms
-the process (model skeleton, tokenizer, kernels) equally for every
-configuration. TTFT is taken by the client (request sent -> first token
-chunk). The end-to-end benchmark (baseline and sllm configurations, a
-multi-model trace, a separate client process, plots) extends this file.
+1. Trace replay: the same seeded bursty trace (coldstart_workload) over a set
+   of models with a family sharing tensors, a device pool smaller than the sum
+   of the models, replayed through the HTTP API by a separate client process
+   against each configuration: `baseline`, `sllm`, `tangram`,
+   `tangram-notemplate` (coldstart_replay). Overhead of a request = its TTFT
+   minus its model's TTFT on a warm instance, measured in the same run.
+2. Templates: a cold start from disk (fresh pool, page cache dropped) of the
+   largest model, with and without its start-up template, interleaved
+   repeats; `template_speedup` = TTFT p50 without / with.
+Templates are recorded (untimed) before anything is timed.
 """
 
 from __future__ import annotations
@@ -23,8 +23,12 @@ from typing import Any
 import httpx
 from rich.console import Console
 
+from tangram.bench.coldstart_replay import run_config
+from tangram.bench.coldstart_workload import (
+    CONFIGS, FULL, QUICK, SMALL, configurations, make_models, percentile, summarize, trace_spec,
+)
 from tangram.bench.common import Column, fmt_num, print_summary, print_table, result_doc, step_progress, write_result
-from tangram.bench.kv_workload import KVModel, ensure_models
+from tangram.bench.kv_workload import ensure_models, make_trace, trace_stats
 from tangram.bench.pool_workload import data_files
 from tangram.control import Deployment, ServeConfig
 from tangram.engine import EngineConfig
@@ -34,17 +38,7 @@ from tangram.store import read_index
 from tangram.store.io import evict_from_page_cache
 
 log = logging.getLogger(__name__)
-
-CONFIGS = ("tangram", "tangram-notemplate")
-
-
-def models(quick: bool, small: bool = False) -> list[KVModel]:
-    """The cold-start model: quick about 0.7 GB fp32, full about 1.6 GB (small: tests)."""
-    if small:
-        return [KVModel("cold-small", "qwen2", 64, 128, 2, 4, 2, 512, 512, seed=21)]
-    if quick:
-        return [KVModel("cold-0.7g", "qwen2", 1024, 2816, 12, 16, 4, 32000, 2048, seed=22)]
-    return [KVModel("cold-1.6g", "qwen2", 1536, 4096, 16, 16, 4, 32000, 2048, seed=23)]
+TEMPLATE_CONFIGS = ("tangram", "tangram-notemplate")
 
 
 def one_cold_start(config: str, ckpt: Path, prompt: list[int], max_tokens: int, capacity: int) -> dict[str, Any]:
@@ -65,7 +59,7 @@ def one_cold_start(config: str, ckpt: Path, prompt: list[int], max_tokens: int, 
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = httpx.Response(200, content=line[6:]).json()
-                if ttft is None and chunk["choices"][0]["text"]:
+                if ttft is None:
                     ttft = time.perf_counter() - t0
                 text += chunk["choices"][0]["text"]
                 stages = (chunk.get("tangram") or {}).get("stages") or stages
@@ -73,53 +67,107 @@ def one_cold_start(config: str, ckpt: Path, prompt: list[int], max_tokens: int, 
     if stages and stages.get("load_interval") and stages.get("prefill_interval"):
         (lb, le), (pb, pe) = stages["load_interval"], stages["prefill_interval"]
         overlap = max(0.0, min(le, pe) - max(lb, pb))
-    return {"config": config, "ttft_s": ttft, "text": text, "load_s": stages["load_s"], "init_s": stages["init_s"],
-            "prefill_s": stages["prefill_s"], "server_ttft_s": stages["ttft_s"], "overlap_s": overlap,
+    return {"section": "template", "config": config, "ttft_s": ttft, "text": text, "load_s": stages["load_s"],
+            "init_s": stages["init_s"], "prefill_s": stages["prefill_s"], "overlap_s": overlap,
             "bytes_loaded": stages["bytes_loaded"], "start": stages["start"]}
 
 
-def run_coldstart_bench(*, quick: bool, json_path: Path | None, console: Console | None = None,
-                        repeats: int | None = None, small: bool = False, progress: bool = True) -> dict:
-    """Cold-start TTFT with and without start-up templates; summary `ttft_p50` per config, `template_speedup`."""
+def template_section(ckpt: Path, vocab: int, prompt_tokens: int, repeats: int, bar) -> tuple[list[dict], dict]:
+    """Cold starts from disk with and without the template, interleaved."""
+    capacity = int(read_index(ckpt).total_bytes * 1.25) + (64 << 20)
+    prompt = [3 + (i * 37) % (vocab - 3) for i in range(prompt_tokens)]
+    rows = []
+    for rep in range(repeats):
+        for config in TEMPLATE_CONFIGS if rep % 2 == 0 else TEMPLATE_CONFIGS[::-1]:
+            bar.describe(f"template: {config} #{rep + 1}")
+            rows.append({"repeat": rep, **one_cold_start(config, ckpt, prompt, 4, capacity)})
+            bar.advance()
+    p50 = {c: statistics.median(r["ttft_s"] for r in rows if r["config"] == c) for c in TEMPLATE_CONFIGS}
+    texts = {r["text"] for r in rows}
+    return rows, {"template_cold_ttft_p50": p50, "template_speedup": p50["tangram-notemplate"] / p50["tangram"],
+                  "template_token_identical": len(texts) == 1}
+
+
+def record_templates(paths, sizes, bar) -> None:
+    """First runs (untimed): every model's start-up template exists before anything is timed."""
+    deps = [Deployment(name=n, checkpoint=str(p.ckpt), keep_alive_s=600) for n, p in paths.items()]
+    total = sum(read_index(p.ckpt).total_bytes for p in paths.values())
+    with Server(ServeConfig(port=0, pool_capacity=int(total * 1.5) + (64 << 20), admin_token="x",
+                            deployments=deps)).running() as srv:
+        for name in paths:
+            body = {"model": name, "prompt": list(range(3, 3 + sizes.prompt_tokens)), "max_tokens": 1}
+            httpx.post(srv.url + "/v1/completions", json=body, timeout=600).raise_for_status()
+    bar.advance()
+
+
+def run_coldstart_bench(*, quick: bool, json_path: Path | None, plot_dir: Path | None = None, seed: int = 0,
+                        console: Console | None = None, small: bool = False, progress: bool = True,
+                        configs: tuple[str, ...] = CONFIGS) -> dict:
+    """The whole benchmark; returns (and optionally writes) the result document."""
     console = console or Console()
     started = time.perf_counter()
-    specs = models(quick, small)
-    paths = ensure_models(specs, data_dir() / "bench" / "coldstart")
-    spec = specs[-1]
-    ckpt = paths[spec.name].ckpt
-    total = read_index(ckpt).total_bytes
-    capacity = int(total * 1.25) + (64 << 20)
-    prompt_tokens = 16 if small else 128
-    prompt = [3 + (i * 37) % (spec.vocab - 3) for i in range(prompt_tokens)]  # token ids: no tokenizer quirks
-    max_tokens = 4
-    repeats = repeats or (1 if small else 3 if quick else 7)
-    rows: list[dict[str, Any]] = []
-    with step_progress(console, repeats * len(CONFIGS) + len(CONFIGS), "bench coldstart", progress) as bar:
-        for config in CONFIGS:  # untimed: records the template, warms the process alike for both
-            one_cold_start(config, ckpt, prompt, max_tokens, capacity)
+    sizes = SMALL if small else QUICK if quick else FULL
+    models = make_models(sizes.models)
+    paths = ensure_models(models, data_dir() / "bench" / "coldstart")
+    trace, popularity = make_trace(models, trace_spec(sizes), seed)
+    unique = {}
+    for p in paths.values():
+        for e in read_index(p.ckpt).tensors.values():
+            unique[e.key] = e.nbytes
+    sizes_of = {m.name: read_index(paths[m.name].ckpt).total_bytes for m in models}
+    reserve = max(m.kv_bytes_per_token() for m in models) * 4 * 256  # max_batch x max_model_len of the replay
+    # smaller than all the models together, but any one model fits with its reserved KV
+    capacity = max(int(sum(unique.values()) * sizes.pool_fraction), int(1.1 * (max(sizes_of.values()) + reserve)))
+    biggest = max(models, key=lambda m: sizes_of[m.name])
+    t_repeats = 1 if small else 3 if quick else 5
+    per_config: dict[str, dict] = {}
+    with step_progress(console, 1 + len(configs) + 2 * t_repeats, "bench coldstart", progress) as bar:
+        bar.describe("recording templates")
+        record_templates(paths, sizes, bar)
+        for name in configs:
+            bar.describe(f"replay: {name}")
+            per_config[name] = run_config(configurations()[name], paths, trace, sizes, capacity)
             bar.advance()
-        for rep in range(repeats):
-            order = CONFIGS if rep % 2 == 0 else CONFIGS[::-1]
-            for config in order:
-                bar.describe(f"{config} #{rep + 1}")
-                rows.append({"repeat": rep, **one_cold_start(config, ckpt, prompt, max_tokens, capacity)})
-                bar.advance()
-    p50 = {c: statistics.median(r["ttft_s"] for r in rows if r["config"] == c) for c in CONFIGS}
-    texts = {c: {r["text"] for r in rows if r["config"] == c} for c in CONFIGS}
-    identical = len(texts["tangram"] | texts["tangram-notemplate"]) == 1
-    summary = {"ttft_p50": p50, "template_speedup": p50["tangram-notemplate"] / p50["tangram"],
-               "token_identical": identical,
-               "overlap_p50": statistics.median(r["overlap_s"] for r in rows if r["config"] == "tangram")}
-    config = {"mode": "small" if small else "quick" if quick else "full", "model": spec.name, "bytes": total,
-              "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "repeats": repeats,
-              "pool_capacity": capacity, "seconds": time.perf_counter() - started}
+        t_rows, t_summary = template_section(paths[biggest.name].ckpt, biggest.vocab,
+                                             16 if small else 128, t_repeats, bar)
+    summary = {**summarize(per_config), **t_summary}
+    rows = [{"section": "replay", "config": n, **r} for n, run in per_config.items() for r in run["results"]]
+    rows += t_rows
+    rows += [{"section": "pool", "config": n, **s} for n, run in per_config.items() for s in run["samples"]]
+    config = {"mode": sizes.models, "seed": seed, "configs": {n: vars(configurations()[n]) for n in configs},
+              "pool_capacity": capacity, "unique_bytes": sum(unique.values()), "keep_alive_s": sizes.keep_alive_s,
+              "trace": trace_stats(trace), "popularity": popularity, "template_model": biggest.name,
+              "warm_ttft": {n: run["warm_ttft"] for n, run in per_config.items()},
+              "replay_s": {n: run["replay_s"] for n, run in per_config.items()},
+              "seconds": time.perf_counter() - started}
     result = result_doc("coldstart", "cpu", config, rows, summary)
-    print_table(console, f"cold start from disk: {spec.name} ({total / 1e9:.2f} GB), {prompt_tokens}-token prompt",
-                [Column("config", "config", str, "left"), Column("repeat", "#"),
-                 Column("ttft_s", "TTFT s", fmt_num(3)), Column("load_s", "load s", fmt_num(3)),
-                 Column("init_s", "init s", fmt_num(3)), Column("prefill_s", "prefill s", fmt_num(3)),
-                 Column("overlap_s", "overlap s", fmt_num(3))], rows)
-    print_summary(console, "summary", summary)
+    _report(console, per_config, t_rows, summary)
+    if plot_dir is not None:
+        from tangram.bench.coldstart_plots import write_plots
+
+        write_plots(result, plot_dir)
     if json_path:
         write_result(result, json_path)
     return result
+
+
+def _report(console: Console, per_config: dict, t_rows: list[dict], summary: dict) -> None:
+    table = []
+    for name, run in per_config.items():
+        ok = [r for r in run["results"] if r.get("ttft_s") is not None and not r.get("error")]
+        ttft = [r["ttft_s"] for r in ok]
+        table.append({"config": name, "requests": len(run["results"]), "failed": len(run["results"]) - len(ok),
+                      "p50": percentile(ttft, 50), "p95": percentile(ttft, 95),
+                      "o50": summary["overhead_p50"][name], "o95": summary["overhead_p95"][name],
+                      "starts": " ".join(f"{k}:{v}" for k, v in summary["starts"][name].items()),
+                      "gb": run["bytes_loaded"] / 1e9})
+    print_table(console, "trace replay through the server", [
+        Column("config", "config", str, "left"), Column("requests", "requests"), Column("failed", "failed"),
+        Column("p50", "TTFT p50 s", fmt_num(3)), Column("p95", "p95 s", fmt_num(3)),
+        Column("o50", "overhead p50 s", fmt_num(3)), Column("o95", "p95 s", fmt_num(3)),
+        Column("starts", "starts", str, "left"), Column("gb", "GB loaded", fmt_num(3))], table)
+    print_table(console, "cold start from disk, templates on / off", [
+        Column("config", "config", str, "left"), Column("repeat", "#"), Column("ttft_s", "TTFT s", fmt_num(3)),
+        Column("load_s", "load s", fmt_num(3)), Column("prefill_s", "prefill s", fmt_num(3)),
+        Column("overlap_s", "overlap s", fmt_num(3))], t_rows)
+    print_summary(console, "summary", {k: v for k, v in summary.items() if k != "starts"})

@@ -21,6 +21,7 @@ from tangram.control.autoscale import least_loaded, pick_instance, should_scale_
 from tangram.control.deployments import Deployment
 from tangram.scheduler.adapter import choose_worker, observe_start
 from tangram.engine import RequestOutput, SamplingParams
+from tangram.pool import PoolFullError
 from tangram.resolve import resolve_model
 from tangram.store import Checkpoint, CheckpointIndex
 from tangram.worker import Replica, Worker
@@ -59,6 +60,7 @@ class Controller:
         if not workers:
             raise ValueError("a controller needs at least one worker")
         self.workers, self.policy = workers, policy
+        self.start_timeout_s = 300.0  # how long a start waits for pool space held by running instances
         self._states: dict[str, _State] = {}
 
     # ------------------------------------------------------------------ deployments
@@ -132,8 +134,9 @@ class Controller:
             while not finished:
                 out = await queue.get()
                 finished = out.finished
-                if out.stages is not None and out.stages.start == "warm":
-                    out.stages.schedule_s = schedule_s
+                if out.stages is not None:  # waiting for an instance, less the start's own load and init
+                    st = out.stages
+                    st.schedule_s = schedule_s if st.start == "warm" else max(0.0, schedule_s - st.load_s - st.init_s)
                 yield out
         finally:
             if not finished and rid is not None:
@@ -181,7 +184,7 @@ class Controller:
         spec = state.spec
         loop = asyncio.get_running_loop()
         try:
-            replica = await loop.run_in_executor(None, worker.start, spec.name, state.checkpoint, spec.engine, arrival)
+            replica = await self._start_with_room(state, worker, arrival)
         except Exception as exc:  # noqa: BLE001 - a bad checkpoint fails this deployment only
             log.exception("starting %s on %s failed", spec.name, worker.name)
             state.starting -= 1
@@ -203,6 +206,30 @@ class Controller:
         replica.idle_since = time.perf_counter()
         loop.call_later(spec.keep_alive_s, self._maybe_stop, state, replica)
         self._wake(state)
+
+    async def _start_with_room(self, state: _State, worker: Worker, arrival: float) -> Replica:
+        """Start on `worker`; when its pool is full of active bytes, stop idle instances there (their weights
+        become retained, so evictable), else wait for one to end (back-pressure), up to `start_timeout_s`."""
+        spec = state.spec
+        loop = asyncio.get_running_loop()
+        deadline = time.perf_counter() + self.start_timeout_s
+        while True:
+            try:
+                return await loop.run_in_executor(None, worker.start, spec.name, state.checkpoint, spec.engine,
+                                                  arrival)
+            except PoolFullError:
+                idle = [(r.idle_since, s, r) for s in self._states.values() for r in s.replicas
+                        if r.worker is worker and not r.inflight and not r.stopping and r.idle_since is not None]
+                if idle:
+                    _, owner, victim = min(idle, key=lambda x: x[0])
+                    log.info("pool of %s is full: stopping idle %s to start %s", worker.name, victim.id, spec.name)
+                    victim.stopping = True
+                    owner.replicas.remove(victim)
+                    await loop.run_in_executor(None, worker.stop, victim)
+                    continue
+                if time.perf_counter() > deadline:
+                    raise
+                await loop.run_in_executor(None, worker.pool.wait_for_space, 0.5)
 
     def _wake(self, state: _State, error: Exception | None = None) -> None:
         waiters, state.waiters = state.waiters, []

@@ -106,6 +106,7 @@ class DevicePool:
     """One pool per device: an arena allocated once, shared by every model on that device. Thread-safe.
 
     `capacity` is bytes (int) or a fraction of the device's free memory (float in (0, 1]).
+    `retain=False` frees a model's tensors when its last binding is released (no reuse across instances).
     """
 
     def __init__(
@@ -118,6 +119,7 @@ class DevicePool:
         half_life_s: float = 300.0,
         reload_bandwidth: float = 2e9,
         clock: Callable[[], float] = time.monotonic,
+        retain: bool = True,
     ) -> None:
         self.device = torch.device(device)
         alignment = 4096  # >= CUDA's 256; page aligned on CPU so O_DIRECT reads land in place
@@ -127,6 +129,7 @@ class DevicePool:
         self.half_life_s = half_life_s
         self.reload_bandwidth = reload_bandwidth  # bytes/s of the tier evicted bytes come back from
         self.clock = clock
+        self.retain = retain  # False: released tensors are freed at once (the baselines of bench coldstart)
         self._tensors: dict[str, _Resident] = {}
         self._models: dict[str, _ModelStats] = {}
         self._kv: dict[str, KVBlock] = {}
@@ -240,6 +243,8 @@ class DevicePool:
             for r in binding.residents:
                 if not r.failed:
                     self._unpin(r)
+                    if not self.retain and r.refs == 0 and self._tensors.get(r.key) is r:
+                        self._evict(r.key)  # a conventional engine keeps nothing once an instance ends
             self._space.notify_all()
 
     def resident_bytes(self, index) -> int:
