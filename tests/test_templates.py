@@ -144,9 +144,13 @@ def test_a_failing_background_load_fails_the_request_cleanly(model_ckpt):
                 raise OSError("disk went away")
             return super().load_into(ckpt, dests, **kw)
 
-    pool = DevicePool(64 << 20, loader=Failing(0.0))
-    with Instance(ckpt, pool, EngineConfig(block_tokens=4)) as inst:
-        out = inst.engine.generate([PROMPT], GREEDY)[0]
-        assert out.finish_reason == "error" and "disk went away" in out.error
-    snap = pool.snapshot()
-    assert snap["totals"]["active"] == 0 and snap["kv_bytes"] == 0
+    for delay in (0.0, 0.05):  # the load fails before the engine exists, or during the first forward
+        pool = DevicePool(64 << 20, loader=Failing(delay))
+        try:
+            with Instance(ckpt, pool, EngineConfig(block_tokens=4)) as inst:
+                out = inst.engine.generate([PROMPT], GREEDY)[0]
+                assert out.finish_reason == "error" and "disk went away" in out.error
+        except OSError as exc:  # the start itself failed: also clean
+            assert "disk went away" in str(exc)
+        snap = pool.snapshot()
+        assert snap["totals"]["active"] == 0 and snap["kv_bytes"] == 0

@@ -51,6 +51,10 @@ def register(app: typer.Typer) -> None:
         config: Annotated[Optional[Path], typer.Option("--config", help="Serve config (JSON or TOML).")] = None,
         ask: Annotated[Optional[str], typer.Option(help="Once up, ask the first deployment this over HTTP.")] = None,
         once: Annotated[bool, typer.Option("--once", help="With --ask: stop after the answer.")] = False,
+        ray: Annotated[bool, typer.Option(
+            "--ray", help="Cluster mode: worker actors on the Ray cluster at ADDRESS (none: a local Ray).")] = False,
+        address: Annotated[Optional[str], typer.Argument(
+            metavar="[ADDRESS]", help="With --ray: the Ray cluster's address (e.g. 10.0.0.1:6379 or auto).")] = None,
     ) -> None:
         """Serve the OpenAI-compatible API (the demo model when no deployment is configured)."""
         from pydantic import ValidationError
@@ -62,8 +66,10 @@ def register(app: typer.Typer) -> None:
             cfg = ServeConfig.from_file(config) if config else ServeConfig()
             updates = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
             cfg = cfg.model_copy(update=updates)
-            server = Server(cfg)
-        except (OSError, ValueError, ValidationError) as exc:
+            if address is not None and not ray:
+                raise ValueError(f"{address!r}: a Ray address goes after --ray")
+            server = Server(cfg, ray_address=(address or "") if ray else None)
+        except (OSError, ValueError, ValidationError, ImportError) as exc:
             _fail(exc)
         if server.generated_token:
             from tangram.serve.server import token_file
@@ -75,7 +81,7 @@ def register(app: typer.Typer) -> None:
             server.run()
             return
         server.save_token()
-        with server.running():
+        with server.running():  # stops the cluster's worker actors at exit
             ask_over_http(server.url, names.split(", ")[0], ask)
             if once:
                 return

@@ -197,11 +197,8 @@ class Controller:
             await loop.run_in_executor(None, worker.stop, replica)
             return
         loop.run_in_executor(None, observe_start, replica)  # refine the tier bandwidths with this load
-        cost = replica.cost
+        loop.create_task(self._count_start(state, replica))
         state.last_error = None
-        state.starts[cost.start] += 1
-        state.bytes_loaded += cost.bytes_loaded
-        state.bytes_reused += cost.bytes_reused
         state.replicas.append(replica)
         replica.idle_since = time.perf_counter()
         loop.call_later(spec.keep_alive_s, self._maybe_stop, state, replica)
@@ -230,6 +227,14 @@ class Controller:
                 if time.perf_counter() > deadline:
                     raise
                 await loop.run_in_executor(None, worker.pool.wait_for_space, 0.5)
+
+    async def _count_start(self, state: _State, replica: Replica) -> None:
+        # a background (template) load settles its start type and bytes when it ends
+        final = getattr(replica, "final_cost", None)
+        cost = await asyncio.get_running_loop().run_in_executor(None, final) if final else replica.cost
+        state.starts[cost.start] += 1
+        state.bytes_loaded += cost.bytes_loaded
+        state.bytes_reused += cost.bytes_reused
 
     def _wake(self, state: _State, error: Exception | None = None) -> None:
         waiters, state.waiters = state.waiters, []

@@ -10,6 +10,7 @@ weights to the pool, where they stay retained for the next start.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -80,6 +81,9 @@ class Instance:
         t1 = time.perf_counter()
         try:
             self.engine = self._build(ckpt.path)
+            job = self.binding.job
+            if job is not None and job.done.is_set() and job.error is not None:
+                raise job.error  # the background load failed before any forward could notice
         except BaseException:
             self._release()
             raise
@@ -88,13 +92,18 @@ class Instance:
         self.cost = StartCost(start="cold", init_s=t2 - t1, load_s=t1 - t0, bytes_loaded=b.bytes_loaded,
                               bytes_reused=b.bytes_reused, load_begin=t0 - self.arrival, load_end=t1 - self.arrival)
         self._finalized = False
+        self._cost_lock = threading.Lock()
         self.engine.start_cost, self.engine.ready_at = self.cost, t2
-        self.engine.finalize_start = self._finalize_cost
+        self.engine.finalize_start = self.finalize_cost
         if b.job is None or b.job.done.is_set():
-            self._finalize_cost()
+            self.finalize_cost()
 
-    def _finalize_cost(self) -> None:
-        """Fill the load figures once the load is over (at once, or when a background load ends)."""
+    def finalize_cost(self) -> None:
+        """Fill the load figures once the load is over (waits for a background load). Thread-safe."""
+        with self._cost_lock:
+            self._finalize_locked()
+
+    def _finalize_locked(self) -> None:
         if self._finalized:
             return
         b = self.binding

@@ -1,4 +1,9 @@
-"""The embedded deployment: API, controller and one worker per local device in one process (uvicorn)."""
+"""The server: API and controller in this process (uvicorn), with one worker per device.
+
+Embedded (default): the workers run in this process, one per local device.
+Cluster (`ray_address` given): the workers are Ray actors placed across the
+Ray cluster (`tangram.cluster`); the API and controller stay here, on the head.
+"""
 
 from __future__ import annotations
 
@@ -67,10 +72,18 @@ def build_workers(config: ServeConfig) -> list[Worker]:
 class Server:
     """A configured server; `run()` blocks, `running()` serves from a thread (tests, benchmarks)."""
 
-    def __init__(self, config: ServeConfig | None = None) -> None:
+    def __init__(self, config: ServeConfig | None = None, ray_address: str | None = None) -> None:
+        """`ray_address`: None for the embedded deployment; a Ray address, or "" for a local Ray, for cluster mode."""
         self.config = config or ServeConfig()
         self.token, self.generated_token = resolve_token(self.config)
-        self.workers = build_workers(self.config)
+        self.cluster = None
+        if ray_address is None:
+            self.workers = build_workers(self.config)
+        else:
+            from tangram.cluster import RayCluster
+
+            self.cluster = RayCluster.connect(self.config, ray_address)
+            self.workers = self.cluster.workers
         shared_estimator()  # tier bandwidths for placement, measured (or read from the probe) before serving
         self.controller = Controller(self.workers, self.config.scheduler)
         self.app: FastAPI = create_app(self.controller, admin_token=self.token)
@@ -112,7 +125,15 @@ class Server:
     def run(self) -> None:
         """Serve until interrupted."""
         self.save_token()
-        self._make().run()
+        try:
+            self._make().run()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """End the cluster's worker actors (cluster mode; nothing to do embedded)."""
+        if self.cluster is not None:
+            self.cluster.close()
 
     @contextlib.contextmanager
     def running(self, timeout: float = 300.0) -> Iterator[Server]:
@@ -130,3 +151,4 @@ class Server:
         finally:
             server.should_exit = True
             thread.join(30)
+            self.close()

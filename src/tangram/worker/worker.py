@@ -52,6 +52,11 @@ class Replica:
         """What starting this instance cost."""
         return self.instance.cost
 
+    def final_cost(self) -> StartCost:
+        """The start's cost once its load is over (waits for a background load)."""
+        self.instance.finalize_cost()
+        return self.instance.cost
+
     def submit(self, prompt, params: SamplingParams, sink: Callable[[RequestOutput], None], *, arrival: float,
                chat: bool = False) -> str:
         """Queue a request on this instance's engine; outputs go to `sink` (from the engine thread)."""

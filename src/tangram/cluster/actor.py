@@ -1,0 +1,122 @@
+"""The Ray actor that hosts one `Worker` (one device) on a cluster node.
+
+An async actor: blocking work (instance start and stop) runs on its thread
+pool, so status, placement queries, aborts and every request stream proceed
+while a model loads. Each request is a streaming generator method: the engine
+thread's outputs cross to the actor's event loop through an asyncio queue and
+leave as one Ray object each, in order.
+
+Times do not cross processes as `perf_counter` values: callers pass the age of
+an arrival (seconds since), turned back into this process's clock here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import ray
+from ray.actor import ActorHandle
+
+from tangram.cluster.cache import NodeCacheClient
+from tangram.engine import EngineConfig, RequestError, RequestOutput, SamplingParams, StartCost
+from tangram.store import CheckpointIndex, Loader
+from tangram.worker import Worker, local_devices
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class WorkerActor:
+    """One device of a node: a `Worker` (pool, running instances) in its own Ray actor process."""
+
+    def __init__(self, index: int, capacity: int | float, node: int, cache: ActorHandle | None = None,
+                 cache_bytes: int = 0, device: str | None = None) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        # The only blocking ray.get calls here (node-cache reads and fills) run on the thread pool, never on
+        # the event loop: Ray's one-time warning about blocking gets in async actors does not apply.
+        os.environ["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] = "0"
+        device = device or local_devices()[0]  # with num_gpus=1 Ray makes the actor's GPU cuda:0
+        self.cache = NodeCacheClient(cache, cache_bytes) if cache is not None else None
+        self.worker = Worker(index, device, capacity, Loader(cache=self.cache), node=node)
+        self.finished: dict[str, Counter[str]] = {}  # replica id -> finish reasons of its requests
+
+    def ready(self) -> dict:
+        """Where this actor runs: Ray node id, process id, device, worker name."""
+        return {"ray_node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "device": self.worker.device, "name": self.worker.name}
+
+    async def start(self, deployment: str, checkpoint: str, config: EngineConfig, age: float
+                    ) -> tuple[str, StartCost]:
+        """Start an instance (load + init on the actor's thread pool); its id and what the start cost."""
+        loop = asyncio.get_running_loop()
+        replica = await loop.run_in_executor(None, self.worker.start, deployment, Path(checkpoint), config,
+                                             time.perf_counter() - age)
+        self.finished[replica.id] = Counter()
+        return replica.id, replica.cost
+
+    async def stop(self, replica_id: str) -> None:
+        """Stop an instance; its weights stay in the pool as retained."""
+        replica = self.worker.replicas.get(replica_id)
+        if replica is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.worker.stop, replica)
+        self.finished.pop(replica_id, None)
+
+    async def generate(self, replica_id: str, prompt, params: SamplingParams, age: float,
+                       chat: bool) -> AsyncIterator[str | RequestError | RequestOutput]:
+        """Stream one request: first its engine id (or the RequestError), then every RequestOutput."""
+        replica = self.worker.replicas[replica_id]
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        try:
+            rid = replica.submit(prompt, params, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
+                                 arrival=time.perf_counter() - age, chat=chat)
+        except RequestError as exc:
+            yield exc
+            return
+        yield rid
+        replica.inflight += 1
+        try:
+            while True:
+                out = await outputs.get()
+                yield out
+                if out.finished:
+                    self.finished.setdefault(replica_id, Counter())[out.finish_reason or "stop"] += 1
+                    return
+        finally:
+            replica.inflight -= 1
+
+    def abort(self, replica_id: str, request_id: str) -> None:
+        """Stop a request; the engine frees its KV blocks at its next step and ends its stream."""
+        replica = self.worker.replicas.get(replica_id)
+        if replica is not None:
+            replica.abort(request_id)
+
+    async def placement_state(self, index: CheckpointIndex, request_prior_s: float) -> dict:
+        """`Worker.placement_state`, with the node cache's keys fetched first."""
+        if self.cache is not None:
+            self.cache.refresh(await self.cache.cache.keys.remote())
+        return self.worker.placement_state(index, request_prior_s)
+
+    async def status(self) -> dict:
+        """`Worker.status`, each instance with the finish reasons of its requests, and the node cache's stats."""
+        st = self.worker.status()
+        for inst in st["instances"]:
+            inst["finished"] = dict(self.finished.get(inst["id"], {}))
+        if self.cache is not None:
+            st["host_cache"] = await self.cache.cache.stats.remote()
+        return st
+
+    async def wait_for_space(self, timeout: float) -> bool:
+        """`DevicePool.wait_for_space`: wait for a release or KV free in this pool (or `timeout` s)."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.worker.pool.wait_for_space, timeout)
+
+    async def wait_cache_idle(self) -> None:
+        """Return once this worker's background node-cache fills are done (tests, benchmarks)."""
+        if self.cache is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.cache.wait_idle)
