@@ -57,7 +57,7 @@ class Sizes:
 
 
 QUICK = Sizes("quick", 64, 0.5, 1.0, 32, 8, 0.7, 1)
-FULL = Sizes("full", 240, 1.0, 2.0, 32, 16, 0.7, 2)
+FULL = Sizes("full", 150, 0.8, 2.0, 32, 16, 0.7, 2)
 SMALL = Sizes("small", 8, 0.05, 0.2, 8, 2, 0.6, 1)
 
 
