@@ -217,3 +217,19 @@ def test_choose_worker_prefers_the_worker_holding_the_model(tmp_path) -> None:
     bw = Bandwidths(dram=10 * GB, disk=2 * GB)
     assert choose_worker(workers, index, "tangram", bandwidths=bw) == 2
     assert choose_worker(workers, index, "sllm", bandwidths=bw) == 1  # emptiest: residency ignored
+
+
+def test_remote_starts_refine_the_estimate_from_their_reported_cost():
+    from types import SimpleNamespace
+
+    from tangram.engine import StartCost
+    from tangram.scheduler.adapter import observe_start
+    from tangram.scheduler.bandwidth import BandwidthEstimator
+
+    est = BandwidthEstimator(dram=10e9, disk=2e9)
+    remote = SimpleNamespace(cost=StartCost(start="cold", load_s=1.0, bytes_loaded=500_000_000))
+    observe_start(remote, est)
+    assert est.bandwidths.disk < 2e9  # pulled toward the observed 0.5 GB/s
+    before = est.bandwidths
+    observe_start(SimpleNamespace(cost=StartCost(start="pool-hit")), est)
+    assert est.bandwidths == before

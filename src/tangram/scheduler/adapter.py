@@ -90,9 +90,16 @@ def load_stats(binding) -> LoadStats | None:
 
 def observe_start(replica: Replica, bandwidths: BandwidthEstimator | None = None) -> None:
     """Refine the tier bandwidths with what starting `replica` loaded (call after `Worker.start`)."""
-    instance = getattr(replica, "instance", None)  # remote replicas report through their own worker
-    if instance is None:
-        return
-    stats = load_stats(instance.binding)
+    instance = getattr(replica, "instance", None)
+    if instance is None:  # a remote replica: what its start reported
+        cost = replica.cost
+        if cost.start not in ("dram", "cold") or cost.load_s <= 0:
+            return
+        from tangram.store import LoadStats
+
+        stats = LoadStats(bytes_from_disk=cost.bytes_loaded if cost.start == "cold" else 0,
+                          bytes_from_cache=cost.bytes_loaded if cost.start == "dram" else 0, seconds=cost.load_s)
+    else:
+        stats = load_stats(instance.binding)
     if stats is not None:
         (bandwidths or shared_estimator()).observe(stats)
