@@ -41,7 +41,7 @@ def model_ckpt(tmp_path):
 
 def run(ckpt, loader=None, **cfg):
     pool = DevicePool(64 << 20, loader=loader or Loader())
-    with Instance(ckpt, pool, EngineConfig(block_tokens=4, **cfg)) as inst:
+    with Instance(ckpt, pool, EngineConfig(block_tokens=4, **{"overlap": "on", **cfg})) as inst:
         out = inst.engine.generate([PROMPT], GREEDY)[0]
         return inst, out
 
@@ -84,7 +84,7 @@ def test_execute_while_load_gives_identical_logits(model_ckpt):
     model, ckpt = model_ckpt
     run(ckpt)
     pool = DevicePool(64 << 20, loader=SlowLoader(delay=0.03))
-    with Instance(ckpt, pool, EngineConfig(block_tokens=4)) as inst:
+    with Instance(ckpt, pool, EngineConfig(block_tokens=4, overlap="on")) as inst:
         runner = inst.engine.runner
         assert runner.waits is not None
         waits = runner.waits
@@ -147,10 +147,23 @@ def test_a_failing_background_load_fails_the_request_cleanly(model_ckpt):
     for delay in (0.0, 0.05):  # the load fails before the engine exists, or during the first forward
         pool = DevicePool(64 << 20, loader=Failing(delay))
         try:
-            with Instance(ckpt, pool, EngineConfig(block_tokens=4)) as inst:
+            with Instance(ckpt, pool, EngineConfig(block_tokens=4, overlap="on")) as inst:
                 out = inst.engine.generate([PROMPT], GREEDY)[0]
                 assert out.finish_reason == "error" and "disk went away" in out.error
         except OSError as exc:  # the start itself failed: also clean
             assert "disk went away" in str(exc)
         snap = pool.snapshot()
         assert snap["totals"]["active"] == 0 and snap["kv_bytes"] == 0
+
+
+def test_overlap_auto_is_off_on_cpu_but_keeps_the_first_use_order(model_ckpt):
+    model, ckpt = model_ckpt
+    run(ckpt)
+    t = load_template(ckpt)
+    loader = SlowLoader(delay=0.0)
+    inst, out = run(ckpt, loader=loader, overlap="auto")
+    assert inst.template is not None and inst.engine.runner.waits is None  # loaded before the forward
+    loaded = [n for call in loader.calls for n in call]
+    assert loaded == [n for n in t.order if n in set(loaded)]
+    assert out.output_ids == reference_greedy(model, PROMPT, 8)
+    assert EngineConfig().overlaps("cuda:0") and not EngineConfig().overlaps("cpu")

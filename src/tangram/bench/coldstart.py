@@ -43,7 +43,7 @@ TEMPLATE_CONFIGS = ("tangram", "tangram-notemplate")
 
 def one_cold_start(config: str, ckpt: Path, prompt: list[int], max_tokens: int, capacity: int) -> dict[str, Any]:
     """A fresh server (nothing resident), the checkpoint evicted from the page cache, one streamed request."""
-    engine = EngineConfig(templates=config != "tangram-notemplate", max_batch=1)
+    engine = EngineConfig(templates=config != "tangram-notemplate", overlap="on", max_batch=1)  # the mechanism
     dep = Deployment(name="m", checkpoint=str(ckpt), keep_alive_s=600, engine=engine)
     cfg = ServeConfig(port=0, pool_capacity=capacity, admin_token="bench", deployments=[dep])
     with Server(cfg).running() as srv:

@@ -24,6 +24,7 @@ from tangram.engine.request import OutputQueue, Request, RequestOutput, Status
 from tangram.engine.runner import ModelRunner
 from tangram.engine.sampling import SamplingParams, make_generator, sample
 from tangram.engine.stages import StartCost, Totals
+from tangram.kv import SeqSlot
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -273,8 +274,7 @@ class Engine:
     def _offsets(self, req: Request) -> list[int]:
         return [self.kv.offset(b) for b in req.blocks]
 
-    def _slot(self, req: Request):
-        from tangram.kv import SeqSlot
+    def _slot(self, req: Request) -> SeqSlot:
         return SeqSlot(self._offsets(req), req.cached)
 
     # ------------------------------------------------------------------ synchronous use

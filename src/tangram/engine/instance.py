@@ -13,7 +13,9 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import GenerationConfig
 
@@ -44,8 +46,15 @@ class EngineConfig(BaseModel):
     max_prefill_tokens: int = Field(4096, ge=1)
     reserve_tokens: int | None = Field(None, ge=1, description="reserve mode: KV tokens to take at start "
                                        "(default max_batch x max_model_len)")
+    overlap: Literal["auto", "on", "off"] = Field(
+        "auto", description="with a template, run the first prefill while loading (execute-while-load); auto: on "
+        "CUDA devices only, since on CPUs measured starts were slower with it (docs/templates.md)")
     templates: bool = Field(True, description="record a start-up template on the first run; with one, load in "
                             "first-use order and execute while loading")
+
+    def overlaps(self, device: torch.device | str) -> bool:
+        """Whether execute-while-load is on for `device`."""
+        return self.overlap == "on" or (self.overlap == "auto" and torch.device(device).type == "cuda")
 
 
 def _eos_ids(path: Path, tokenizer) -> set[int]:
@@ -74,8 +83,9 @@ class Instance:
         t0 = time.perf_counter()
         self.arrival = t0 if arrival is None else arrival
         self.template = load_template(ckpt.path) if self.config.templates else None
-        if self.template is not None:  # load in first-use order on a thread; the first forward starts meanwhile
-            self.binding = pool.acquire(ckpt, model=name, order=self.template.groups, background=True)
+        if self.template is not None:  # load in first-use order; with overlap, on a thread while the forward runs
+            self.binding = pool.acquire(ckpt, model=name, order=self.template.groups,
+                                        background=self.config.overlaps(pool.device))
         else:
             self.binding = pool.acquire(ckpt, model=name)
         t1 = time.perf_counter()

@@ -76,13 +76,13 @@ def create_app(controller: Controller, *, admin_token: str) -> FastAPI:
             code = "context_length_exceeded" if "context" in str(exc) or "KV" in str(exc) else None
             raise APIError(400, str(exc), code=code) from None
 
-    def sampling(body: schemas._Sampling, max_tokens: int) -> SamplingParams:
+    def sampling(body: schemas.SamplingFields, max_tokens: int) -> SamplingParams:
         try:
             return body.sampling(max_tokens)
         except ValidationError as exc:
             raise APIError(400, _validation_message(exc.errors())[0]) from None
 
-    async def respond(endpoint: str, body: schemas._Sampling, prompt, max_tokens: int, chat: bool):
+    async def respond(endpoint: str, body: schemas.SamplingFields, prompt, max_tokens: int, chat: bool):
         started = time.perf_counter()
         name = body.model
         try:

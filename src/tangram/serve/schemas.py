@@ -42,7 +42,9 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Sampling(_Strict):
+class SamplingFields(_Strict):
+    """Fields both completion endpoints share: model, sampling, streaming, stops."""
+
     model: str = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -74,7 +76,7 @@ class _Sampling(_Strict):
                               ignore_eos=self.ignore_eos)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -87,7 +89,7 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens or self.max_tokens or DEFAULT_CHAT_MAX_TOKENS
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingFields):
     """POST /v1/completions (one prompt: a string, a one-string list, or token ids)."""
 
     prompt: str | list[str] | list[int]
