@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   install, convert the real demo model (SmolLM2-135M) and answer a prompt with it (CPU when no GPU)
+#   make demo   install, serve the real demo model (SmolLM2-135M) and ask it over HTTP, then keep serving (CPU when no GPU)
 #   make test   install with the test tools and run the whole test suite
 # A machine that already has a CUDA build of torch keeps it; elsewhere torch is
 # pinned to the CPU build torch==2.13.0 in the same install command.
