@@ -14,6 +14,7 @@ Templates are recorded (untimed) before anything is timed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import statistics
 import time
@@ -23,6 +24,7 @@ from typing import Any
 import httpx
 from rich.console import Console
 
+from tangram.bench.coldstart_client import one
 from tangram.bench.coldstart_replay import run_config
 from tangram.bench.coldstart_workload import (
     CONFIGS, FULL, QUICK, SMALL, configurations, make_models, percentile, summarize, trace_spec,
@@ -49,27 +51,21 @@ def one_cold_start(config: str, ckpt: Path, prompt: list[int], max_tokens: int, 
     with Server(cfg).running() as srv:
         for f in data_files(ckpt):
             evict_from_page_cache(f)
-        body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "ignore_eos": True}
-        text, ttft, stages = "", None, None
-        t0 = time.perf_counter()
-        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=600) as r:
-            r.raise_for_status()
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = httpx.Response(200, content=line[6:]).json()
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                text += chunk["choices"][0]["text"]
-                stages = (chunk.get("tangram") or {}).get("stages") or stages
+        r = asyncio.run(_ask(srv.url, {"model": "m", "prompt": prompt, "max_tokens": max_tokens}))
+    if r["error"]:
+        raise RuntimeError(f"cold start of {ckpt}: {r['error']}")
     overlap = 0.0
-    if stages and stages.get("load_interval") and stages.get("prefill_interval"):
-        (lb, le), (pb, pe) = stages["load_interval"], stages["prefill_interval"]
+    if r.get("load_interval") and r.get("prefill_interval"):
+        (lb, le), (pb, pe) = r["load_interval"], r["prefill_interval"]
         overlap = max(0.0, min(le, pe) - max(lb, pb))
-    return {"section": "template", "config": config, "ttft_s": ttft, "text": text, "load_s": stages["load_s"],
-            "init_s": stages["init_s"], "prefill_s": stages["prefill_s"], "overlap_s": overlap,
-            "bytes_loaded": stages["bytes_loaded"], "start": stages["start"]}
+    return {"section": "template", "config": config, "ttft_s": r["ttft_s"], "text": r["text"],
+            "load_s": r["load_s"], "init_s": r["init_s"], "prefill_s": r["prefill_s"], "overlap_s": overlap,
+            "bytes_loaded": r["bytes_loaded"], "start": r["start"]}
+
+
+async def _ask(url: str, req: dict) -> dict:
+    async with httpx.AsyncClient(timeout=600) as client:
+        return await one(client, url, req)
 
 
 def template_section(ckpt: Path, vocab: int, prompt_tokens: int, repeats: int, bar) -> tuple[list[dict], dict]:

@@ -22,7 +22,7 @@ async def one(client: httpx.AsyncClient, url: str, req: dict) -> dict:
     """Send one request; return its timings, start type and stages."""
     body = {"model": req["model"], "prompt": req["prompt"], "max_tokens": req["max_tokens"], "temperature": 0,
             "stream": True, "ignore_eos": True}
-    out = {"model": req["model"], "t": req.get("t", 0.0), "ttft_s": None, "error": None}
+    out = {"model": req["model"], "t": req.get("t", 0.0), "ttft_s": None, "error": None, "text": ""}
     t0 = time.perf_counter()
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -35,12 +35,14 @@ async def one(client: httpx.AsyncClient, url: str, req: dict) -> dict:
                 chunk = json.loads(line[6:])
                 if out["ttft_s"] is None:
                     out["ttft_s"] = time.perf_counter() - t0
+                out["text"] += chunk["choices"][0]["text"]
                 stages = (chunk.get("tangram") or {}).get("stages")
                 if stages:
                     out.update(start=stages["start"], load_s=stages["load_s"], init_s=stages["init_s"],
                                schedule_s=stages["schedule_s"],
                                queue_s=stages["queue_s"], kv_s=stages["kv_s"], prefill_s=stages["prefill_s"],
-                               server_ttft_s=stages["ttft_s"], bytes_loaded=stages["bytes_loaded"])
+                               server_ttft_s=stages["ttft_s"], bytes_loaded=stages["bytes_loaded"],
+                               load_interval=stages["load_interval"], prefill_interval=stages["prefill_interval"])
     except httpx.HTTPError as exc:
         out["error"] = repr(exc)
     out["total_s"] = time.perf_counter() - t0

@@ -37,7 +37,7 @@ from tangram.bench.pool_workload import data_files
 from tangram.engine import EngineConfig, SamplingParams
 from tangram.pool import PoolFullError
 from tangram.scheduler import Bandwidths, BandwidthEstimator
-from tangram.scheduler.adapter import choose_worker, load_stats
+from tangram.scheduler.adapter import choose_worker
 from tangram.sim import ClusterSpec, SimCluster, SimModel
 from tangram.sim.replay import Instance, Request, Started, replay
 from tangram.store import read_index
@@ -100,7 +100,7 @@ class RealBackend:
             return None
         cost = replica.instance.cost
         self.costs.append(cost)
-        load = load_stats(replica.instance.binding)
+        load = replica.instance.binding.wait_loaded()
         if load is not None:
             self.bw.observe(load)
         dram = load.bytes_from_cache if load else 0
@@ -136,7 +136,7 @@ def calibrate(models: list[KVModel], paths: dict[str, ModelPaths], capacity: int
             for f in data_files(paths[m.name].ckpt):
                 evict_from_page_cache(f)
             replica = worker.start(m.name, paths[m.name].ckpt, ENGINE, time.perf_counter())
-            cost, load = replica.instance.cost, load_stats(replica.instance.binding)
+            cost, load = replica.instance.cost, replica.instance.binding.wait_loaded()
             if rep == 0 and load is not None:
                 bw.observe(load)
             if rep == 1:

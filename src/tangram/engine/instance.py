@@ -77,7 +77,7 @@ class Instance:
         self.config = config or EngineConfig()
         self.pool = pool
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
-        self.path = ckpt.path
+        self.checkpoint, self.path = ckpt, ckpt.path
         self.name = name or ckpt.path.name
         self.model = None
         t0 = time.perf_counter()
@@ -122,7 +122,7 @@ class Instance:
             self.cost.load_s = b.job.seconds
             self.cost.load_begin, self.cost.load_end = b.job.began - self.arrival, b.job.ended - self.arrival
             self.engine.ready_at = max(self.engine.ready_at, b.job.ended)
-        stats = b.load or (b.job.stats if b.job is not None and b.bytes_loaded else None)
+        stats = b.wait_loaded()
         self.cost.start = StartCost.classify(b.bytes_loaded, stats.bytes_from_cache if stats else 0)
         self._finalized = True
         log.info("started %s on %s: %s, load %.3f s (%d B loaded, %d B reused), init %.3f s%s", self.name,
@@ -169,7 +169,7 @@ class Instance:
                       max_batch=cfg.max_batch, max_prefill_tokens=cfg.max_prefill_tokens, max_kv_blocks=limit)
 
     def _save_template(self, rec: Recorder, tokens: int, model) -> None:
-        names = list(Checkpoint(self.path).index.tensors)
+        names = list(self.checkpoint.index.tensors)
         template = Template(checkpoint_id=checkpoint_id(self.path), libraries=libraries(),
                             architecture=type(model).__name__, groups=rec.groups(names), prefill_tokens=tokens,
                             hidden_shape=rec.hidden_shape, ops=rec.ops, workspace_bytes=rec.workspace_bytes)

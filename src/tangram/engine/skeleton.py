@@ -18,6 +18,7 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from tangram.store.errors import CheckpointError
+from tangram.store.format import INDEX_FILE
 
 # accelerate's init_empty_weights patches nn.Module.register_parameter process-wide, which would turn the
 # tensors another thread assigns meanwhile into meta tensors: builds are serialised.
@@ -85,7 +86,7 @@ class RuntimeCache:
 
     @staticmethod
     def _stamp(path: Path) -> tuple:
-        index = path / "tangram.json"
+        index = path / INDEX_FILE
         return str(path.resolve()), index.stat().st_mtime_ns if index.exists() else 0
 
     def model(self, path: Path, tensors: Mapping[str, torch.Tensor]) -> PreTrainedModel:

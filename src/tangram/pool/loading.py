@@ -34,8 +34,10 @@ class LoadJob:
     """
 
     def __init__(self, groups: list[list[str]], load_group: Callable[[list[str]], LoadStats | None],
-                 events: dict[str, threading.Event], on_error: Callable[[BaseException], None]) -> None:
+                 events: dict[str, threading.Event], on_error: Callable[[BaseException], None],
+                 on_done: Callable[[LoadStats], None] | None = None) -> None:
         self.groups, self._load_group, self.events, self._on_error = groups, load_group, events, on_error
+        self._on_done = on_done
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.stats = LoadStats()
@@ -59,6 +61,8 @@ class LoadJob:
         finally:
             self.ended = time.perf_counter()
             self.stats.seconds = self.ended - self.began
+            if self.error is None and self._on_done is not None:
+                self._on_done(self.stats)
             self.done.set()
 
     def start(self) -> LoadJob:

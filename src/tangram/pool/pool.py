@@ -85,6 +85,12 @@ class Binding:
     residents: list = field(default_factory=list, repr=False)
     job: LoadJob | None = None
 
+    def wait_loaded(self) -> LoadStats | None:
+        """What loading the missing tensors did, once done (None for a pool hit or a failed load)."""
+        if self.job is not None:
+            self.job.done.wait()
+        return self.load
+
 
 def free_device_bytes(device: torch.device) -> int:
     """Free memory of a device now: CUDA's free bytes, or the host's available physical memory."""
@@ -199,7 +205,8 @@ class DevicePool:
         job = LoadJob(ordered_groups(list(name_of), order),
                       lambda group: self.loader.load_into(ckpt, {n: dests[n] for n in group}),
                       {n: self._tensors[k].ready for n, k in name_of.items()},
-                      lambda exc: self._drop_failed([self._tensors[k] for k in missing]))
+                      lambda exc: self._drop_failed([self._tensors[k] for k in missing]),
+                      (lambda stats: setattr(binding, "load", stats)) if missing else None)
         binding.job = job
         if background:
             job.start()
@@ -214,7 +221,6 @@ class DevicePool:
         if any(r.failed for r in pinned):
             self._unpin_all(pinned)
             raise RuntimeError(f"a concurrent load of a shared tensor of {model} failed; retry the acquire")
-        binding.load = job.stats if missing else None
         binding.seconds = time.perf_counter() - start
         return binding
 

@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING
 from tangram.scheduler.bandwidth import BandwidthEstimator
 from tangram.scheduler.cost import Bandwidths, CostParams, Policy
 from tangram.scheduler.view import ClusterView, DeviceState, brute_force
+from tangram.store import LoadStats
 
 if TYPE_CHECKING:
-    from tangram.store import CheckpointIndex, LoadStats
+    from tangram.store import CheckpointIndex
     from tangram.worker import Replica, Worker
 
 log = logging.getLogger(__name__)
@@ -77,17 +78,6 @@ def choose_worker(workers: Sequence[Worker], index: CheckpointIndex, policy: Pol
     return chosen
 
 
-def load_stats(binding) -> LoadStats | None:
-    """What a pool binding's load did (None for a pool hit; waits for a background load to end)."""
-    if binding.load is not None:
-        return binding.load
-    job = getattr(binding, "job", None)
-    if job is None or not binding.bytes_loaded:
-        return None
-    job.done.wait()
-    return job.stats
-
-
 def observe_start(replica: Replica, bandwidths: BandwidthEstimator | None = None) -> None:
     """Refine the tier bandwidths with what starting `replica` loaded (call after `Worker.start`)."""
     instance = getattr(replica, "instance", None)
@@ -95,11 +85,9 @@ def observe_start(replica: Replica, bandwidths: BandwidthEstimator | None = None
         cost = replica.cost
         if cost.start not in ("dram", "cold") or cost.load_s <= 0:
             return
-        from tangram.store import LoadStats
-
         stats = LoadStats(bytes_from_disk=cost.bytes_loaded if cost.start == "cold" else 0,
                           bytes_from_cache=cost.bytes_loaded if cost.start == "dram" else 0, seconds=cost.load_s)
     else:
-        stats = load_stats(instance.binding)
+        stats = instance.binding.wait_loaded()
     if stats is not None:
         (bandwidths or shared_estimator()).observe(stats)
