@@ -14,7 +14,8 @@ def test_configurations_are_the_protocols():
     assert c["baseline"].loader == "safetensors" and not c["baseline"].retain and c["baseline"].kv_mode == "reserve"
     assert c["baseline"].scheduler == "random"
     assert c["sllm"].host_cache and not c["sllm"].retain and c["sllm"].scheduler == "sllm"
-    assert c["tangram"].retain and c["tangram"].kv_mode == "elastic" and c["tangram"].templates
+    assert not c["baseline"].share and not c["sllm"].share  # neither shares tensors across models
+    assert c["tangram"].retain and c["tangram"].share and c["tangram"].kv_mode == "elastic" and c["tangram"].templates
     assert not c["tangram-notemplate"].templates
 
 

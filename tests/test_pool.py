@@ -272,3 +272,27 @@ def test_a_pool_that_does_not_retain_frees_released_tensors(tmp_path):
     snap = pool.snapshot()
     assert snap["totals"]["active"] == 0 and snap["totals"]["retained"] == 0
     assert pool.acquire(tmp_path / "m").bytes_loaded == first.bytes_loaded  # loaded again
+
+
+def test_a_pool_that_does_not_share_gives_each_checkpoint_its_own_copy(tmp_path):
+    base, variant = family(tmp_path)
+    pool = DevicePool(1 << 20, share=False, loader=Loader(method="pread"))
+    a = pool.acquire(tmp_path / "base")
+    b = pool.acquire(tmp_path / "variant")  # three of its four tensors equal base's: loaded anyway
+    assert b.bytes_loaded == 4 * 16384 and b.bytes_reused == 0
+    assert b.tensors["layer0.weight"].data_ptr() != a.tensors["layer0.weight"].data_ptr()
+    assert_tensors(a, base)
+    assert_tensors(b, variant)
+    assert check_accounting(pool)["totals"]["active"] == 8 * 16384
+    twin = pool.acquire(tmp_path / "base")  # the same checkpoint still shares
+    assert twin.bytes_loaded == 0
+    assert pool.resident_bytes(pool_index(tmp_path / "variant")) == 4 * 16384
+    for x in (a, b, twin):
+        pool.release(x)
+    assert pool.acquire(tmp_path / "variant").bytes_loaded == 0  # retained, for its own checkpoint
+
+
+def pool_index(path):
+    from tangram.store import read_index
+
+    return read_index(path)

@@ -72,7 +72,7 @@ def run_config(cfg: Configuration, paths: dict[str, ModelPaths], trace: list[Tra
                         deployments=_deployments(cfg, paths, sizes.keep_alive_s))
     server = Server(serve)
     for w in server.workers:
-        w.pool.retain = cfg.retain
+        w.pool.retain, w.pool.share = cfg.retain, cfg.share
         if cfg.loader == "safetensors":
             w.pool.loader = SafetensorsLoader({str(p.ckpt): p.hf for p in paths.values()})
     for p in paths.values():  # every configuration starts from disk

@@ -26,6 +26,7 @@ class Configuration:
     loader: str  # "tangram" (the fast loader) or "safetensors" (load_file, then a copy)
     host_cache: bool  # host DRAM cache tier
     retain: bool  # parameters stay in the device pool after an instance ends
+    share: bool  # models share identical tensors in the device pool (content-addressed)
     kv_mode: str  # "elastic" or "reserve"
     scheduler: str  # placement policy
     templates: bool
@@ -34,10 +35,10 @@ class Configuration:
 def configurations() -> dict[str, Configuration]:
     """Each configuration with its best honest settings."""
     return {
-        "baseline": Configuration("baseline", "safetensors", False, False, "reserve", "random", False),
-        "sllm": Configuration("sllm", "tangram", True, False, "reserve", "sllm", False),
-        "tangram": Configuration("tangram", "tangram", True, True, "elastic", "tangram", True),
-        "tangram-notemplate": Configuration("tangram-notemplate", "tangram", True, True, "elastic", "tangram",
+        "baseline": Configuration("baseline", "safetensors", False, False, False, "reserve", "random", False),
+        "sllm": Configuration("sllm", "tangram", True, False, False, "reserve", "sllm", False),
+        "tangram": Configuration("tangram", "tangram", True, True, True, "elastic", "tangram", True),
+        "tangram-notemplate": Configuration("tangram-notemplate", "tangram", True, True, True, "elastic", "tangram",
                                             False),
     }
 

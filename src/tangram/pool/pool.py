@@ -11,6 +11,7 @@ be, `PoolFullError` is raised (callers turn it into waiting).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -113,6 +114,8 @@ class DevicePool:
 
     `capacity` is bytes (int) or a fraction of the device's free memory (float in (0, 1]).
     `retain=False` frees a model's tensors when its last binding is released (no reuse across instances).
+    `share=False` keys tensors per checkpoint, so two models never share one (a conventional engine's copy
+    of the weights per instance; the baselines of bench coldstart).
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class DevicePool:
         reload_bandwidth: float = 2e9,
         clock: Callable[[], float] = time.monotonic,
         retain: bool = True,
+        share: bool = True,
     ) -> None:
         self.device = torch.device(device)
         alignment = 4096  # >= CUDA's 256; page aligned on CPU so O_DIRECT reads land in place
@@ -136,6 +140,7 @@ class DevicePool:
         self.reload_bandwidth = reload_bandwidth  # bytes/s of the tier evicted bytes come back from
         self.clock = clock
         self.retain = retain  # False: released tensors are freed at once (the baselines of bench coldstart)
+        self.share = share
         self._tensors: dict[str, _Resident] = {}
         self._models: dict[str, _ModelStats] = {}
         self._kv: dict[str, KVBlock] = {}
@@ -163,7 +168,7 @@ class DevicePool:
         model = model or str(ckpt.path.resolve())
         index = ckpt.index
         start = time.perf_counter()
-        keys = {name: entry.key for name, entry in index.tensors.items()}
+        keys = self._keys(index)
         by_key = {}
         for name, entry in index.tensors.items():
             by_key.setdefault(keys[name], (name, entry))
@@ -253,9 +258,17 @@ class DevicePool:
                         self._evict(r.key)  # a conventional engine keeps nothing once an instance ends
             self._space.notify_all()
 
+    def _keys(self, index) -> dict[str, str]:
+        """Registry key of each stored tensor: its content key, prefixed by the checkpoint's when not sharing."""
+        keys = {name: entry.key for name, entry in index.tensors.items()}
+        if self.share:
+            return keys
+        ns = hashlib.sha256("\n".join(f"{n}={k}" for n, k in sorted(keys.items())).encode()).hexdigest()[:16]
+        return {name: f"{ns}/{k}" for name, k in keys.items()}
+
     def resident_bytes(self, index) -> int:
         """Bytes of a checkpoint index's distinct tensors resident in this pool now (active or retained)."""
-        keys = {e.key: e.nbytes for e in index.tensors.values()}
+        keys = {k: index.tensors[name].nbytes for name, k in self._keys(index).items()}
         with self._lock:
             return sum(n for k, n in keys.items() if k in self._tensors and not self._tensors[k].failed)
 
