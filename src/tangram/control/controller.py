@@ -62,6 +62,7 @@ class Controller:
         self.workers, self.policy = workers, policy
         self.start_timeout_s = 300.0  # how long a start waits for pool space held by running instances
         self._states: dict[str, _State] = {}
+        self._room_waiters: dict[str, list[asyncio.Future]] = {}  # per worker: starts waiting for pool space
 
     # ------------------------------------------------------------------ deployments
 
@@ -169,6 +170,7 @@ class Controller:
 
     def _release(self, state: _State, replica: Replica) -> None:
         replica.inflight -= 1
+        self._room_changed(replica.worker)
         if replica.inflight == 0:
             replica.idle_since = time.perf_counter()
             asyncio.get_running_loop().call_later(state.spec.keep_alive_s, self._maybe_stop, state, replica)
@@ -206,11 +208,14 @@ class Controller:
 
     async def _start_with_room(self, state: _State, worker: Worker, arrival: float) -> Replica:
         """Start on `worker`; when its pool is full of active bytes, stop idle instances there (their weights
-        become retained, so evictable), else wait for one to end (back-pressure), up to `start_timeout_s`."""
+        become retained, so evictable), else wait for a request there to end (back-pressure), up to
+        `start_timeout_s`."""
         spec = state.spec
         loop = asyncio.get_running_loop()
         deadline = time.perf_counter() + self.start_timeout_s
         while True:
+            changed = loop.create_future()  # made before the attempt, so no release after it is missed
+            self._room_waiters.setdefault(worker.name, []).append(changed)
             try:
                 return await loop.run_in_executor(None, worker.start, spec.name, state.checkpoint, spec.engine,
                                                   arrival)
@@ -226,7 +231,21 @@ class Controller:
                     continue
                 if time.perf_counter() > deadline:
                     raise
-                await loop.run_in_executor(None, worker.pool.wait_for_space, 0.5)
+                log.debug("pool of %s is full of active bytes: %s waits (busy there: %s)", worker.name, spec.name,
+                          [(r.id, r.inflight) for s in self._states.values() for r in s.replicas if r.worker is worker])
+                # a request ending there frees KV and may leave an instance idle; the timeout covers frees
+                # that the controller does not see (a sequence preempted inside an engine)
+                await asyncio.wait({changed}, timeout=0.5)
+            finally:
+                waiters = self._room_waiters.get(worker.name, [])
+                if changed in waiters:
+                    waiters.remove(changed)
+
+    def _room_changed(self, worker: Worker) -> None:
+        """A request on `worker` ended or an instance there stopped: starts waiting for its pool look again."""
+        for fut in self._room_waiters.pop(worker.name, []):
+            if not fut.done():
+                fut.set_result(None)
 
     async def _count_start(self, state: _State, replica: Replica) -> None:
         # a background (template) load settles its start type and bytes when it ends
@@ -257,7 +276,9 @@ class Controller:
         replica.stopping = True
         state.replicas.remove(replica)
         log.info("scaling %s to %d instance(s): %s idle", state.spec.name, len(live) - 1, replica.id)
-        asyncio.get_running_loop().run_in_executor(None, replica.worker.stop, replica)
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(None, replica.worker.stop, replica).add_done_callback(
+            lambda _: self._room_changed(replica.worker))
 
     async def shutdown(self) -> None:
         """Stop every instance."""
