@@ -265,3 +265,21 @@ def test_restart_rebinds_the_kept_skeleton_and_keeps_no_pool_memory(llama):
     with Instance(ckpt, other_pool) as elsewhere:
         assert elsewhere.model is kept  # idle skeleton re-bound to another pool's tensors
         assert elsewhere.engine.generate([PROMPTS[0]], GREEDY)[0].output_ids == out.output_ids
+
+
+@pytest.mark.parametrize("arch", ENGINE_ARCHS)
+def test_batched_prefill_of_different_lengths_equals_one_prefill_each(arch, tmp_path):
+    with start(engine_checkpoint(engine_model(arch), tmp_path)) as inst:
+        runner, kv = inst.engine.runner, inst.kv
+        blocks = [kv.allocate(kv.spec.blocks_for(len(p))) for p in PROMPTS]
+        offsets = [[kv.offset(b) for b in bl] for bl in blocks]
+        batched = runner.prefill_batch(PROMPTS, offsets)
+        stored = [kv.elements[o[0]:o[0] + kv.spec.block_bytes // kv.spec.dtype.itemsize].clone() for o in offsets]
+        for i, (p, o) in enumerate(zip(PROMPTS, offsets)):
+            alone = runner.prefill(p, o)
+            torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-4, atol=1e-4)
+            assert int(batched[i].argmax()) == int(alone[0].argmax())
+            block = kv.elements[o[0]:o[0] + kv.spec.block_bytes // kv.spec.dtype.itemsize]
+            torch.testing.assert_close(stored[i], block, rtol=1e-4, atol=1e-4)  # same KV as a prefill alone
+        for bl in blocks:
+            kv.free(bl)

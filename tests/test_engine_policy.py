@@ -14,6 +14,12 @@ def test_admit_is_fifo_within_batch_and_token_budget():
     assert admit([], running=0, max_batch=8, token_budget=100) == 0
 
 
+def test_admit_counts_the_padding_of_a_batched_prefill():
+    # one forward pads every admitted prompt to the longest: 3 x 40 > 100, though 10 + 40 + 10 is not
+    assert admit([10, 40, 10], running=0, max_batch=8, token_budget=100) == 2
+    assert admit([40, 10, 10], running=0, max_batch=8, token_budget=120) == 3
+
+
 def test_victim_is_the_most_recent():
     assert victim(["a", "b", "c"]) == "c"
 

@@ -1,8 +1,8 @@
 """Continuous-batching generation for one model instance: `step()` is schedule, run, postprocess.
 
 Each step admits waiting requests (FIFO) whose KV blocks the allocator can
-give, prefills each one, then runs one batched decode step over every running
-sequence; new requests join between decode steps. When a running sequence
+give, prefills them together in one forward (prompts left-padded to the
+longest), then runs one batched decode step over every running sequence; new requests join between decode steps. When a running sequence
 needs a block and none is left, the most recently admitted one is preempted
 (its blocks freed, recomputed later); when nothing can be admitted the
 requests wait (back-pressure). Outputs are pushed to each request's sink.
@@ -134,37 +134,42 @@ class Engine:
             self._finish(req, "abort")
 
     def _prefill(self) -> bool:
+        """Admit waiting requests (FIFO) whose KV blocks can be had and prefill them in one forward."""
         n = scheduler.admit([len(r.ids) for r in self.waiting], len(self.running), self.max_batch,
                             self.max_prefill_tokens)
-        done = 0
+        t0 = self.clock()
+        batch: list[Request] = []
         for _ in range(n):
             req = self.waiting[0]
-            t0 = self.clock()
             blocks = self.kv.allocate(self.kv.spec.blocks_for(len(req.ids)))
             if blocks is None:
                 self.stalled = True
                 self.totals.kv_waits += 1
                 break
             self.waiting.popleft()
-            t1 = self.clock()
             req.blocks, req.status = blocks, Status.RUNNING
             self.running.append(req)
-            try:
-                logits = self.runner.prefill(req.ids, self._offsets(req))
-            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the engine
-                log.exception("prefill of %s failed", req.id)
+            batch.append(req)
+        if not batch:
+            return False
+        t1 = self.clock()
+        try:
+            logits = self.runner.prefill_batch([r.ids for r in batch], [self._offsets(r) for r in batch])
+        except Exception as exc:  # noqa: BLE001 - a bad batch must not stop the engine
+            log.exception("prefill of %s failed", [r.id for r in batch])
+            for req in batch:
                 self._finish(req, "error", error=f"prefill failed: {exc}")
-                continue
+            return True
+        t2 = self.clock()
+        for req in batch:
             req.cached = len(req.ids)
-            t2 = self.clock()
             if req.first_token_at is None:
                 st = req.stages
                 st.queue_s = max(0.0, t0 - max(req.arrival, self.ready_at))
                 st.kv_s, st.prefill_s = t1 - t0, t2 - t1
                 st.prefill_interval = (t1 - req.arrival, t2 - req.arrival)
-            self._postprocess([req], logits)
-            done += 1
-        return done > 0
+        self._postprocess(batch, logits)
+        return True
 
     def _decode(self) -> bool:
         batch: list[Request] = []

@@ -1,4 +1,4 @@
-"""Runs a transformers causal LM over KV held in pool blocks: prefill one sequence, decode a batch."""
+"""Runs a transformers causal LM over KV held in pool blocks: prefill a batch of prompts, decode a batch."""
 
 from __future__ import annotations
 
@@ -22,13 +22,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, tokens: list[list[int]], slots: list[SeqSlot]) -> torch.Tensor:
-        """Next-token logits [B, vocab] for sequences that each add `len(tokens[i])` (equal) new tokens."""
-        t = len(tokens[0])
-        cache = PagedCache(self.kv.spec, self.kv.elements, slots, t)
-        lengths = [s.past + t for s in slots]
-        ids = torch.tensor(tokens, dtype=torch.int64, device=self.device)
+        """Next-token logits [B, vocab] for sequences that each add `tokens[i]` (left-padded to the longest)."""
+        news = [len(x) for x in tokens]
+        t = max(news)
+        cache = PagedCache(self.kv.spec, self.kv.elements, slots, news)
+        lengths = [s.past + n for s, n in zip(slots, news)]
+        ids = torch.tensor([[0] * (t - len(x)) + list(x) for x in tokens], dtype=torch.int64, device=self.device)
         past = torch.tensor([s.past for s in slots], dtype=torch.int64, device=self.device).unsqueeze(1)
-        positions = past + torch.arange(t, device=self.device)
+        pad = torch.tensor([t - n for n in news], dtype=torch.int64, device=self.device).unsqueeze(1)
+        positions = (past + torch.arange(t, device=self.device) - pad).clamp_min(0)
         kwargs = dict(input_ids=ids, attention_mask=cache.attention_mask(lengths), position_ids=positions,
                       past_key_values=cache, use_cache=True, logits_to_keep=1)
         recorder, self.recorder = self.recorder, None
@@ -47,6 +49,10 @@ class ModelRunner:
     def prefill(self, ids: list[int], offsets: list[int]) -> torch.Tensor:
         """Logits [1, vocab] after the whole sequence `ids` (no KV cached yet)."""
         return self.forward([ids], [SeqSlot(offsets, 0)])
+
+    def prefill_batch(self, ids: list[list[int]], offsets: list[list[int]]) -> torch.Tensor:
+        """Logits [B, vocab] after each whole sequence (no KV cached yet), in one forward."""
+        return self.forward(ids, [SeqSlot(o, 0) for o in offsets])
 
     def decode(self, last: list[int], slots: list[SeqSlot]) -> torch.Tensor:
         """Logits [B, vocab] after one new token per sequence."""

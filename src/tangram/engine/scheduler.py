@@ -2,7 +2,8 @@
 
 Admission is FIFO (a request that does not fit blocks the ones behind it, so
 no request starves), bounded by the batch size and a prefill token budget per
-step; the first candidate is always tried so one long prompt still runs.
+step (the admitted prompts are prefilled together, padded to the longest);
+the first candidate is always tried so one long prompt still runs.
 Preemption (when a running sequence needs a KV block and none is left) takes
 the most recently admitted sequence, whose recompute is cheapest and which
 has waited least.
@@ -14,14 +15,18 @@ from collections.abc import Sequence
 
 
 def admit(waiting_tokens: Sequence[int], running: int, max_batch: int, token_budget: int) -> int:
-    """How many of the waiting requests (FIFO, by prompt tokens to prefill) to try to admit this step."""
-    n, used = 0, 0
+    """How many of the waiting requests (FIFO, by prompt tokens to prefill) to try to admit this step.
+
+    They are prefilled in one forward padded to the longest prompt, so the budget
+    counts admitted requests x longest prompt (padding costs compute too).
+    """
+    n, longest = 0, 0
     for tokens in waiting_tokens:
         if running + n >= max_batch:
             break
-        if n > 0 and used + tokens > token_budget:
+        if n > 0 and (n + 1) * max(longest, tokens) > token_budget:
             break
-        n, used = n + 1, used + tokens
+        n, longest = n + 1, max(longest, tokens)
     return n
 
 

@@ -51,28 +51,40 @@ class _PagedLayer(CacheLayerMixin):
 
 
 class PagedCache(Cache):
-    """KV of a batch of sequences (same number of new tokens each) living in pool blocks."""
+    """KV of a batch of sequences living in pool blocks, for one forward that adds `new_tokens` to each.
 
-    def __init__(self, spec: KVSpec, elements: torch.Tensor, slots: list[SeqSlot], new_tokens: int) -> None:
+    `new_tokens` is one count for all, or one per sequence: then the inputs are
+    left-padded to the longest, and the padding rows are neither written nor
+    attended to (a batched prefill of prompts of different lengths).
+    """
+
+    def __init__(self, spec: KVSpec, elements: torch.Tensor, slots: list[SeqSlot], new_tokens: int | list[int]
+                 ) -> None:
         super().__init__(layers=[_PagedLayer(self, i) for i in range(spec.layers)])
-        self.spec, self.elements, self.new_tokens = spec, elements, new_tokens
+        news = [new_tokens] * len(slots) if isinstance(new_tokens, int) else list(new_tokens)
+        t = max(news)
+        self.spec, self.elements, self.new_tokens = spec, elements, t
         dev = elements.device
         w, bt = spec.row_elems, spec.block_tokens
-        lengths = [s.past + new_tokens for s in slots]
+        lengths = [s.past + n for s, n in zip(slots, news)]
         for s, n in zip(slots, lengths):
             if len(s.offsets) * bt < n:
                 raise ValueError(f"sequence needs {n} tokens of KV but holds {len(s.offsets)} blocks")
         self.batch = len(slots)
-        self.past_len = max(s.past for s in slots)
-        self.total = self.past_len + new_tokens
+        self.total = max(lengths)
+        self.past_len = self.total - t  # query row j sits at key column past_len + j for every sequence
         self.fresh = self.batch == 1 and slots[0].past == 0  # plain prefill: hand back the new K/V
         width = max(len(s.offsets) for s in slots)
         table = torch.tensor([s.offsets + [s.offsets[0]] * (width - len(s.offsets)) for s in slots],
                              dtype=torch.int64, device=dev)
         rows = torch.arange(self.batch, device=dev).unsqueeze(1)
         past = torch.tensor([s.past for s in slots], dtype=torch.int64, device=dev).unsqueeze(1)
-        wpos = past + torch.arange(new_tokens, device=dev)  # [B, T] positions written
-        self._write = (table[rows, wpos // bt] + (wpos % bt) * w).reshape(-1)
+        pad = torch.tensor([t - n for n in news], dtype=torch.int64, device=dev).unsqueeze(1)
+        cols = torch.arange(t, device=dev)
+        wpos = (past + cols - pad).clamp_min(0)  # [B, T] positions written (padding rows: dropped below)
+        write = (table[rows, wpos // bt] + (wpos % bt) * w).reshape(-1)
+        self._keep = None if min(news) == t else (cols >= pad).reshape(-1).nonzero().squeeze(1)
+        self._write = write if self._keep is None else write[self._keep]
         lens = torch.tensor(lengths, dtype=torch.int64, device=dev).unsqueeze(1)
         rpos = (torch.arange(self.total, device=dev) - (self.total - lens)).clamp_min(0)  # left padding -> token 0
         self._read = (table[rows, rpos // bt] + (rpos % bt) * w).reshape(-1)
@@ -89,6 +101,8 @@ class PagedCache(Cache):
                              f"{(self.batch, spec.kv_heads, self.new_tokens, spec.head_dim)}")
         shift = layer * spec.layer_elems
         new = torch.stack((keys.transpose(1, 2), values.transpose(1, 2)), dim=2).to(spec.dtype)  # [B, T, 2, H, D]
+        if self._keep is not None:
+            new = new.reshape(b * t, -1).index_select(0, self._keep)
         idx = ((self._write + shift).unsqueeze(1) + self._cols).reshape(-1)
         self.elements.index_copy_(0, idx, new.reshape(-1))
         if self.fresh:
