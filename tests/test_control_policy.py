@@ -8,7 +8,9 @@ import pytest
 from pydantic import ValidationError
 
 from tangram.control import Deployment, ServeConfig
-from tangram.control.autoscale import desired_instances, least_loaded, pick_instance, should_scale_down
+from tangram.control.autoscale import (
+    desired_instances, drain_victim, least_loaded, pick_instance, should_scale_down,
+)
 from tangram.serve.server import is_loopback, resolve_token
 
 
@@ -60,3 +62,9 @@ def test_non_loopback_bind_needs_a_token(monkeypatch):
     assert resolve_token(ServeConfig(host="0.0.0.0", admin_token="s3cret")) == ("s3cret", False)
     token, generated = resolve_token(ServeConfig())
     assert generated and len(token) >= 24
+
+
+def test_drain_victim_is_the_busy_instance_that_empties_soonest():
+    assert drain_victim([3, 1, 2], [0.0, 5.0, 1.0]) == 1
+    assert drain_victim([2, 2], [9.0, 4.0]) == 1  # equal load: the longest-running
+    assert drain_victim([], []) is None

@@ -173,3 +173,38 @@ def test_a_full_pool_stops_idle_instances_instead_of_failing(model_dir, tmp_path
         st = admin(srv, "GET", "/admin/status").json()["deployments"]
         assert st["a"]["instances"] == 0 and st["b"]["instances"] == 1
         assert c.completions.create(model="a", prompt="w5", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_start_waiting_for_room_drains_an_instance_that_never_goes_idle(model_dir, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving import chat_model_dir
+
+    other = chat_model_dir(tmp_path / "other3", seed=7)
+    deps = [Deployment(name="a", checkpoint=str(model_dir), keep_alive_s=600),
+            Deployment(name="b", checkpoint=str(other), keep_alive_s=600)]
+    with serving(deps, pool_bytes=64 << 20) as probe:
+        sizes = [d["bytes"] for d in admin(probe, "GET", "/admin/deployments").json()["deployments"]]
+    with serving(deps, pool_bytes=int(max(sizes) * 1.6)) as srv:  # room for one model at a time (and KV)
+        c = client(srv)
+        stream_done: list[float] = []
+
+        def busy_a(n: int) -> list[str]:  # back-to-back requests from 3 threads: "a" is never idle for long
+            reasons = [c.completions.create(model="a", prompt="w5 w6", max_tokens=16).choices[0].finish_reason
+                       for _ in range(n)]
+            stream_done.append(time.perf_counter())
+            return reasons
+
+        c.completions.create(model="a", prompt="w5", max_tokens=1)
+        with ThreadPoolExecutor(3) as pool:
+            streams = [pool.submit(busy_a, 25) for _ in range(3)]
+            time.sleep(0.3)
+            b = c.completions.create(model="b", prompt="w5", max_tokens=2)
+            b_done = time.perf_counter()
+            reasons = [r for s in streams for r in s.result()]
+        assert b.usage.completion_tokens == 2
+        assert b_done < min(stream_done)  # b did not wait for "a"'s stream to end
+        assert len(reasons) == 75 and set(reasons) <= {"length", "stop"}  # every request of "a" completed
+        starts = admin(srv, "GET", "/admin/deployments").json()["deployments"]
+        a = next(d for d in starts if d["name"] == "a")
+        assert sum(a["starts"].values()) >= 2  # drained, stopped, and started again

@@ -29,3 +29,11 @@ def should_scale_down(idle_since: float | None, now: float, keep_alive_s: float,
                       min_instances: int) -> bool:
     """Whether an idle instance has outlived its keep-alive and the deployment may shrink."""
     return idle_since is not None and now - idle_since >= keep_alive_s and instances > min_instances
+
+
+def drain_victim(inflight: Sequence[int], started_at: Sequence[float]) -> int | None:
+    """Which busy instance to drain for a start that has waited too long for pool space: the one with the
+    fewest requests in flight (it empties soonest), the longest-running among equals; None if none."""
+    if not inflight:
+        return None
+    return min(range(len(inflight)), key=lambda i: (inflight[i], started_at[i]))

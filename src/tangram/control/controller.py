@@ -5,6 +5,10 @@ target concurrency; otherwise a new instance starts (up to `max_instances`)
 and the request waits for it; at the limit, the least-loaded instance takes it
 (its engine queues). An instance idle for `keep_alive_s` is stopped: its
 weights go back to the pool as retained, so the next start is a pool hit.
+A start that finds its device's pool full of active bytes stops idle
+instances there; if none is idle it waits, and after `drain_after_s` it
+drains busy ones (one more per interval): they take no new requests and stop
+once empty, so a steady stream to two models cannot starve a third.
 Everything is event-driven: futures for waiters, `call_later` for keep-alive.
 """
 
@@ -17,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tangram.control.autoscale import least_loaded, pick_instance, should_scale_down
+from tangram.control.autoscale import drain_victim, least_loaded, pick_instance, should_scale_down
 from tangram.control.deployments import Deployment
 from tangram.scheduler.adapter import choose_worker, observe_start
 from tangram.engine import RequestOutput, SamplingParams
@@ -61,6 +65,7 @@ class Controller:
             raise ValueError("a controller needs at least one worker")
         self.workers, self.policy = workers, policy
         self.start_timeout_s = 300.0  # how long a start waits for pool space held by running instances
+        self.drain_after_s = 0.25  # a start waiting this long for pool space drains one busy instance (then more)
         self._states: dict[str, _State] = {}
         self._room_waiters: dict[str, list[asyncio.Future]] = {}  # per worker: starts waiting for pool space
 
@@ -149,9 +154,10 @@ class Controller:
         while True:
             if state.removed:
                 raise DeploymentUnavailable(f"deployment {spec.name!r} was removed")
-            live = [r for r in state.replicas if not r.stopping]
+            running = [r for r in state.replicas if not r.stopping]
+            live = [r for r in running if not r.draining]  # a draining instance takes no new request
             i = pick_instance([r.inflight for r in live], spec.target_concurrency)
-            if i is None and len(live) + state.starting < spec.max_instances:
+            if i is None and len(running) + state.starting < spec.max_instances:
                 self._start(state, arrival)
             elif i is None and live:
                 i = least_loaded([r.inflight for r in live])
@@ -170,10 +176,14 @@ class Controller:
 
     def _release(self, state: _State, replica: Replica) -> None:
         replica.inflight -= 1
-        self._room_changed(replica.worker)
         if replica.inflight == 0:
             replica.idle_since = time.perf_counter()
+            if replica.draining and not replica.stopping:
+                log.info("%s drained: stopping it to make room on %s", replica.id, replica.worker.name)
+                self._stop(state, replica)
+                return
             asyncio.get_running_loop().call_later(state.spec.keep_alive_s, self._maybe_stop, state, replica)
+        self._room_changed(replica.worker)
 
     # ------------------------------------------------------------------ scaling
 
@@ -212,7 +222,8 @@ class Controller:
         `start_timeout_s`."""
         spec = state.spec
         loop = asyncio.get_running_loop()
-        deadline = time.perf_counter() + self.start_timeout_s
+        began = time.perf_counter()
+        deadline, drained = began + self.start_timeout_s, 0
         while True:
             changed = loop.create_future()  # made before the attempt, so no release after it is missed
             self._room_waiters.setdefault(worker.name, []).append(changed)
@@ -229,8 +240,11 @@ class Controller:
                     owner.replicas.remove(victim)
                     await loop.run_in_executor(None, worker.stop, victim)
                     continue
-                if time.perf_counter() > deadline:
+                now = time.perf_counter()
+                if now > deadline:
                     raise
+                if now - began >= self.drain_after_s * (drained + 1) and self._drain_one(state, worker):
+                    drained += 1
                 log.debug("pool of %s is full of active bytes: %s waits (busy there: %s)", worker.name, spec.name,
                           [(r.id, r.inflight) for s in self._states.values() for r in s.replicas if r.worker is worker])
                 # a request ending there frees KV and may leave an instance idle; the timeout covers frees
@@ -240,6 +254,22 @@ class Controller:
                 waiters = self._room_waiters.get(worker.name, [])
                 if changed in waiters:
                     waiters.remove(changed)
+
+    def _drain_one(self, state: _State, worker: Worker) -> bool:
+        """Stop routing new requests to one busy instance of another deployment on `worker`, so that a start
+        waiting for room there is not starved by instances that never go idle; False if none is left."""
+        busy = [(s, r) for s in self._states.values() if s is not state for r in s.replicas
+                if r.worker is worker and not r.stopping and not r.draining]
+        i = drain_victim([r.inflight for _, r in busy], [r.started_at for _, r in busy])
+        if i is None:
+            return False
+        owner, victim = busy[i]
+        log.info("%s has waited for room on %s: draining %s (%d in flight)", state.spec.name, worker.name,
+                 victim.id, victim.inflight)
+        victim.draining = True
+        if not victim.inflight:
+            self._stop(owner, victim)
+        return True
 
     def _room_changed(self, worker: Worker) -> None:
         """A request on `worker` ended or an instance there stopped: starts waiting for its pool look again."""
@@ -273,12 +303,21 @@ class Controller:
         if not should_scale_down(replica.idle_since, now, state.spec.keep_alive_s, len(live),
                                  state.spec.min_instances):
             return
-        replica.stopping = True
-        state.replicas.remove(replica)
         log.info("scaling %s to %d instance(s): %s idle", state.spec.name, len(live) - 1, replica.id)
-        loop = asyncio.get_running_loop()
-        loop.run_in_executor(None, replica.worker.stop, replica).add_done_callback(
-            lambda _: self._room_changed(replica.worker))
+        self._stop(state, replica)
+
+    def _stop(self, state: _State, replica: Replica) -> None:
+        """Stop `replica` in the background; then starts waiting for room there, and the deployment's waiting
+        requests (a drained instance leaves them without one), look again."""
+        replica.stopping = True
+        if replica in state.replicas:
+            state.replicas.remove(replica)
+
+        def stopped(_: object) -> None:
+            self._room_changed(replica.worker)
+            self._wake(state)
+
+        asyncio.get_running_loop().run_in_executor(None, replica.worker.stop, replica).add_done_callback(stopped)
 
     async def shutdown(self) -> None:
         """Stop every instance."""

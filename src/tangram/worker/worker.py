@@ -45,6 +45,7 @@ class Replica:
     inflight: int = 0
     idle_since: float | None = None
     stopping: bool = False
+    draining: bool = False  # takes no new requests: stopped once idle, to make room for a waiting start
     started_at: float = field(default_factory=time.perf_counter)
 
     @property
