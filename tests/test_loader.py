@@ -233,3 +233,32 @@ def test_top_level_load_names_and_order(ckpt):
 def test_single_thread_loader(ckpt):
     path, state = ckpt
     assert_state_equal(Loader(threads=1, method="pread", chunk_bytes=4096).load(path), state)
+
+
+@pytest.mark.parametrize("method", READ_METHODS)
+def test_ordered_load_reports_each_tensor_as_it_lands_complete(ckpt, method):
+    path, state = ckpt
+    skip_if_no_odirect(method, path / "data-00000.bin")
+    index = read_index(path)
+    dests = {n: torch.full((e.nbytes,), SENTINEL, dtype=torch.uint8) for n, e in index.tensors.items()}
+    order = [["layer9.w", "layer0.w"], ["layer4.w"], ["layer5.w", "layer1.w", "layer2.w"]]
+    seen: list[str] = []
+
+    def landed(name: str) -> None:  # called from a reader thread: the bytes must all be there already
+        assert torch.equal(dests[name], state[name].reshape(-1).view(torch.uint8)), name
+        seen.append(name)
+
+    Loader(method=method, chunk_bytes=4096, threads=3).load_into(path, dests, order=order, landed=landed)
+    assert sorted(seen) == sorted(dests)  # every tensor once (the ones outside `order` last)
+    assert_state_equal({n: d.view(state[n].dtype).view(state[n].shape) for n, d in dests.items()}, state)
+
+
+def test_one_reader_lands_tensors_group_after_group(ckpt):
+    path, _ = ckpt
+    index = read_index(path)
+    dests = {n: torch.empty(e.nbytes, dtype=torch.uint8) for n, e in index.tensors.items()}
+    order = [["layer8.w"], ["layer3.w", "layer1.w"], ["layer6.w"]]
+    seen: list[str] = []
+    Loader(method="pread", threads=1).load_into(path, dests, order=order, landed=seen.append)
+    assert seen[:4] == ["layer8.w", "layer1.w", "layer3.w", "layer6.w"]  # within a group: file order
+    assert sorted(seen[4:]) == sorted(set(dests) - {"layer8.w", "layer3.w", "layer1.w", "layer6.w"})

@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 from tangram.pool.arena import Arena, Block
-from tangram.pool.loading import LoadJob, ordered_groups
+from tangram.pool.loading import LoadJob
 from tangram.pool.policy import (
     Extent, Policy, State, decayed_rate, eviction_order, find_window, fragmentation, largest_free, retention_gain,
 )
 from tangram.store import Checkpoint, Loader, LoadStats
 from tangram.store.loader import typed_view
+from tangram.store.plan import ordered_groups
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,8 @@ class DevicePool:
         name_of = {by_key[k][0]: k for k in missing}
         dests = {n: self.arena.view(placed[k], by_key[k][1].nbytes) for n, k in name_of.items()}
         job = LoadJob(ordered_groups(list(name_of), order),
-                      lambda group: self.loader.load_into(ckpt, {n: dests[n] for n in group}),
+                      lambda groups, landed: self.loader.load_into(ckpt, {n: dests[n] for g in groups for n in g},
+                                                                   order=groups, landed=landed),
                       {n: self._tensors[k].ready for n, k in name_of.items()},
                       lambda exc: self._drop_failed([self._tensors[k] for k in missing]),
                       (lambda stats: setattr(binding, "load", stats)) if missing else None)

@@ -22,7 +22,7 @@ import torch
 from tangram.store import io
 from tangram.store.io import ReadMethod
 from tangram.store.format import ALIGNMENT, align_up
-from tangram.store.plan import ReadRun, Segment
+from tangram.store.plan import Piece, ReadRun, Segment
 
 
 AUTO_CACHED = 0.5  # AUTO reads a chunk through the page cache when at least this much of it is there
@@ -71,8 +71,14 @@ def execute(
     *,
     staging: Callable[[], StagingRing] | None = None,
     progress: Callable[[int], None] | None = None,
+    landed: Callable[[Piece], None] | None = None,
 ) -> None:
-    """Read every run into its destinations with `config`; returns when all bytes have landed."""
+    """Read every run into its destinations with `config`; returns when all bytes have landed.
+
+    Runs are started in list order. `landed(piece)` is called (from a reader
+    thread) as soon as all of a piece's bytes are in its destination, on CUDA
+    once its copies have finished, so a consumer may start on it at once.
+    """
     method = config.method
     if device.type == "cuda" and method is ReadMethod.MMAP:
         method = ReadMethod.PREAD  # staging is pinned host memory: read into it directly
@@ -99,6 +105,25 @@ def execute(
         else:  # AUTO, cold: from the disk, past the page cache
             io.read_direct(dfds[run.file], run, bounce(), path, need)
 
+    left: dict[int, int] = {}
+    if landed is not None:
+        for run in runs:
+            for seg in run.segments:
+                if seg.piece is not None:
+                    left[id(seg.piece)] = left.get(id(seg.piece), 0) + seg.length
+    left_lock = threading.Lock()
+
+    def completed(run: ReadRun) -> list[Piece]:
+        """Pieces whose last bytes were in `run`."""
+        done = []
+        with left_lock:
+            for seg in run.segments:
+                if seg.piece is not None:
+                    left[id(seg.piece)] -= seg.length
+                    if left[id(seg.piece)] == 0:
+                        done.append(seg.piece)
+        return done
+
     def cuda_work(run: ReadRun) -> None:
         if not hasattr(local, "stream"):
             local.stream = torch.cuda.Stream(device)
@@ -118,11 +143,18 @@ def execute(
         ring.give(buf, event)
         if progress:
             progress(run.payload)
+        if landed is not None and (done := completed(run)):
+            event.synchronize()  # the consumer's stream must not read before this thread's copies end
+            for piece in done:
+                landed(piece)
 
     def cpu_work(run: ReadRun) -> None:
         read(run, run.length)
         if progress:
             progress(run.payload)
+        if landed is not None:
+            for piece in completed(run):
+                landed(piece)
 
     try:
         for f in sorted({r.file for r in runs}):

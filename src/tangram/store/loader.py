@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from tangram.store.format import Checkpoint
 from tangram.store.hashing import hash_bytes
 from tangram.store.io import ReadMethod
 from tangram.store.execute import ReadConfig, StagingRing, execute, run_all
-from tangram.store.plan import Piece, plan_reads
+from tangram.store.plan import Piece, ordered_groups, plan_reads
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,16 @@ class Loader:
         *,
         verify: bool = False,
         progress: Callable[[int], None] | None = None,
+        order: Sequence[Sequence[str]] | None = None,
+        landed: Callable[[str], None] | None = None,
     ) -> LoadStats:
         """Fill `dests` (stored tensor name -> flat uint8 tensor of its nbytes, one device) from `checkpoint`.
 
         With `verify`, every tensor read from disk is re-hashed and a mismatch
-        raises HashMismatchError. Only the named tensors are read.
+        raises HashMismatchError. Only the named tensors are read. `order`:
+        groups of names to read one group after the other (a template's
+        first-use order) on all reader threads at once, instead of in file
+        order; `landed(name)` is called as each tensor arrives (execute-while-load).
         """
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
         start = time.perf_counter()
@@ -111,7 +116,10 @@ class Loader:
         device = devices.pop() if devices else torch.device("cpu")
         cuda = device.type == "cuda"
         pieces: list[Piece] = []
-        for name, dest in dests.items():
+        groups = ordered_groups(list(dests), order)
+        rank = {n: i for i, g in enumerate(groups) for n in g}
+        for name in [n for g in groups for n in g]:
+            dest = dests[name]
             entry = index.tensors[index.resolve(name)]
             if dest.dtype != torch.uint8 or dest.dim() != 1 or not dest.is_contiguous():
                 raise ValueError(f"destination of {name!r} must be a flat contiguous uint8 tensor")
@@ -123,18 +131,22 @@ class Loader:
                 stats.bytes_from_cache += entry.nbytes
                 if progress:
                     progress(entry.nbytes)
+                if landed is not None:  # on CUDA the consumer's stream orders after this copy
+                    landed(name)
             else:
                 pieces.append(Piece(name, entry.file, entry.offset, entry.nbytes, dest))
         stats.tensors = len(dests)
         config = self.config(ckpt.file_path(pieces[0].file)) if pieces else probe.DEFAULT
         stats.method, stats.threads, stats.chunk_bytes = config.method.value, config.threads, config.chunk_bytes
-        runs = plan_reads(pieces, chunk_bytes=config.chunk_bytes)
+        runs = [run for i in range(len(groups))  # group after group; coalesced within a group
+                for run in plan_reads([p for p in pieces if rank[p.name] == i], chunk_bytes=config.chunk_bytes)]
         stats.reads = len(runs)
         stats.bytes_from_disk = sum(r.payload for r in runs)
         stats.bytes_padding = sum(r.length for r in runs) - stats.bytes_from_disk
         if runs:
             paths = {f: ckpt.file_path(f) for f in {r.file for r in runs}}
-            execute(runs, paths, config, device, staging=lambda: self._ring(config), progress=progress)
+            execute(runs, paths, config, device, staging=lambda: self._ring(config), progress=progress,
+                    landed=(lambda piece: landed(piece.name)) if landed is not None else None)
         if cuda:
             torch.cuda.synchronize(device)  # cache-hit copies too
         if verify:
@@ -190,3 +202,4 @@ def typed_view(raw: torch.Tensor, dtype: torch.dtype, shape: list[int] | tuple[i
     if raw.numel() == 0:
         return torch.empty(shape, dtype=dtype, device=raw.device)
     return raw.view(dtype).view(shape)
+

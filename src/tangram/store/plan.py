@@ -8,6 +8,7 @@ holds one chunk.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -155,3 +156,19 @@ def tail(run: ReadRun, skip: int) -> ReadRun:
             )
         pos = end
     return out
+
+
+def ordered_groups(names: Sequence[str], order: Sequence[Sequence[str]] | None) -> list[list[str]]:
+    """`names` split into the groups of `order` (those present, in that order), the rest as a last group."""
+    if not order:
+        return [list(names)] if names else []
+    wanted, seen, groups = set(names), set(), []
+    for group in order:
+        g = [n for n in group if n in wanted and n not in seen]
+        seen.update(g)
+        if g:
+            groups.append(g)
+    rest = [n for n in names if n not in seen]
+    if rest:
+        groups.append(rest)
+    return groups
