@@ -208,3 +208,23 @@ def test_a_start_waiting_for_room_drains_an_instance_that_never_goes_idle(model_
         starts = admin(srv, "GET", "/admin/deployments").json()["deployments"]
         a = next(d for d in starts if d["name"] == "a")
         assert sum(a["starts"].values()) >= 2  # drained, stopped, and started again
+
+
+def test_deploying_warms_every_worker_for_the_model_before_traffic(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from serving import chat_model_dir
+    from tangram.engine.skeleton import RUNTIME
+    from tangram.templates import load_template
+
+    src = chat_model_dir(tmp_path / "src", seed=8)
+    with serving([Deployment(name="m", checkpoint=str(src))]) as srv:  # the first run records the template
+        client(srv).completions.create(model="m", prompt="w5 w6", max_tokens=1)
+        resolved = Path(admin(srv, "GET", "/admin/deployments").json()["deployments"][0]["resolved_checkpoint"])
+    assert load_template(resolved) is not None
+    fresh = tmp_path / "fresh"
+    shutil.copytree(resolved, fresh)
+    with serving([Deployment(name="m", checkpoint=str(fresh))]):
+        kept = RUNTIME.skeletons(fresh)
+        assert len(kept) == 1 and all(p.is_meta for p in kept[0].parameters())  # before any request

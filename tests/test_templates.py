@@ -177,7 +177,35 @@ def test_overlap_auto_is_off_on_cpu_but_keeps_the_first_use_order(model_ckpt):
     loader = SlowLoader(delay=0.0)
     inst, out = run(ckpt, loader=loader, overlap="auto")
     assert inst.template is not None and inst.engine.runner.waits is None  # loaded before the forward
-    loaded = [n for call in loader.calls for n in call]
-    assert loaded == [n for n in t.order if n in set(loaded)]
+    assert in_template_order(loader.landed, t) and len(loader.landed) > 3
     assert out.output_ids == reference_greedy(model, PROMPT, 8)
     assert EngineConfig().overlaps("cuda:0") and not EngineConfig().overlaps("cpu")
+
+
+def test_a_worker_warms_for_an_expected_model_before_traffic(model_ckpt, tmp_path):
+    import shutil
+
+    from tangram.engine.skeleton import RUNTIME
+    from tangram.worker import Worker
+
+    model, ckpt = model_ckpt
+    worker = Worker(0, "cpu", 64 << 20)
+    assert worker.warm(ckpt) == 0.0  # no template yet: nothing to warm from
+    run(ckpt)  # the first run records the template
+    fresh = tmp_path / "copy"  # the same checkpoint at a path this process has never started
+    shutil.copytree(ckpt, fresh)
+    assert load_template(fresh) is not None and RUNTIME.skeletons(fresh) == []
+    assert worker.warm(fresh) > 0
+    kept = RUNTIME.skeletons(fresh)
+    assert len(kept) == 1 and all(p.is_meta for p in kept[0].parameters())  # built, holding no memory
+    replica = worker.start("m", fresh, EngineConfig(block_tokens=4), time.perf_counter())
+    try:
+        assert replica.instance.model is kept[0]  # the first start only bound the tensors into it
+        sink = OutputQueue()
+        replica.submit(PROMPT, GREEDY, sink, arrival=time.perf_counter())
+        while not (out := sink.q.get(timeout=60)).finished:
+            pass
+        assert out.output_ids == reference_greedy(model, PROMPT, 8)
+    finally:
+        worker.stop(replica)
+    assert RUNTIME.skeletons(fresh) == kept

@@ -60,6 +60,10 @@ class WorkerActor:
         self.finished[replica.id] = Counter()
         return replica.id, replica.cost
 
+    async def warm(self, checkpoint: str) -> float:
+        """`Worker.warm`: skeleton, tokenizer and template operators of a model expected here."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.worker.warm, Path(checkpoint))
+
     async def stop(self, replica_id: str) -> None:
         """Stop an instance; its weights stay in the pool as retained."""
         replica = self.worker.replicas.get(replica_id)

@@ -145,6 +145,10 @@ class RemoteWorker:
             self.replicas[rid] = replica
         return replica
 
+    def warm(self, checkpoint: Path) -> float:
+        """Warm the actor for a model expected there (see `Worker.warm`); the checkpoint must exist there."""
+        return ray.get(self.actor.warm.remote(str(checkpoint)))
+
     def stop(self, replica: RemoteReplica) -> None:
         """Stop the instance on the actor (blocking); its weights stay retained in the actor's pool."""
         ray.get(self.actor.stop.remote(replica.id))

@@ -72,7 +72,8 @@ class Controller:
     # ------------------------------------------------------------------ deployments
 
     async def deploy(self, spec: Deployment) -> dict:
-        """Register (or replace the settings of) a deployment; a Hugging Face directory is converted now."""
+        """Register (or replace the settings of) a deployment; a Hugging Face directory is converted now and,
+        with templates on, every worker warms for the model (skeleton, tokenizer, operators) before it returns."""
         loop = asyncio.get_running_loop()
         path = await loop.run_in_executor(None, resolve_model, spec.checkpoint)
         index = Checkpoint(path).index  # validates the checkpoint now, not at the first request
@@ -80,6 +81,8 @@ class Controller:
         if old is not None and old.checkpoint != path:
             await self.remove(spec.name)
             old = None
+        if spec.engine.templates:  # every worker warms for the model before it takes traffic
+            await asyncio.gather(*(loop.run_in_executor(None, w.warm, path) for w in self.workers))
         if old is not None:
             old.spec = spec
         else:

@@ -115,6 +115,29 @@ class RuntimeCache:
             self._models.setdefault(key, []).append(_Entry(model, 1))
         return model
 
+    def prepare(self, path: Path, device: torch.device | str, dtype: torch.dtype) -> bool:
+        """Build an unbound skeleton and load the tokenizer of a checkpoint expected here, so that its first
+        start only binds (a worker warming up before traffic); False if one is kept already."""
+        key = (*self._stamp(path), str(torch.device(device)), dtype)
+        with self._lock:
+            if self._models.get(key):
+                return False
+        config = AutoConfig.from_pretrained(path)
+        with _BUILD_LOCK:
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        self.tokenizer(path)
+        with self._lock:
+            self._models.setdefault(key, []).append(_Entry(model, 0))
+            self._trim()
+        return True
+
+    def skeletons(self, path: Path) -> list[PreTrainedModel]:
+        """The skeletons kept for a checkpoint (bound or not), on any device."""
+        stamp = self._stamp(path)
+        with self._lock:
+            return [e.model for key, es in self._models.items() if key[:2] == stamp for e in es]
+
     def release(self, model: PreTrainedModel) -> None:
         """An instance no longer uses `model`; the last user strips it to meta tensors."""
         with self._lock:

@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from tangram.engine import EngineConfig, Instance, RequestOutput, SamplingParams, StartCost
 from tangram.engine.loop import EngineLoop
+from tangram.engine.skeleton import RUNTIME
 from tangram.pool import DevicePool
 from tangram.store import Checkpoint, CheckpointIndex, Loader
+from tangram.templates import load_template, warm
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -96,6 +99,22 @@ class Worker:
         with self._lock:
             self.replicas[rid] = replica
         return replica
+
+    def warm(self, checkpoint: Path) -> float:
+        """Warm this worker for a model expected on it, before traffic: its skeleton and tokenizer, and the
+        operators its start-up template lists (nothing without a valid template). Seconds spent."""
+        template = load_template(checkpoint)
+        if template is None:
+            return 0.0
+        t0 = time.perf_counter()
+        index = Checkpoint(checkpoint).index
+        dtype = next((e.torch_dtype for e in index.tensors.values() if e.torch_dtype.is_floating_point),
+                     torch.float32)
+        RUNTIME.prepare(checkpoint, self.device, dtype)
+        warm(AutoConfig.from_pretrained(checkpoint), template, dtype, self.device)
+        seconds = time.perf_counter() - t0
+        log.info("warmed %s for %s in %.3f s", self.name, checkpoint, seconds)
+        return seconds
 
     def stop(self, replica: Replica) -> None:
         """Stop the engine thread and release the weights to the pool (they stay retained)."""
