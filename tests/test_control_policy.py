@@ -64,7 +64,11 @@ def test_non_loopback_bind_needs_a_token(monkeypatch):
     assert generated and len(token) >= 24
 
 
-def test_drain_victim_is_the_busy_instance_that_empties_soonest():
-    assert drain_victim([3, 1, 2], [0.0, 5.0, 1.0]) == 1
-    assert drain_victim([2, 2], [9.0, 4.0]) == 1  # equal load: the longest-running
-    assert drain_victim([], []) is None
+def test_drain_victim_is_the_busy_instance_that_empties_soonest_among_those_that_give_bytes_back():
+    assert drain_victim([3, 1, 2], [0.0, 5.0, 1.0], [10, 10, 10]) == 1
+    assert drain_victim([2, 2], [9.0, 4.0], [10, 10]) == 1  # equal load and bytes: the longest-running
+    assert drain_victim([2, 2], [9.0, 4.0], [50, 10]) == 0  # equal load: the one giving back most
+    # a family member whose tensors another instance also holds gives nothing back: draining it is useless
+    assert drain_victim([0, 5], [0.0, 1.0], [0, 80]) == 1
+    assert drain_victim([1], [0.0], [0]) is None
+    assert drain_victim([], [], []) is None

@@ -40,13 +40,14 @@ def test_reserve_mode_holds_its_blocks_until_closed():
     s = spec()
     pool = DevicePool(8 * 4096)
     kv = KVAllocator(pool, s, "reserve", reserve_blocks=6)
-    assert pool.snapshot()["kv_bytes"] == 6 * 4096
+    assert pool.snapshot()["kv_bytes"] == kv.reserved_bytes == 6 * 4096
+    assert KVAllocator(pool, s).reserved_bytes == 0  # elastic: nothing held ahead
     a = kv.allocate(6)
     assert kv.allocate(1) is None
     kv.free(a)
     assert pool.snapshot()["kv_bytes"] == 6 * 4096  # still reserved
     kv.close()
-    assert pool.snapshot()["kv_bytes"] == 0
+    assert pool.snapshot()["kv_bytes"] == kv.reserved_bytes == 0
     with pytest.raises(PoolFullError):
         KVAllocator(pool, s, "reserve", reserve_blocks=9)
     assert pool.snapshot()["kv_bytes"] == 0  # a failed reservation gives back what it took

@@ -296,3 +296,14 @@ def pool_index(path):
     from tangram.store import read_index
 
     return read_index(path)
+
+
+def test_exclusive_bytes_counts_only_what_no_other_binding_holds(tmp_path):
+    family(tmp_path)
+    pool = DevicePool(1 << 20, loader=Loader(method="pread"))
+    base = pool.acquire(tmp_path / "base")
+    assert pool.exclusive_bytes(base) == 4 * 16384
+    variant = pool.acquire(tmp_path / "variant")  # shares three of base's four tensors
+    assert pool.exclusive_bytes(base) == pool.exclusive_bytes(variant) == 16384
+    pool.release(variant)
+    assert pool.exclusive_bytes(base) == 4 * 16384 and pool.exclusive_bytes(variant) == 0

@@ -64,6 +64,11 @@ class WorkerActor:
         """`Worker.warm`: skeleton, tokenizer and template operators of a model expected here."""
         return await asyncio.get_running_loop().run_in_executor(None, self.worker.warm, Path(checkpoint))
 
+    def freeable_bytes(self, replica_id: str) -> int:
+        """`Worker.freeable_bytes` of an instance here (0 if it is gone)."""
+        replica = self.worker.replicas.get(replica_id)
+        return self.worker.freeable_bytes(replica) if replica is not None else 0
+
     async def stop(self, replica_id: str) -> None:
         """Stop an instance; its weights stay in the pool as retained."""
         replica = self.worker.replicas.get(replica_id)

@@ -149,6 +149,10 @@ class RemoteWorker:
         """Warm the actor for a model expected there (see `Worker.warm`); the checkpoint must exist there."""
         return ray.get(self.actor.warm.remote(str(checkpoint)))
 
+    def freeable_bytes(self, replica: RemoteReplica) -> int:
+        """Pool bytes that stopping the instance would give back on the actor (see `Worker.freeable_bytes`)."""
+        return ray.get(self.actor.freeable_bytes.remote(replica.id))
+
     def stop(self, replica: RemoteReplica) -> None:
         """Stop the instance on the actor (blocking); its weights stay retained in the actor's pool."""
         ray.get(self.actor.stop.remote(replica.id))

@@ -31,9 +31,11 @@ def should_scale_down(idle_since: float | None, now: float, keep_alive_s: float,
     return idle_since is not None and now - idle_since >= keep_alive_s and instances > min_instances
 
 
-def drain_victim(inflight: Sequence[int], started_at: Sequence[float]) -> int | None:
-    """Which busy instance to drain for a start that has waited too long for pool space: the one with the
-    fewest requests in flight (it empties soonest), the longest-running among equals; None if none."""
-    if not inflight:
+def drain_victim(inflight: Sequence[int], started_at: Sequence[float], frees: Sequence[int]) -> int | None:
+    """Which busy instance to drain for a start that has waited too long for pool space: among those whose
+    stop would give bytes back (`frees`), the one with the fewest requests in flight (it empties soonest),
+    then the one giving back most, then the longest-running; None if no stop would help."""
+    helpful = [i for i in range(len(inflight)) if frees[i] > 0]
+    if not helpful:
         return None
-    return min(range(len(inflight)), key=lambda i: (inflight[i], started_at[i]))
+    return min(helpful, key=lambda i: (inflight[i], -frees[i], started_at[i]))

@@ -233,7 +233,7 @@ class Controller:
             try:
                 return await loop.run_in_executor(None, worker.start, spec.name, state.checkpoint, spec.engine,
                                                   arrival)
-            except PoolFullError:
+            except PoolFullError as full:
                 idle = [(r.idle_since, s, r) for s in self._states.values() for r in s.replicas
                         if r.worker is worker and not r.inflight and not r.stopping and r.idle_since is not None]
                 if idle:
@@ -246,8 +246,9 @@ class Controller:
                 now = time.perf_counter()
                 if now > deadline:
                     raise
-                if now - began >= self.drain_after_s * (drained + 1) and self._drain_one(state, worker):
-                    drained += 1
+                if now - began >= self.drain_after_s * (drained + 1):
+                    drained += 1  # one more drain (at most) per interval
+                    await self._drain_one(state, worker, max(1, full.need - full.available))
                 log.debug("pool of %s is full of active bytes: %s waits (busy there: %s)", worker.name, spec.name,
                           [(r.id, r.inflight) for s in self._states.values() for r in s.replicas if r.worker is worker])
                 # a request ending there frees KV and may leave an instance idle; the timeout covers frees
@@ -258,17 +259,22 @@ class Controller:
                 if changed in waiters:
                     waiters.remove(changed)
 
-    def _drain_one(self, state: _State, worker: Worker) -> bool:
-        """Stop routing new requests to one busy instance of another deployment on `worker`, so that a start
-        waiting for room there is not starved by instances that never go idle; False if none is left."""
-        busy = [(s, r) for s in self._states.values() if s is not state for r in s.replicas
-                if r.worker is worker and not r.stopping and not r.draining]
-        i = drain_victim([r.inflight for _, r in busy], [r.started_at for _, r in busy])
+    async def _drain_one(self, state: _State, worker: Worker, short: int) -> bool:
+        """Stop routing new requests to one busy instance of another deployment on `worker` whose stop gives
+        bytes back, unless those already draining give back `short` bytes; so a start waiting for room there
+        is not starved by instances that never go idle. False when there is nothing (more) to drain."""
+        loop = asyncio.get_running_loop()
+        here = [(s, r) for s in self._states.values() for r in s.replicas if r.worker is worker and not r.stopping]
+        frees = await asyncio.gather(*(loop.run_in_executor(None, worker.freeable_bytes, r) for _, r in here))
+        if sum(f for (_, r), f in zip(here, frees) if r.draining) >= short:
+            return False  # enough is on its way out: wait for it
+        busy = [(s, r, f) for (s, r), f in zip(here, frees) if s is not state and not r.draining]
+        i = drain_victim([r.inflight for _, r, _ in busy], [r.started_at for _, r, _ in busy], [f for *_, f in busy])
         if i is None:
             return False
-        owner, victim = busy[i]
-        log.info("%s has waited for room on %s: draining %s (%d in flight)", state.spec.name, worker.name,
-                 victim.id, victim.inflight)
+        owner, victim, freed = busy[i]
+        log.info("%s has waited for room on %s: draining %s (%d in flight, %d bytes to give back)",
+                 state.spec.name, worker.name, victim.id, victim.inflight, freed)
         victim.draining = True
         if not victim.inflight:
             self._stop(owner, victim)

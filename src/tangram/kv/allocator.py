@@ -103,6 +103,11 @@ class KVAllocator:
         """Blocks this allocator can ever hold at once: the reservation, or None (elastic: up to the pool)."""
         return self.in_use + len(self._free) if self.mode is KVMode.RESERVE else None
 
+    @property
+    def reserved_bytes(self) -> int:
+        """Pool bytes held by the reservation (0 in elastic mode)."""
+        return sum(b.block.size for b in self._reserved)
+
     def close(self) -> None:
         """Return a reservation to the pool (blocks still in use are the engine's to free first)."""
         with self._lock:

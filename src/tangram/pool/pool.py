@@ -274,6 +274,11 @@ class DevicePool:
         with self._lock:
             return sum(n for k, n in keys.items() if k in self._tensors and not self._tensors[k].failed)
 
+    def exclusive_bytes(self, binding: Binding) -> int:
+        """Active bytes that releasing `binding` would make evictable: its tensors no other binding holds."""
+        with self._lock:
+            return sum(r.nbytes for r in binding.residents if r.refs == 1 and not r.failed and not binding.released)
+
     def footprint(self, binding: Binding) -> int:
         """Arena bytes a binding's tensors occupy (shared tensors counted once)."""
         with self._lock:

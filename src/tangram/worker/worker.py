@@ -124,6 +124,12 @@ class Worker:
             self.replicas.pop(replica.id, None)
         log.info("stopped %s on %s", replica.id, self.name)
 
+    def freeable_bytes(self, replica: Replica) -> int:
+        """Pool bytes that stopping `replica` would give back: weights no other instance here holds, and its
+        KV reservation."""
+        inst = replica.instance
+        return self.pool.exclusive_bytes(inst.binding) + inst.kv.reserved_bytes
+
     def resident_bytes(self, index: CheckpointIndex) -> int:
         """Bytes of a checkpoint's tensors already in this worker's pool."""
         return self.pool.resident_bytes(index)
