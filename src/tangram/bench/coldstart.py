@@ -25,7 +25,7 @@ import httpx
 from rich.console import Console
 
 from tangram.bench.coldstart_client import one
-from tangram.bench.coldstart_replay import run_config
+from tangram.bench.coldstart_replay import engine_config, run_config
 from tangram.bench.coldstart_workload import (
     CONFIGS, FULL, QUICK, SMALL, configurations, make_models, percentile, summarize, trace_spec,
 )
@@ -111,7 +111,8 @@ def run_coldstart_bench(*, quick: bool, json_path: Path | None, plot_dir: Path |
         for e in read_index(p.ckpt).tensors.values():
             unique[e.key] = e.nbytes
     sizes_of = {m.name: read_index(paths[m.name].ckpt).total_bytes for m in models}
-    reserve = max(m.kv_bytes_per_token() for m in models) * 4 * 256  # max_batch x max_model_len of the replay
+    kv = engine_config(configurations()["sllm"])
+    reserve = max(m.kv_bytes_per_token() for m in models) * kv.max_batch * kv.max_model_len  # what reserve holds
     # smaller than all the models together, but any one model fits with its reserved KV
     capacity = max(int(sum(unique.values()) * sizes.pool_fraction), int(1.1 * (max(sizes_of.values()) + reserve)))
     biggest = max(models, key=lambda m: sizes_of[m.name])

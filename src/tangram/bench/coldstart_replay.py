@@ -31,11 +31,17 @@ from tangram.store.io import evict_from_page_cache
 
 log = logging.getLogger(__name__)
 TOKEN = "bench-coldstart"
+MAX_MODEL_LEN = 256  # the reserve configurations hold max_batch x this many tokens of KV per instance
 WARM_REPEATS = 3
 
 
+def engine_config(cfg: Configuration) -> EngineConfig:
+    """The engine of every deployment: the defaults (max_batch 16), a 256-token context, the config's KV mode."""
+    return EngineConfig(kv_mode=cfg.kv_mode, templates=cfg.templates, max_model_len=MAX_MODEL_LEN)
+
+
 def _deployments(cfg: Configuration, paths: dict[str, ModelPaths], keep_alive_s: float) -> list[Deployment]:
-    engine = EngineConfig(kv_mode=cfg.kv_mode, templates=cfg.templates, max_batch=4, max_model_len=256)
+    engine = engine_config(cfg)
     return [Deployment(name=name, checkpoint=str(p.ckpt), keep_alive_s=keep_alive_s, engine=engine)
             for name, p in paths.items()]
 
