@@ -77,28 +77,29 @@ def test_put_copies_and_get_counts():
     assert len(cache) == 0 and cache.used_bytes == 0
 
 
-def test_fill_async_verifies_hashes():
+def test_fill_verifies_hashes_before_serving():
     cache = HostCache(1 << 20, pin=False)
     good, bad = blob(5000, 1), blob(5000, 2)
-    cache.fill_async([(key_of(good), good), (key_of(good) + "0", bad), ("not-its-hash", good.clone())])
+    cache.fill([(key_of(good), good), (key_of(good) + "0", bad), ("not-its-hash", good.clone())])
     cache.wait_idle()
     assert key_of(good) in cache
     assert len(cache) == 1 and cache.used_bytes == 5000
 
 
-def test_fill_dropped_when_source_changed_before_fill_ran():
+def test_fill_copies_before_returning_so_a_reused_source_cannot_spoil_it():
     cache = HostCache(1 << 20, pin=False)
     t = blob(8192, 7)
-    key = key_of(t)
+    key, want = key_of(t), t.clone()
     gate = threading.Event()
-    cache._filler.submit(gate.wait, 30)  # hold the background filler (a single thread) busy
+    cache._filler.submit(gate.wait, 30)  # hold the background checker (a single thread) busy
     try:
-        cache.fill_async([(key, t)])
-        t[100] ^= 0xFF  # the destination is reused before the fill runs
+        cache.fill([(key, t)])
+        assert cache.get(key) is None  # not served before its hash is checked
+        t[100] ^= 0xFF  # the pool reuses the destination right after the load
     finally:
         gate.set()
     cache.wait_idle()
-    assert key not in cache and cache.used_bytes == 0
+    assert torch.equal(cache.get(key), want) and cache.used_bytes == 8192
 
 
 def test_zero_capacity_caches_nothing(tmp_path):

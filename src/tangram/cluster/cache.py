@@ -9,7 +9,7 @@ read-only numpy view of the node's shared memory) and copy it into their pool.
 Dropping an index entry releases the object.
 
 `NodeCacheClient` gives a worker the `HostCache` interface the `Loader` and the
-`Worker` use (`get`, `in`, `fill_async`), so both run unchanged on top of it.
+`Worker` use (`get`, `in`, `fill`), so both run unchanged on top of it.
 """
 
 from __future__ import annotations
@@ -121,26 +121,31 @@ class NodeCacheClient:
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(arr)
 
-    def fill_async(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Cache (content hash, loaded tensor) pairs in the node's object store, off the load path."""
+    def fill(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Cache (content hash, loaded tensor) pairs in the node's object store: the bytes are put now, while
+        the caller still owns them; the hash check and the publication happen in the background."""
         todo = list(items)
-        if todo and self.capacity_bytes > 0:
-            self._pending.append(self._filler.submit(self._fill, todo))
-
-    def _fill(self, items: list[tuple[str, torch.Tensor]]) -> None:
-        t0, added = time.perf_counter(), 0
-        wanted = set(ray.get(self.cache.missing.remote([k for k, _ in items])))
-        for key, data in items:
+        if not todo or self.capacity_bytes <= 0:
+            return
+        wanted = set(ray.get(self.cache.missing.remote([k for k, _ in todo])))
+        staged = []
+        for key, data in todo:
             if key not in wanted or data.numel() * data.element_size() > self.capacity_bytes:
                 continue
             src = data.detach().reshape(-1).view(torch.uint8) if data.is_contiguous() else as_bytes(data)
-            ref = ray.put(src.cpu().numpy())  # owned by this worker until the cache actor re-puts it
-            if hash_bytes(memoryview(ray.get(ref))) != key:  # the pool reused the bytes meanwhile
-                log.warning("node cache: bytes for %s changed before they were cached; not cached", key)
+            staged.append((key, ray.put(src.cpu().numpy()), src.numel()))  # owned here until the actor re-puts it
+        if staged:
+            self._pending.append(self._filler.submit(self._publish, staged))
+
+    def _publish(self, staged: list[tuple[str, ray.ObjectRef, int]]) -> None:
+        t0, added = time.perf_counter(), 0
+        for key, ref, nbytes in staged:
+            if hash_bytes(memoryview(ray.get(ref))) != key:
+                log.warning("node cache: bytes for %s do not match their hash; not cached", key)
                 continue
-            if ray.get(self.cache.add.remote(key, [ref], src.numel())):
+            if ray.get(self.cache.add.remote(key, [ref], nbytes)):
                 self._keys.add(key)
-                added += src.numel()
+                added += nbytes
         log.debug("node cache: added %d bytes in %.3f s", added, time.perf_counter() - t0)
 
     def wait_idle(self) -> None:

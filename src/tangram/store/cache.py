@@ -2,8 +2,10 @@
 
 Keyed by content hash, so a tensor shared by two checkpoints is cached once. Entries
 are pinned when CUDA is present, so a hit becomes one asynchronous host-to-device copy.
-Filling happens off the load path on a background thread; every filled entry
-is re-hashed and dropped if it does not match, so a cache never serves wrong bytes.
+A load copies what it read from disk into the cache before it returns (the
+pool may reuse those bytes as soon as the instance ends); each copy is
+re-hashed on a background thread and served only if it matches, so a cache
+never serves wrong bytes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class HostCache:
         self.capacity_bytes = capacity_bytes
         self.pin = torch.cuda.is_available() if pin is None else pin
         self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._staged: dict[str, torch.Tensor] = {}  # copied, hash not yet checked: not served
         self._used = 0
         self._lock = threading.Lock()
         self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tangram-cache-fill")
@@ -46,7 +49,7 @@ class HostCache:
 
     def __contains__(self, key: str) -> bool:
         with self._lock:
-            return key in self._entries
+            return key in self._entries or key in self._staged
 
     def __len__(self) -> int:
         with self._lock:
@@ -90,21 +93,41 @@ class HostCache:
             self._used -= old.numel()
             self.evictions += 1
 
-    def fill_async(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Cache (content hash, loaded tensor bytes) pairs in the background, verifying each hash."""
-        todo = [(k, t) for k, t in items if k not in self]
-        if todo and self.capacity_bytes > 0:
-            self._pending.append(self._filler.submit(self._fill, todo))
-
-    def _fill(self, items: list[tuple[str, torch.Tensor]]) -> None:
+    def fill(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Cache (content hash, loaded bytes) pairs: copied now, while the caller still owns the bytes (a pool
+        may reuse them right after), and served once a background check of each copy's hash has passed."""
+        if self.capacity_bytes <= 0:
+            return
+        staged = []
         for key, data in items:
-            if not self.put(key, data):
+            if key in self:
                 continue
+            src = data.detach().reshape(-1).view(torch.uint8) if data.is_contiguous() else as_bytes(data)
+            if src.numel() > self.capacity_bytes:
+                continue
+            buf = host_buffer(src.numel(), pin=self.pin, touch=False)
+            buf.copy_(src)
             with self._lock:
-                buf = self._entries.get(key)
-            if buf is not None and hash_bytes(buf) != key:
-                log.warning("host cache: bytes for %s changed before they were cached; entry dropped", key)
-                self.discard(key)
+                self._staged[key] = buf
+            staged.append(key)
+        if staged:
+            self._pending.append(self._filler.submit(self._verify, staged))
+
+    def _verify(self, keys: list[str]) -> None:
+        for key in keys:
+            with self._lock:
+                buf = self._staged.get(key)
+            if buf is None:
+                continue
+            ok = hash_bytes(buf) == key
+            with self._lock:
+                self._staged.pop(key, None)
+                if ok and key not in self._entries:
+                    self._make_room(buf.numel())
+                    self._entries[key] = buf
+                    self._used += buf.numel()
+            if not ok:
+                log.warning("host cache: bytes for %s do not match their hash; not cached", key)
 
     def discard(self, key: str) -> None:
         """Remove one entry if present."""
@@ -124,4 +147,5 @@ class HostCache:
         self.wait_idle()
         with self._lock:
             self._entries.clear()
+            self._staged.clear()
             self._used = 0

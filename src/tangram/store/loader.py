@@ -152,7 +152,7 @@ class Loader:
         if verify:
             self._verify(ckpt, pieces)
         if self.cache is not None and pieces:
-            self.cache.fill_async((index.tensors[index.resolve(p.name)].hash, p.dest) for p in pieces)
+            self.cache.fill((index.tensors[index.resolve(p.name)].hash, p.dest) for p in pieces)
         stats.seconds = time.perf_counter() - start
         log.debug("loaded %s: %s", ckpt.path, stats)
         return stats
