@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import contextmanager
 
 import httpx
 import openai
@@ -157,15 +158,21 @@ def test_restart_goes_to_the_device_that_holds_the_model(model_dir, tmp_path):
     assert len(workers) == 2 and b_at in workers
 
 
+@contextmanager
+def two_models_room_for_one(model_dir, other_dir):
+    """A server with deployments "a" and "b" and a pool with room for one of them at a time (and KV)."""
+    deps = [Deployment(name="a", checkpoint=str(model_dir), keep_alive_s=600),
+            Deployment(name="b", checkpoint=str(other_dir), keep_alive_s=600)]
+    with serving(deps, pool_bytes=64 << 20) as probe:
+        sizes = [d["bytes"] for d in admin(probe, "GET", "/admin/deployments").json()["deployments"]]
+    with serving(deps, pool_bytes=int(max(sizes) * 1.6)) as srv:
+        yield srv
+
+
 def test_a_full_pool_stops_idle_instances_instead_of_failing(model_dir, tmp_path):
     from serving import chat_model_dir
 
-    other = chat_model_dir(tmp_path / "other2", seed=6)
-    deps = [Deployment(name="a", checkpoint=str(model_dir), keep_alive_s=600),
-            Deployment(name="b", checkpoint=str(other), keep_alive_s=600)]
-    with serving(deps, pool_bytes=64 << 20) as probe:
-        sizes = [d["bytes"] for d in admin(probe, "GET", "/admin/deployments").json()["deployments"]]
-    with serving(deps, pool_bytes=int(max(sizes) * 1.6)) as srv:  # room for one model at a time (and KV)
+    with two_models_room_for_one(model_dir, chat_model_dir(tmp_path / "other2", seed=6)) as srv:
         c = client(srv)
         assert c.completions.create(model="a", prompt="w5", max_tokens=2).usage.completion_tokens == 2
         b = c.completions.create(model="b", prompt="w5", max_tokens=2)  # a is idle: stopped to make room
@@ -180,12 +187,7 @@ def test_a_start_waiting_for_room_drains_an_instance_that_never_goes_idle(model_
 
     from serving import chat_model_dir
 
-    other = chat_model_dir(tmp_path / "other3", seed=7)
-    deps = [Deployment(name="a", checkpoint=str(model_dir), keep_alive_s=600),
-            Deployment(name="b", checkpoint=str(other), keep_alive_s=600)]
-    with serving(deps, pool_bytes=64 << 20) as probe:
-        sizes = [d["bytes"] for d in admin(probe, "GET", "/admin/deployments").json()["deployments"]]
-    with serving(deps, pool_bytes=int(max(sizes) * 1.6)) as srv:  # room for one model at a time (and KV)
+    with two_models_room_for_one(model_dir, chat_model_dir(tmp_path / "other3", seed=7)) as srv:
         c = client(srv)
         stream_done: list[float] = []
 
