@@ -144,7 +144,7 @@ def test_concurrent_acquire_release(tmp_path):
 
 
 def test_capacity_as_bytes_or_fraction_of_free_memory():
-    from tangram.pool.pool import free_device_bytes, resolve_capacity
+    from tangram.pool.arena import free_device_bytes, resolve_capacity
 
     cpu = torch.device("cpu")
     assert resolve_capacity(1 << 20, cpu) == 1 << 20

@@ -7,6 +7,7 @@ evicted, is decided by the pool and its policy.
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 from dataclasses import dataclass
 
@@ -106,3 +107,19 @@ class Arena:
     def view(self, block: Block, nbytes: int) -> torch.Tensor:
         """The first `nbytes` of a block as a flat uint8 tensor (a view, no copy)."""
         return self.buffer[block.offset : block.offset + nbytes]
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Free memory of a device now: CUDA's free bytes, or the host's available physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def resolve_capacity(capacity: int | float, device: torch.device) -> int:
+    """Bytes for a capacity given as bytes (int > 1) or as a fraction (0, 1] of the device's free memory."""
+    if isinstance(capacity, float) and 0 < capacity <= 1:
+        return int(free_device_bytes(device) * capacity)
+    if capacity >= 1 and float(capacity).is_integer():
+        return int(capacity)
+    raise ValueError(f"pool capacity {capacity!r}: give bytes (an integer) or a fraction of free memory in (0, 1]")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tangram.pool.arena import Arena, Block
+from tangram.pool.arena import Arena, Block, resolve_capacity
 from tangram.pool.loading import LoadJob
 from tangram.pool.policy import (
     Extent, Policy, State, decayed_rate, eviction_order, find_window, fragmentation, largest_free, retention_gain,
@@ -92,22 +91,6 @@ class Binding:
         if self.job is not None:
             self.job.done.wait()
         return self.load
-
-
-def free_device_bytes(device: torch.device) -> int:
-    """Free memory of a device now: CUDA's free bytes, or the host's available physical memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def resolve_capacity(capacity: int | float, device: torch.device) -> int:
-    """Bytes for a capacity given as bytes (int > 1) or as a fraction (0, 1] of the device's free memory."""
-    if isinstance(capacity, float) and 0 < capacity <= 1:
-        return int(free_device_bytes(device) * capacity)
-    if capacity >= 1 and float(capacity).is_integer():
-        return int(capacity)
-    raise ValueError(f"pool capacity {capacity!r}: give bytes (an integer) or a fraction of free memory in (0, 1]")
 
 
 class DevicePool:
