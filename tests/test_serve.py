@@ -188,6 +188,7 @@ def test_a_start_waiting_for_room_drains_an_instance_that_never_goes_idle(model_
     from serving import chat_model_dir
 
     with two_models_room_for_one(model_dir, chat_model_dir(tmp_path / "other3", seed=7)) as srv:
+        srv.controller.room_recheck_s = 60.0  # only the events (a drained instance stopping) may wake b's start
         c = client(srv)
         stream_done: list[float] = []
 

@@ -66,6 +66,9 @@ class Controller:
         self.workers, self.policy = workers, policy
         self.start_timeout_s = 300.0  # how long a start waits for pool space held by running instances
         self.drain_after_s = 0.25  # a start waiting this long for pool space drains one busy instance (then more)
+        # a start waiting for pool space is woken by the events that make room; this only bounds the wait for
+        # frees the controller does not see (a sequence preempted inside an engine)
+        self.room_recheck_s = 0.5
         self._states: dict[str, _State] = {}
         self._room_waiters: dict[str, list[asyncio.Future]] = {}  # per worker: starts waiting for pool space
 
@@ -249,36 +252,31 @@ class Controller:
                 if now - began >= self.drain_after_s * (drained + 1):
                     drained += 1  # one more drain (at most) per interval
                     await self._drain_one(state, worker, max(1, full.need - full.available))
-                log.debug("pool of %s is full of active bytes: %s waits (busy there: %s)", worker.name, spec.name,
-                          [(r.id, r.inflight) for s in self._states.values() for r in s.replicas if r.worker is worker])
-                # a request ending there frees KV and may leave an instance idle; the timeout covers frees
-                # that the controller does not see (a sequence preempted inside an engine)
-                await asyncio.wait({changed}, timeout=0.5)
+                await asyncio.wait({changed}, timeout=self.room_recheck_s)
             finally:
                 waiters = self._room_waiters.get(worker.name, [])
                 if changed in waiters:
                     waiters.remove(changed)
 
-    async def _drain_one(self, state: _State, worker: Worker, short: int) -> bool:
+    async def _drain_one(self, state: _State, worker: Worker, short: int) -> None:
         """Stop routing new requests to one busy instance of another deployment on `worker` whose stop gives
         bytes back, unless those already draining give back `short` bytes; so a start waiting for room there
-        is not starved by instances that never go idle. False when there is nothing (more) to drain."""
+        is not starved by instances that never go idle."""
         loop = asyncio.get_running_loop()
         here = [(s, r) for s in self._states.values() for r in s.replicas if r.worker is worker and not r.stopping]
         frees = await asyncio.gather(*(loop.run_in_executor(None, worker.freeable_bytes, r) for _, r in here))
         if sum(f for (_, r), f in zip(here, frees) if r.draining) >= short:
-            return False  # enough is on its way out: wait for it
+            return  # enough is on its way out: wait for it
         busy = [(s, r, f) for (s, r), f in zip(here, frees) if s is not state and not r.draining]
         i = drain_victim([r.inflight for _, r, _ in busy], [r.started_at for _, r, _ in busy], [f for *_, f in busy])
         if i is None:
-            return False
+            return
         owner, victim, freed = busy[i]
         log.info("%s has waited for room on %s: draining %s (%d in flight, %d bytes to give back)",
                  state.spec.name, worker.name, victim.id, victim.inflight, freed)
         victim.draining = True
         if not victim.inflight:
             self._stop(owner, victim)
-        return True
 
     def _room_changed(self, worker: Worker) -> None:
         """A request on `worker` ended or an instance there stopped: starts waiting for its pool look again."""
