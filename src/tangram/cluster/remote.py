@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -29,24 +29,20 @@ from ray.exceptions import RayTaskError
 
 from tangram.engine import EngineConfig, RequestOutput, SamplingParams, StartCost
 from tangram.store import CheckpointIndex
+from tangram.worker.worker import ControlState
 
 log = logging.getLogger(__name__)
 _pumps: set[asyncio.Task] = set()  # strong references to running stream pumps
 
 
 @dataclass(eq=False)
-class RemoteReplica:
+class RemoteReplica(ControlState):
     """An instance running in a worker actor, as the controller sees it."""
 
     id: str
     deployment: str
     worker: RemoteWorker
     cost: StartCost
-    inflight: int = 0
-    idle_since: float | None = None
-    stopping: bool = False
-    draining: bool = False  # takes no new requests: stopped once idle, to make room for a waiting start
-    started_at: float = field(default_factory=time.perf_counter)
 
     def submit(self, prompt, params: SamplingParams, sink: Callable[[RequestOutput], None], *, arrival: float,
                chat: bool = False) -> str:

@@ -2,8 +2,9 @@
 
 Each step admits waiting requests (FIFO) whose KV blocks the allocator can
 give, prefills them together in one forward (prompts left-padded to the
-longest), then runs one batched decode step over every running sequence; new requests join between decode steps. When a running sequence
-needs a block and none is left, the most recently admitted one is preempted
+longest), then runs one batched decode step over every running sequence;
+new requests join between decode steps. When a running sequence needs a
+block and none is left, the most recently admitted one is preempted
 (its blocks freed, recomputed later); when nothing can be admitted the
 requests wait (back-pressure). Outputs are pushed to each request's sink.
 """

@@ -28,12 +28,16 @@ _BUILD_LOCK = threading.Lock()
 def build_causal_lm(checkpoint: str | Path, tensors: Mapping[str, torch.Tensor]) -> PreTrainedModel:
     """A causal LM of the checkpoint's architecture whose parameters are exactly `tensors`."""
     path = Path(checkpoint)
-    config = AutoConfig.from_pretrained(path)
     dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+    return bind(skeleton(path, dtype), tensors, path)
+
+
+def skeleton(path: Path, dtype: torch.dtype) -> PreTrainedModel:
+    """The checkpoint's architecture with meta parameters (nothing allocated but the buffers)."""
+    config = AutoConfig.from_pretrained(path)
     with _BUILD_LOCK:
         with init_empty_weights(include_buffers=False):  # buffers (rotary tables) stay real
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return bind(model, tensors, path)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def bind(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor], path: Path) -> PreTrainedModel:
@@ -115,22 +119,19 @@ class RuntimeCache:
             self._models.setdefault(key, []).append(_Entry(model, 1))
         return model
 
-    def prepare(self, path: Path, device: torch.device | str, dtype: torch.dtype) -> bool:
-        """Build an unbound skeleton and load the tokenizer of a checkpoint expected here, so that its first
-        start only binds (a worker warming up before traffic); False if one is kept already."""
+    def prepare(self, path: Path, device: torch.device | str, dtype: torch.dtype) -> PreTrainedModel:
+        """Keep an unbound skeleton and the tokenizer of a checkpoint expected here, so that its first start
+        only binds (a worker warming up before traffic); returns the kept skeleton (built now if none was)."""
         key = (*self._stamp(path), str(torch.device(device)), dtype)
         with self._lock:
             if self._models.get(key):
-                return False
-        config = AutoConfig.from_pretrained(path)
-        with _BUILD_LOCK:
-            with init_empty_weights(include_buffers=False):
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+                return self._models[key][0].model
+        model = skeleton(path, dtype)
         self.tokenizer(path)
         with self._lock:
             self._models.setdefault(key, []).append(_Entry(model, 0))
             self._trim()
-        return True
+        return model
 
     def skeletons(self, path: Path) -> list[PreTrainedModel]:
         """The skeletons kept for a checkpoint (bound or not), on any device."""

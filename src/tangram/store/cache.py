@@ -68,7 +68,7 @@ class HostCache:
 
     def put(self, key: str, data: torch.Tensor) -> bool:
         """Copy `data` (any device) into the cache under `key`; False if it can never fit."""
-        src = data.detach().reshape(-1).view(torch.uint8) if data.is_contiguous() else as_bytes(data)
+        src = _flat_bytes(data)
         n = src.numel()
         if n > self.capacity_bytes:
             return False
@@ -77,8 +77,7 @@ class HostCache:
                 self._entries.move_to_end(key)
                 return True
             self._make_room(n)
-        buf = host_buffer(n, pin=self.pin, touch=False)
-        buf.copy_(src)
+        buf = self._copy(src)
         with self._lock:
             if key in self._entries:  # a concurrent put won
                 return True
@@ -86,6 +85,11 @@ class HostCache:
             self._entries[key] = buf
             self._used += n
         return True
+
+    def _copy(self, src: torch.Tensor) -> torch.Tensor:
+        buf = host_buffer(src.numel(), pin=self.pin, touch=False)
+        buf.copy_(src)
+        return buf
 
     def _make_room(self, nbytes: int) -> None:
         while self._entries and self._used + nbytes > self.capacity_bytes:
@@ -102,11 +106,10 @@ class HostCache:
         for key, data in items:
             if key in self:
                 continue
-            src = data.detach().reshape(-1).view(torch.uint8) if data.is_contiguous() else as_bytes(data)
+            src = _flat_bytes(data)
             if src.numel() > self.capacity_bytes:
                 continue
-            buf = host_buffer(src.numel(), pin=self.pin, touch=False)
-            buf.copy_(src)
+            buf = self._copy(src)
             with self._lock:
                 self._staged[key] = buf
             staged.append(key)
@@ -149,3 +152,8 @@ class HostCache:
             self._entries.clear()
             self._staged.clear()
             self._used = 0
+
+
+def _flat_bytes(data: torch.Tensor) -> torch.Tensor:
+    """`data`'s bytes as a flat uint8 tensor (a view when contiguous)."""
+    return data.detach().reshape(-1).view(torch.uint8) if data.is_contiguous() else as_bytes(data)

@@ -138,8 +138,11 @@ class Loader:
         stats.tensors = len(dests)
         config = self.config(ckpt.file_path(pieces[0].file)) if pieces else probe.DEFAULT
         stats.method, stats.threads, stats.chunk_bytes = config.method.value, config.threads, config.chunk_bytes
-        runs = [run for i in range(len(groups))  # group after group; coalesced within a group
-                for run in plan_reads([p for p in pieces if rank[p.name] == i], chunk_bytes=config.chunk_bytes)]
+        by_group: list[list[Piece]] = [[] for _ in groups]
+        for piece in pieces:
+            by_group[rank[piece.name]].append(piece)
+        runs = [run for group in by_group  # group after group; coalesced within a group
+                for run in plan_reads(group, chunk_bytes=config.chunk_bytes)]
         stats.reads = len(runs)
         stats.bytes_from_disk = sum(r.payload for r in runs)
         stats.bytes_padding = sum(r.length for r in runs) - stats.bytes_from_disk

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
 from tangram.engine import EngineConfig, Instance, RequestOutput, SamplingParams, StartCost
 from tangram.engine.loop import EngineLoop
@@ -36,8 +35,19 @@ def local_devices(cpu_devices: int = 1) -> list[str]:
     return ["cpu"] * cpu_devices
 
 
+@dataclass(kw_only=True)
+class ControlState:
+    """What the controller keeps of a running instance, local or in a Ray worker actor."""
+
+    inflight: int = 0
+    idle_since: float | None = None
+    stopping: bool = False
+    draining: bool = False  # takes no new requests: stopped once idle, to make room for a waiting start
+    started_at: float = field(default_factory=time.perf_counter)
+
+
 @dataclass
-class Replica:
+class Replica(ControlState):
     """A running instance of a deployment on one worker, with its engine thread and request count."""
 
     id: str
@@ -45,11 +55,6 @@ class Replica:
     worker: Worker
     instance: Instance
     loop: EngineLoop
-    inflight: int = 0
-    idle_since: float | None = None
-    stopping: bool = False
-    draining: bool = False  # takes no new requests: stopped once idle, to make room for a waiting start
-    started_at: float = field(default_factory=time.perf_counter)
 
     @property
     def cost(self) -> StartCost:
@@ -110,8 +115,8 @@ class Worker:
         index = Checkpoint(checkpoint).index
         dtype = next((e.torch_dtype for e in index.tensors.values() if e.torch_dtype.is_floating_point),
                      torch.float32)
-        RUNTIME.prepare(checkpoint, self.device, dtype)
-        warm(AutoConfig.from_pretrained(checkpoint), template, dtype, self.device)
+        model = RUNTIME.prepare(checkpoint, self.device, dtype)
+        warm(model.config, template, dtype, self.device)
         seconds = time.perf_counter() - t0
         log.info("warmed %s for %s in %.3f s", self.name, checkpoint, seconds)
         return seconds
