@@ -7,6 +7,7 @@ from rich.console import Console
 from tangram.bench.coldstart import run_coldstart_bench
 from tangram.bench.coldstart_workload import CONFIGS, QUICK, configurations, make_models, percentile, summarize, trace_spec
 from tangram.bench.kv_workload import coefficient_of_variation, make_trace
+from tangram.bench.overlap_probe import overlap_bound
 
 
 def test_configurations_are_the_protocols():
@@ -51,6 +52,12 @@ def test_summary_from_hand_made_results():
     assert percentile([3, 1, 2, 4], 50) == 2 and percentile([], 50) is None
 
 
+def test_overlap_bound_is_two_when_nothing_contends_and_one_when_serialised():
+    assert overlap_bound(0.05, 0.05, 0.05) == 2.0
+    assert overlap_bound(0.05, 0.04, 0.09) == 1.0
+    assert overlap_bound(0.05, 0.04, 0.12) < 1.0  # running them together made both slower
+
+
 def test_small_run_end_to_end(tmp_path):
     result = run_coldstart_bench(quick=True, small=True, json_path=tmp_path / "c.json", plot_dir=tmp_path / "plots",
                                  console=Console(quiet=True), progress=False)
@@ -60,6 +67,10 @@ def test_small_run_end_to_end(tmp_path):
     assert all(v == 0 for v in s["failed"].values())
     assert set(s["overhead_reduction_vs_sllm"]) == {"p50", "p95"} and "ttft_reduction_vs_sllm" in s
     assert s["template_speedup"] > 0 and s["template_token_identical"] is True
+    probe = s["template_overlap_probe"]
+    assert set(probe) == {"load_s", "prefill_s", "both_s", "bound"} and min(probe.values()) > 0
+    assert s["template_overlap_bound"] == overlap_bound(probe["load_s"], probe["prefill_s"], probe["both_s"])
+    assert s["template_speedup_ceiling"] >= 1.0
     assert s["bytes_loaded"]["tangram"] <= s["bytes_loaded"]["sllm"]
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"ttft_cdf.png", "start_stages.png",
                                                                  "pool_occupancy.png"}

@@ -1,0 +1,71 @@
+"""How much execute-while-load can save at most on this machine (the template section's yardstick).
+
+Three timings of one model, nothing else running: a cold load from disk into an
+empty pool (page cache dropped), a prefill on an instance already loaded, and
+both at once (the load on a thread, as execute-while-load runs it). If the two
+used separate resources, both at once would take max(load, prefill); where
+disk reads take the same CPUs as the forward (a VM whose virtual disk is served
+by the host on the guest's cores, buffered reads copying through the page
+cache), they take about load + prefill and no load order can hide anything.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from tangram.bench.pool_workload import data_files
+from tangram.engine import EngineConfig, Instance
+from tangram.pool import DevicePool
+from tangram.store import Loader, read_index
+from tangram.store.io import evict_from_page_cache
+
+
+def overlap_bound(load_s: float, prefill_s: float, both_s: float) -> float:
+    """The best TTFT speed-up running the two together gives: (load + prefill) / both at once."""
+    return (load_s + prefill_s) / both_s
+
+
+def probe_overlap(ckpt: Path, prompt: list[int], repeats: int = 3) -> dict[str, float]:
+    """Median seconds of a cold load, a prefill, and both at once, and their `bound` (see `overlap_bound`)."""
+    size = read_index(ckpt).total_bytes
+    resident = DevicePool(int(size * 1.25) + (64 << 20), loader=Loader())
+    with Instance(ckpt, resident, EngineConfig(templates=False, max_batch=1)) as inst:
+        runner, kv = inst.engine.runner, inst.kv
+
+        def prefill() -> float:
+            blocks = kv.allocate(kv.spec.blocks_for(len(prompt)))
+            try:
+                t0 = time.perf_counter()
+                runner.prefill(prompt, [kv.offset(b) for b in blocks])
+                return time.perf_counter() - t0
+            finally:
+                kv.free(blocks)
+
+        def cold_load() -> tuple[float, threading.Thread]:
+            """An empty pool (every byte from disk), the page cache dropped; then the load starts on a thread."""
+            pool = DevicePool(int(size * 1.1) + (16 << 20), loader=Loader())
+            for f in data_files(ckpt):
+                evict_from_page_cache(f)
+            t0 = time.perf_counter()
+            thread = threading.Thread(target=lambda: pool.release(pool.acquire(ckpt, model="probe")), daemon=True)
+            thread.start()
+            return t0, thread
+
+        for _ in range(2):
+            prefill()  # first-run costs (allocator, kernel choice) are not what is probed
+        times: dict[str, list[float]] = {"load_s": [], "prefill_s": [], "both_s": []}
+        for _ in range(repeats):
+            t0, loading = cold_load()
+            loading.join()
+            times["load_s"].append(time.perf_counter() - t0)
+            times["prefill_s"].append(prefill())
+            t0, loading = cold_load()
+            prefill()
+            loading.join()
+            times["both_s"].append(time.perf_counter() - t0)
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["bound"] = overlap_bound(out["load_s"], out["prefill_s"], out["both_s"])
+    return out
