@@ -27,6 +27,7 @@ from tangram.engine.stages import StartCost
 from tangram.kv import KVAllocator, KVMode, KVSpec
 from tangram.pool import DevicePool
 from tangram.store import Checkpoint
+from tangram.store.rows import read_rows
 from tangram.templates import (
     Recorder, Template, WaitForWeights, checkpoint_id, libraries, load_template, names_by_param, save_template, warm,
 )
@@ -84,7 +85,7 @@ class Instance:
         self.arrival = t0 if arrival is None else arrival
         self.template = load_template(ckpt.path) if self.config.templates else None
         if self.template is not None:  # load in first-use order; with overlap, on a thread while the forward runs
-            self.binding = pool.acquire(ckpt, model=name, order=self.template.groups,
+            self.binding = pool.acquire(ckpt, model=name, order=self.template.load_groups,
                                         background=self.config.overlaps(pool.device))
         else:
             self.binding = pool.acquire(ckpt, model=name)
@@ -160,7 +161,8 @@ class Instance:
         runner = ModelRunner(model, self.kv)
         job = self.binding.job
         if self.template is not None and job is not None and not job.done.is_set():
-            runner.waits = WaitForWeights(model, self.binding.ready, job)
+            runner.waits = WaitForWeights(model, self.binding.ready, job, gathered=self.template.gathered,
+                                          read_rows=lambda name, rows: read_rows(self.checkpoint, name, rows))
             warm(model.config, self.template, dtype, self.pool.device)
         elif cfg.templates and self.template is None:
             runner.recorder = Recorder(model, names_by_param(model, self.binding.tensors))
@@ -172,7 +174,8 @@ class Instance:
         names = list(self.checkpoint.index.tensors)
         template = Template(checkpoint_id=checkpoint_id(self.path), libraries=libraries(),
                             architecture=type(model).__name__, groups=rec.groups(names), prefill_tokens=tokens,
-                            hidden_shape=rec.hidden_shape, ops=rec.ops, workspace_bytes=rec.workspace_bytes)
+                            hidden_shape=rec.hidden_shape, ops=rec.ops, workspace_bytes=rec.workspace_bytes,
+                            gathered=rec.gathered)
         try:
             path = save_template(self.path, template)
             log.info("recorded the start-up template of %s: %s", self.name, path)
