@@ -262,16 +262,3 @@ def test_one_reader_lands_tensors_group_after_group(ckpt):
     Loader(method="pread", threads=1).load_into(path, dests, order=order, landed=seen.append)
     assert seen[:4] == ["layer8.w", "layer1.w", "layer3.w", "layer6.w"]  # within a group: file order
     assert sorted(seen[4:]) == sorted(set(dests) - {"layer8.w", "layer3.w", "layer1.w", "layer6.w"})
-
-
-def test_read_rows_gives_the_stored_rows_in_the_order_asked(tmp_path):
-    from tangram.store.rows import read_rows
-
-    state = {"embed": make_tensor((50, 6), torch.bfloat16, seed=4), "table": make_tensor((9, 2, 3), torch.float32, seed=5)}
-    save(state, tmp_path / "c")
-    ckpt = Checkpoint(tmp_path / "c")
-    assert torch.equal(read_rows(ckpt, "embed", [7, 0, 49, 7]), state["embed"][[7, 0, 49, 7]])
-    assert torch.equal(read_rows(ckpt, "table", [8, 2]), state["table"][[8, 2]])
-    assert read_rows(ckpt, "embed", []).shape == (0, 6)
-    with pytest.raises(IndexError, match="row 50 is outside embed"):
-        read_rows(ckpt, "embed", [3, 50])

@@ -27,7 +27,6 @@ from tangram.engine.stages import StartCost
 from tangram.kv import KVAllocator, KVMode, KVSpec
 from tangram.pool import DevicePool
 from tangram.store import Checkpoint
-from tangram.store.rows import read_rows
 from tangram.templates import (
     Recorder, Template, WaitForWeights, checkpoint_id, libraries, load_template, names_by_param, save_template, warm,
 )
@@ -85,7 +84,7 @@ class Instance:
         self.arrival = t0 if arrival is None else arrival
         self.template = load_template(ckpt.path) if self.config.templates else None
         if self.template is not None:  # load in first-use order; with overlap, on a thread while the forward runs
-            self.binding = pool.acquire(ckpt, model=name, order=self.template.load_groups,
+            self.binding = pool.acquire(ckpt, model=name, order=self.template.groups,
                                         background=self.config.overlaps(pool.device))
         else:
             self.binding = pool.acquire(ckpt, model=name)
@@ -161,8 +160,7 @@ class Instance:
         runner = ModelRunner(model, self.kv)
         job = self.binding.job
         if self.template is not None and job is not None and not job.done.is_set():
-            runner.waits = WaitForWeights(model, self.binding.ready, job, gathered=self.template.gathered,
-                                          read_rows=lambda name, rows: read_rows(self.checkpoint, name, rows))
+            runner.waits = WaitForWeights(model, self.binding.ready, job)
             warm(model.config, self.template, dtype, self.pool.device)
         elif cfg.templates and self.template is None:
             runner.recorder = Recorder(model, names_by_param(model, self.binding.tensors))
@@ -174,8 +172,7 @@ class Instance:
         names = list(self.checkpoint.index.tensors)
         template = Template(checkpoint_id=checkpoint_id(self.path), libraries=libraries(),
                             architecture=type(model).__name__, groups=rec.groups(names), prefill_tokens=tokens,
-                            hidden_shape=rec.hidden_shape, ops=rec.ops, workspace_bytes=rec.workspace_bytes,
-                            gathered=rec.gathered)
+                            hidden_shape=rec.hidden_shape, ops=rec.ops, workspace_bytes=rec.workspace_bytes)
         try:
             path = save_template(self.path, template)
             log.info("recorded the start-up template of %s: %s", self.name, path)

@@ -17,12 +17,6 @@ def group_of(name: str) -> str:
     return m.group(1) if m else name.rsplit(".", 1)[0]
 
 
-def gathers(module: torch.nn.Module) -> bool:
-    """Whether `module` is a plain embedding lookup: its output is the weight's rows at the input ids, so those
-    rows can come from the file while the whole matrix still loads (a subclass may compute more: not these)."""
-    return type(module) is torch.nn.Embedding and module.max_norm is None
-
-
 class _Ops(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
@@ -44,7 +38,6 @@ class Recorder:
     def __init__(self, model: torch.nn.Module, names_of: Mapping[int, list[str]]) -> None:
         self.model, self.names_of = model, names_of
         self.order: list[str] = []
-        self.gathered: list[str] = []  # tensors first used by an embedding lookup (only some of their rows)
         self._seen: set[int] = set()
         self._handles: list = []
         self._ops = _Ops()
@@ -54,10 +47,7 @@ class Recorder:
         for p in module.parameters(recurse=False):
             if id(p) not in self._seen:
                 self._seen.add(id(p))
-                names = self.names_of.get(id(p), [])
-                self.order.extend(names)
-                if gathers(module):
-                    self.gathered.extend(names)
+                self.order.extend(self.names_of.get(id(p), []))
         if not self.hidden_shape and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
             self.hidden_shape = list(args[0].shape)
 

@@ -24,7 +24,7 @@ from tangram.store.format import INDEX_FILE
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # 2: `gathered`
+VERSION = 1
 FILE = "tangram-template.json"
 
 
@@ -42,21 +42,11 @@ class Template(BaseModel):
     hidden_shape: list[int] = Field(default_factory=list)
     ops: list[str] = Field(default_factory=list, description="aten operators of the first prefill, first-run order")
     workspace_bytes: int = 0  # largest intermediate tensor of the first prefill
-    gathered: list[str] = Field(default_factory=list, description="tensors first used by an embedding lookup: "
-                                "the first forward reads its rows from the file, the whole tensor loads last")
 
     @property
     def order(self) -> list[str]:
         """Every tensor name in first-use order."""
         return [n for g in self.groups for n in g]
-
-    @property
-    def load_groups(self) -> list[list[str]]:
-        """The order to load in: first use, except that groups of gathered tensors go last (the first forward
-        needs only some of their rows, which it reads itself)."""
-        gathered = set(self.gathered)
-        late = [g for g in self.groups if g and all(n in gathered for n in g)]
-        return [g for g in self.groups if g not in late] + late
 
 
 def checkpoint_id(checkpoint: Path) -> str:
