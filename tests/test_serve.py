@@ -231,3 +231,49 @@ def test_deploying_warms_every_worker_for_the_model_before_traffic(tmp_path):
     with serving([Deployment(name="m", checkpoint=str(fresh))]):
         kept = RUNTIME.skeletons(fresh)
         assert len(kept) == 1 and all(p.is_meta for p in kept[0].parameters())  # before any request
+
+
+def test_an_instance_whose_weights_fail_to_load_is_replaced_and_the_request_retried(tmp_path):
+    from pathlib import Path
+
+    from serving import chat_model_dir
+    from tangram.engine import EngineConfig
+    from tangram.store import Loader
+
+    src = chat_model_dir(tmp_path / "src", seed=9)
+    dep = Deployment(name="m", checkpoint=str(src), engine=EngineConfig(overlap="on"))
+    with serving([dep]) as srv:  # the first run records the template
+        client(srv).completions.create(model="m", prompt="w5 w6", max_tokens=1)
+        resolved = admin(srv, "GET", "/admin/deployments").json()["deployments"][0]["resolved_checkpoint"]
+
+    class FailsOnce(Loader):
+        """The first load fails once the instance is up (its first forward then waits on missing weights)."""
+
+        def __init__(self, worker) -> None:
+            super().__init__(method="pread", threads=1)
+            self.worker, self.calls = worker, 0
+
+        def load_into(self, ckpt, dests, *, landed=None, **kw):
+            self.calls += 1
+            if self.calls > 1:
+                return super().load_into(ckpt, dests, landed=landed, **kw)
+
+            def failing(name: str) -> None:
+                if "layers.1" in name:
+                    deadline = time.monotonic() + 30
+                    while not self.worker.replicas and time.monotonic() < deadline:
+                        time.sleep(0.005)
+                    raise OSError("disk went away")
+                landed(name)
+
+            return super().load_into(ckpt, dests, landed=failing, **kw)
+
+    dep = Deployment(name="m", checkpoint=str(Path(resolved)), engine=EngineConfig(overlap="on"))
+    with serving([dep]) as srv:  # a fresh pool: the start loads from disk, in the background
+        worker = srv.workers[0]
+        worker.pool.loader = FailsOnce(worker)
+        out = client(srv).completions.create(model="m", prompt="w5 w6", max_tokens=3)
+        assert out.usage.completion_tokens == 3 and worker.pool.loader.calls == 2  # retried on a fresh instance
+        st = admin(srv, "GET", "/admin/status").json()["deployments"]["m"]
+        assert st["instances"] == 1  # the broken one was stopped
+        assert client(srv).completions.create(model="m", prompt="w5", max_tokens=2).usage.completion_tokens == 2

@@ -131,29 +131,50 @@ class Controller:
 
     async def generate(self, name: str, prompt, params: SamplingParams, *, chat: bool = False
                        ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; the first may wait for an instance to start."""
+        """Stream a request's outputs; the first may wait for an instance to start.
+
+        An instance whose weights failed to load is retired (no new requests,
+        stopped once empty), and a request it failed before any output is
+        retried once on another instance.
+        """
         state = self._get(name)
         arrival = time.perf_counter()
-        replica = await self._acquire(state, arrival)
-        schedule_s = time.perf_counter() - arrival
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        finished = False
-        rid = None
-        try:
-            rid = replica.submit(prompt, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
-                                 arrival=arrival, chat=chat)
-            while not finished:
-                out = await queue.get()
-                finished = out.finished
-                if out.stages is not None:  # waiting for an instance, less the start's own load and init
-                    st = out.stages
-                    st.schedule_s = schedule_s if st.start == "warm" else max(0.0, schedule_s - st.load_s - st.init_s)
-                yield out
-        finally:
-            if not finished and rid is not None:
-                replica.abort(rid)  # the client went away: free its KV blocks
-            self._release(state, replica)
+        streamed = False
+        for attempt in range(2):
+            replica = await self._acquire(state, arrival)
+            schedule_s = time.perf_counter() - arrival
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+            finished = retry = False
+            rid = None
+            try:
+                rid = replica.submit(prompt, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
+                                     arrival=arrival, chat=chat)
+                while not finished:
+                    out = await queue.get()
+                    finished = out.finished
+                    if out.instance_failed:
+                        self._retire(replica, out.error)
+                        retry = attempt == 0 and not streamed
+                        if retry:
+                            break
+                    if out.stages is not None:  # waiting for an instance, less the start's own load and init
+                        st = out.stages
+                        st.schedule_s = schedule_s if st.start == "warm" else max(0.0, schedule_s - st.load_s
+                                                                                   - st.init_s)
+                    streamed = True
+                    yield out
+            finally:
+                if not finished and rid is not None:
+                    replica.abort(rid)  # the client went away: free its KV blocks
+                self._release(state, replica)
+            if not retry:
+                return
+
+    def _retire(self, replica: Replica, why: str | None) -> None:
+        if not replica.draining:
+            log.warning("%s can serve nothing more (%s): replacing it", replica.id, why)
+            replica.draining = True
 
     async def _acquire(self, state: _State, arrival: float) -> Replica:
         spec = state.spec

@@ -26,6 +26,7 @@ from tangram.engine.runner import ModelRunner
 from tangram.engine.sampling import SamplingParams, make_generator, sample
 from tangram.engine.stages import StartCost, Totals
 from tangram.kv import SeqSlot
+from tangram.pool.loading import LoadFailed
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -53,6 +54,7 @@ class Engine:
         self._aborts: set[str] = set()
         self._live: set[str] = set()
         self.stalled = False  # the last step could not admit or grow for lack of KV blocks
+        self.failed: str | None = None  # why the instance can serve nothing more (its weights failed to load)
 
     # ------------------------------------------------------------------ requests in
 
@@ -122,6 +124,10 @@ class Engine:
     def step(self) -> bool:
         """One engine iteration; False when nothing could progress (idle, or waiting for KV blocks)."""
         self._drain()
+        if self.failed is not None:
+            for req in [*self.waiting, *self.running]:
+                self._finish(req, "error", error=self.failed, instance_failed=True)
+            return False
         self.stalled = False
         progressed = self._prefill()
         return self._decode() or progressed
@@ -158,8 +164,7 @@ class Engine:
             logits = self.runner.prefill_batch([r.ids for r in batch], [self._offsets(r) for r in batch])
         except Exception as exc:  # noqa: BLE001 - a bad batch must not stop the engine
             log.exception("prefill of %s failed", [r.id for r in batch])
-            for req in batch:
-                self._finish(req, "error", error=f"prefill failed: {exc}")
+            self._failed_step(batch, exc, "prefill")
             return True
         t2 = self.clock()
         for req in batch:
@@ -187,8 +192,7 @@ class Engine:
             logits = self.runner.decode([r.ids[-1] for r in batch], [self._slot(r) for r in batch])
         except Exception as exc:  # noqa: BLE001
             log.exception("decode step failed")
-            for r in batch:
-                self._finish(r, "error", error=f"decode failed: {exc}")
+            self._failed_step(batch, exc, "decode")
             return True
         for r in batch:
             r.cached += 1
@@ -196,6 +200,15 @@ class Engine:
         self.totals.decode_s += self.clock() - t0
         self._postprocess(batch, logits)
         return True
+
+    def _failed_step(self, batch: list[Request], exc: Exception, what: str) -> None:
+        """Fail a batch's requests; when the weights failed to load, every request, now and later."""
+        if isinstance(exc, LoadFailed):
+            self.failed = str(exc)
+            failing = {id(r) for r in batch}
+            batch = [*batch, *(r for r in (*self.running, *self.waiting) if id(r) not in failing)]
+        for req in batch:
+            self._finish(req, "error", error=f"{what} failed: {exc}", instance_failed=self.failed is not None)
 
     def _grow(self, req: Request) -> bool:
         """Give `req` the block its next token needs, preempting newer sequences if the pool has none."""
@@ -252,7 +265,7 @@ class Engine:
                 self._finish(req, reason, delta=delta, new=[tok])
 
     def _finish(self, req: Request, reason: str, *, delta: str = "", new: list[int] | None = None,
-                error: str | None = None) -> None:
+                error: str | None = None, instance_failed: bool = False) -> None:
         if reason == "length":
             delta += req.text.flush(req.output_ids)
         self.kv.free(req.blocks)
@@ -267,7 +280,8 @@ class Engine:
         if req.first_token_at is not None:
             self.totals.add(req.stages, len(req.prompt_ids), len(req.output_ids))
         self._emit(req, RequestOutput(req.id, delta, new or [], req.text.text, True, reason, error,
-                                      len(req.prompt_ids), len(req.output_ids), req.stages, list(req.output_ids)))
+                                      len(req.prompt_ids), len(req.output_ids), req.stages, list(req.output_ids),
+                                      instance_failed))
 
     def _emit(self, req: Request, out: RequestOutput) -> None:
         try:

@@ -80,6 +80,7 @@ class Instance:
         self.checkpoint, self.path = ckpt, ckpt.path
         self.name = name or ckpt.path.name
         self.model = None
+        self.waits: WaitForWeights | None = None
         t0 = time.perf_counter()
         self.arrival = t0 if arrival is None else arrival
         self.template = load_template(ckpt.path) if self.config.templates else None
@@ -132,6 +133,9 @@ class Instance:
     def _release(self) -> None:
         if self.binding.job is not None:
             self.binding.job.done.wait()  # never free pool bytes a load thread still writes
+        if self.waits is not None:  # a load that never finished (or failed) leaves its hooks: never on a kept skeleton
+            self.waits.remove()
+            self.waits = None
         if self.model is not None:
             RUNTIME.release(self.model)
             self.model = None
@@ -159,8 +163,10 @@ class Instance:
             limit = max(0, self.pool.capacity - weights) // self.pool.arena.size_of(spec.block_bytes)
         runner = ModelRunner(model, self.kv)
         job = self.binding.job
-        if self.template is not None and job is not None and not job.done.is_set():
-            runner.waits = WaitForWeights(model, self.binding.ready, job)
+        landing = job is not None and not all(e.is_set() for e in self.binding.ready.values())
+        if self.template is not None and landing:  # this start's load, or another's of tensors both share
+            self.waits = runner.waits = WaitForWeights(model, self.binding.ready, job,
+                                                       failed=self.binding.shared_failed)
             warm(model.config, self.template, dtype, self.pool.device)
         elif cfg.templates and self.template is None:
             runner.recorder = Recorder(model, names_by_param(model, self.binding.tensors))

@@ -40,6 +40,7 @@ class RequestOutput:
     completion_tokens: int = 0
     stages: Stages | None = None
     output_ids: list[int] | None = None  # every generated id, on the final output only
+    instance_failed: bool = False  # the instance can serve nothing more (its weights failed to load)
 
 
 @dataclass

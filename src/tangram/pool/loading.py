@@ -63,10 +63,14 @@ class LoadJob:
         return (self.ended or time.perf_counter()) - self.began
 
 
+class LoadFailed(RuntimeError):
+    """A model's weights could not be loaded: the instance bound to them can serve nothing."""
+
+
 def wait_for(events: Sequence[threading.Event], job: LoadJob | None) -> None:
-    """Block until every event is set; raise if the load failed."""
+    """Block until every event is set; raise LoadFailed if the load failed."""
     for e in events:
         e.wait()
     if job is not None and job.error is not None:
-        raise RuntimeError(f"loading the model's weights failed: {job.error}") from job.error
+        raise LoadFailed(f"loading the model's weights failed: {job.error}") from job.error
 

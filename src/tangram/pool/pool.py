@@ -86,6 +86,10 @@ class Binding:
     residents: list = field(default_factory=list, repr=False)
     job: LoadJob | None = None
 
+    def shared_failed(self) -> bool:
+        """Whether the load of a tensor this binding shares, by this acquire or another, has failed."""
+        return any(r.failed for r in self.residents)
+
     def wait_loaded(self) -> LoadStats | None:
         """What loading the missing tensors did, once done (None for a pool hit or a failed load)."""
         if self.job is not None:

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
-from tangram.pool.loading import LoadJob, wait_for
+from tangram.pool.loading import LoadFailed, LoadJob, wait_for
 
 
 class WaitForWeights:
     """Forward pre-hooks that block a module until its parameters' bytes have landed.
 
-    Remove them (`remove()`, on the thread that runs the forwards) once the load
-    is done; until then a finished load makes each hook a flag check.
+    The bytes may come from this start's load (`job`) or from another start's
+    load of tensors both models share (`failed()` tells whether one of those
+    failed). Remove the hooks (`remove()`, on the thread that runs the forwards)
+    once everything has landed; until then a finished load makes each hook a
+    flag check.
     """
 
-    def __init__(self, model: torch.nn.Module, ready: Mapping[str, threading.Event], job: LoadJob) -> None:
-        self.job = job
+    def __init__(self, model: torch.nn.Module, ready: Mapping[str, threading.Event], job: LoadJob,
+                 failed: Callable[[], bool] = lambda: False) -> None:
+        self.job, self._failed = job, failed
+        self._events = list({id(e): e for e in ready.values()}.values())
+        self._landed = False
         names = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), []).append(name)
@@ -31,18 +37,23 @@ class WaitForWeights:
 
     def _hook(self, events: list[threading.Event]):
         def pre(_module, _args) -> None:
-            if not self.job.done.is_set():
+            if not self.finished:
                 if not all(e.is_set() for e in events):
                     self.waits += 1
                 wait_for(events, self.job)
             elif self.job.error is not None:
-                raise RuntimeError(f"loading the model's weights failed: {self.job.error}")
+                raise LoadFailed(f"loading the model's weights failed: {self.job.error}") from self.job.error
+            if self._failed():
+                raise LoadFailed("loading the model's weights failed: a concurrent load of a tensor it shares "
+                                 "with another model failed")
         return pre
 
     @property
     def finished(self) -> bool:
-        """Whether every weight has landed."""
-        return self.job.done.is_set()
+        """Whether every weight has landed (this start's load and any it shares)."""
+        if not self._landed:
+            self._landed = self.job.done.is_set() and all(e.is_set() for e in self._events)
+        return self._landed
 
     def remove(self) -> None:
         """Take the hooks off the model."""
