@@ -277,3 +277,19 @@ def test_an_instance_whose_weights_fail_to_load_is_replaced_and_the_request_retr
         st = admin(srv, "GET", "/admin/status").json()["deployments"]["m"]
         assert st["instances"] == 1  # the broken one was stopped
         assert client(srv).completions.create(model="m", prompt="w5", max_tokens=2).usage.completion_tokens == 2
+
+    class AlwaysFails(FailsOnce):
+        def load_into(self, ckpt, dests, *, landed=None, **kw):
+            self.calls = 0
+            return super().load_into(ckpt, dests, landed=landed, **kw)
+
+    with serving([dep]) as srv:  # the retry fails too: a clear 503, and nothing left running
+        worker = srv.workers[0]
+        worker.pool.loader = AlwaysFails(worker)
+        with pytest.raises(openai.APIStatusError) as ei:
+            client(srv).completions.create(model="m", prompt="w5 w6", max_tokens=3)
+        assert ei.value.status_code == 503 and "disk went away" in ei.value.message
+        deadline = time.monotonic() + 10
+        while worker.replicas and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not worker.replicas and worker.pool.snapshot()["totals"]["active"] == 0

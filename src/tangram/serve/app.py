@@ -67,7 +67,14 @@ def create_app(controller: Controller, *, admin_token: str) -> FastAPI:
                           ) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
         agen = controller.generate(name, prompt, params, chat=chat)
         try:
-            return await agen.__anext__(), agen
+            first = await agen.__anext__()
+            if first.finished and first.finish_reason == "error":  # nothing sent yet: an HTTP error
+                await agen.aclose()
+                if first.instance_failed:
+                    raise APIError(503, f"the model {name!r} could not be served: {first.error}",
+                                   "service_unavailable", code="model_unavailable")
+                raise APIError(500, f"the request failed: {first.error}", "server_error")
+            return first, agen
         except UnknownDeployment:
             raise APIError(404, f"the model {name!r} does not exist", code="model_not_found", param="model") from None
         except DeploymentUnavailable as exc:
@@ -95,6 +102,10 @@ def create_app(controller: Controller, *, admin_token: str) -> FastAPI:
         if not body.stream:
             outs = [first] + [o async for o in agen]
             final = outs[-1]
+            if final.finish_reason == "error":
+                metrics.request(name, endpoint, 500)
+                raise APIError(500, f"the request failed after {final.completion_tokens} tokens: {final.error}",
+                               "server_error")
             text = "".join(o.delta for o in outs)
             metrics.request(name, endpoint, 200, time.perf_counter() - started)
             metrics.finished(name, final.completion_tokens)

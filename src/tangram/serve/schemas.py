@@ -122,8 +122,12 @@ def usage(out: RequestOutput) -> dict[str, int]:
 
 
 def extension(out: RequestOutput) -> dict[str, Any]:
-    """The `tangram` extension field: the cold-start stage breakdown of this request."""
-    return {"stages": out.stages.model_dump(mode="json") if out.stages else None}
+    """The `tangram` extension field: the cold-start stage breakdown of this request (and its error, if it
+    failed after its first output, which a stream can only say here)."""
+    ext: dict[str, Any] = {"stages": out.stages.model_dump(mode="json") if out.stages else None}
+    if out.error:
+        ext["error"] = out.error
+    return ext
 
 
 def finish(out: RequestOutput) -> str | None:
