@@ -307,3 +307,32 @@ def test_exclusive_bytes_counts_only_what_no_other_binding_holds(tmp_path):
     assert pool.exclusive_bytes(base) == pool.exclusive_bytes(variant) == 16384
     pool.release(variant)
     assert pool.exclusive_bytes(base) == 4 * 16384 and pool.exclusive_bytes(variant) == 0
+
+
+def test_a_failed_load_keeps_what_it_landed_whole_and_a_retry_loads_the_rest(tmp_path):
+    """Landed tensors may already be in use by another binding sharing them: a failure must not free them."""
+    base = state(1)
+    save(base, tmp_path / "a")
+
+    class FailsAfterTwo(Loader):
+        def load_into(self, ckpt, dests, *, landed=None, **kw):
+            count = []
+
+            def failing(name: str) -> None:
+                if len(count) == 2:
+                    raise OSError("disk went away")
+                count.append(name)
+                landed(name)
+
+            return super().load_into(ckpt, dests, landed=failing, **kw)
+
+    pool = DevicePool(1 << 20, loader=FailsAfterTwo(method="pread", threads=1))
+    order = [[f"layer{i}.weight"] for i in range(4)]
+    with pytest.raises(OSError, match="disk went away"):
+        pool.acquire(tmp_path / "a", order=order)
+    snap = check_accounting(pool)
+    assert snap["totals"]["active"] == 0 and snap["totals"]["retained"] == 2 * 16384  # the two that landed
+    pool.loader = Loader(method="pread")
+    b = pool.acquire(tmp_path / "a")
+    assert b.bytes_reused == 2 * 16384 and b.bytes_loaded == 2 * 16384
+    assert_tensors(b, base)

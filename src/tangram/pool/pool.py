@@ -219,9 +219,12 @@ class DevicePool:
         return binding
 
     def _drop_failed(self, loading: list[_Resident]) -> None:
-        """A load failed: its tensors leave the registry (marked failed for waiters) and their space is freed."""
+        """A load failed: the tensors it had not landed leave the registry (marked failed for waiters) and their
+        space is freed. Those it landed are whole and stay: another binding may already be computing with them."""
         with self._lock:
             for r in loading:
+                if r.ready.is_set():
+                    continue
                 r.failed = True
                 if self._tensors.get(r.key) is r:
                     del self._tensors[r.key]

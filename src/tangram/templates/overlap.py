@@ -16,14 +16,17 @@ class WaitForWeights:
     The bytes may come from this start's load (`job`) or from another start's
     load of tensors both models share (`failed()` tells whether one of those
     failed). Remove the hooks (`remove()`, on the thread that runs the forwards)
-    once everything has landed; until then a finished load makes each hook a
-    flag check.
+    once everything has landed; from then on each hook returns at once.
     """
 
     def __init__(self, model: torch.nn.Module, ready: Mapping[str, threading.Event], job: LoadJob,
                  failed: Callable[[], bool] = lambda: False) -> None:
-        self.job, self._failed = job, failed
-        self._events = list({id(e): e for e in ready.values()}.values())
+        self.job = job
+        self._pending = [e for e in {id(e): e for e in ready.values()}.values() if not e.is_set()]
+        # failures of another start's load only matter when it still loads tensors bound here
+        own = {id(e) for e in job.events.values()}
+        foreign = any(not e.is_set() and id(e) not in own for e in ready.values())
+        self._failed = failed if foreign else lambda: False
         self._landed = False
         names = {}
         for name, p in model.named_parameters(remove_duplicate=False):
@@ -37,12 +40,11 @@ class WaitForWeights:
 
     def _hook(self, events: list[threading.Event]):
         def pre(_module, _args) -> None:
-            if not self.finished:
-                if not all(e.is_set() for e in events):
-                    self.waits += 1
-                wait_for(events, self.job)
-            elif self.job.error is not None:
-                raise LoadFailed(f"loading the model's weights failed: {self.job.error}") from self.job.error
+            if self.finished:
+                return
+            if not all(e.is_set() for e in events):
+                self.waits += 1
+            wait_for(events, self.job)  # raises LoadFailed if this start's load failed
             if self._failed():
                 raise LoadFailed("loading the model's weights failed: a concurrent load of a tensor it shares "
                                  "with another model failed")
@@ -50,9 +52,10 @@ class WaitForWeights:
 
     @property
     def finished(self) -> bool:
-        """Whether every weight has landed (this start's load and any it shares)."""
-        if not self._landed:
-            self._landed = self.job.done.is_set() and all(e.is_set() for e in self._events)
+        """Whether every weight has landed, whole (this start's load and any it shares)."""
+        if not self._landed and self.job.done.is_set() and self.job.error is None:
+            self._pending = [e for e in self._pending if not e.is_set()]
+            self._landed = not self._pending and not self._failed()
         return self._landed
 
     def remove(self) -> None:
