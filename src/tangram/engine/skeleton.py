@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +25,18 @@ from tangram.store.format import INDEX_FILE
 _BUILD_LOCK = threading.Lock()
 
 
+def compute_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The dtype a model computes in: its first floating tensor's (the pool's bytes are used without a copy).
+
+    A skeleton kept for a checkpoint is found again only under this same dtype.
+    """
+    return next((d for d in dtypes if d.is_floating_point), torch.float32)
+
+
 def build_causal_lm(checkpoint: str | Path, tensors: Mapping[str, torch.Tensor]) -> PreTrainedModel:
     """A causal LM of the checkpoint's architecture whose parameters are exactly `tensors`."""
     path = Path(checkpoint)
-    dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+    dtype = compute_dtype(t.dtype for t in tensors.values())
     return bind(skeleton(path, dtype), tensors, path)
 
 
@@ -95,8 +103,8 @@ class RuntimeCache:
 
     def model(self, path: Path, tensors: Mapping[str, torch.Tensor]) -> PreTrainedModel:
         """A model bound to `tensors`: a kept skeleton when there is one, else a new build."""
-        first = next(iter(tensors.values()))
-        key = (*self._stamp(path), str(first.device), first.dtype)
+        device = next(iter(tensors.values())).device
+        key = (*self._stamp(path), str(device), compute_dtype(t.dtype for t in tensors.values()))
         with self._lock:
             entries = self._models.setdefault(key, [])
             self._models.move_to_end(key)

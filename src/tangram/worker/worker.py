@@ -19,7 +19,7 @@ import torch
 
 from tangram.engine import EngineConfig, Instance, RequestOutput, SamplingParams, StartCost
 from tangram.engine.loop import EngineLoop
-from tangram.engine.skeleton import RUNTIME
+from tangram.engine.skeleton import RUNTIME, compute_dtype
 from tangram.pool import DevicePool
 from tangram.store import Checkpoint, CheckpointIndex, Loader
 from tangram.templates import load_template, warm
@@ -113,8 +113,7 @@ class Worker:
             return 0.0
         t0 = time.perf_counter()
         index = Checkpoint(checkpoint).index
-        dtype = next((e.torch_dtype for e in index.tensors.values() if e.torch_dtype.is_floating_point),
-                     torch.float32)
+        dtype = compute_dtype(e.torch_dtype for e in index.tensors.values())
         model = RUNTIME.prepare(checkpoint, self.device, dtype)
         warm(model.config, template, dtype, self.device)
         seconds = time.perf_counter() - t0
