@@ -16,7 +16,7 @@ from tangram import __version__
 from tangram.cli_serve import register as register_serving
 
 app = typer.Typer(help="Tangram: serverless LLM serving with a short cold start.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks (see BENCHMARKS.md).", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (protocol and results: docs/benchmarks.md).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 console = Console()
 err = Console(stderr=True)

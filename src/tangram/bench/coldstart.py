@@ -1,4 +1,4 @@
-"""`tangram bench coldstart`: end-to-end cold-start TTFT through the running server (BENCHMARKS.md).
+"""`tangram bench coldstart`: end-to-end cold-start TTFT through the running server (docs/benchmarks.md).
 
 1. Trace replay: the same seeded bursty trace (coldstart_workload) over a set
    of models with a family sharing tensors, a device pool smaller than the sum

@@ -20,7 +20,7 @@ START_TYPES = ("warm", "pool-hit", "dram", "cold")
 
 @dataclass(frozen=True)
 class Configuration:
-    """How the server is set up for one configuration (see BENCHMARKS.md)."""
+    """How the server is set up for one configuration (see docs/benchmarks.md)."""
 
     name: str
     loader: str  # "tangram" (the fast loader) or "safetensors" (load_file, then a copy)
@@ -97,7 +97,7 @@ def overheads(results: list[dict], warm_ttft: dict[str, float]) -> list[float]:
 
 
 def summarize(per_config: dict[str, dict]) -> dict:
-    """BENCHMARKS.md summary keys from each configuration's request results and warm TTFTs."""
+    """docs/benchmarks.md summary keys from each configuration's request results and warm TTFTs."""
     s: dict = {k: {} for k in ("ttft_p50", "ttft_p95", "ttft_p99", "overhead_p50", "overhead_p95",
                                "bytes_loaded", "failed", "starts")}
     for name, run in per_config.items():

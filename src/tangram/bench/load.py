@@ -1,6 +1,6 @@
 """`tangram bench load`: checkpoint bytes into device memory, Tangram against its peers and the limits.
 
-Protocol (see BENCHMARKS.md, "bench load"): synthetic checkpoints with real model
+Protocol (see docs/benchmarks.md, "bench load"): synthetic checkpoints with real model
 shapes; every loader fills the same pre-touched device buffer and is checked
 against the index hashes outside the timed region; states `cold` (the method's
 files evicted with POSIX_FADV_DONTNEED before each run), `warm` (files read

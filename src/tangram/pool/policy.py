@@ -1,6 +1,6 @@
 """Retention and placement policies of the device pool: pure functions over hand-made arena states.
 
-Vocabulary (DESIGN.md): every byte of a pool is *active* (used by a running
+Vocabulary (docs/design.md): every byte of a pool is *active* (used by a running
 instance), *retained* (an unreferenced parameter tensor kept for reuse) or
 *free*. Only free and retained bytes can be handed out.
 

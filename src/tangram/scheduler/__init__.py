@@ -1,4 +1,4 @@
-"""Affinity-aware scheduling: where to start an instance of a model (DESIGN.md "Affinity score").
+"""Affinity-aware scheduling: where to start an instance of a model (docs/design.md, "Affinity score").
 
 `cost.py` is the cost model (pure), `view.py` the plain-data cluster view and
 the reference scan, `scheduler.py` the indexed scheduler for thousands of

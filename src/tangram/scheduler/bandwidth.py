@@ -33,8 +33,8 @@ from tangram.store import LoadStats
 
 log = logging.getLogger(__name__)
 
-PRIOR_DISK = 2e9  # bytes/s: DESIGN.md's guest-cold buffered reads on the development VMs (1-3 GB/s)
-PRIOR_DRAM = 10e9  # bytes/s: DESIGN.md's copies into a touched buffer (10-13 GB/s)
+PRIOR_DISK = 2e9  # bytes/s: docs/design.md's guest-cold buffered reads on the development VMs (1-3 GB/s)
+PRIOR_DRAM = 10e9  # bytes/s: docs/design.md's copies into a touched buffer (10-13 GB/s)
 
 
 @dataclass

@@ -12,7 +12,7 @@ retained bytes cannot take the missing bytes is infeasible (cost = inf).
 Eviction costs `evict_weight` x a disk reload of the evicted bytes: what is
 evicted now may have to be read again later.
 
-Policies (for comparison, DESIGN.md "Affinity score"):
+Policies (for comparison, docs/design.md "Affinity score"):
 - `tangram`: the full cost above.
 - `sllm`: ServerlessLLM's estimate: the whole model from the tier of d's node
   (DRAM cache or disk) + queue wait; device-pool residency and eviction ignored.
