@@ -1,4 +1,4 @@
-"""Trace-driven simulator of Tangram's placement and pools at cluster scale (docs/design.md; docs/benchmarks.md "bench sim").
+"""Trace-driven simulator of Tangram's placement and pools at cluster scale (docs/benchmarks.md, "bench sim").
 
 `workload.py` draws models (families sharing tensors) and bursty Zipf traces,
 `pool.py` is a device pool as bookkeeping over the real pool policy functions,
