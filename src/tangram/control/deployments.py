@@ -45,6 +45,8 @@ class ServeConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     admin_token: str | None = None
+    api_key: str | None = Field(None, min_length=1, pattern=r"^\S+$",
+                                description="bearer key every /v1/* request must send (also $TANGRAM_API_KEY)")
     pool_capacity: float = Field(0.5, gt=0, description="bytes (> 1) or a fraction of each device's free memory")
     cpu_devices: int = Field(1, ge=1, le=64, description="logical CPU devices (each its own pool) without a GPU")
     host_cache_bytes: int = Field(0, ge=0, description="host DRAM cache tier shared by the workers (0 = off)")

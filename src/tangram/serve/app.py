@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from tangram.control import Controller, Deployment, DeploymentUnavailable, UnknownDeployment
 from tangram.engine import RequestError, RequestOutput, SamplingParams
 from tangram.serve import schemas
+from tangram.serve.auth import APIKeyMiddleware
 from tangram.serve.metrics import Metrics
 from tangram.store import CheckpointError
 
@@ -43,9 +44,11 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
     return f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}", param
 
 
-def create_app(controller: Controller, *, admin_token: str) -> FastAPI:
-    """The FastAPI application over a controller."""
+def create_app(controller: Controller, *, admin_token: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI application over a controller; with `api_key`, every /v1/* route needs it as a bearer key."""
     app = FastAPI(title="Tangram", version="0.1")
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
     metrics = Metrics(controller.status)
     app.state.metrics = metrics
 
