@@ -107,7 +107,8 @@ def test_metrics_expose_the_series(server):
                    "tangram_queue_length", "tangram_instances", "tangram_kv_bytes", "tangram_instance_starts_total"):
         assert series in text, series
     assert 'tangram_pool_bytes{state="active",worker="cpu#0"}' in text
-    assert 'tangram_requests_total{deployment="nope",endpoint="completions",status="404"}' in text
+    assert 'tangram_requests_total{deployment="__unknown__",endpoint="completions",status="404"}' in text
+    assert 'deployment="nope"' not in text  # an unknown model name is no label value
     assert 'start="cold"' in text or 'start="warm"' in text
 
 

@@ -15,6 +15,7 @@ Everything is event-driven: futures for waiters, `call_later` for keep-alive.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -146,10 +147,13 @@ class Controller:
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
             finished = retry = False
-            rid = None
+            # tokenizing (and validating) a long prompt is CPU work: off the loop; shielded, so a cancel while
+            # it runs still finds the request once it is queued, and aborts it (see `settle` below)
+            submitted = loop.run_in_executor(None, functools.partial(
+                replica.submit, prompt, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
+                arrival=arrival, chat=chat))
             try:
-                rid = replica.submit(prompt, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
-                                     arrival=arrival, chat=chat)
+                await asyncio.shield(submitted)
                 while not finished:
                     out = await queue.get()
                     finished = out.finished
@@ -165,9 +169,15 @@ class Controller:
                     streamed = True
                     yield out
             finally:
-                if not finished and rid is not None:
-                    replica.abort(rid)  # the client went away: free its KV blocks
-                self._release(state, replica)
+                def settle(f: asyncio.Future, done: bool = finished, r: Replica = replica) -> None:
+                    if not done and not f.cancelled() and f.exception() is None:
+                        r.abort(f.result())  # the client went away: free its KV blocks
+                    self._release(state, r)
+
+                if submitted.done():
+                    settle(submitted)
+                else:  # cancelled while tokenizing: abort and release once the submit is through
+                    submitted.add_done_callback(settle)
             if not retry:
                 return
 

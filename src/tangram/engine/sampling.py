@@ -10,17 +10,24 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# Bounds of the engine's contract: within them `sample()` never overflows a tensor and a seed always fits
+# torch.Generator.manual_seed; the API validates the same bounds before a request reaches an engine.
+MAX_TOKENS_LIMIT = 1_000_000
+TOP_K_LIMIT = 2**31 - 1
+SEED_LIMIT = 2**64  # exclusive
+TOKEN_ID_LIMIT = 2**31  # exclusive; the engine also checks ids against the vocabulary
+
 
 class SamplingParams(BaseModel):
     """How to pick tokens for one request; invalid values raise pydantic.ValidationError with a clear message."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_tokens: int = Field(16, ge=1, le=1_000_000, description="tokens to generate at most")
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT, description="tokens to generate at most")
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus: smallest set with this probability mass")
-    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = all)")
-    seed: int | None = Field(None, ge=0, description="per-request random seed (reproducible sampling)")
+    top_k: int = Field(0, ge=0, le=TOP_K_LIMIT, description="keep the k most likely tokens (0 = all)")
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="per-request random seed (reproducible sampling)")
     stop: list[str] = Field(default_factory=list, max_length=16, description="stop strings (not returned)")
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
@@ -34,9 +41,9 @@ class SamplingParams(BaseModel):
 
     @field_validator("stop_token_ids")
     @classmethod
-    def _non_negative_ids(cls, value: list[int]) -> list[int]:
-        if any(t < 0 for t in value):
-            raise ValueError("stop token ids must be >= 0")
+    def _bounded_ids(cls, value: list[int]) -> list[int]:
+        if any(not 0 <= t < TOKEN_ID_LIMIT for t in value):
+            raise ValueError(f"stop token ids must be in [0, {TOKEN_ID_LIMIT})")
         return value
 
     @property
@@ -59,7 +66,7 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     vocab = logits.shape[-1]
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).unsqueeze(-1)
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab)).unsqueeze(-1)
     drop = ranks >= k
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above

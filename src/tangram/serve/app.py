@@ -12,36 +12,19 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tangram.control import Controller, Deployment, DeploymentUnavailable, UnknownDeployment
 from tangram.engine import RequestError, RequestOutput, SamplingParams
 from tangram.serve import schemas
 from tangram.serve.auth import APIKeyMiddleware
+from tangram.serve.errors import APIError, ErrorGuard, validation_message
 from tangram.serve.metrics import Metrics
 from tangram.store import CheckpointError
 
 
-class APIError(Exception):
-    """An error answered as an OpenAI error object."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-
-    def response(self) -> JSONResponse:
-        """The JSON response."""
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
-
-
-def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
-    first = errors[0] if errors else {}
-    loc = [str(x) for x in first.get("loc", ()) if x not in ("body",)]
-    if first.get("type") == "json_invalid":
-        return "the request body is not valid JSON", None
-    param = ".".join(loc) or None
-    return f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}", param
+_HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+               405: "invalid_request_error"}
 
 
 def create_app(controller: Controller, *, admin_token: str, api_key: str | None = None) -> FastAPI:
@@ -49,17 +32,33 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
     app = FastAPI(title="Tangram", version="0.1")
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
-    metrics = Metrics(controller.status)
+    metrics = Metrics(controller.status, controller.names)
     app.state.metrics = metrics
+    app.add_middleware(ErrorGuard, on_response=metrics.response)  # outermost: counts every response, 401s too
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError):
-        message, param = _validation_message(exc.errors())
+    async def _invalid(request: Request, exc: RequestValidationError):
+        body = exc.body if isinstance(exc.body, dict) else {}
+        request.state.deployment = metrics.label(body.get("model"))
+        message, param = validation_message(list(exc.errors()))
         return APIError(400, message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404 and exc.detail == "Not Found":
+            message = f"unknown route: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        err = APIError(exc.status_code, message, _HTTP_TYPES.get(exc.status_code, "invalid_request_error"))
+        response = err.response()
+        response.headers.update(exc.headers or {})
+        return response
 
     def admin(authorization: str | None = Header(None)) -> None:
         given = (authorization or "").removeprefix("Bearer ").strip()
@@ -90,28 +89,31 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
         try:
             return body.sampling(max_tokens)
         except ValidationError as exc:
-            raise APIError(400, _validation_message(exc.errors())[0]) from None
+            message, param = validation_message(exc.errors())
+            raise APIError(400, message, param=param) from None
 
-    async def respond(endpoint: str, body: schemas.SamplingFields, prompt, max_tokens: int, chat: bool):
+    async def respond(request: Request, body: schemas.SamplingFields, prompt, max_tokens: int, chat: bool):
         started = time.perf_counter()
         name = body.model
-        try:
-            first, agen = await open_stream(name, prompt, sampling(body, max_tokens), chat)
-        except APIError as exc:
-            metrics.request(name, endpoint, exc.status)
-            raise
-        metrics.first_token(name, first.stages)
+        label = request.state.deployment = metrics.label(name)  # the guard counts the response under it
+        first, agen = await open_stream(name, prompt, sampling(body, max_tokens), chat)
+        first_at = time.perf_counter()
+        metrics.first_token(label, first)
+
+        def done(final: RequestOutput) -> None:
+            now = time.perf_counter()
+            metrics.finished(label, now - started, final.completion_tokens, now - first_at,
+                             final.completion_tokens - first.completion_tokens)
+
         rid, created = schemas.new_id("chatcmpl" if chat else "cmpl"), int(time.time())
         if not body.stream:
             outs = [first] + [o async for o in agen]
             final = outs[-1]
             if final.finish_reason == "error":
-                metrics.request(name, endpoint, 500)
                 raise APIError(500, f"the request failed after {final.completion_tokens} tokens: {final.error}",
                                "server_error")
             text = "".join(o.delta for o in outs)
-            metrics.request(name, endpoint, 200, time.perf_counter() - started)
-            metrics.finished(name, final.completion_tokens)
+            done(final)
             if chat:
                 payload = schemas.chat_body(rid, name, text, final)
             else:
@@ -144,8 +146,7 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
                     yield _sse({"id": rid, "object": obj, "created": created, "model": name, "choices": [],
                                 "usage": schemas.usage(out)})
                 yield "data: [DONE]\n\n"
-                metrics.request(name, endpoint, 200, time.perf_counter() - started)
-                metrics.finished(name, out.completion_tokens)
+                done(out)
             finally:
                 with anyio.CancelScope(shield=True):  # a disconnect cancels us: still abort and free KV blocks
                     await agen.aclose()
@@ -153,14 +154,13 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: schemas.ChatCompletionRequest):
-        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                    for m in body.messages]
-        return await respond("chat", body, messages, body.limit(), chat=True)
+    async def chat_completions(body: schemas.ChatCompletionRequest, request: Request):
+        messages = [m.template_message() for m in body.messages]
+        return await respond(request, body, messages, body.limit(), chat=True)
 
     @app.post("/v1/completions")
-    async def completions(body: schemas.CompletionRequest):
-        return await respond("completions", body, body.prompt, body.max_tokens, chat=False)
+    async def completions(body: schemas.CompletionRequest, request: Request):
+        return await respond(request, body, body.prompt, body.max_tokens, chat=False)
 
     @app.get("/v1/models")
     async def models():
@@ -181,17 +181,26 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
 
     @app.post("/admin/deployments", dependencies=[Depends(admin)])
     async def deploy(spec: Deployment):
+        before = controller.describe(spec.name) if spec.name in controller.names() else None
+        if before is not None:
+            metrics.observe(spec.name, before)
         try:
-            return await controller.deploy(spec)
+            after = await controller.deploy(spec)
         except (CheckpointError, OSError, ValueError) as exc:
             raise APIError(400, f"cannot deploy {spec.name!r}: {exc}", param="checkpoint") from None
+        if before is not None and before["resolved_checkpoint"] != after["resolved_checkpoint"]:
+            metrics.retire(spec.name)  # replaced: the new one counts from zero, on top of the old one's counts
+        return after
 
     @app.delete("/admin/deployments/{name}", dependencies=[Depends(admin)])
     async def remove(name: str):
+        if name in controller.names():
+            metrics.observe(name, controller.describe(name))
         try:
             await controller.remove(name)
         except UnknownDeployment:
             raise APIError(404, f"no deployment {name!r}", code="model_not_found") from None
+        metrics.retire(name)  # its counters keep their value
         return {"removed": name}
 
     @app.get("/admin/status", dependencies=[Depends(admin)])

@@ -4,36 +4,58 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from tangram.engine import RequestOutput, SamplingParams
+from tangram.engine.sampling import MAX_TOKENS_LIMIT, SEED_LIMIT, TOKEN_ID_LIMIT, TOP_K_LIMIT
 
 DEFAULT_CHAT_MAX_TOKENS = 512
 
 
+def _valid_unicode(value: str) -> str:
+    # JSON may spell a lone surrogate ("\ud800"); no tokenizer or UTF-8 encoder can take it
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode: a lone surrogate at character {exc.start}") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+TokenId = Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "stream": "yes" or "max_tokens": "4" are errors, not coerced (a JSON integer still fits a float)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class TextPart(_Strict):
     """A text part of a message's content."""
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
     """One chat message."""
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = Field(None, min_length=1)
 
     def text(self) -> str:
         """The content as one string."""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def template_message(self) -> dict[str, str]:
+        """The message as the chat template sees it (`developer` is a system message; `name` when given)."""
+        msg = {"role": self.role if self.role != "developer" else "system", "content": self.text()}
+        if self.name is not None:
+            msg["name"] = self.name
+        return msg
 
 
 class StreamOptions(_Strict):
@@ -45,20 +67,20 @@ class StreamOptions(_Strict):
 class SamplingFields(_Strict):
     """Fields both completion endpoints share: model, sampling, streaming, stops."""
 
-    model: str = Field(min_length=1)
+    model: Text = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, description="extension")
+    top_k: int | None = Field(None, ge=-1, le=TOP_K_LIMIT, description="extension; 0 or -1 (vLLM): no limit")
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     presence_penalty: float | None = Field(None, ge=0, le=0, description="not supported: only 0")
     frequency_penalty: float | None = Field(None, ge=0, le=0, description="not supported: only 0")
-    user: str | None = None
+    user: Text | None = None
     ignore_eos: bool = Field(False, description="extension")
-    stop_token_ids: list[int] | None = Field(None, description="extension")
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=64, description="extension")
 
     @field_validator("stop")
     @classmethod
@@ -68,10 +90,17 @@ class SamplingFields(_Strict):
             raise ValueError("stop takes up to 4 non-empty strings")
         return stops
 
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value, info: ValidationInfo):
+        if value is not None and info.data.get("stream") is not True:  # as OpenAI does
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
     def sampling(self, max_tokens: int) -> SamplingParams:
         """Engine sampling parameters (raises pydantic.ValidationError on bad combinations)."""
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-                              top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, seed=self.seed,
+                              top_p=1.0 if self.top_p is None else self.top_p, top_k=max(self.top_k or 0, 0), seed=self.seed,
                               stop=list(self.stop or []), stop_token_ids=list(self.stop_token_ids or []),
                               ignore_eos=self.ignore_eos)
 
@@ -80,8 +109,8 @@ class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: Literal[False] | None = None
 
     def limit(self) -> int:
@@ -92,8 +121,8 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     """POST /v1/completions (one prompt: a string, a one-string list, or token ids)."""
 
-    prompt: str | list[str] | list[int]
-    max_tokens: int = Field(16, ge=1)
+    prompt: Text | list[Text] | list[TokenId]
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
     echo: Literal[False] = False
     logprobs: None = None
     suffix: None = None
