@@ -7,6 +7,10 @@ new requests join between decode steps. When a running sequence needs a
 block and none is left, the most recently admitted one is preempted
 (its blocks freed, recomputed later); when nothing can be admitted the
 requests wait (back-pressure). Outputs are pushed to each request's sink.
+
+A step that raises fails exactly the requests it worked on (finish_reason
+"error", KV freed); what no request can be blamed for fails all queued ones
+(`step_or_fail`): a failing step is never retried on the same requests.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class Engine:
         self._live: set[str] = set()
         self.stalled = False  # the last step could not admit or grow for lack of KV blocks
         self.failed: str | None = None  # why the instance can serve nothing more (its weights failed to load)
+        self._phase: list[Request] = []  # the requests the running prefill/decode works on (a failure is theirs)
 
     # ------------------------------------------------------------------ requests in
 
@@ -129,8 +134,60 @@ class Engine:
                 self._finish(req, "error", error=self.failed, instance_failed=True)
             return False
         self.stalled = False
-        progressed = self._prefill()
-        return self._decode() or progressed
+        progressed = self._guarded("prefill", self._prefill)
+        return self._guarded("decode", self._decode) or progressed
+
+    def step_or_fail(self) -> bool:
+        """`step`, but an exception escaping it fails every queued and running request instead of leaving
+        them to be retried by the next step (a loop around this never spins on one bad batch)."""
+        try:
+            return self.step()
+        except Exception as exc:  # noqa: BLE001 - the engine must go on serving later requests
+            log.exception("engine step failed; failing the requests it could not attribute the failure to")
+            self.fail_all(f"engine step failed: {type(exc).__name__}: {exc}")
+            return True
+
+    def fail_all(self, error: str) -> None:
+        """Fail every queued and running request with `error` (their KV freed). Never raises."""
+        with self.work:  # those not drained yet too: the step may have failed before draining them
+            self.waiting.extend(self._incoming)
+            self._incoming.clear()
+            self._aborts.clear()  # every live request is failed now
+        for req in [*self.waiting, *self.running]:
+            try:
+                self._finish(req, "error", error=error)
+            except Exception:  # noqa: BLE001 - drop it by force: it must not stay to be stepped again
+                log.exception("could not finish %s cleanly; dropping it", req.id)
+                for queue in (self.running, self.waiting):
+                    if req in queue:
+                        queue.remove(req)
+                req.status = Status.FINISHED
+                with self.work:
+                    self._live.discard(req.id)
+                self._emit(req, RequestOutput(req.id, "", [], req.text.text, True, "error", error))
+
+    def _guarded(self, what: str, phase: Callable[[], bool]) -> bool:
+        """Run a prefill or decode phase; if it raises, fail the requests it was working on (when the weights
+        failed to load, every request, now and later)."""
+        self._phase = []
+        try:
+            return phase()
+        except Exception as exc:  # noqa: BLE001 - a bad batch must not stop the engine
+            batch = [r for r in self._phase if r.status is not Status.FINISHED]
+            if not batch:
+                raise
+            log.exception("%s of %s failed", what, [r.id for r in batch])
+            if isinstance(exc, LoadFailed):
+                self.failed = str(exc)
+                failing = {id(r) for r in batch}
+                batch += [r for r in (*self.running, *self.waiting) if id(r) not in failing]
+            for req in batch:
+                if req.status is not Status.FINISHED:
+                    self._finish(req, "error", error=f"{what} failed: {type(exc).__name__}: {exc}",
+                                 instance_failed=self.failed is not None)
+            return True
+        finally:
+            self._phase = []
 
     def _drain(self) -> None:
         with self.work:
@@ -148,8 +205,10 @@ class Engine:
         batch: list[Request] = []
         for _ in range(n):
             req = self.waiting[0]
+            self._phase.append(req)
             blocks = self.kv.allocate(self.kv.spec.blocks_for(len(req.ids)))
             if blocks is None:
+                self._phase.pop()
                 self.stalled = True
                 self.totals.kv_waits += 1
                 break
@@ -160,12 +219,7 @@ class Engine:
         if not batch:
             return False
         t1 = self.clock()
-        try:
-            logits = self.runner.prefill_batch([r.ids for r in batch], [self._offsets(r) for r in batch])
-        except Exception as exc:  # noqa: BLE001 - a bad batch must not stop the engine
-            log.exception("prefill of %s failed", [r.id for r in batch])
-            self._failed_step(batch, exc, "prefill")
-            return True
+        logits = self.runner.prefill_batch([r.ids for r in batch], [self._offsets(r) for r in batch])
         t2 = self.clock()
         for req in batch:
             req.cached = len(req.ids)
@@ -182,33 +236,21 @@ class Engine:
         for req in list(self.running):
             if req.status is not Status.RUNNING:
                 continue  # preempted below while growing an earlier sequence
+            self._phase.append(req)
             if self._grow(req):
                 batch.append(req)
         batch = [r for r in batch if r.status is Status.RUNNING]
+        self._phase = list(batch)
         if not batch:
             return False
         t0 = self.clock()
-        try:
-            logits = self.runner.decode([r.ids[-1] for r in batch], [self._slot(r) for r in batch])
-        except Exception as exc:  # noqa: BLE001
-            log.exception("decode step failed")
-            self._failed_step(batch, exc, "decode")
-            return True
+        logits = self.runner.decode([r.ids[-1] for r in batch], [self._slot(r) for r in batch])
         for r in batch:
             r.cached += 1
         self.totals.decode_steps += 1
         self.totals.decode_s += self.clock() - t0
         self._postprocess(batch, logits)
         return True
-
-    def _failed_step(self, batch: list[Request], exc: Exception, what: str) -> None:
-        """Fail a batch's requests; when the weights failed to load, every request, now and later."""
-        if isinstance(exc, LoadFailed):
-            self.failed = str(exc)
-            failing = {id(r) for r in batch}
-            batch = [*batch, *(r for r in (*self.running, *self.waiting) if id(r) not in failing)]
-        for req in batch:
-            self._finish(req, "error", error=f"{what} failed: {exc}", instance_failed=self.failed is not None)
 
     def _grow(self, req: Request) -> bool:
         """Give `req` the block its next token needs, preempting newer sequences if the pool has none."""
@@ -235,34 +277,60 @@ class Engine:
     # ------------------------------------------------------------------ postprocess
 
     def _postprocess(self, batch: list[Request], logits) -> None:
-        tokens = sample(logits, [r.params for r in batch], [r.generator for r in batch]).tolist()
         now = self.clock()
-        for req, tok in zip(batch, tokens):
-            req.output_ids.append(tok)
-            if req.first_token_at is None:
-                req.first_token_at = now
-                req.stages.ttft_s = now - req.arrival
-                if self.start_cost is not None:
-                    if self.finalize_start is not None:
-                        self.finalize_start()  # a background load is over once a forward has used every weight
-                    if req.arrival <= self.ready_at:
-                        req.stages.charge_start(self.start_cost)  # this request waited for the start
-            p = req.params
-            reason = None
-            if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
+        for req, tok in zip(batch, self._sample(batch, logits)):
+            if tok is None:
+                continue  # its sampling failed: it is finished with the error
+            try:
+                self._advance(req, tok, now)
+            except Exception as exc:  # noqa: BLE001 - detokenizing or stop checks of one request failed
+                log.exception("postprocessing %s failed", req.id)
+                if req.status is not Status.FINISHED:
+                    self._finish(req, "error", error=f"postprocess failed: {type(exc).__name__}: {exc}")
+
+    def _sample(self, batch: list[Request], logits) -> list[int | None]:
+        """Next token per request; when the batch's sampling raises, each request alone, failing those whose
+        own sampling raises (one request's parameters must not fail the others of its batch)."""
+        try:
+            return sample(logits, [r.params for r in batch], [r.generator for r in batch]).tolist()
+        except Exception:  # noqa: BLE001
+            log.warning("batched sampling of %s failed; sampling each alone", [r.id for r in batch], exc_info=True)
+        tokens: list[int | None] = []
+        for i, req in enumerate(batch):
+            try:
+                tokens.append(int(sample(logits[i:i + 1], [req.params], [req.generator])[0]))
+            except Exception as exc:  # noqa: BLE001
+                tokens.append(None)
+                self._finish(req, "error", error=f"sampling failed: {type(exc).__name__}: {exc}")
+        return tokens
+
+    def _advance(self, req: Request, tok: int, now: float) -> None:
+        """Append a sampled token to `req`, then stream it or finish the request."""
+        req.output_ids.append(tok)
+        if req.first_token_at is None:
+            req.first_token_at = now
+            req.stages.ttft_s = now - req.arrival
+            if self.start_cost is not None:
+                if self.finalize_start is not None:
+                    self.finalize_start()  # a background load is over once a forward has used every weight
+                if req.arrival <= self.ready_at:
+                    req.stages.charge_start(self.start_cost)  # this request waited for the start
+        p = req.params
+        reason = None
+        if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
+            reason = "stop"
+            delta = req.text.push(req.output_ids[:-1])  # the stop token is not part of the text
+        else:
+            delta = req.text.push(req.output_ids)
+            if req.text.stopped:
                 reason = "stop"
-                delta = req.text.push(req.output_ids[:-1])  # the stop token is not part of the text
-            else:
-                delta = req.text.push(req.output_ids)
-                if req.text.stopped:
-                    reason = "stop"
-                elif len(req.output_ids) >= p.max_tokens or len(req.ids) >= self.max_model_len:
-                    reason = "length"
-            if reason is None:
-                self._emit(req, RequestOutput(req.id, delta, [tok], req.text.text, prompt_tokens=len(req.prompt_ids),
-                                              completion_tokens=len(req.output_ids), stages=req.stages))
-            else:
-                self._finish(req, reason, delta=delta, new=[tok])
+            elif len(req.output_ids) >= p.max_tokens or len(req.ids) >= self.max_model_len:
+                reason = "length"
+        if reason is None:
+            self._emit(req, RequestOutput(req.id, delta, [tok], req.text.text, prompt_tokens=len(req.prompt_ids),
+                                          completion_tokens=len(req.output_ids), stages=req.stages))
+        else:
+            self._finish(req, reason, delta=delta, new=[tok])
 
     def _finish(self, req: Request, reason: str, *, delta: str = "", new: list[int] | None = None,
                 error: str | None = None, instance_failed: bool = False) -> None:
@@ -317,7 +385,7 @@ class Engine:
         """Step until no request is left; waits on the pool while stalled, raises after `stall_timeout_s`."""
         last = self.clock()
         while self.has_work():
-            if self.step():
+            if self.step_or_fail():
                 last = self.clock()
             elif self.clock() - last > stall_timeout_s:
                 raise TimeoutError(f"no KV memory came back for {stall_timeout_s:.0f} s")

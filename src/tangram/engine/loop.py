@@ -40,9 +40,10 @@ class EngineLoop:
                 if self._stop:
                     return
             try:
-                progressed = eng.step()
-            except Exception:  # noqa: BLE001 - keep serving; the step already failed its requests
+                progressed = eng.step_or_fail()  # a failing step fails its requests: never retried on them
+            except Exception as exc:  # noqa: BLE001 - the thread outlives anything and never retries a failure
                 log.exception("engine step failed")
+                eng.fail_all(f"engine step failed: {exc}")
                 progressed = True
             if not progressed and eng.stalled:
                 eng.kv.pool.wait_for_space(0.05)  # back-pressure: woken by any KV free or model release
