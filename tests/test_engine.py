@@ -283,3 +283,17 @@ def test_batched_prefill_of_different_lengths_equals_one_prefill_each(arch, tmp_
             torch.testing.assert_close(stored[i], block, rtol=1e-4, atol=1e-4)  # same KV as a prefill alone
         for bl in blocks:
             kv.free(bl)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_a_forward_emits_no_future_warning(arch, tmp_path):
+    """transformers 5 deprecates `past_key_values` (a FutureWarning at every first forward): the cache goes in
+    under the keyword the model's forward takes today."""
+    import warnings
+
+    with start(engine_checkpoint(engine_model(arch), tmp_path)) as inst:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # also raised again where a warning was shown before
+            warnings.simplefilter("error", DeprecationWarning)
+            out = inst.engine.generate([PROMPTS[0], PROMPTS[1]], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert [o.finish_reason for o in out] == ["length", "length"]

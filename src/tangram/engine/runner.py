@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -10,12 +11,20 @@ from transformers import PreTrainedModel
 from tangram.kv import KVAllocator, PagedCache, SeqSlot
 
 
+def cache_argument(model: PreTrainedModel) -> str:
+    """The forward keyword that takes a `Cache`: `cache` since transformers 5.x (where `past_key_values` is
+    deprecated and warns on every call), `past_key_values` before."""
+    params = inspect.signature(model.forward).parameters  # follows the deprecation wrapper to the real forward
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class ModelRunner:
     """Forward passes of one model; inputs on the model's device, logits of the last position back."""
 
     def __init__(self, model: PreTrainedModel, kv: KVAllocator) -> None:
         self.model, self.kv = model, kv
         self.device = kv.device()
+        self.cache_kwarg = cache_argument(model)
         self.waits = None  # templates.WaitForWeights while a background load runs (execute-while-load)
         self.recorder = None  # templates.Recorder for the first prefill, when no template exists yet
         self.on_recorded: Callable[[object, int], None] | None = None
@@ -31,8 +40,8 @@ class ModelRunner:
         past = torch.tensor([s.past for s in slots], dtype=torch.int64, device=self.device).unsqueeze(1)
         pad = torch.tensor([t - n for n in news], dtype=torch.int64, device=self.device).unsqueeze(1)
         positions = (past + torch.arange(t, device=self.device) - pad).clamp_min(0)
-        kwargs = dict(input_ids=ids, attention_mask=cache.attention_mask(lengths), position_ids=positions,
-                      past_key_values=cache, use_cache=True, logits_to_keep=1)
+        kwargs = {"input_ids": ids, "attention_mask": cache.attention_mask(lengths), "position_ids": positions,
+                  self.cache_kwarg: cache, "use_cache": True, "logits_to_keep": 1}
         recorder, self.recorder = self.recorder, None
         if recorder is not None:
             with recorder:
