@@ -90,3 +90,54 @@ def test_run_rejects_bad_input(tmp_path):
     assert missing.exit_code == 2 and "no such model" in missing.output
     chat = runner.invoke(app, ["run", str(src), "w5", "--chat"])
     assert chat.exit_code == 2 and "chat template" in chat.output
+
+
+def test_errors_print_styled_text_not_literal_markup(tmp_path):
+    served = runner.invoke(app, ["rm", "x", "--url", "http://127.0.0.1:9", "--token", "t"])  # cli_serve's path
+    assert served.exit_code == 2
+    assert served.output.startswith("error: cannot reach the server") and "[" not in served.output.split(":")[0]
+    assert "[bold red]" not in served.output and "[/]" not in served.output
+    odd = tmp_path / "[bold]odd[/]"  # a path that looks like markup prints as it is
+    local = runner.invoke(app, ["convert", str(odd), str(tmp_path / "out")])  # cli.py's path
+    assert local.exit_code == 2 and str(odd) in local.output and "[bold red]" not in local.output
+
+
+def test_one_error_helper_for_every_command():
+    from tangram import cli, cli_common, cli_serve
+
+    assert cli._fail is cli_common.fail and cli_serve._fail is cli_common.fail
+
+
+def test_serve_rejects_a_bad_port_before_printing_anything():
+    for port in ("70000", "-1"):
+        result = runner.invoke(app, ["serve", "--port", port])
+        assert result.exit_code == 2, result.output
+        assert "serving" not in result.output and "Traceback" not in result.output
+        assert "Invalid value for '--port'" in result.output
+        assert ("65535" if port == "70000" else "greater than or equal to 0") in result.output
+
+
+def test_serve_validates_a_config_file_port_and_a_taken_port(tmp_path):
+    import socket
+
+    cfg = tmp_path / "serve.json"
+    cfg.write_text(json.dumps({"port": 70000}))
+    result = runner.invoke(app, ["serve", "--config", str(cfg)])
+    assert result.exit_code == 2 and "serving" not in result.output
+    assert result.output.startswith("error: port: Input should be less than or equal to 65535")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = runner.invoke(app, ["serve", "--port", str(taken.getsockname()[1])])
+    assert result.exit_code == 2 and "serving" not in result.output
+    assert "cannot listen on 127.0.0.1" in result.output and "Traceback" not in result.output
+
+
+def test_every_serving_option_and_argument_has_help():
+    import typer.main
+
+    commands = typer.main.get_command(app).commands
+    for name in ("serve", "deploy", "ls", "rm", "status"):
+        for param in commands[name].params:
+            assert param.help, f"{name} {param.name} has no help text"
+    assert "Deployment to remove" in runner.invoke(app, ["rm", "--help"]).output

@@ -8,23 +8,16 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from tangram import __version__
+from tangram.cli_common import console
+from tangram.cli_common import fail as _fail
 from tangram.cli_serve import register as register_serving
 
 app = typer.Typer(help="Tangram: serverless LLM serving with a short cold start.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (protocol and results: docs/benchmarks.md).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-console = Console()
-err = Console(stderr=True)
-
-
-def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code=2)
 
 
 def _gb(n: int | float) -> str:

@@ -7,33 +7,32 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
+from tangram.cli_common import console
+from tangram.cli_common import fail as _fail
+
 URL = typer.Option("--url", help="Server base URL.", envvar="TANGRAM_URL")
-TOKEN = typer.Option("--token", help="Admin token (default: $TANGRAM_ADMIN_TOKEN or the local server's).")
+TOKEN = typer.Option("--token", help="Admin token (default: $TANGRAM_ADMIN_TOKEN, else the token file that the "
+                     "local server on --url's port wrote).")
 
 
-def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False, markup=False)
-    raise typer.Exit(code=2)
-
-
-def ask_over_http(url: str, model: str, prompt: str) -> None:
+def ask_over_http(url: str, model: str, prompt: str, api_key: str | None = None) -> None:
     """Stream a chat answer from the server with the openai client; print it and its stage breakdown."""
     import openai
 
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
-    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                            temperature=0, max_tokens=64, stream=True)
-    console.print(f"[bold]{prompt}[/]")
+    client = openai.OpenAI(base_url=url + "/v1", api_key=api_key or "unused", max_retries=0, timeout=600)
     stages = None
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            console.out(chunk.choices[0].delta.content, end="", highlight=False)
-        stages = (chunk.model_extra or {}).get("tangram", {}).get("stages") or stages
+    try:
+        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                temperature=0, max_tokens=64, stream=True)
+        console.print(prompt, style="bold", markup=False, highlight=False)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                console.out(chunk.choices[0].delta.content, end="", highlight=False)
+            stages = (chunk.model_extra or {}).get("tangram", {}).get("stages") or stages
+    except openai.APIError as exc:
+        _fail(f"asking {model!r} failed: {exc}")
     console.out("")
     if stages:
         console.print(f"{stages['start']} start: time to first token {stages['ttft_s']:.3f} s (load "
@@ -47,7 +46,11 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
         host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
-        port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
+        port: Annotated[Optional[int], typer.Option(help="Port (default 8000; 0: any free port).", min=0,
+                                                    max=65535)] = None,
+        api_key: Annotated[Optional[str], typer.Option(
+            "--api-key", help="Require this bearer key on every /v1/* request (default: $TANGRAM_API_KEY; "
+            "none: the inference API is open).")] = None,
         config: Annotated[Optional[Path], typer.Option("--config", help="Serve config (JSON or TOML).")] = None,
         ask: Annotated[Optional[str], typer.Option(help="Once up, ask the first deployment this over HTTP.")] = None,
         once: Annotated[bool, typer.Option("--once", help="With --ask: stop after the answer.")] = False,
@@ -64,25 +67,24 @@ def register(app: typer.Typer) -> None:
 
         try:
             cfg = ServeConfig.from_file(config) if config else ServeConfig()
-            updates = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
-            cfg = cfg.model_copy(update=updates)
+            updates = {k: v for k, v in (("host", host), ("port", port), ("api_key", api_key)) if v is not None}
+            cfg = ServeConfig.model_validate({**cfg.model_dump(), **updates})  # model_copy would not validate
             if address is not None and not ray:
                 raise ValueError(f"{address!r}: a Ray address goes after --ray")
             server = Server(cfg, ray_address=(address or "") if ray else None)
         except (OSError, ValueError, ValidationError, ImportError) as exc:
             _fail(exc)
         if server.generated_token:
-            from tangram.serve.server import token_file
-
-            console.print(f"admin token (also in {token_file()}): [bold]{server.token}[/]")
+            console.print(f"admin token (also in {server.token_path}): [bold]{server.token}[/]")
         names = ", ".join(d.name for d in cfg.deployments) or "demo"
-        console.print(f"serving {names} at http://{cfg.host}:{cfg.port}/v1 (OpenAI-compatible); Ctrl-C stops")
+        key_note = ", API key required" if server.api_key else ""
+        console.print(f"serving {names} at {server.url}/v1 (OpenAI-compatible{key_note}); Ctrl-C stops",
+                      markup=False, highlight=False)
         if not ask:
             server.run()
             return
-        server.save_token()
         with server.running():  # stops the cluster's worker actors at exit
-            ask_over_http(server.url, names.split(", ")[0], ask)
+            ask_over_http(server.url, names.split(", ")[0], ask, api_key=server.api_key)
             if once:
                 return
             try:
@@ -95,9 +97,12 @@ def register(app: typer.Typer) -> None:
         name: Annotated[str, typer.Argument(help="Deployment (model) name clients use.")],
         checkpoint: Annotated[str, typer.Option("--checkpoint", help="`demo`, a checkpoint or a HF directory.")],
         keep_alive: Annotated[float, typer.Option("--keep-alive", help="Idle seconds before scale to zero.")] = 60.0,
-        max_instances: Annotated[int, typer.Option("--max-instances")] = 1,
-        min_instances: Annotated[int, typer.Option("--min-instances")] = 0,
-        target_concurrency: Annotated[int, typer.Option("--target-concurrency")] = 8,
+        max_instances: Annotated[int, typer.Option(
+            "--max-instances", help="Most instances it scales out to (1-64).")] = 1,
+        min_instances: Annotated[int, typer.Option(
+            "--min-instances", help="Instances kept running even when idle (0 = scale to zero).")] = 0,
+        target_concurrency: Annotated[int, typer.Option(
+            "--target-concurrency", help="Requests per instance before it scales out.")] = 8,
         url: Annotated[str, URL] = "http://127.0.0.1:8000",
         token: Annotated[Optional[str], TOKEN] = None,
     ) -> None:
@@ -130,7 +135,8 @@ def register(app: typer.Typer) -> None:
         console.print(table)
 
     @app.command("rm")
-    def rm(name: str, url: Annotated[str, URL] = "http://127.0.0.1:8000",
+    def rm(name: Annotated[str, typer.Argument(help="Deployment to remove.")],
+           url: Annotated[str, URL] = "http://127.0.0.1:8000",
            token: Annotated[Optional[str], TOKEN] = None) -> None:
         """Remove a deployment (its instances stop; its tensors stay retained in the pool)."""
         from tangram.serve.client import AdminClient, AdminError

@@ -6,27 +6,40 @@ import os
 
 import httpx
 
-from tangram.serve.server import token_file
+from tangram.serve.server import is_loopback, token_file
 
 
 class AdminError(RuntimeError):
     """The server answered with an error (its message is kept)."""
 
 
-def local_token() -> str | None:
-    """The token from TANGRAM_ADMIN_TOKEN, or the one the local server wrote at start."""
+def local_token(url: str) -> str | None:
+    """The token from TANGRAM_ADMIN_TOKEN, else the one the local server on `url`'s port wrote at start.
+
+    A token file is only read for a loopback `url`: a local admin token is never sent to another machine.
+    """
     token = os.environ.get("TANGRAM_ADMIN_TOKEN")
     if token:
         return token
-    path = token_file()
-    return path.read_text().strip() if path.is_file() else None
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return None
+    if not parsed.host or not is_loopback(parsed.host):
+        return None
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    path = token_file(port)
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 class AdminClient:
     """Admin calls against a running server."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 600.0) -> None:
-        token = token or local_token()
+        token = token or local_token(url)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
