@@ -1,19 +1,29 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   install, serve the real demo model (SmolLM2-135M) and ask it over HTTP, then keep serving (CPU when no GPU)
 #   make test   install with the test tools and run the whole test suite
-# A machine that already has a CUDA build of torch keeps it; elsewhere torch is
-# pinned to the CPU build torch==2.13.0 in the same install command.
+# `make demo ONCE=1` (or `make demo-once`) asks and exits; ASK="..." and PORT=... change the question and the port.
+# The venv sees the system's site packages only when the system Python already imports a CUDA-enabled torch
+# (so a CUDA machine keeps its own build); anywhere else it is a plain venv and the same install command pins
+# the CPU build torch==2.13.0.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CPU := torch==2.13.0
 PIP := $(PY) -m pip install --disable-pip-version-check -q
+ASK ?= What is the capital of France?
+PORT ?= 8000
+ONCE ?=
 
-.PHONY: install install-dev install-peers demo test bench-load clean
+.PHONY: install install-dev install-peers demo demo-once test bench-load clean
 
 $(PY):
-	$(PYTHON) -m venv --system-site-packages $(VENV)
+	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+		echo "the system torch has CUDA: $(VENV) sees the system site packages"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+	fi
 
 # Pin the CPU torch unless this environment already imports a CUDA-enabled torch.
 define pip_with_torch
@@ -37,7 +47,10 @@ install-peers: install
 
 demo: install
 	$(VENV)/bin/tangram fetch-demo
-	$(VENV)/bin/tangram serve --ask "What is the capital of France?"
+	$(VENV)/bin/tangram serve --ask "$(ASK)" --port $(PORT) $(if $(filter 1 yes true,$(ONCE)),--once)
+
+demo-once:
+	$(MAKE) demo ONCE=1
 
 test: install-dev
 	$(PY) -m pytest -q
