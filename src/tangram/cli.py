@@ -165,11 +165,25 @@ def bench_load(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Small sizes, fewer repeats (< 60 s).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="Synthetic model to load (repeatable; "
+                                                       "default: the mode's models).")] = None,
+    repeats: Annotated[Optional[int], typer.Option(min=1, help="Timed runs per method (default: the mode's).")]
+    = None,
 ) -> None:
     """Checkpoint bytes into device memory: Tangram vs safetensors, torch.load and peer loaders."""
+    from tangram.bench.common import resolve_device
     from tangram.bench.load import run_load_bench
+    from tangram.bench.synthetic import MODELS
 
-    run_load_bench(quick=quick, json_path=json_path, device=device, console=console)
+    try:
+        resolve_device(device)
+        unknown = [m for m in model or [] if m not in MODELS]
+        if unknown:
+            raise ValueError(f"unknown --model {', '.join(unknown)}; known: {', '.join(sorted(MODELS))}")
+    except ValueError as exc:
+        _fail(exc)
+    run_load_bench(quick=quick, json_path=json_path, device=device, console=console, models=model or None,
+                   repeats=repeats)
 
 
 @bench_app.command("pool")
@@ -202,11 +216,17 @@ def bench_coldstart(
     quick: Annotated[bool, typer.Option("--quick", help="Smaller models, a shorter trace (< 3 min).")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write PNG figures into this directory.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the workload generator.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda: must be what the server runs on here (every "
+                                        "CUDA device when present, else the CPU).")] = "auto",
 ) -> None:
     """End-to-end cold-start TTFT through the server: baseline, sllm, tangram, tangram-notemplate."""
-    from tangram.bench.coldstart import run_coldstart_bench
+    from tangram.bench.coldstart import run_coldstart_bench, server_device
 
-    run_coldstart_bench(quick=quick, json_path=json_path, plot_dir=plot, seed=seed, console=console)
+    try:
+        server_device(device)
+    except ValueError as exc:
+        _fail(exc)
+    run_coldstart_bench(quick=quick, json_path=json_path, plot_dir=plot, seed=seed, console=console, device=device)
 
 
 @bench_app.command("sim")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import torch
 from rich.console import Console
 
 from tangram.bench.coldstart_client import one
@@ -32,7 +33,9 @@ from tangram.bench.coldstart_replay import engine_config, run_config
 from tangram.bench.coldstart_workload import (
     CONFIGS, FULL, QUICK, SMALL, configurations, make_models, percentile, summarize, trace_spec,
 )
-from tangram.bench.common import Column, fmt_num, print_summary, print_table, result_doc, step_progress, write_result
+from tangram.bench.common import (
+    Column, fmt_num, print_summary, print_table, resolve_device, result_doc, step_progress, write_result,
+)
 from tangram.bench.kv_workload import ensure_models, make_trace, trace_stats
 from tangram.bench.overlap_probe import probe_overlap
 from tangram.bench.pool_workload import data_files
@@ -42,9 +45,25 @@ from tangram.paths import data_dir
 from tangram.serve import Server
 from tangram.store import read_index
 from tangram.store.io import evict_from_page_cache
+from tangram.worker import local_devices
 
 log = logging.getLogger(__name__)
 TEMPLATE_CONFIGS = ("tangram", "tangram-notemplate")
+
+
+def server_device(device: str = "auto") -> torch.device:
+    """The device the benchmark's servers run on here (the first local device: CUDA when present, else the CPU).
+
+    The server takes no device choice, so `device` (auto, cpu, cuda[:N]) must name that device's type;
+    anything else raises ValueError before any work.
+    """
+    have = torch.device(local_devices()[0])
+    if device != "auto":
+        want = resolve_device(device)
+        if want.type != have.type:
+            raise ValueError(f"device {device!r}: the server runs on {have} here (every CUDA device when present, "
+                             "else the CPU)")
+    return have
 
 
 def one_cold_start(config: str, ckpt: Path, prompt: list[int], max_tokens: int, capacity: int) -> dict[str, Any]:
@@ -72,8 +91,9 @@ async def _ask(url: str, req: dict) -> dict:
         return await one(client, url, req)
 
 
-def template_section(ckpt: Path, vocab: int, prompt_tokens: int, repeats: int, bar) -> tuple[list[dict], dict]:
-    """Cold starts from disk with and without the template, interleaved."""
+def template_section(ckpt: Path, vocab: int, prompt_tokens: int, repeats: int, bar,
+                     device: str = "cpu") -> tuple[list[dict], dict]:
+    """Cold starts from disk with and without the template, interleaved; the probe runs on `device` (the server's)."""
     capacity = int(read_index(ckpt).total_bytes * 1.25) + (64 << 20)
     prompt = [3 + (i * 37) % (vocab - 3) for i in range(prompt_tokens)]
     rows = []
@@ -85,7 +105,7 @@ def template_section(ckpt: Path, vocab: int, prompt_tokens: int, repeats: int, b
     p50 = {c: statistics.median(r["ttft_s"] for r in rows if r["config"] == c) for c in TEMPLATE_CONFIGS}
     texts = {r["text"] for r in rows}
     bar.describe("template: overlap probe")
-    probe = probe_overlap(ckpt, prompt, repeats=3 * repeats)
+    probe = probe_overlap(ckpt, prompt, repeats=3 * repeats, device=device)
     bar.advance()
     saved = probe["sequential_s"] - probe["both_s"]  # what running them together hides on this machine
     ceiling = p50["tangram-notemplate"] / max(1e-9, p50["tangram-notemplate"] - max(0.0, saved))
@@ -108,9 +128,10 @@ def record_templates(paths, sizes, bar) -> None:
 
 def run_coldstart_bench(*, quick: bool, json_path: Path | None, plot_dir: Path | None = None, seed: int = 0,
                         console: Console | None = None, small: bool = False, progress: bool = True,
-                        configs: tuple[str, ...] = CONFIGS) -> dict:
+                        configs: tuple[str, ...] = CONFIGS, device: str = "auto") -> dict:
     """The whole benchmark; returns (and optionally writes) the result document."""
     console = console or Console()
+    dev = server_device(device)
     started = time.perf_counter()
     sizes = SMALL if small else QUICK if quick else FULL
     models = make_models(sizes.models)
@@ -136,7 +157,7 @@ def run_coldstart_bench(*, quick: bool, json_path: Path | None, plot_dir: Path |
             per_config[name] = run_config(configurations()[name], paths, trace, sizes, capacity)
             bar.advance()
         t_rows, t_summary = template_section(paths[biggest.name].ckpt, biggest.vocab,
-                                             16 if small else 128, t_repeats, bar)
+                                             16 if small else 128, t_repeats, bar, device=str(dev))
     summary = {**summarize(per_config), **t_summary}
     rows = [{"section": "replay", "config": n, **r} for n, run in per_config.items() for r in run["results"]]
     rows += t_rows
@@ -147,7 +168,7 @@ def run_coldstart_bench(*, quick: bool, json_path: Path | None, plot_dir: Path |
               "warm_ttft": {n: run["warm_ttft"] for n, run in per_config.items()},
               "replay_s": {n: run["replay_s"] for n, run in per_config.items()},
               "seconds": time.perf_counter() - started}
-    result = result_doc("coldstart", "cpu", config, rows, summary)
+    result = result_doc("coldstart", dev, config, rows, summary)
     _report(console, per_config, t_rows, summary)
     if plot_dir is not None:
         from tangram.bench.coldstart_plots import write_plots

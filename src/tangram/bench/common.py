@@ -23,12 +23,25 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """"auto" -> cuda:0 when CUDA is available, else cpu; anything else as torch parses it."""
+    """"auto" -> cuda:0 when CUDA is available, else cpu; cpu, cuda or cuda:N as torch parses them.
+
+    Raises ValueError for another device type, or for CUDA where this torch sees no such CUDA device.
+    """
     if device == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", 0)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r}: {exc}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: the benchmarks run on cpu or cuda[:N]")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}, "
+                             f"built for CUDA {torch.version.cuda})")
+        dev = torch.device("cuda", 0 if dev.index is None else dev.index)
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     return dev
 
 

@@ -30,11 +30,11 @@ def overlap_bound(sequential_s: float, both_s: float) -> float:
     return sequential_s / both_s
 
 
-def probe_overlap(ckpt: Path, prompt: list[int], repeats: int = 3) -> dict[str, float]:
+def probe_overlap(ckpt: Path, prompt: list[int], repeats: int = 3, device: str = "cpu") -> dict[str, float]:
     """Median seconds of a cold load and of the prefill after it, of the two in sequence and at once, and the
-    `bound` (see `overlap_bound`)."""
+    `bound` (see `overlap_bound`), with the pools on `device` (the benchmark server's device)."""
     size = read_index(ckpt).total_bytes
-    resident = DevicePool(int(size * 1.25) + (64 << 20), loader=Loader())
+    resident = DevicePool(int(size * 1.25) + (64 << 20), device, loader=Loader())
     with Instance(ckpt, resident, EngineConfig(templates=False, max_batch=1)) as inst:
         runner, kv = inst.engine.runner, inst.kv
 
@@ -49,7 +49,7 @@ def probe_overlap(ckpt: Path, prompt: list[int], repeats: int = 3) -> dict[str, 
 
         def cold_load() -> tuple[float, threading.Thread]:
             """An empty pool (every byte from disk), the page cache dropped; then the load starts on a thread."""
-            pool = DevicePool(int(size * 1.1) + (16 << 20), loader=Loader())
+            pool = DevicePool(int(size * 1.1) + (16 << 20), device, loader=Loader())
             for f in data_files(ckpt):
                 evict_from_page_cache(f)
             t0 = time.perf_counter()
