@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_state_equal, make_tensor
-from tangram.store import Checkpoint, HostCache, Loader, read_index, save
+from tangram.store import Checkpoint, HashMismatchError, HostCache, Loader, read_index, save
 from tangram.store.hashing import hash_bytes
 
 
@@ -207,7 +207,10 @@ def test_corrupt_disk_bytes_never_enter_the_cache(two_ckpts):
         fh.seek(e.offset + 10)
         fh.write(bytes([b ^ 1]))
     cache = HostCache(1 << 20, pin=False)
-    Loader(method="pread", cache=cache).load(p1)  # no verify: the flipped byte is loaded...
+    with pytest.raises(HashMismatchError, match="'a2'"):  # by default the loader checks while reading
+        Loader(method="pread", cache=cache).load(p1)
+    assert cache.pending_fills() == 0 and len(cache) == 0  # a failed load caches nothing
+    Loader(method="pread", cache=cache, verify=False).load(p1)  # unchecked: the flipped byte is loaded...
     cache.wait_idle()
     assert e.hash not in cache  # ...but the cache re-hashes and refuses it
     assert len(cache) == len(index.tensors) - 1

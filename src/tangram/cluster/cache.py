@@ -19,12 +19,13 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 import torch
 from ray.actor import ActorHandle
 
+from tangram.store.cache import PendingFills
 from tangram.store.hashing import as_bytes, hash_bytes
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class NodeCacheClient:
         self.cache, self.capacity_bytes = cache, capacity_bytes
         self._keys: set[str] = set()
         self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tangram-node-cache-fill")
-        self._pending: list[Future[None]] = []
+        self._pending = PendingFills()
         self.hits = self.misses = 0
 
     def __contains__(self, key: str) -> bool:
@@ -121,9 +122,10 @@ class NodeCacheClient:
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(arr)
 
-    def fill(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def fill(self, items: Iterable[tuple[str, torch.Tensor]], *, verified: bool = False) -> None:
         """Cache (content hash, loaded tensor) pairs in the node's object store: the bytes are put now, while
-        the caller still owns them; the hash check and the publication happen in the background."""
+        the caller still owns them; the publication (after a hash check unless `verified`: the loader checked
+        them as they landed) happens in the background."""
         todo = list(items)
         if not todo or self.capacity_bytes <= 0:
             return
@@ -135,12 +137,12 @@ class NodeCacheClient:
             src = data.detach().reshape(-1).view(torch.uint8) if data.is_contiguous() else as_bytes(data)
             staged.append((key, ray.put(src.cpu().numpy()), src.numel()))  # owned here until the actor re-puts it
         if staged:
-            self._pending.append(self._filler.submit(self._publish, staged))
+            self._pending.add(self._filler.submit(self._publish, staged, verified))
 
-    def _publish(self, staged: list[tuple[str, ray.ObjectRef, int]]) -> None:
+    def _publish(self, staged: list[tuple[str, ray.ObjectRef, int]], verified: bool = False) -> None:
         t0, added = time.perf_counter(), 0
         for key, ref, nbytes in staged:
-            if hash_bytes(memoryview(ray.get(ref))) != key:
+            if not verified and hash_bytes(memoryview(ray.get(ref))) != key:
                 log.warning("node cache: bytes for %s do not match their hash; not cached", key)
                 continue
             if ray.get(self.cache.add.remote(key, [ref], nbytes)):
@@ -148,8 +150,10 @@ class NodeCacheClient:
                 added += nbytes
         log.debug("node cache: added %d bytes in %.3f s", added, time.perf_counter() - t0)
 
+    def pending_fills(self) -> int:
+        """Background publications not finished yet (each is forgotten as it completes)."""
+        return len(self._pending)
+
     def wait_idle(self) -> None:
         """Block until background fills have finished."""
-        pending, self._pending = self._pending, []
-        for fut in pending:
-            fut.result()
+        self._pending.wait()

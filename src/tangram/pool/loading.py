@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-from tangram.store import LoadStats
+import torch
+
+from tangram.store import Checkpoint, Loader, LoadStats
 
 
 class LoadJob:
@@ -61,6 +63,14 @@ class LoadJob:
     def seconds(self) -> float:
         """Wall time of the load (so far)."""
         return (self.ended or time.perf_counter()) - self.began
+
+
+def verified_load(loader: Loader, ckpt: Checkpoint, dests: Mapping[str, torch.Tensor]
+                  ) -> Callable[[list[list[str]], Callable[[str], None]], LoadStats]:
+    """The load of a pool's LoadJob: `dests` through `loader` in the job's groups, always verified (whatever the
+    loader's default), so a tensor's ready event, which makes it shareable by its hash, means its bytes matched."""
+    return lambda groups, landed: loader.load_into(ckpt, {n: dests[n] for g in groups for n in g}, order=groups,
+                                                   landed=landed, verify=True)
 
 
 class LoadFailed(RuntimeError):

@@ -2,7 +2,8 @@
 
 `acquire(checkpoint)` binds every tensor of a model already resident (shared by
 content identity `hash:dtype:shape`, across models) and loads only the missing
-ones into the arena through the loader; `release(binding)` drops the
+ones into the arena through the loader, each checked against its hash as it
+lands (a tensor is shared only once its bytes matched); `release(binding)` drops the
 references and leaves the tensors *retained* for the next start. Space for
 missing tensors comes from free bytes, then from evicting retained tensors as
 the policy decides; active bytes are never touched: when they would have to
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from tangram.pool.arena import Arena, Block, resolve_capacity
-from tangram.pool.loading import LoadJob
+from tangram.pool.loading import LoadJob, verified_load
 from tangram.pool.policy import (
     Extent, Policy, State, decayed_rate, eviction_order, find_window, fragmentation, largest_free, retention_gain,
 )
@@ -195,9 +196,7 @@ class DevicePool:
                           sum(by_key[k][1].nbytes for k in reused), 0.0, ready=ready, residents=pinned)
         name_of = {by_key[k][0]: k for k in missing}
         dests = {n: self.arena.view(placed[k], by_key[k][1].nbytes) for n, k in name_of.items()}
-        job = LoadJob(ordered_groups(list(name_of), order),
-                      lambda groups, landed: self.loader.load_into(ckpt, {n: dests[n] for g in groups for n in g},
-                                                                   order=groups, landed=landed),
+        job = LoadJob(ordered_groups(list(name_of), order), verified_load(self.loader, ckpt, dests),
                       {n: self._tensors[k].ready for n, k in name_of.items()},
                       lambda exc: self._drop_failed([self._tensors[k] for k in missing]),
                       (lambda stats: setattr(binding, "load", stats)) if missing else None)
@@ -222,9 +221,7 @@ class DevicePool:
         """A load failed: the tensors it had not landed leave the registry (marked failed for waiters) and their
         space is freed. Those it landed are whole and stay: another binding may already be computing with them."""
         with self._lock:
-            for r in loading:
-                if r.ready.is_set():
-                    continue
+            for r in [r for r in loading if not r.ready.is_set()]:
                 r.failed = True
                 if self._tensors.get(r.key) is r:
                     del self._tensors[r.key]
@@ -233,9 +230,8 @@ class DevicePool:
 
     def _unpin_all(self, pinned: list[_Resident]) -> None:
         with self._lock:
-            for r in pinned:
-                if not r.failed:
-                    self._unpin(r)
+            for r in [r for r in pinned if not r.failed]:
+                self._unpin(r)
 
     def release(self, binding: Binding) -> None:
         """Drop a binding's references; its tensors stay retained until space is needed."""

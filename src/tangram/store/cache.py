@@ -3,9 +3,10 @@
 Keyed by content hash, so a tensor shared by two checkpoints is cached once. Entries
 are pinned when CUDA is present, so a hit becomes one asynchronous host-to-device copy.
 A load copies what it read from disk into the cache before it returns (the
-pool may reuse those bytes as soon as the instance ends); each copy is
-re-hashed on a background thread and served only if it matches, so a cache
-never serves wrong bytes.
+pool may reuse those bytes as soon as the instance ends). Bytes the loader
+verified while reading are served at once; any other copy is re-hashed on a
+background thread and served only if it matches, so a cache never serves
+wrong bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from tangram.store.hashing import as_bytes, hash_bytes
-from tangram.store.io import host_buffer
+from tangram.store.io import copy_bytes, host_buffer
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class HostCache:
         self._used = 0
         self._lock = threading.Lock()
         self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tangram-cache-fill")
-        self._pending: list[Future[None]] = []
+        self._pending = PendingFills()
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -67,7 +68,8 @@ class HostCache:
             return buf
 
     def put(self, key: str, data: torch.Tensor) -> bool:
-        """Copy `data` (any device) into the cache under `key`; False if it can never fit."""
+        """Copy `data` (any device) into the cache under `key`, trusting the caller that `key` names these bytes
+        (the loader uses `fill`, which checks); False if it can never fit."""
         src = _flat_bytes(data)
         n = src.numel()
         if n > self.capacity_bytes:
@@ -88,7 +90,7 @@ class HostCache:
 
     def _copy(self, src: torch.Tensor) -> torch.Tensor:
         buf = host_buffer(src.numel(), pin=self.pin, touch=False)
-        buf.copy_(src)
+        copy_bytes(buf, src)
         return buf
 
     def _make_room(self, nbytes: int) -> None:
@@ -97,9 +99,11 @@ class HostCache:
             self._used -= old.numel()
             self.evictions += 1
 
-    def fill(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def fill(self, items: Iterable[tuple[str, torch.Tensor]], *, verified: bool = False) -> None:
         """Cache (content hash, loaded bytes) pairs: copied now, while the caller still owns the bytes (a pool
-        may reuse them right after), and served once a background check of each copy's hash has passed."""
+        may reuse them right after). `verified`: the caller checked the bytes against their hashes (the
+        loader does as they land), so the copies are served at once; otherwise each is served once a background
+        check of its hash has passed."""
         if self.capacity_bytes <= 0:
             return
         staged = []
@@ -111,10 +115,20 @@ class HostCache:
                 continue
             buf = self._copy(src)
             with self._lock:
-                self._staged[key] = buf
+                if verified:
+                    self._publish(key, buf)
+                else:
+                    self._staged[key] = buf
             staged.append(key)
-        if staged:
-            self._pending.append(self._filler.submit(self._verify, staged))
+        if staged and not verified:
+            self._pending.add(self._filler.submit(self._verify, staged))
+
+    def _publish(self, key: str, buf: torch.Tensor) -> None:
+        """Serve `buf` under `key` (lock held)."""
+        if key not in self._entries:
+            self._make_room(buf.numel())
+            self._entries[key] = buf
+            self._used += buf.numel()
 
     def _verify(self, keys: list[str]) -> None:
         for key in keys:
@@ -125,10 +139,8 @@ class HostCache:
             ok = hash_bytes(buf) == key
             with self._lock:
                 self._staged.pop(key, None)
-                if ok and key not in self._entries:
-                    self._make_room(buf.numel())
-                    self._entries[key] = buf
-                    self._used += buf.numel()
+                if ok:
+                    self._publish(key, buf)
             if not ok:
                 log.warning("host cache: bytes for %s do not match their hash; not cached", key)
 
@@ -139,11 +151,13 @@ class HostCache:
             if buf is not None:
                 self._used -= buf.numel()
 
+    def pending_fills(self) -> int:
+        """Background hash checks not finished yet (each is forgotten as it completes)."""
+        return len(self._pending)
+
     def wait_idle(self) -> None:
         """Block until background fills have finished (tests and benchmarks)."""
-        pending, self._pending = self._pending, []
-        for fut in pending:
-            fut.result()
+        self._pending.wait()
 
     def clear(self) -> None:
         """Drop every entry."""
@@ -152,6 +166,38 @@ class HostCache:
             self._entries.clear()
             self._staged.clear()
             self._used = 0
+
+
+class PendingFills:
+    """The background fill jobs of a cache that have not finished: each removes itself when done, so a
+    long-running server keeps none of them (nothing has to call `wait`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._futures: set[Future[None]] = set()
+
+    def add(self, fut: Future[None]) -> None:
+        """Track `fut` until it completes."""
+        with self._lock:
+            self._futures.add(fut)
+        fut.add_done_callback(self._done)  # runs at once if it is already done
+
+    def _done(self, fut: Future[None]) -> None:
+        with self._lock:
+            self._futures.discard(fut)
+        if not fut.cancelled() and fut.exception() is not None:
+            log.warning("background cache fill failed: %s", fut.exception())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._futures)
+
+    def wait(self) -> None:
+        """Block until every job tracked now has finished."""
+        with self._lock:
+            futures = list(self._futures)
+        for fut in futures:
+            fut.result()
 
 
 def _flat_bytes(data: torch.Tensor) -> torch.Tensor:

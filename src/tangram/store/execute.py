@@ -1,6 +1,7 @@
 """Execute planned reads on reader threads, into CPU or CUDA destinations.
 
-CPU destinations are filled by the chosen read method directly. CUDA
+CPU destinations are filled by the chosen read method directly; host-cache
+hits are copied by the same reader threads, in chunks, in plan order. CUDA
 destinations go through a ring of pinned staging buffers: a thread reads a
 chunk into a free buffer, enqueues asynchronous host-to-device copies on its
 own stream and records an event; the buffer is reused once the event is done,
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ import torch
 from tangram.store import io
 from tangram.store.io import ReadMethod
 from tangram.store.format import ALIGNMENT, align_up
-from tangram.store.plan import Piece, ReadRun, Segment
+from tangram.store.landing import Aborted, Landing
+from tangram.store.plan import CopyRun, Piece, ReadRun, Segment
 
 
 AUTO_CACHED = 0.5  # AUTO reads a chunk through the page cache when at least this much of it is there
@@ -64,7 +66,7 @@ class StagingRing:
 
 
 def execute(
-    runs: list[ReadRun],
+    runs: Sequence[ReadRun | CopyRun],
     paths: Mapping[int, Path],
     config: ReadConfig,
     device: torch.device,
@@ -73,11 +75,14 @@ def execute(
     progress: Callable[[int], None] | None = None,
     landed: Callable[[Piece], None] | None = None,
 ) -> None:
-    """Read every run into its destinations with `config`; returns when all bytes have landed.
+    """Read every run (and copy every host-cache hit) into its destinations; returns when all bytes have landed.
 
-    Runs are started in list order. `landed(piece)` is called (from a reader
-    thread) as soon as all of a piece's bytes are in its destination, on CUDA
-    once its copies have finished, so a consumer may start on it at once.
+    Runs are started in list order on `config.threads` reader threads. Pieces
+    with an expected hash are verified as their bytes land (landing.py); a
+    mismatch raises HashMismatchError and that piece is never reported.
+    `landed(piece)` is called (from a reader thread) as soon as all of a
+    piece's bytes are in its destination and verified, on CUDA once all its
+    copies have finished, so a consumer may start on it at once.
     """
     method = config.method
     if device.type == "cuda" and method is ReadMethod.MMAP:
@@ -85,11 +90,18 @@ def execute(
     fds: dict[int, int] = {}
     dfds: dict[int, int] = {}
     local = threading.local()
+    pieces = [s.piece for r in runs if isinstance(r, ReadRun) for s in r.segments if s.piece is not None]
+    tracker = Landing([*pieces, *(r.piece for r in runs if isinstance(r, CopyRun))], lambda f: paths[f])
 
     def bounce() -> torch.Tensor:
         if not hasattr(local, "bounce"):
             local.bounce = io.host_buffer(config.chunk_bytes + ALIGNMENT)
         return local.bounce
+
+    def stream() -> torch.cuda.Stream:
+        if not hasattr(local, "stream"):
+            local.stream = torch.cuda.Stream(device)
+        return local.stream
 
     def read(run: ReadRun, need: int) -> None:
         """Read `run` (its first `need` bytes must exist) with the configured method."""
@@ -105,59 +117,84 @@ def execute(
         else:  # AUTO, cold: from the disk, past the page cache
             io.read_direct(dfds[run.file], run, bounce(), path, need)
 
-    left: dict[int, int] = {}
-    if landed is not None:
-        for run in runs:
-            for seg in run.segments:
-                if seg.piece is not None:
-                    left[id(seg.piece)] = left.get(id(seg.piece), 0) + seg.length
-    left_lock = threading.Lock()
-
-    def completed(run: ReadRun) -> list[Piece]:
-        """Pieces whose last bytes were in `run`."""
-        done = []
-        with left_lock:
-            for seg in run.segments:
-                if seg.piece is not None:
-                    left[id(seg.piece)] -= seg.length
-                    if left[id(seg.piece)] == 0:
-                        done.append(seg.piece)
-        return done
+    def report(done: list[tuple[Piece, list]]) -> None:
+        for piece, events in done:
+            for event in events:  # every copy of the piece, whichever thread's stream it ran on
+                event.synchronize()
+            if landed is not None:
+                landed(piece)
 
     def cuda_work(run: ReadRun) -> None:
-        if not hasattr(local, "stream"):
-            local.stream = torch.cuda.Stream(device)
         assert staging is not None, "CUDA destinations need a staging ring"
         ring = staging()
         buf = ring.take()
         length = run.length if method is ReadMethod.PREAD else align_up(run.length)
+        done: list[tuple[Piece, list]] = []
+        event = None
         try:
             read(ReadRun(run.file, run.offset, [Segment(length, buf, 0)]), run.length)
-        except BaseException:
-            ring.give(buf, None)
-            raise
-        with torch.cuda.stream(local.stream):
-            io.scatter_from(buf, run, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(local.stream)
-        ring.give(buf, event)
+            with torch.cuda.stream(stream()):
+                io.scatter_from(buf, run, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream())
+            pos = 0
+            for seg in run.segments:  # hash the staged bytes while they are copied: they are the bytes copied
+                if seg.piece is not None:
+                    events = tracker.arrived(seg.piece, seg.dest_start, buf[pos : pos + seg.length], event)
+                    if events is not None:
+                        done.append((seg.piece, events))
+                pos += seg.length
+        finally:
+            ring.give(buf, event)
+            report(done)  # pieces whole and verified before a failure in this run count as landed
         if progress:
             progress(run.payload)
-        if landed is not None and (done := completed(run)):
-            event.synchronize()  # the consumer's stream must not read before this thread's copies end
-            for piece in done:
-                landed(piece)
 
     def cpu_work(run: ReadRun) -> None:
         read(run, run.length)
+        done: list[tuple[Piece, list]] = []
+        try:
+            for seg in run.segments:
+                if seg.piece is not None:
+                    part = seg.dest[seg.dest_start : seg.dest_start + seg.length]
+                    if (events := tracker.arrived(seg.piece, seg.dest_start, part)) is not None:
+                        done.append((seg.piece, events))
+        finally:
+            report(done)
         if progress:
             progress(run.payload)
-        if landed is not None:
-            for piece in completed(run):
-                landed(piece)
+
+    def copy_work(c: CopyRun) -> None:
+        dst = c.piece.dest[c.start : c.start + c.length]
+        src = c.src[c.start : c.start + c.length]
+        event = None
+        if device.type == "cuda":
+            with torch.cuda.stream(stream()):
+                dst.copy_(src, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream())
+        else:
+            io.copy_bytes(dst, src)
+        events = tracker.arrived_unhashed(c.piece, c.length, event)
+        if progress:
+            progress(c.length)
+        if events is not None:
+            report([(c.piece, events)])
+
+    def work(item: ReadRun | CopyRun) -> None:
+        try:
+            if isinstance(item, CopyRun):
+                copy_work(item)
+            else:
+                (cuda_work if device.type == "cuda" else cpu_work)(item)
+        except Aborted:
+            raise
+        except BaseException:
+            tracker.abort()  # threads waiting for this run's bytes stop
+            raise
 
     try:
-        for f in sorted({r.file for r in runs}):
+        for f in sorted({r.file for r in runs if isinstance(r, ReadRun)}):
             if method is not ReadMethod.ODIRECT:
                 fds[f] = io.open_data_file(paths[f], direct=False)
             if method in (ReadMethod.ODIRECT, ReadMethod.AUTO):
@@ -167,7 +204,7 @@ def execute(
                     if method is ReadMethod.ODIRECT:
                         raise OSError(exc.errno, f"{paths[f]}: O_DIRECT not supported here ({exc.strerror})") from None
                     method = ReadMethod.PREAD  # AUTO on a filesystem without O_DIRECT: buffered reads only
-        run_all(cuda_work if device.type == "cuda" else cpu_work, runs, config.threads)
+        run_all(work, list(runs), config.threads)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
@@ -188,7 +225,10 @@ def _trim(segments: list[Segment], need: int) -> list[Segment]:
 
 
 def run_all(fn: Callable, items: list, threads: int) -> None:
-    """Run fn over items on `threads` threads, in order; the first error cancels the rest and is raised."""
+    """Run fn over items on `threads` threads, in order; the first error cancels the rest and is raised.
+
+    An `Aborted` (a thread stopped because another failed) is raised only when no other error is there.
+    """
     if threads <= 1 or len(items) <= 1:
         for item in items:
             fn(item)
@@ -196,8 +236,10 @@ def run_all(fn: Callable, items: list, threads: int) -> None:
     with ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="tangram-load") as pool:
         futures = [pool.submit(fn, item) for item in items]
         wait(futures, return_when=FIRST_EXCEPTION)
-        for fut in futures:
-            if fut.done() and not fut.cancelled() and fut.exception() is not None:
-                for other in futures:
-                    other.cancel()
-                raise fut.exception()  # type: ignore[misc]
+        failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
+        if failed:
+            for other in futures:
+                other.cancel()
+            wait(futures)  # the threads still running finish (or stop, aborted) before the error is chosen
+            errors = [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
+            raise next((e for e in errors if not isinstance(e, Aborted)), errors[0])  # type: ignore[misc]

@@ -3,10 +3,11 @@
 `Loader.load_into` moves the requested stored tensors of a checkpoint into
 caller-owned destination bytes (a pre-touched host region, or device memory
 such as a pool arena): DRAM-cache hits are copied from the host cache tier,
-the rest is planned into coalesced aligned reads executed by several reader
-threads. On CPU the reads land straight in the destination; on CUDA they land
-in a ring of pinned staging buffers whose asynchronous host-to-device copies
-on per-thread streams overlap with the next reads.
+the rest is planned into coalesced aligned reads; reader threads execute both
+(copies in chunks), and hash every tensor read from disk as its bytes land.
+On CPU the reads land straight in the destination; on CUDA they land in a ring
+of pinned staging buffers whose asynchronous host-to-device copies on
+per-thread streams overlap with the next reads.
 """
 
 from __future__ import annotations
@@ -15,19 +16,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from tangram.store import io, probe
 from tangram.store.cache import HostCache
-from tangram.store.errors import HashMismatchError
+from tangram.store.execute import ReadConfig, StagingRing, execute
 from tangram.store.format import Checkpoint
-from tangram.store.hashing import hash_bytes
 from tangram.store.io import ReadMethod
-from tangram.store.execute import ReadConfig, StagingRing, execute, run_all
-from tangram.store.plan import Piece, ordered_groups, plan_reads
+from tangram.store.plan import CopyRun, Piece, ReadRun, ordered_groups, plan_copies, plan_reads
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +64,13 @@ class Loader:
         chunk_bytes: int | None = None,
         cache: HostCache | None = None,
         staging_buffers: int | None = None,
+        verify: bool = True,
     ) -> None:
-        """Unset `threads`, `method`, `chunk_bytes` come from the per-filesystem measurement (probe.py)."""
+        """Unset `threads`, `method`, `chunk_bytes` come from the per-filesystem measurement (probe.py).
+
+        `verify`: check the bytes read from disk against the index hashes (the default; off only to measure
+        what the check costs)."""
+        self.verify = verify
         self.threads = threads
         self.method = ReadMethod(method) if method is not None else None
         self.chunk_bytes = chunk_bytes
@@ -93,20 +97,25 @@ class Loader:
         checkpoint: Checkpoint | str | Path,
         dests: Mapping[str, torch.Tensor],
         *,
-        verify: bool = False,
+        verify: bool | None = None,
         progress: Callable[[int], None] | None = None,
         order: Sequence[Sequence[str]] | None = None,
         landed: Callable[[str], None] | None = None,
     ) -> LoadStats:
         """Fill `dests` (stored tensor name -> flat uint8 tensor of its nbytes, one device) from `checkpoint`.
 
-        With `verify`, every tensor read from disk is re-hashed and a mismatch
-        raises HashMismatchError. Only the named tensors are read. `order`:
-        groups of names to read one group after the other (a template's
-        first-use order) on all reader threads at once, instead of in file
-        order; `landed(name)` is called as each tensor arrives (execute-while-load).
+        `verify` (default: this loader's `verify`, on unless turned off) checks
+        every tensor read from disk against its index hash as its bytes land,
+        on the reader threads; a mismatch raises HashMismatchError naming the
+        file and the tensor, and that tensor is never reported landed. Host-cache
+        hits were verified when cached. Only the named tensors are read.
+        `order`: groups of names to load one group after the other (a
+        template's first-use order) on all reader threads at once, instead of
+        in file order; `landed(name)` is called as each tensor arrives whole
+        (execute-while-load).
         """
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+        verify = self.verify if verify is None else verify
         start = time.perf_counter()
         index = ckpt.index
         stats = LoadStats()
@@ -114,64 +123,54 @@ class Loader:
         if len(devices) > 1:
             raise ValueError(f"destinations span several devices: {sorted(map(str, devices))}")
         device = devices.pop() if devices else torch.device("cpu")
-        cuda = device.type == "cuda"
-        pieces: list[Piece] = []
         groups = ordered_groups(list(dests), order)
-        rank = {n: i for i, g in enumerate(groups) for n in g}
-        for name in [n for g in groups for n in g]:
-            dest = dests[name]
-            entry = index.tensors[index.resolve(name)]
-            if dest.dtype != torch.uint8 or dest.dim() != 1 or not dest.is_contiguous():
-                raise ValueError(f"destination of {name!r} must be a flat contiguous uint8 tensor")
-            if dest.numel() != entry.nbytes:
-                raise ValueError(f"destination of {name!r} holds {dest.numel()} bytes, needs {entry.nbytes}")
-            cached = self.cache.get(entry.hash) if self.cache is not None else None
-            if cached is not None and cached.numel() == entry.nbytes:
-                dest.copy_(cached, non_blocking=cuda)
-                stats.bytes_from_cache += entry.nbytes
-                if progress:
-                    progress(entry.nbytes)
-                if landed is not None:  # on CUDA the consumer's stream orders after this copy
-                    landed(name)
-            else:
-                pieces.append(Piece(name, entry.file, entry.offset, entry.nbytes, dest))
+        pieces: list[list[Piece]] = [[] for _ in groups]
+        hits: list[list[tuple[Piece, torch.Tensor]]] = [[] for _ in groups]
+        empty: list[str] = []
+        for g, group in enumerate(groups):
+            for name in group:
+                dest = dests[name]
+                entry = index.tensors[index.resolve(name)]
+                if dest.dtype != torch.uint8 or dest.dim() != 1 or not dest.is_contiguous():
+                    raise ValueError(f"destination of {name!r} must be a flat contiguous uint8 tensor")
+                if dest.numel() != entry.nbytes:
+                    raise ValueError(f"destination of {name!r} holds {dest.numel()} bytes, needs {entry.nbytes}")
+                if entry.nbytes == 0:
+                    empty.append(name)
+                    continue
+                cached = self.cache.get(entry.hash) if self.cache is not None else None
+                piece = Piece(name, entry.file, entry.offset, entry.nbytes, dest, entry.hash if verify else None)
+                if cached is not None and cached.numel() == entry.nbytes:
+                    hits[g].append((replace(piece, hash=None), cached))
+                    stats.bytes_from_cache += entry.nbytes
+                else:
+                    pieces[g].append(piece)
         stats.tensors = len(dests)
-        config = self.config(ckpt.file_path(pieces[0].file)) if pieces else probe.DEFAULT
+        disk = [p for group in pieces for p in group]
+        config = self.config(ckpt.file_path(disk[0].file)) if disk else probe.DEFAULT
         stats.method, stats.threads, stats.chunk_bytes = config.method.value, config.threads, config.chunk_bytes
-        by_group: list[list[Piece]] = [[] for _ in groups]
-        for piece in pieces:
-            by_group[rank[piece.name]].append(piece)
-        runs = [run for group in by_group  # group after group; coalesced within a group
-                for run in plan_reads(group, chunk_bytes=config.chunk_bytes)]
-        stats.reads = len(runs)
-        stats.bytes_from_disk = sum(r.payload for r in runs)
-        stats.bytes_padding = sum(r.length for r in runs) - stats.bytes_from_disk
-        if runs:
-            paths = {f: ckpt.file_path(f) for f in {r.file for r in runs}}
-            execute(runs, paths, config, device, staging=lambda: self._ring(config), progress=progress,
+        tasks: list[ReadRun | CopyRun] = []
+        for g in range(len(groups)):  # group after group: its cache hits, then its coalesced reads
+            tasks += plan_copies(hits[g], chunk_bytes=config.chunk_bytes)
+            runs = plan_reads(pieces[g], chunk_bytes=config.chunk_bytes)
+            stats.reads += len(runs)
+            stats.bytes_from_disk += sum(r.payload for r in runs)
+            stats.bytes_padding += sum(r.length for r in runs) - sum(r.payload for r in runs)
+            tasks += runs
+        if not disk:  # copies only: no read-ahead to protect, so at least two threads share them
+            config = ReadConfig(config.method, max(2, self.threads or 2), config.chunk_bytes)
+        if landed is not None:
+            for name in empty:
+                landed(name)
+        if tasks:
+            paths = {f: ckpt.file_path(f) for f in {p.file for p in disk}}
+            execute(tasks, paths, config, device, staging=lambda: self._ring(config), progress=progress,
                     landed=(lambda piece: landed(piece.name)) if landed is not None else None)
-        if cuda:
-            torch.cuda.synchronize(device)  # cache-hit copies too
-        if verify:
-            self._verify(ckpt, pieces)
-        if self.cache is not None and pieces:
-            self.cache.fill((index.tensors[index.resolve(p.name)].hash, p.dest) for p in pieces)
+        if self.cache is not None and disk:
+            self.cache.fill(((index.tensors[index.resolve(p.name)].hash, p.dest) for p in disk), verified=verify)
         stats.seconds = time.perf_counter() - start
         log.debug("loaded %s: %s", ckpt.path, stats)
         return stats
-
-    def _verify(self, ckpt: Checkpoint, pieces: list[Piece]) -> None:
-        index = ckpt.index
-
-        def check(p: Piece) -> None:
-            entry = index.tensors[index.resolve(p.name)]
-            got = hash_bytes(p.dest.cpu() if p.dest.device.type != "cpu" else p.dest)
-            if got != entry.hash:
-                raise HashMismatchError(
-                    ckpt.file_path(p.file), f"tensor {p.name!r}: content hash {got} differs from the index ({entry.hash})"
-                )
-
-        run_all(check, pieces, max(2, self.threads or 2))
 
     def load(
         self,
@@ -179,7 +178,7 @@ class Loader:
         device: str | torch.device = "cpu",
         *,
         names: Iterable[str] | None = None,
-        verify: bool = False,
+        verify: bool | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Load tensors (all, or `names`) into one fresh buffer on `device`; return name -> typed tensor."""

@@ -25,6 +25,22 @@ class Piece:
     offset: int
     nbytes: int
     dest: torch.Tensor  # flat uint8, exactly nbytes long, on the target device
+    hash: str | None = None  # the index's content hash: the bytes are checked against it as they land
+
+
+@dataclass(frozen=True)
+class CopyRun:
+    """One copy of a host-cache hit: bytes [start, start + length) of `src` to the same bytes of the piece's dest."""
+
+    piece: Piece
+    src: torch.Tensor  # flat uint8 host tensor of the piece's bytes (already verified by the cache)
+    start: int
+    length: int
+
+    @property
+    def payload(self) -> int:
+        """Bytes that land in the destination."""
+        return self.length
 
 
 @dataclass(frozen=True)
@@ -91,6 +107,16 @@ def plan_reads(
         current.segments.append(Segment(p.nbytes, p.dest, 0, p))
         end = p.offset + p.nbytes
     return [chunk for run in runs for chunk in _cut(run, chunk_bytes, max_segments)]
+
+
+def plan_copies(hits: list[tuple[Piece, torch.Tensor]], *, chunk_bytes: int = 16 << 20) -> list[CopyRun]:
+    """Cut host-cache hits (piece, cached bytes) into copies of at most `chunk_bytes`, so reader threads share them."""
+    out: list[CopyRun] = []
+    for piece, src in hits:
+        if src.numel() != piece.nbytes:
+            raise ValueError(f"cached bytes of {piece.name!r}: {src.numel()}, needs {piece.nbytes}")
+        out += [CopyRun(piece, src, at, min(chunk_bytes, piece.nbytes - at)) for at in range(0, piece.nbytes, chunk_bytes)]
+    return out
 
 
 def _cut(run: ReadRun, chunk_bytes: int, max_segments: int) -> list[ReadRun]:

@@ -1,0 +1,103 @@
+"""Which pieces have landed whole, and verified, while reader threads deliver their bytes in any order.
+
+A piece with an expected hash (`Piece.hash`) is streamed through xxh3-128 in
+file order, from the host bytes the delivering thread holds (the destination
+on CPU, the pinned staging chunk on CUDA, so the bytes hashed are the bytes
+copied): a thread with a later part of a piece waits until the earlier part
+has been hashed by the thread that read it. Such a wait is short and cannot
+deadlock: reader threads take chunks in plan order, so the earlier part is
+already being read by a running thread. A piece is reported whole only once
+its digest matched; a mismatch raises HashMismatchError naming the file and
+the tensor. A piece without an expected hash is whole when its bytes are in.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+
+from tangram.store.errors import HashMismatchError
+from tangram.store.plan import Piece
+
+
+class Aborted(Exception):
+    """Another reader thread of the same load failed; this one stops waiting."""
+
+
+class Landing:
+    """Thread-safe per-piece bookkeeping of delivered bytes, with in-order hashing of verified pieces."""
+
+    def __init__(self, pieces: Iterable[Piece], path_of: Callable[[int], Path]) -> None:
+        self._path_of = path_of
+        self._cond = threading.Condition()
+        self._aborted = False
+        self._left: dict[int, int] = {}
+        self._pos: dict[int, int] = {}
+        self._hashers: dict[int, Any] = {}
+        self._events: dict[int, list[Any]] = {}
+        for p in pieces:
+            if id(p) in self._left:
+                continue
+            self._left[id(p)] = p.nbytes
+            self._events[id(p)] = []
+            if p.hash is not None:
+                self._pos[id(p)] = 0
+                self._hashers[id(p)] = xxhash.xxh3_128()
+
+    def arrived(self, piece: Piece, start: int, data: torch.Tensor | None, event: Any = None) -> list[Any] | None:
+        """Bytes [start, start + n) of `piece` are in its destination (or being copied there, with `event`).
+
+        `data` holds those bytes in host memory (flat uint8; needed when the piece
+        is verified, else only its length counts). Returns None while the piece
+        is incomplete, else the events of all its copies (wait on them before
+        using it on a device). Raises HashMismatchError when the last byte of a
+        verified piece arrives and its digest differs from the index.
+        """
+        key = id(piece)
+        n = data.numel() if data is not None else 0
+        hasher = self._hashers.get(key)
+        if hasher is not None:
+            assert data is not None, "a verified piece needs its bytes"
+            with self._cond:
+                while self._pos[key] != start and not self._aborted:
+                    self._cond.wait()
+                if self._aborted:
+                    raise Aborted()
+            if n:
+                hasher.update(memoryview(data.numpy()))  # only this thread is at this position of the piece
+            with self._cond:
+                self._pos[key] += n
+                self._cond.notify_all()
+        return self._count(piece, n, event)
+
+    def arrived_unhashed(self, piece: Piece, nbytes: int, event: Any = None) -> list[Any] | None:
+        """Like `arrived` for bytes that need no check (host-cache hits, verified when cached)."""
+        return self._count(piece, nbytes, event)
+
+    def _count(self, piece: Piece, n: int, event: Any) -> list[Any] | None:
+        key = id(piece)
+        with self._cond:
+            if event is not None:
+                self._events[key].append(event)
+            self._left[key] -= n
+            if self._left[key] > 0:
+                return None
+            events = self._events.pop(key, [])
+        hasher = self._hashers.pop(key, None)
+        if hasher is not None:
+            got = hasher.hexdigest()
+            if got != piece.hash:
+                raise HashMismatchError(self._path_of(piece.file), f"tensor {piece.name!r}: content hash {got} "
+                                        f"differs from the index ({piece.hash}); the data file is corrupt")
+        return events
+
+    def abort(self) -> None:
+        """Wake every waiting thread with Aborted (a reader failed: the load is over)."""
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
