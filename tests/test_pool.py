@@ -143,13 +143,14 @@ def test_concurrent_acquire_release(tmp_path):
     assert snap["totals"]["retained"] == (4 + 1 + 4) * 16384  # base + variant's one layer + other
 
 
-def test_capacity_as_bytes_or_fraction_of_free_memory():
-    from tangram.pool.arena import free_device_bytes, resolve_capacity
+def test_capacity_as_bytes_or_fraction_of_total_memory_on_the_cpu():
+    from tangram.pool.arena import resolve_capacity
+    from tangram.pool.capacity import device_memory
 
     cpu = torch.device("cpu")
     assert resolve_capacity(1 << 20, cpu) == 1 << 20
     frac = resolve_capacity(0.001, cpu)
-    assert 0 < frac <= free_device_bytes(cpu) * 0.001 + 1
+    assert 0 < frac <= device_memory(cpu)[0] * 0.001 + 1
     for bad in (0, -5, 1.5, 0.0):
         with pytest.raises(ValueError, match="pool capacity"):
             resolve_capacity(bad, cpu)

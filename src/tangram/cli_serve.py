@@ -52,6 +52,10 @@ def register(app: typer.Typer) -> None:
             "--api-key", help="Require this bearer key on every /v1/* request (default: $TANGRAM_API_KEY; "
             "none: the inference API is open).")] = None,
         config: Annotated[Optional[Path], typer.Option("--config", help="Serve config (JSON or TOML).")] = None,
+        pool_capacity: Annotated[Optional[str], typer.Option(
+            "--pool-capacity", help="Pool per device: bytes with a unit (6GiB, 512MB, 2e9) or a fraction of the "
+            "device's memory (0.25 or 25%: of total RAM on the CPU, of free memory on a GPU). Default: "
+            "$TANGRAM_POOL_CAPACITY, else min(25% of RAM, 8 GiB) on the CPU, 80% of free memory on a GPU.")] = None,
         ask: Annotated[Optional[str], typer.Option(help="Once up, ask the first deployment this over HTTP.")] = None,
         once: Annotated[bool, typer.Option("--once", help="With --ask: stop after the answer.")] = False,
         ray: Annotated[bool, typer.Option(
@@ -67,6 +71,10 @@ def register(app: typer.Typer) -> None:
 
         try:
             cfg = ServeConfig.from_file(config) if config else ServeConfig()
+            if pool_capacity is not None:
+                from tangram.pool.capacity import parse_capacity
+
+                cfg = cfg.model_copy(update={"pool_capacity": parse_capacity(pool_capacity)})  # parsed: valid
             updates = {k: v for k, v in (("host", host), ("port", port), ("api_key", api_key)) if v is not None}
             cfg = ServeConfig.model_validate({**cfg.model_dump(), **updates})  # model_copy would not validate
             if address is not None and not ray:
@@ -80,6 +88,8 @@ def register(app: typer.Typer) -> None:
         key_note = ", API key required" if server.api_key else ""
         console.print(f"serving {names} at {server.url}/v1 (OpenAI-compatible{key_note}); Ctrl-C stops",
                       markup=False, highlight=False)
+        for line in server.pool_lines:
+            console.print(line, markup=False, highlight=False)
         if not ask:
             server.run()
             return

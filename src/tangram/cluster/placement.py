@@ -24,6 +24,7 @@ from tangram.cluster.actor import WorkerActor
 from tangram.cluster.cache import NodeCache
 from tangram.cluster.remote import RemoteWorker
 from tangram.control import ServeConfig
+from tangram.pool.capacity import CPU_DEFAULT_FRACTION, configured_capacity
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300.0
@@ -58,11 +59,14 @@ def cluster_nodes(cpu_devices: int) -> list[NodeDevices]:
     return nodes
 
 
-def _capacity(config: ServeConfig, node: NodeDevices) -> int | float:
-    cap = config.pool_capacity
-    if cap <= 1 and not node.gpus:
-        cap = cap / node.cpu_devices  # logical CPU devices share the node's memory
-    return cap if cap <= 1 else int(cap)
+def _capacity(config: ServeConfig, node: NodeDevices) -> int | float | None:
+    """Each worker's capacity on `node`, resolved by the worker on its node (None: the default rule there)."""
+    cap = configured_capacity(config.pool_capacity)
+    if node.gpus or isinstance(cap, int) or node.cpu_devices == 1:
+        return cap
+    # logical CPU devices share the node's memory: a fraction is split; the default rule splits its fraction
+    # (its fixed cap cannot be split without knowing the node's memory here)
+    return (CPU_DEFAULT_FRACTION if cap is None else cap) / node.cpu_devices
 
 
 @dataclass

@@ -9,9 +9,11 @@ from pathlib import Path
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tangram.engine import EngineConfig
+from tangram.pool.capacity import HELP as CAPACITY_HELP
+from tangram.pool.capacity import PoolCapacity
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
 
@@ -36,6 +38,13 @@ class Deployment(BaseModel):
             raise ValueError("deployment names are 1-128 letters, digits, '.', '_' or '-', starting alphanumeric")
         return value
 
+    @model_validator(mode="after")
+    def _instance_limits(self) -> Deployment:
+        if self.min_instances > self.max_instances:
+            raise ValueError(f"min_instances ({self.min_instances}) must not exceed max_instances "
+                             f"({self.max_instances})")
+        return self
+
 
 class ServeConfig(BaseModel):
     """Everything `tangram serve` needs."""
@@ -47,7 +56,8 @@ class ServeConfig(BaseModel):
     admin_token: str | None = None
     api_key: str | None = Field(None, min_length=1, pattern=r"^\S+$",
                                 description="bearer key every /v1/* request must send (also $TANGRAM_API_KEY)")
-    pool_capacity: float = Field(0.5, gt=0, description="bytes (> 1) or a fraction of each device's free memory")
+    pool_capacity: PoolCapacity = Field(None, description=f"per device pool: {CAPACITY_HELP}; default (None): "
+                                        "$TANGRAM_POOL_CAPACITY, else the rule of tangram.pool.capacity")
     cpu_devices: int = Field(1, ge=1, le=64, description="logical CPU devices (each its own pool) without a GPU")
     host_cache_bytes: int = Field(0, ge=0, description="host DRAM cache tier shared by the workers (0 = off)")
     scheduler: Literal["tangram", "sllm", "least-loaded", "random"] = Field(

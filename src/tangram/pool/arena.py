@@ -1,28 +1,26 @@
-"""The arena: one device buffer allocated once (pre-touched), carved into extents.
+"""The arena: one device buffer allocated once, carved into extents.
 
 Pure bookkeeping of byte ranges; which range holds what, and which may be
-evicted, is decided by the pool and its policy.
+evicted, is decided by the pool and its policy. On CUDA the buffer is touched
+whole at construction; on the CPU its pages are touched ahead of the highest
+placement on a thread (`tangram.pool.touch`), so an idle server holds only the
+memory it uses (plus the touch-ahead) rather than its whole capacity.
 """
 
 from __future__ import annotations
 
 import bisect
-import os
-import threading
 from dataclasses import dataclass
 
 import torch
 
+from tangram.pool import touch
+from tangram.pool.capacity import device_memory, resolve_capacity
 from tangram.store.format import align_up
-from tangram.store.io import host_buffer, populate_in_background
+from tangram.store.io import host_buffer
 
-BACKGROUND_TOUCH_BYTES = 1 << 30
-
-
-def _set_event() -> threading.Event:
-    event = threading.Event()
-    event.set()
-    return event
+__all__ = ["Arena", "Block", "POOL_ALIGNMENT", "free_device_bytes", "resolve_capacity"]
+POOL_ALIGNMENT = 4096  # >= CUDA's 256; page aligned on CPU so O_DIRECT reads land in place
 
 
 @dataclass
@@ -37,21 +35,24 @@ class Block:
 class Arena:
     """Fixed-capacity byte arena on one device with aligned first-fit placement."""
 
-    def __init__(self, capacity_bytes: int, device: torch.device, alignment: int) -> None:
-        if capacity_bytes <= 0:
-            raise ValueError("pool capacity must be positive")
+    def __init__(self, capacity_bytes: int, device: torch.device, alignment: int,
+                 touch_ahead: int | None = None) -> None:
+        """`touch_ahead` (CPU): bytes kept touched beyond the highest placement, and touched at construction
+        (default `touch.TOUCH_AHEAD_BYTES`)."""
         self.alignment = alignment
         self.capacity = capacity_bytes // alignment * alignment
+        if self.capacity <= 0:
+            raise ValueError(f"pool capacity {capacity_bytes} bytes holds no {alignment}-byte unit: must be larger")
         self.device = device
+        self.toucher: touch.Toucher | None = None
         if device.type == "cpu":
-            # page aligned; large arenas fault their pages in on a thread so a server starts at once
-            background = self.capacity >= BACKGROUND_TOUCH_BYTES
-            self.buffer = host_buffer(self.capacity, touch=not background)
-            self.touched = populate_in_background(self.buffer) if background else _set_event()
+            self.buffer = host_buffer(self.capacity, touch=False)  # page aligned, huge pages where allowed
+            ahead = touch.TOUCH_AHEAD_BYTES if touch_ahead is None else touch_ahead
+            self.toucher = touch.Toucher(self.buffer, ahead)
+            self.toucher.need(0)  # the first placements land in touched memory
         else:
             self.buffer = torch.empty(self.capacity, dtype=torch.uint8, device=device)
             self.buffer.zero_()  # touch it once, now, not on the load path
-            self.touched = _set_event()
         self._starts: list[int] = []  # sorted offsets of used blocks
         self._blocks: dict[int, Block] = {}
 
@@ -97,6 +98,8 @@ class Arena:
         block = Block(offset, size, key)
         self._starts.insert(i, offset)
         self._blocks[offset] = block
+        if self.toucher is not None:
+            self.toucher.need(offset + size)
         return block
 
     def free(self, offset: int) -> None:
@@ -111,15 +114,4 @@ class Arena:
 
 def free_device_bytes(device: torch.device) -> int:
     """Free memory of a device now: CUDA's free bytes, or the host's available physical memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def resolve_capacity(capacity: int | float, device: torch.device) -> int:
-    """Bytes for a capacity given as bytes (int > 1) or as a fraction (0, 1] of the device's free memory."""
-    if isinstance(capacity, float) and 0 < capacity <= 1:
-        return int(free_device_bytes(device) * capacity)
-    if capacity >= 1 and float(capacity).is_integer():
-        return int(capacity)
-    raise ValueError(f"pool capacity {capacity!r}: give bytes (an integer) or a fraction of free memory in (0, 1]")
+    return device_memory(device)[1]

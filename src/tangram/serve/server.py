@@ -23,6 +23,7 @@ from fastapi import FastAPI
 
 from tangram.control import Controller, Deployment, ServeConfig
 from tangram.paths import data_dir
+from tangram.pool.capacity import configured_capacity, format_bytes, plan_capacities
 from tangram.scheduler.adapter import shared_estimator
 from tangram.serve.app import create_app
 from tangram.store import HostCache, Loader
@@ -92,16 +93,18 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build_workers(config: ServeConfig) -> list[Worker]:
-    """One worker per local device, sharing one host DRAM cache tier."""
+def build_workers(config: ServeConfig) -> tuple[list[Worker], list[str]]:
+    """One worker per local device, sharing one host DRAM cache tier; and one line per pool saying its
+    capacity and how it was chosen (also logged)."""
     devices = local_devices(config.cpu_devices)
     cache = HostCache(config.host_cache_bytes) if config.host_cache_bytes else None
     loader = Loader(cache=cache)
-    cap = config.pool_capacity
-    if cap <= 1 and devices[0] == "cpu":
-        cap = cap / len(devices)  # logical CPU devices share one memory
-    capacity: int | float = cap if cap <= 1 else int(cap)
-    return [Worker(i, d, capacity, loader) for i, d in enumerate(devices)]
+    plan = plan_capacities(configured_capacity(config.pool_capacity), devices)
+    workers = [Worker(i, d, nbytes, loader) for i, (d, (nbytes, _)) in enumerate(zip(devices, plan))]
+    lines = [f"pool {w.name}: {format_bytes(w.pool.capacity)} ({how})" for w, (_, how) in zip(workers, plan)]
+    for line in lines:
+        log.info("%s", line)
+    return workers, lines
 
 
 class Server:
@@ -119,12 +122,13 @@ class Server:
         self.cluster = None
         try:
             if ray_address is None:
-                self.workers = build_workers(self.config)
+                self.workers, self.pool_lines = build_workers(self.config)
             else:
                 from tangram.cluster import RayCluster
 
                 self.cluster = RayCluster.connect(self.config, ray_address)
                 self.workers = self.cluster.workers
+                self.pool_lines = [f"pool {w.name}: {format_bytes(w.status()['capacity'])}" for w in self.workers]
             shared_estimator()  # tier bandwidths for placement, measured (or read from the probe) before serving
             self.controller = Controller(self.workers, self.config.scheduler)
             self.app: FastAPI = create_app(self.controller, admin_token=self.token, api_key=self.api_key)

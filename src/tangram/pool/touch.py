@@ -1,0 +1,99 @@
+"""Touch a host arena's pages ahead of use, on a thread, instead of all of it up front.
+
+A copy into fresh anonymous memory pays a page fault per page (docs/design.md: 1.5-2
+GB/s with 4 KiB pages against 10-13 GB/s into touched memory), so the arena's
+pages should be faulted in before a load writes them; but faulting in all of a
+multi-GiB arena at start makes an idle server hold all of it. `Toucher` keeps a
+*touched mark*: bytes [0, mark) are faulted in. `need(end)` (the arena calls it
+for every placement) raises the target to `end + ahead`, and a low-priority
+thread advances the mark to the target with MADV_POPULATE_WRITE, which never
+changes the content, so the range may already be in use. First-fit placement
+fills the arena from the bottom, so the next placement usually lands in touched
+memory; one beyond the mark is still correct, it only faults its own pages.
+The arena's buffer is also backed by transparent huge pages where the kernel
+allows (`host_buffer`), which makes each fault (and the populate) cheap.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import mmap
+import os
+import threading
+
+import torch
+
+from tangram.store.io import MADV_POPULATE_WRITE
+
+log = logging.getLogger(__name__)
+TOUCH_AHEAD_BYTES = 512 << 20  # touched beyond the highest placement: the next model (or KV growth) lands there
+CHUNK_BYTES = 4 << 20  # one madvise call: the GIL is dropped during each, so big calls would not help
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+class Toucher:
+    """Faults the pages of one host buffer in, bottom up, to a target that only grows. Thread-safe."""
+
+    def __init__(self, buf: torch.Tensor, ahead: int = TOUCH_AHEAD_BYTES) -> None:
+        self._buf = buf
+        self.size = buf.numel()
+        self.ahead = ahead
+        self._lock = threading.Lock()
+        self._mark = 0  # bytes [0, mark) are touched
+        self._target = 0
+        self._running = False
+        self._failed = False
+        self.idle = threading.Event()  # set while no touching is under way
+        self.idle.set()
+
+    @property
+    def mark(self) -> int:
+        """Bytes at the bottom of the buffer already touched."""
+        with self._lock:
+            return self._mark
+
+    @property
+    def target(self) -> int:
+        """Bytes the toucher touches before it stops."""
+        with self._lock:
+            return self._target
+
+    def need(self, end: int) -> None:
+        """Bytes up to `end` are (about to be) used: touch up to `end + ahead` in the background."""
+        page = mmap.PAGESIZE  # every madvise starts on a page boundary
+        target = min(self.size, -(-max(end + self.ahead, 0) // page) * page)
+        with self._lock:
+            if target <= self._target or self._failed:
+                return
+            self._target = target
+            if self._running:
+                return  # the running thread picks up the new target
+            self._running = True
+            self.idle.clear()
+        threading.Thread(target=self._run, name="pool-touch", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # yield the CPU to real work
+        except OSError:
+            pass
+        base = self._buf.data_ptr()
+        while True:
+            with self._lock:
+                if self._mark >= self._target or self._failed:
+                    self._running = False
+                    self.idle.set()
+                    return
+                off = self._mark
+                n = min(CHUNK_BYTES, self._target - off)
+            if _LIBC.madvise(ctypes.c_void_p(base + off), ctypes.c_size_t(n), MADV_POPULATE_WRITE) != 0:
+                # an older kernel (no MADV_POPULATE_WRITE): pages fault in on first write instead
+                log.debug("MADV_POPULATE_WRITE failed (errno %d): pool pages fault in on first use",
+                          ctypes.get_errno())
+                with self._lock:
+                    self._failed = True
+                continue
+            with self._lock:
+                self._mark = off + n
