@@ -5,7 +5,9 @@ target concurrency; otherwise a new instance starts (up to `max_instances`)
 and the request waits for it; at the limit, the least-loaded instance takes it
 (its engine queues). An instance idle for `keep_alive_s` is stopped: its
 weights go back to the pool as retained, so the next start is a pool hit.
-A start that finds its device's pool full of active bytes stops idle
+A deployment whose weights plus least KV exceed every device pool is refused
+at deploy (`control.fit`), and a start only goes to a device whose pool could
+hold it. A start that finds its device's pool full of active bytes stops idle
 instances there; if none is idle it waits, and after `drain_after_s` it
 drains busy ones (one more per interval): they take no new requests and stop
 once empty, so a steady stream to two models cannot starve a third.
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from tangram.control.autoscale import drain_victim, least_loaded, pick_instance, should_scale_down
 from tangram.control.deployments import Deployment
+from tangram.control.fit import DoesNotFit, Footprint, check_fits, footprint
 from tangram.scheduler.adapter import choose_worker, observe_start
 from tangram.engine import RequestOutput, SamplingParams
 from tangram.pool import PoolFullError
@@ -47,6 +50,7 @@ class _State:
     spec: Deployment
     checkpoint: Path
     index: CheckpointIndex  # read once, at deploy
+    need: Footprint  # pool bytes an instance needs at least
     replicas: list[Replica] = field(default_factory=list)
     starting: int = 0
     waiters: list[asyncio.Future] = field(default_factory=list)
@@ -72,6 +76,7 @@ class Controller:
         self.room_recheck_s = 0.5
         self._states: dict[str, _State] = {}
         self._room_waiters: dict[str, list[asyncio.Future]] = {}  # per worker: starts waiting for pool space
+        self._capacities: dict[str, int] | None = None  # per worker: its pool's bytes (fixed once built)
 
     # ------------------------------------------------------------------ deployments
 
@@ -81,6 +86,8 @@ class Controller:
         loop = asyncio.get_running_loop()
         path = await loop.run_in_executor(None, resolve_model, spec.checkpoint)
         index = Checkpoint(path).index  # validates the checkpoint now, not at the first request
+        need = await loop.run_in_executor(None, footprint, path, index, spec.engine)
+        check_fits(spec.name, need, await self._pool_capacities())  # refused now, not after a start's timeout
         old = self._states.get(spec.name)
         if old is not None and old.checkpoint != path:
             await self.remove(spec.name)
@@ -88,9 +95,9 @@ class Controller:
         if spec.engine.templates:  # every worker warms for the model before it takes traffic
             await asyncio.gather(*(loop.run_in_executor(None, w.warm, path) for w in self.workers))
         if old is not None:
-            old.spec = spec
+            old.spec, old.need = spec, need
         else:
-            self._states[spec.name] = _State(spec, path, index)
+            self._states[spec.name] = _State(spec, path, index, need)
         for _ in range(spec.min_instances - len(self._states[spec.name].replicas)):
             self._start(self._states[spec.name], time.perf_counter())
         return self.describe(spec.name)
@@ -113,6 +120,7 @@ class Controller:
         """A deployment's settings and live state."""
         s = self._get(name)
         return {**s.spec.model_dump(mode="json"), "resolved_checkpoint": str(s.checkpoint), "bytes": s.index.total_bytes,
+                "pool_bytes_needed": s.need.total,
                 "instances": len(s.replicas), "starting": s.starting, "queued": s.queued,
                 "inflight": sum(r.inflight for r in s.replicas), "last_error": s.last_error,
                 "starts": dict(s.starts), "bytes_loaded": s.bytes_loaded, "bytes_reused": s.bytes_reused}
@@ -121,6 +129,17 @@ class Controller:
         """Per device pool bytes and instances; per deployment instances and queue."""
         return {"workers": [w.status() for w in self.workers],
                 "deployments": {n: self.describe(n) for n in self.names()}}
+
+    async def _pool_capacities(self) -> dict[str, int]:
+        """Each worker's pool capacity (asked once: a remote worker's status is a call)."""
+        if self._capacities is None:
+            loop = asyncio.get_running_loop()
+            status = await asyncio.gather(*(loop.run_in_executor(None, w.status) for w in self.workers))
+            self._capacities = {w.name: st["capacity"] for w, st in zip(self.workers, status)}
+        return self._capacities
+
+    def _capacity(self, worker: Worker) -> float:
+        return float("inf") if self._capacities is None else self._capacities.get(worker.name, float("inf"))
 
     def _get(self, name: str) -> _State:
         try:
@@ -225,8 +244,14 @@ class Controller:
     # ------------------------------------------------------------------ scaling
 
     def _start(self, state: _State, arrival: float) -> None:
+        """Start an instance in the background on a device whose pool could hold it (DoesNotFit: none could)."""
+        fits = [w for w in self.workers if state.need.fits(self._capacity(w))]
+        if not fits:
+            state.last_error = str(DoesNotFit(f"no device pool can hold {state.spec.name!r} ({state.need.total} "
+                                              "bytes with its minimum KV)"))
+            raise DeploymentUnavailable(state.last_error)
         state.starting += 1
-        worker = self.workers[choose_worker(self.workers, state.index, self.policy)]
+        worker = fits[choose_worker(fits, state.index, self.policy)]
         asyncio.get_running_loop().create_task(self._start_on(state, worker, arrival))
 
     async def _start_on(self, state: _State, worker: Worker, arrival: float) -> None:
@@ -268,6 +293,9 @@ class Controller:
                 return await loop.run_in_executor(None, worker.start, spec.name, state.checkpoint, spec.engine,
                                                   arrival)
             except PoolFullError as full:
+                if full.need > self._capacity(worker):  # more than the whole pool: waiting cannot help
+                    raise DoesNotFit(f"{spec.name!r} needs {full.need} bytes at once on {worker.name}, whose "
+                                     f"pool holds {self._capacity(worker)} bytes") from None
                 idle = [(r.idle_since, s, r) for s in self._states.values() for r in s.replicas
                         if r.worker is worker and not r.inflight and not r.stopping and r.idle_since is not None]
                 if idle:
