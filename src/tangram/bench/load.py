@@ -8,7 +8,10 @@ through the page cache just before each run), `dram` (Tangram's host cache holds
 the checkpoint); limits `raw_read` (best plain cold read of the same bytes) and
 `memcpy` (plain host copy of the same bytes), plus `h2d_pinned` on CUDA.
 Repeats are repeat-major, the method order rotated each repeat, so drift on a
-shared machine hits every method alike; numbers are medians.
+shared machine hits every method alike; numbers are medians. Tangram's loader
+checks every tensor it reads against its hash; the row `tangram_noverify` runs
+it without that check, in the same run, and `verify_overhead_cold` /
+`verify_overhead_warm` are its time with the check over the time without, minus 1.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ FULL_MODELS = ("qwen2-0.5b", "qwen2-1.5b")
 QUICK_MODELS = ("qwen2-0.5b-2l",)
 FULL_REPEATS = 5
 QUICK_REPEATS = 3
-SUMMARY_KEYS = ("cold_vs_best_peer", "cold_vs_limit", "warm_vs_limit", "pool_speedup", "dram_speedup")
+SUMMARY_KEYS = ("cold_vs_best_peer", "cold_vs_limit", "warm_vs_limit", "pool_speedup", "dram_speedup",
+                "verify_overhead_cold", "verify_overhead_warm")
 PEER_PACKAGES = ("safetensors", "fastsafetensors", "runai-model-streamer", "tensorizer", "transformers")
 
 
@@ -199,7 +203,7 @@ def model_summary(rows: list[dict[str, Any]], model: str) -> dict[str, Any]:
     raw = _find(rows, model, "cold", "raw_read")
     mem = _find(rows, model, "warm", "memcpy")
     peers = [r for r in rows if r["model"] == model and r["state"] == "cold" and r["kind"] == "loader"
-             and r["method"] != "tangram" and not r.get("error") and r["gbps"]]
+             and not r["method"].startswith("tangram") and not r.get("error") and r["gbps"]]
     best_peer = max(peers, key=lambda r: r["gbps"]) if peers else None
     g = lambda r: r["gbps"] if r else None  # noqa: E731
     return {
@@ -208,7 +212,16 @@ def model_summary(rows: list[dict[str, Any]], model: str) -> dict[str, Any]:
         "warm_vs_limit": ratio(g(t_warm), g(mem)),
         "pool_speedup": ratio(t_cold["seconds"] if t_cold else None, t_pool["seconds"] if t_pool else None),
         "dram_speedup": ratio(t_cold["seconds"] if t_cold else None, t_dram["seconds"] if t_dram else None),
+        "verify_overhead_cold": _overhead(rows, model, "cold"),
+        "verify_overhead_warm": _overhead(rows, model, "warm"),
     }
+
+
+def _overhead(rows: list[dict[str, Any]], model: str, state: str) -> float | None:
+    """Time of Tangram's loader with its hash check over the time without it, minus 1 (same run, medians)."""
+    on, off = _find(rows, model, state, "tangram"), _find(rows, model, state, "tangram_noverify")
+    r = ratio(on["seconds"] if on else None, off["seconds"] if off else None)
+    return None if r is None else r - 1.0
 
 
 COLUMNS = [

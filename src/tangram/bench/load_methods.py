@@ -144,13 +144,18 @@ def _importable(module: str) -> str | None:
 
 
 class TangramMethod(Method):
-    """Tangram's Loader with its defaults (read method, threads and chunk size measured by the store's probe)."""
+    """Tangram's Loader with its defaults (read method, threads and chunk size measured by the store's probe).
 
-    def __init__(self, cache: bool = False) -> None:
-        super().__init__("tangram", "tangram")
-        self.loader = Loader()
+    `verify=False` (row `tangram_noverify`) turns off the hash check of the bytes read, to measure its cost.
+    """
+
+    def __init__(self, cache: bool = False, verify: bool = True) -> None:
+        super().__init__("tangram" if verify else "tangram_noverify", "tangram")
+        self.verify = verify
+        self.loader = Loader(verify=verify)
         self.cache = HostCache(0) if cache else None
-        self.settings = {"threads": self.loader.threads, "chunk_bytes": self.loader.chunk_bytes, "method": None}
+        self.settings = {"threads": self.loader.threads, "chunk_bytes": self.loader.chunk_bytes, "method": None,
+                         "verify": verify}
 
     def prepare(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
         opened = Checkpoint(ckpt.tangram_dir)
@@ -160,7 +165,7 @@ class TangramMethod(Method):
             self.settings.update(method=cfg.method.value, threads=cfg.threads, chunk_bytes=cfg.chunk_bytes)
         if self.cache is not None:
             self.cache = HostCache(opened.index.total_bytes + (64 << 20))
-            self.loader = Loader(cache=self.cache)
+            self.loader = Loader(cache=self.cache, verify=self.verify)
             self.loader.load_into(opened, target.views)
             self.cache.wait_idle()
             missing = [n for n, e in opened.index.tensors.items() if e.hash not in self.cache]
@@ -317,7 +322,7 @@ class PoolMethod(Method):
 def loader_methods(formats: list[str]) -> tuple[list[Method], dict[str, str]]:
     """Tangram and every importable peer whose file format was generated; plus the skipped ones with reasons."""
     candidates: list[Method] = [
-        TangramMethod(), SafetensorsMethod(), TorchMmapMethod(), FastSafetensorsMethod(), RunaiMethod(),
+        TangramMethod(), TangramMethod(verify=False), SafetensorsMethod(), TorchMmapMethod(), FastSafetensorsMethod(), RunaiMethod(),
         TensorizerMethod(),
     ]
     methods: list[Method] = []
