@@ -29,6 +29,7 @@ def tangram_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("tangram-home")
     monkeypatch.setenv("TANGRAM_HOME", str(home))
     monkeypatch.delenv(probe.ENV_METHOD, raising=False)
+    monkeypatch.setenv("TANGRAM_PROBE", "off")  # no read-speed measurement at server start or after convert
     probe.forget()
     yield home
     probe.forget()

@@ -135,3 +135,70 @@ def test_a_background_acquire_of_a_corrupt_copy_fails_its_waiters(original, tmp_
     pool.release(binding)
     key = read_index(path).tensors["layer0.weight"].key
     assert key not in {t["key"] for t in pool.snapshot()["tensors"]}
+
+
+# --------------------------------------------------------------------------- command line and server
+
+BAD_TENSOR = "model.layers.0.mlp.down_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny chat model as a Tangram checkpoint, and a copy of it with 12 bytes flipped in BAD_TENSOR."""
+    from serving import chat_model_dir
+    from tangram.store import convert
+
+    tmp = tmp_path_factory.mktemp("poison")
+    hf = chat_model_dir(tmp / "hf", seed=4)
+    convert(hf, tmp / "original")
+    return tmp / "original", corrupt_copy(tmp / "original", tmp / "corrupt", BAD_TENSOR)
+
+
+@pytest.mark.parametrize("command", [["load", "--device", "cpu"], ["run", "--device", "cpu", "--max-tokens", "2"]])
+def test_the_cli_fails_clearly_on_a_corrupt_checkpoint(served_model, command):
+    from typer.testing import CliRunner
+
+    from tangram.cli import app
+
+    _, bad = served_model
+    args = [command[0], str(bad), *(["w5 w6"] if command[0] == "run" else []), *command[1:]]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 2, out.output
+    assert BAD_TENSOR in out.output and "content hash" in out.output and "data-00000.bin" in out.output
+    assert "Traceback" not in out.output
+
+
+def _greedy(srv, model: str) -> list[str]:
+    import openai
+
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    return [client.completions.create(model=model, prompt=p, max_tokens=6, temperature=0).choices[0].text
+            for p in ("w5 w6", "w9 w10 w11")]
+
+
+def test_a_corrupt_copy_fails_its_start_and_never_poisons_the_original(served_model):
+    import openai
+
+    from serving import serving
+    from tangram.control import Deployment
+
+    original, bad = served_model
+    with serving([Deployment(name="fresh", checkpoint=str(original))]) as srv:
+        want = _greedy(srv, "fresh")  # a server that never saw the corrupt copy
+    key = read_index(original).tensors[BAD_TENSOR].key
+    deps = [Deployment(name="corrupt", checkpoint=str(bad)), Deployment(name="original", checkpoint=str(original))]
+    with serving(deps) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as ei:
+            client.completions.create(model="corrupt", prompt="w5 w6", max_tokens=6, temperature=0)
+        assert ei.value.status_code >= 500 and BAD_TENSOR in ei.value.message and "content hash" in ei.value.message
+        pool = srv.workers[0].pool
+        assert key not in {t["key"] for t in pool.snapshot()["tensors"]}  # nothing left under the corrupt hash
+        assert _greedy(srv, "original") == want  # exactly like a fresh load
+        view = pool.acquire(original)  # a pool hit now: the bytes held under the hash are the original's
+        try:
+            want_bytes = Loader(method="pread").load(original, names=[BAD_TENSOR])[BAD_TENSOR]
+            assert view.bytes_loaded == 0
+            assert torch.equal(view.tensors[BAD_TENSOR].view(torch.uint8), want_bytes.view(torch.uint8))
+        finally:
+            pool.release(view)

@@ -13,6 +13,8 @@ from rich.table import Table
 from tangram import __version__
 from tangram.cli_common import console
 from tangram.cli_common import fail as _fail
+from tangram.cli_probe import probe_after_install
+from tangram.cli_probe import register as register_probe
 from tangram.cli_serve import register as register_serving
 
 app = typer.Typer(help="Tangram: serverless LLM serving with a short cold start.", no_args_is_help=True)
@@ -57,6 +59,7 @@ def convert(
         f"[green]converted[/] {src} -> {dst}: {len(index.tensors)} tensors stored, "
         f"{len(index.aliases)} aliases, {_gb(index.total_bytes)}"
     )
+    probe_after_install(dst, console)
 
 
 @app.command("fetch-demo")
@@ -71,6 +74,7 @@ def fetch_demo(force: Annotated[bool, typer.Option("--force", help="Rebuild even
         except (CheckpointError, OSError) as exc:
             _fail(exc)
     console.print(f"[green]demo checkpoint[/] {path}")
+    probe_after_install(path, console)
 
 
 @app.command()
@@ -102,7 +106,8 @@ def inspect(checkpoint: Annotated[Path, typer.Argument(help="Tangram checkpoint 
 def load(
     model: Annotated[str, typer.Argument(help="Tangram checkpoint directory, or `demo`.")] = "demo",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N; default: cuda if present, else cpu.")] = "auto",
-    verify: Annotated[bool, typer.Option("--verify", help="Re-hash every tensor while loading.")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check every tensor against its hash "
+                                         "while loading (a corrupt file fails the load).")] = True,
     method: Annotated[Optional[str], typer.Option(help="Read method: pread, odirect, mmap (default: measured).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="Reader threads.")] = None,
 ) -> None:
@@ -242,6 +247,7 @@ def bench_sim(
 
 
 register_serving(app)
+register_probe(app, console, _fail)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

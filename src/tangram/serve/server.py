@@ -27,6 +27,7 @@ from tangram.pool.capacity import configured_capacity, format_bytes, plan_capaci
 from tangram.scheduler.adapter import shared_estimator
 from tangram.serve.app import create_app
 from tangram.store import HostCache, Loader
+from tangram.store.probe_auto import probe_in_background
 from tangram.worker import Worker, local_devices
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,8 @@ class Server:
                 await self.controller.deploy(spec)
             except Exception:  # noqa: BLE001 - one bad deployment must not keep the others down
                 log.exception("deployment %s failed; serving the others", spec.name)
+        # read speed of this machine's disks, if never measured: on a thread, loads use the default meanwhile
+        probe_in_background(Path(self.controller.describe(n)["resolved_checkpoint"]) for n in self.controller.names())
         yield
         await self.controller.shutdown()
 

@@ -4,14 +4,25 @@ The candidates are the loader's own configurations (read method x reader
 threads x chunk size), run through the loader's own executor over a real data
 file, once cold (evicted from the page cache) and once warm (in it). The
 winner has the least cold + warm time: a cold start finds the checkpoint in
-either state. On the development VMs one buffered reader with 64 MiB chunks
-beat several interleaved buffered readers by about 1.6x cold, O_DIRECT was
-fastest cold but slow warm, and `auto` (page-cache hits buffered, the rest
-O_DIRECT) got both: what wins depends on the machine, so it is measured.
+either state. What wins depends on the machine, so it is measured.
 
-Override with TANGRAM_READ_METHOD (pread, odirect, mmap) or `Loader(method=...,
-threads=..., chunk_bytes=...)`. Measurements are cached per filesystem (st_dev)
-in `<data dir>/read_method.json`.
+Measuring never happens on a request's path: `choose_config` answers at once
+with what is remembered for the filesystem, or with the safe DEFAULT. The
+measurement runs on demand (`tangram probe`), after `tangram convert` and
+`tangram fetch-demo`, and at server start on a background thread when the
+data dir's filesystem has no answer yet (probe_auto.py); it holds its own lock,
+never the one `choose_config` takes, so a concurrent load never waits for it.
+
+Scoring: each candidate is measured `repeats` times, the candidate order
+rotated every repeat (a disturbance during one part of the probe then hits
+different candidates each time), and its best time per state is kept; a
+candidate whose samples of one state disagree by more than SPREAD is measured
+again (up to MAX_EXTRA more times), since its best sample may still be a
+disturbed one. All samples are stored for inspection.
+
+Override with TANGRAM_READ_METHOD (pread, odirect, mmap, auto) or
+`Loader(method=..., threads=..., chunk_bytes=...)`. Measurements are stored per
+filesystem (st_dev) in `<data dir>/read_method.json`.
 """
 
 from __future__ import annotations
@@ -21,6 +32,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +50,9 @@ log = logging.getLogger(__name__)
 ENV_METHOD = "TANGRAM_READ_METHOD"
 PROBE_BYTES = 256 << 20
 MIN_PROBE_BYTES = 8 << 20  # smaller files say nothing useful about bandwidth
+REPEATS = 3
+SPREAD = 1.5  # samples of one candidate and state further apart than this ratio are re-measured
+MAX_EXTRA = 2
 DEFAULT = ReadConfig(ReadMethod.PREAD, 1, 64 << 20)
 CANDIDATES = [
     ReadConfig(ReadMethod.PREAD, 1, 64 << 20),
@@ -47,8 +63,22 @@ CANDIDATES = [
     ReadConfig(ReadMethod.AUTO, 4, 16 << 20),
     ReadConfig(ReadMethod.MMAP, 2, 16 << 20),
 ]
-_lock = threading.Lock()
+STATES = ("cold", "warm")
+Progress = Callable[[int, int, str], None]  # (steps done, steps planned, what runs now)
+_lock = threading.Lock()  # the memo and the stored file: held for microseconds, never while measuring
+_measure_lock = threading.Lock()  # one measurement at a time
 _memo: dict[int, ReadConfig] = {}
+
+
+@dataclass
+class ProbeResult:
+    """One measurement of a filesystem: the chosen configuration and every candidate's best GB/s."""
+
+    device: int
+    config: ReadConfig
+    gbps: dict[str, dict[str, float]]
+    measured_on: str
+    seconds: float
 
 
 def _cache_file() -> Path:
@@ -73,24 +103,57 @@ def config_for(method: ReadMethod) -> ReadConfig:
     return ReadConfig(method, 2, 16 << 20)  # O_DIRECT and mmap need parallel requests
 
 
-def measure_configs(path: Path, nbytes: int = PROBE_BYTES, repeats: int = 2) -> dict[str, dict[str, float]]:
-    """Cold and warm GB/s of each usable candidate over the first `nbytes` of `path` (best of `repeats`)."""
+def measure_configs(path: Path, nbytes: int = PROBE_BYTES, repeats: int = REPEATS,
+                    progress: Progress | None = None) -> dict[str, dict[str, float]]:
+    """Cold and warm GB/s of each usable candidate over the first `nbytes` of `path` (best sample per state)."""
+    samples = measure_samples(path, nbytes, repeats, progress)
+    return {label: {s: max(v) for s, v in states.items()} for label, states in samples.items()}
+
+
+def measure_samples(path: Path, nbytes: int = PROBE_BYTES, repeats: int = REPEATS,
+                    progress: Progress | None = None) -> dict[str, dict[str, list[float]]]:
+    """Every GB/s sample of each usable candidate, cold and warm (see the module docstring for the schedule)."""
     size = min(os.path.getsize(path), nbytes) // ALIGNMENT * ALIGNMENT
     buf = io.host_buffer(size)
     odirect = io.odirect_supported(path)
-    results: dict[str, dict[str, float]] = {}
-    for _ in range(repeats):  # repeat-major, so drift hits every candidate alike
-        for cfg in CANDIDATES:
-            if cfg.method in (ReadMethod.ODIRECT, ReadMethod.AUTO) and not odirect:
-                continue
-            runs = plan_reads([Piece("probe", 0, 0, size, buf)], chunk_bytes=cfg.chunk_bytes)
-            row = results.setdefault(cfg.label, {"cold": 0.0, "warm": 0.0})
-            for state in ("cold", "warm"):
-                (io.evict_from_page_cache if state == "cold" else io.populate_page_cache)(path)
-                t0 = time.perf_counter()
-                execute(runs, {0: path}, cfg, torch.device("cpu"))
-                row[state] = max(row[state], size / (time.perf_counter() - t0) / 1e9)
-    return results
+    usable = [c for c in CANDIDATES if odirect or c.method not in (ReadMethod.ODIRECT, ReadMethod.AUTO)]
+    samples: dict[str, dict[str, list[float]]] = {c.label: {s: [] for s in STATES} for c in usable}
+    planned, done = repeats * len(usable), 0
+
+    def one(cfg: ReadConfig) -> None:
+        nonlocal done
+        if progress:
+            progress(done, planned, cfg.label)
+        for state in STATES:
+            samples[cfg.label][state].append(read_gbps(path, buf, cfg, state))
+        done += 1
+
+    for rep in range(repeats):  # repeat-major, rotated: drift and disturbances hit different candidates
+        k = rep % len(usable)
+        for cfg in usable[k:] + usable[:k]:
+            one(cfg)
+    for cfg in usable:
+        for _ in range(MAX_EXTRA):
+            if not any(_spread(samples[cfg.label][s]) > SPREAD for s in STATES):
+                break
+            planned += 1
+            one(cfg)
+    if progress:
+        progress(done, planned, "done")
+    return samples
+
+
+def read_gbps(path: Path, buf: torch.Tensor, cfg: ReadConfig, state: str) -> float:
+    """GB/s of one read of the first `buf.numel()` bytes of `path` into `buf` with `cfg`, the file `state`."""
+    (io.evict_from_page_cache if state == "cold" else io.populate_page_cache)(path)
+    runs = plan_reads([Piece("probe", 0, 0, buf.numel(), buf)], chunk_bytes=cfg.chunk_bytes)
+    t0 = time.perf_counter()
+    execute(runs, {0: path}, cfg, torch.device("cpu"))
+    return buf.numel() / (time.perf_counter() - t0) / 1e9
+
+
+def _spread(values: list[float]) -> float:
+    return max(values) / max(min(values), 1e-9) if values else 1.0
 
 
 def _score(gbps: dict[str, float]) -> float:
@@ -98,32 +161,53 @@ def _score(gbps: dict[str, float]) -> float:
     return sum(1.0 / max(v, 1e-9) for v in gbps.values())
 
 
-def choose_config(path: Path) -> ReadConfig:
-    """The read configuration for files on the filesystem of `path` (measured once per filesystem)."""
-    forced = forced_method()
-    if forced is not None:
-        return config_for(forced)
+def best_config(gbps: dict[str, dict[str, float]]) -> ReadConfig:
+    """The candidate with the least cold + warm time."""
+    label = min(gbps, key=lambda k: _score(gbps[k]))
+    return _from_label(label) or DEFAULT
+
+
+def remembered(path: Path) -> ReadConfig | None:
+    """The configuration measured for the filesystem holding `path`, if any (never measures)."""
     dev = os.stat(path).st_dev
     with _lock:
         if dev in _memo:
             return _memo[dev]
         stored = _read_cached().get(str(dev))
-        if stored is not None:
-            cfg = _from_label(stored.get("config", ""))
-            if cfg is not None:
-                _memo[dev] = cfg
-                return cfg
-        if os.path.getsize(path) < MIN_PROBE_BYTES:
-            return DEFAULT  # not enough bytes to measure; do not remember
-        results = measure_configs(path)
-        best = min(results, key=lambda label: _score(results[label]))
-        log.info("read configuration for device %s: %s (GB/s %s)", dev, best,
-                 {k: {s: round(g, 2) for s, g in v.items()} for k, v in results.items()})
-        data = _read_cached()
-        data[str(dev)] = {"config": best, "gbps": results, "measured_on": str(path), "at": time.time()}
-        _write_cached(data)
-        _memo[dev] = _from_label(best) or DEFAULT
-        return _memo[dev]
+        cfg = _from_label(stored.get("config", "")) if isinstance(stored, dict) else None
+        if cfg is not None:
+            _memo[dev] = cfg
+        return cfg
+
+
+def choose_config(path: Path) -> ReadConfig:
+    """The read configuration for files on the filesystem of `path`: forced, remembered, or DEFAULT, at once."""
+    forced = forced_method()
+    if forced is not None:
+        return config_for(forced)
+    return remembered(path) or DEFAULT
+
+
+def measure(path: Path, progress: Progress | None = None, nbytes: int = PROBE_BYTES) -> ProbeResult:
+    """Measure the candidates on data file `path` now, remember the winner for its filesystem, return all."""
+    if os.path.getsize(path) < MIN_PROBE_BYTES:
+        raise ValueError(f"{path}: at least {MIN_PROBE_BYTES >> 20} MiB are needed to measure read speed")
+    dev = os.stat(path).st_dev
+    with _measure_lock:
+        t0 = time.perf_counter()
+        samples = measure_samples(path, nbytes, REPEATS, progress)
+        gbps = {label: {s: max(v) for s, v in states.items()} for label, states in samples.items()}
+        cfg = best_config(gbps)
+        seconds = time.perf_counter() - t0
+        log.info("read configuration for device %s: %s (GB/s %s)", dev, cfg.label,
+                 {k: {s: round(g, 2) for s, g in v.items()} for k, v in gbps.items()})
+        with _lock:
+            data = _read_cached()
+            data[str(dev)] = {"config": cfg.label, "gbps": gbps, "samples": samples, "measured_on": str(path),
+                              "at": time.time(), "seconds": round(seconds, 2)}
+            _write_cached(data)
+            _memo[dev] = cfg
+    return ProbeResult(dev, cfg, gbps, str(path), seconds)
 
 
 def _from_label(label: str) -> ReadConfig | None:
@@ -140,7 +224,7 @@ def _read_cached() -> dict[str, dict]:
 
 def _write_cached(data: dict[str, dict]) -> None:
     target = _cache_file()
-    tmp = target.with_suffix(f".tmp-{os.getpid()}")
+    tmp = target.with_suffix(f".tmp-{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, target)
 
