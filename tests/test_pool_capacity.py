@@ -114,15 +114,19 @@ def test_a_large_arena_does_not_touch_its_pages_at_construction():
 
 def test_placed_memory_is_touched_ahead_of_the_highest_placement():
     arena = Arena(1 * GiB, CPU, 4096, touch_ahead=8 * MiB)
-    arena.toucher.idle.wait(30)
-    arena.place(256 * MiB, 32 * MiB, "t")
-    assert arena.toucher.idle.wait(30)
-    assert arena.toucher.mark >= 288 * MiB + 8 * MiB
-    assert resident(arena.buffer, 256 * MiB, 40 * MiB) == 1.0  # the block and the touch-ahead after it
+    assert arena.toucher.idle.wait(30) and arena.toucher.mark == 8 * MiB
+    arena.place(0, 4 * MiB, "first")  # lands in touched memory; the touching runs on beyond it
+    assert resident(arena.buffer, 0, 4 * MiB) == 1.0
+    assert arena.toucher.idle.wait(30) and arena.toucher.mark == 12 * MiB
+    assert resident(arena.buffer, 0, 12 * MiB) == 1.0 and resident(arena.buffer, 64 * MiB, 64 * MiB) == 0.0
+    arena.place(256 * MiB, 32 * MiB, "far")  # beyond the frontier: its own pages are left to its writer
+    assert arena.toucher.idle.wait(30) and arena.toucher.mark == 296 * MiB
+    assert resident(arena.buffer, 288 * MiB, 8 * MiB) == 1.0  # the touch-ahead above it
+    assert resident(arena.buffer, 256 * MiB, 32 * MiB) == 0.0  # not raced while its load writes it
     assert resident(arena.buffer, 512 * MiB, 64 * MiB) == 0.0  # nothing far beyond
     arena.free(256 * MiB)
-    arena.place(0, 4096, "small")  # below the mark: no more touching
-    assert arena.toucher.idle.is_set() and arena.toucher.target == 288 * MiB + 8 * MiB
+    arena.place(4 * MiB, 4096, "small")  # below the frontier: no more touching
+    assert arena.toucher.idle.is_set() and arena.toucher.target == 296 * MiB
 
 
 def test_loads_land_intact_in_memory_touched_while_they_write(tmp_path, monkeypatch):
