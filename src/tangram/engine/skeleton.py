@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,20 +17,13 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from tangram.engine.dtype import compute_dtype
 from tangram.store.errors import CheckpointError
 from tangram.store.format import INDEX_FILE
 
 # accelerate's init_empty_weights patches nn.Module.register_parameter process-wide, which would turn the
 # tensors another thread assigns meanwhile into meta tensors: builds are serialised.
 _BUILD_LOCK = threading.Lock()
-
-
-def compute_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
-    """The dtype a model computes in: its first floating tensor's (the pool's bytes are used without a copy).
-
-    A skeleton kept for a checkpoint is found again only under this same dtype.
-    """
-    return next((d for d in dtypes if d.is_floating_point), torch.float32)
 
 
 def build_causal_lm(checkpoint: str | Path, tensors: Mapping[str, torch.Tensor]) -> PreTrainedModel:

@@ -19,7 +19,8 @@ import torch
 
 from tangram.engine import EngineConfig, Instance, RequestOutput, SamplingParams, StartCost
 from tangram.engine.loop import EngineLoop
-from tangram.engine.skeleton import RUNTIME, compute_dtype
+from tangram.engine.dtype import compute_dtype
+from tangram.engine.skeleton import RUNTIME
 from tangram.pool import DevicePool
 from tangram.store import Checkpoint, CheckpointIndex, Loader
 from tangram.templates import load_template, warm
