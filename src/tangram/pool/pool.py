@@ -101,7 +101,8 @@ class Binding:
 class DevicePool:
     """One pool per device: an arena allocated once, shared by every model on that device. Thread-safe.
 
-    `capacity` is bytes (int) or a fraction of the device's free memory (float in (0, 1]).
+    `capacity` is bytes (int), a fraction of the device's memory (float in (0, 1]: of total memory on the CPU, of
+    free memory on CUDA) or None (the default rule); see `tangram.pool.capacity`.
     `retain=False` frees a model's tensors when its last binding is released (no reuse across instances).
     `share=False` keys tensors per checkpoint, so two models never share one (a conventional engine's copy
     of the weights per instance; the baselines of bench coldstart).
@@ -109,7 +110,7 @@ class DevicePool:
 
     def __init__(
         self,
-        capacity: int | float,
+        capacity: int | float | None,
         device: str | torch.device = "cpu",
         *,
         policy: Policy | str = Policy.TANGRAM,
