@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tangram.cli_common import console
@@ -83,7 +84,7 @@ def register(app: typer.Typer) -> None:
         except (OSError, ValueError, ValidationError, ImportError) as exc:
             _fail(exc)
         if server.generated_token:
-            console.print(f"admin token (also in {server.token_path}): [bold]{server.token}[/]")
+            console.print(f"admin token (also in {escape(str(server.token_path))}): [bold]{escape(server.token)}[/]")
         names = ", ".join(d.name for d in cfg.deployments) or "demo"
         key_note = ", API key required" if server.api_key else ""
         console.print(f"serving {names} at {server.url}/v1 (OpenAI-compatible{key_note}); Ctrl-C stops",
