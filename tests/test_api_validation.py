@@ -13,7 +13,8 @@ from serving import chat_model_dir, serving
 from tangram.control import Deployment
 
 # prints a message's name before its content: whether `name` reaches the template shows in the prompt tokens
-NAMED_TEMPLATE = "{% for m in messages %}{% if m.name is defined %}{{ m.name }} {% endif %}{{ m['content'] }} {% endfor %}"
+NAMED_TEMPLATE = ("{% for m in messages %}{% if m.name is defined %}{{ m.name }} {% endif %}"
+                  "{{ m['content'] }} {% endfor %}")
 
 
 @pytest.fixture(scope="module")

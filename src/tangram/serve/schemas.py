@@ -100,9 +100,10 @@ class SamplingFields(_Strict):
     def sampling(self, max_tokens: int) -> SamplingParams:
         """Engine sampling parameters (raises pydantic.ValidationError on bad combinations)."""
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-                              top_p=1.0 if self.top_p is None else self.top_p, top_k=max(self.top_k or 0, 0), seed=self.seed,
-                              stop=list(self.stop or []), stop_token_ids=list(self.stop_token_ids or []),
-                              ignore_eos=self.ignore_eos)
+                              top_p=1.0 if self.top_p is None else self.top_p,
+                              top_k=max(self.top_k or 0, 0),  # -1 (vLLM) and 0: no limit
+                              seed=self.seed, stop=list(self.stop or []),
+                              stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos)
 
 
 class ChatCompletionRequest(SamplingFields):
