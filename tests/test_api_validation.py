@@ -15,20 +15,28 @@ from tangram.control import Deployment
 # prints a message's name before its content: whether `name` reaches the template shows in the prompt tokens
 NAMED_TEMPLATE = ("{% for m in messages %}{% if m.name is defined %}{{ m.name }} {% endif %}"
                   "{{ m['content'] }} {% endfor %}")
+STRICT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system messages') }}"
+                   "{% endif %}{{ m['content'] }} {% endfor %}")
+
+
+def with_template(directory, template: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory)
+    tok.chat_template = template
+    tok.save_pretrained(directory)
+    return directory
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from transformers import AutoTokenizer
-
     base = tmp_path_factory.mktemp("validation")
     plain = chat_model_dir(base / "plain")
-    named = chat_model_dir(base / "named", seed=1)
-    tok = AutoTokenizer.from_pretrained(named)
-    tok.chat_template = NAMED_TEMPLATE
-    tok.save_pretrained(named)
+    named = with_template(chat_model_dir(base / "named", seed=1), NAMED_TEMPLATE)
+    strict = with_template(chat_model_dir(base / "strict", seed=2), STRICT_TEMPLATE)
     deps = [Deployment(name="tiny", checkpoint=str(plain), keep_alive_s=600),
-            Deployment(name="named", checkpoint=str(named), keep_alive_s=600)]
+            Deployment(name="named", checkpoint=str(named), keep_alive_s=600),
+            Deployment(name="strict", checkpoint=str(strict), keep_alive_s=600)]
     with serving(deps) as srv:
         yield srv
 
@@ -174,3 +182,13 @@ def test_a_message_name_reaches_the_chat_template(http):
 
     assert prompt_tokens("named", name="w9") == prompt_tokens("named") + 1  # the template printed the name
     assert prompt_tokens("tiny", name="w9") == prompt_tokens("tiny")  # a template without names ignores it
+
+
+def test_messages_a_chat_template_rejects_are_400(http):
+    body = {"model": "strict", "max_tokens": 1, "messages": [{"role": "system", "content": "w5"}]}
+    r = http.post("/v1/chat/completions", json=body)
+    err = error_of(r, 400)
+    assert "no system messages" in err["message"] and err["param"] == "messages"
+    body["messages"][0]["role"] = "user"
+    ok = http.post("/v1/chat/completions", json=body)
+    assert ok.status_code == 200 and peer(ok) == peer(r)

@@ -11,6 +11,7 @@ import anyio
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2.exceptions import TemplateError  # chat templates are jinja (torch and transformers depend on it)
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -84,6 +85,8 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
         except RequestError as exc:
             code = "context_length_exceeded" if "context" in str(exc) or "KV" in str(exc) else None
             raise APIError(400, str(exc), code=code) from None
+        except TemplateError as exc:  # e.g. raise_exception("roles must alternate"): the messages' fault
+            raise APIError(400, f"the model's chat template rejects these messages: {exc}", param="messages") from None
 
     def sampling(body: schemas.SamplingFields, max_tokens: int) -> SamplingParams:
         try:
