@@ -59,7 +59,10 @@ def test_non_loopback_bind_needs_a_token(monkeypatch):
     assert not is_loopback("0.0.0.0")
     with pytest.raises(ValueError, match="refusing to listen on 0.0.0.0"):
         resolve_token(ServeConfig(host="0.0.0.0"))
-    assert resolve_token(ServeConfig(host="0.0.0.0", admin_token="s3cret")) == ("s3cret", False)
+    with pytest.raises(ValueError, match="admin token of 6 characters"):
+        resolve_token(ServeConfig(host="0.0.0.0", admin_token="s3cret"))
+    strong = "s3cret-s3cret-s3cret"
+    assert resolve_token(ServeConfig(host="0.0.0.0", admin_token=strong)) == (strong, False)
     token, generated = resolve_token(ServeConfig())
     assert generated and len(token) >= 24
 
