@@ -11,7 +11,9 @@ still measures).
 from __future__ import annotations
 
 import logging
+import atexit
 import os
+import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 ENV_PROBE = "TANGRAM_PROBE"
 TEMP_PROBE_BYTES = 128 << 20
 TEMP_PREFIX = ".read-probe-"
+shutting_down = threading.Event()  # set at interpreter exit: a daemon probe cut short then is not an error
+atexit.register(shutting_down.set)
 
 
 def auto_enabled() -> bool:
@@ -124,6 +128,10 @@ def probe_in_background(checkpoints: Iterable[Path]) -> threading.Thread | None:
             for r in measure_filesystems(paths, temp_dir=root):
                 log.info("read speed measured in the background: %s on %s", r.config.label, r.measured_on)
         except Exception:  # noqa: BLE001 - a failed probe leaves the default in place; serving goes on
+            if sys.is_finalizing() or shutting_down.is_set() or "interpreter shutdown" in str(sys.exc_info()[1]):
+                # the process is exiting mid-probe (its reader pool refuses new work): nothing is lost
+                log.debug("background read-speed probe stopped by the process's exit", exc_info=True)
+                return
             log.exception("background read-speed probe failed; loads keep %s", probe.DEFAULT.label)
 
     thread = threading.Thread(target=run, name="tangram-read-probe", daemon=True)
