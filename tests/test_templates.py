@@ -83,7 +83,13 @@ def test_cold_start_with_template_loads_in_first_use_order_and_overlaps(model_ck
     run(ckpt)  # records
     t = load_template(ckpt)
     loader = SlowLoader(delay=0.01)
-    inst, out = run(ckpt, loader=loader)
+    arrival = time.perf_counter()  # the request arrives before its instance exists, as a cold start's does
+    with Instance(ckpt, DevicePool(64 << 20, loader=loader), EngineConfig(block_tokens=4, overlap="on"),
+                  arrival=arrival) as inst:
+        sink = OutputQueue()
+        inst.engine.add_request(PROMPT, GREEDY, sink=sink, arrival=arrival)
+        inst.engine.run_until_idle()
+        out = list(sink.q.queue)[-1]
     assert in_template_order(loader.landed, t)  # the template's order, group by group
     aliases = set(read_index(ckpt).aliases)  # equal tensors are stored once: nothing to load for them
     assert set(loader.landed) == set(t.order) - aliases
