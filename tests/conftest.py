@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,21 @@ def tangram_home(tmp_path_factory, monkeypatch):
     probe.forget()
     yield home
     probe.forget()
+
+
+TEST_DEVICE_ENV = "TANGRAM_TEST_DEVICE"
+
+
+@pytest.fixture()
+def device_under_test() -> torch.device:
+    """The device of the tests that take one: $TANGRAM_TEST_DEVICE, cpu by default (scripts/gpu-check sets cuda).
+
+    Asking for CUDA where there is none fails: a GPU run must not pass by testing the CPU.
+    """
+    dev = torch.device(os.environ.get(TEST_DEVICE_ENV) or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"{TEST_DEVICE_ENV}={dev} but CUDA is not available (torch {torch.__version__})")
+    return dev
 
 
 def skip_if_no_odirect(method: str, path: Path) -> None:
