@@ -24,7 +24,7 @@ from tangram.store import io
 from tangram.store.io import ReadMethod
 from tangram.store.format import ALIGNMENT, align_up
 from tangram.store.landing import Aborted, Landing
-from tangram.store.plan import CopyRun, Piece, ReadRun, Segment
+from tangram.store.plan import CopyRun, Piece, ReadRun, Segment, task_chains
 
 
 AUTO_CACHED = 0.5  # AUTO reads a chunk through the page cache when at least this much of it is there
@@ -150,8 +150,8 @@ def execute(
         if progress:
             progress(run.payload)
 
-    def cpu_work(run: ReadRun) -> None:
-        read(run, run.length)
+    def land(run: ReadRun) -> None:
+        """Count (and hash) the bytes of `run`, now in their CPU destinations."""
         done: list[tuple[Piece, list]] = []
         try:
             for seg in run.segments:
@@ -160,7 +160,11 @@ def execute(
                     if (events := tracker.arrived(seg.piece, seg.dest_start, part)) is not None:
                         done.append((seg.piece, events))
         finally:
-            report(done)
+            report(done)  # pieces whole and verified before a failure count as landed
+
+    def cpu_work(run: ReadRun) -> None:
+        read(run, run.length)
+        land(run)
         if progress:
             progress(run.payload)
 
@@ -181,12 +185,13 @@ def execute(
         if events is not None:
             report([(c.piece, events)])
 
-    def work(item: ReadRun | CopyRun) -> None:
+    def work(item: list[ReadRun] | CopyRun) -> None:
         try:
             if isinstance(item, CopyRun):
                 copy_work(item)
             else:
-                (cuda_work if device.type == "cuda" else cpu_work)(item)
+                for run in item:  # a chain: the chunks of one piece in order, so its hash never waits
+                    (cuda_work if device.type == "cuda" else cpu_work)(run)
         except Aborted:
             raise
         except BaseException:
@@ -204,12 +209,33 @@ def execute(
                     if method is ReadMethod.ODIRECT:
                         raise OSError(exc.errno, f"{paths[f]}: O_DIRECT not supported here ({exc.strerror})") from None
                     method = ReadMethod.PREAD  # AUTO on a filesystem without O_DIRECT: buffered reads only
-        run_all(work, list(runs), config.threads)
+        run_all(work, _tasks(runs, config), config.threads)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
         for fd in [*fds.values(), *dfds.values()]:
             os.close(fd)
+
+
+def _tasks(runs: Sequence[ReadRun | CopyRun], config: ReadConfig) -> list[list[ReadRun] | CopyRun]:
+    """The work items in plan order: each copy alone, consecutive reads grouped into chains (plan.task_chains).
+
+    A chain holds at most a 1/(2 x threads) share of the bytes read (and at least
+    4 chunks), so a single huge piece still spreads over the reader threads.
+    """
+    total = sum(r.length for r in runs if isinstance(r, ReadRun))
+    limit = max(4 * config.chunk_bytes, total // (2 * max(1, config.threads)))
+    out: list[list[ReadRun] | CopyRun] = []
+    pending: list[ReadRun] = []
+    for r in [*runs, None]:
+        if isinstance(r, ReadRun):
+            pending.append(r)
+            continue
+        out += task_chains(pending, limit)
+        pending = []
+        if r is not None:
+            out.append(r)
+    return out
 
 
 def _trim(segments: list[Segment], need: int) -> list[Segment]:

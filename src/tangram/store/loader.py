@@ -152,7 +152,7 @@ class Loader:
         tasks: list[ReadRun | CopyRun] = []
         for g in range(len(groups)):  # group after group: its cache hits, then its coalesced reads
             tasks += plan_copies(hits[g], chunk_bytes=config.chunk_bytes)
-            runs = plan_reads(pieces[g], chunk_bytes=config.chunk_bytes)
+            runs = plan_reads(pieces[g], chunk_bytes=config.chunk_bytes, piece_cuts=True)
             stats.reads += len(runs)
             stats.bytes_from_disk += sum(r.payload for r in runs)
             stats.bytes_padding += sum(r.length for r in runs) - sum(r.payload for r in runs)

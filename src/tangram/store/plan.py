@@ -78,13 +78,17 @@ def plan_reads(
     chunk_bytes: int = 16 << 20,
     max_gap: int = 64 << 10,
     max_segments: int = 512,
+    piece_cuts: bool = False,
 ) -> list[ReadRun]:
     """Coalesce `pieces` into runs and cut runs into chunks of at most `chunk_bytes`.
 
     Pieces of one file whose gap is at most `max_gap` share a run. Chunk cuts
     fall on ALIGNMENT boundaries of the file, so every run starts aligned
     (O_DIRECT and mmap need that). A run never has more than `max_segments`
-    segments (the iovec limit of preadv is 1024).
+    segments (the iovec limit of preadv is 1024). `piece_cuts`: a piece that
+    does not fit in the rest of a chunk starts the next one, so only pieces
+    larger than a chunk span chunks, and each chunk after the first of such a
+    piece continues it (`task_chains` keeps those on one reader thread).
     """
     if chunk_bytes < ALIGNMENT or chunk_bytes % ALIGNMENT:
         raise ValueError(f"chunk_bytes must be a positive multiple of {ALIGNMENT}")
@@ -106,7 +110,7 @@ def plan_reads(
             runs.append(current)
         current.segments.append(Segment(p.nbytes, p.dest, 0, p))
         end = p.offset + p.nbytes
-    return [chunk for run in runs for chunk in _cut(run, chunk_bytes, max_segments)]
+    return [chunk for run in runs for chunk in _cut(run, chunk_bytes, max_segments, piece_cuts)]
 
 
 def plan_copies(hits: list[tuple[Piece, torch.Tensor]], *, chunk_bytes: int = 16 << 20) -> list[CopyRun]:
@@ -119,13 +123,18 @@ def plan_copies(hits: list[tuple[Piece, torch.Tensor]], *, chunk_bytes: int = 16
     return out
 
 
-def _cut(run: ReadRun, chunk_bytes: int, max_segments: int) -> list[ReadRun]:
+def _cut(run: ReadRun, chunk_bytes: int, max_segments: int, piece_cuts: bool = False) -> list[ReadRun]:
     """Split one run into chunks of at most chunk_bytes (cuts on aligned file offsets)."""
     out: list[ReadRun] = []
     cur = ReadRun(run.file, run.offset)
     room = chunk_bytes
     for seg in run.segments:
         start = 0
+        if (piece_cuts and seg.piece is not None and seg.length > room and cur.payload
+                and (cur.offset + cur.length) % ALIGNMENT == 0):
+            out.append(cur)  # this piece starts the next chunk instead of straddling two
+            cur = ReadRun(run.file, cur.offset + cur.length)
+            room = chunk_bytes
         while start < seg.length:
             take = min(seg.length - start, room)
             if take > 0:
@@ -167,6 +176,33 @@ def _split_aligned(run: ReadRun) -> tuple[ReadRun, ReadRun]:
     if not head.segments:
         raise ValueError("cannot split a run into aligned chunks under the segment limit")
     return head, tail
+
+
+def continues(run: ReadRun) -> bool:
+    """Whether `run` starts in the middle of a piece (its first piece bytes are not that piece's first)."""
+    first = next((s for s in run.segments if s.piece is not None), None)
+    return first is not None and first is run.segments[0] and first.dest_start > 0
+
+
+def task_chains(runs: Sequence[ReadRun], max_bytes: int | None = None) -> list[list[ReadRun]]:
+    """Consecutive runs grouped so that a run continuing a piece joins the run before it (up to `max_bytes`).
+
+    One reader thread executing a chain in order meets each piece's bytes in
+    order, so it hashes them as they land, hot in its cache, without waiting
+    for another thread. `max_bytes` bounds a chain, so one huge piece still
+    spreads over several threads (its hash then waits at each chain boundary).
+    """
+    chains: list[list[ReadRun]] = []
+    size = 0
+    for run in runs:
+        if (chains and continues(run) and chains[-1][-1].file == run.file
+                and (max_bytes is None or size + run.length <= max_bytes)):
+            chains[-1].append(run)
+            size += run.length
+        else:
+            chains.append([run])
+            size = run.length
+    return chains
 
 
 def tail(run: ReadRun, skip: int) -> ReadRun:
