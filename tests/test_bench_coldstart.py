@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+from models import COLDSTART_SMALL, coldstart_models
 from rich.console import Console
 
 from tangram.bench.coldstart import run_coldstart_bench
-from tangram.bench.coldstart_workload import CONFIGS, QUICK, configurations, make_models, percentile, summarize, trace_spec
-from tangram.bench.kv_workload import coefficient_of_variation, make_trace
+from tangram.bench.coldstart_workload import CONFIGS, QUICK, configurations, make_models, summarize, trace_spec
+from tangram.bench.kv_workload import make_trace
 from tangram.bench.overlap_probe import overlap_bound
+from tangram.workload import coefficient_of_variation
 
 
 def test_configurations_are_the_protocols():
@@ -49,7 +52,13 @@ def test_summary_from_hand_made_results():
     assert abs(s["overhead_reduction_vs_sllm"]["p50"] - (1 - 0.1 / 0.8)) < 1e-9
     assert s["starts"]["tangram"] == {"warm": 1, "pool-hit": 2, "dram": 0, "cold": 0}
     assert s["pool_hit_ratio"] == 2 / 4 and abs(s["load_speedup_vs_sllm"] - 1.5 / 0.01) < 1e-6
-    assert percentile([3, 1, 2, 4], 50) == 2 and percentile([], 50) is None
+    assert s["ttft_p50"]["sllm"] == 1.0 and s["ttft_p95"]["sllm"] == pytest.approx(1.9)  # linear interpolation
+    assert s["bytes_loaded"] == {"sllm": 300, "tangram": 0}
+
+
+def test_unknown_model_size_is_refused():
+    with pytest.raises(ValueError, match="unknown size 'small'"):
+        make_models("small")
 
 
 def test_overlap_bound_is_two_when_nothing_contends_and_one_when_serialised():
@@ -59,8 +68,9 @@ def test_overlap_bound_is_two_when_nothing_contends_and_one_when_serialised():
 
 
 def test_small_run_end_to_end(tmp_path):
-    result = run_coldstart_bench(quick=True, small=True, json_path=tmp_path / "c.json", plot_dir=tmp_path / "plots",
-                                 console=Console(quiet=True), progress=False)
+    result = run_coldstart_bench(quick=True, json_path=tmp_path / "c.json", plot_dir=tmp_path / "plots",
+                                 console=Console(quiet=True), progress=False, sizes=COLDSTART_SMALL,
+                                 models=coldstart_models(), template_repeats=1, template_prompt=16)
     s = result["summary"]
     for key in ("ttft_p50", "ttft_p95", "ttft_p99", "overhead_p50", "overhead_p95", "bytes_loaded", "failed"):
         assert set(s[key]) == set(CONFIGS), key
@@ -70,7 +80,9 @@ def test_small_run_end_to_end(tmp_path):
     probe = s["template_overlap_probe"]
     assert set(probe) == {"load_s", "prefill_s", "sequential_s", "both_s", "bound"} and min(probe.values()) > 0
     assert s["template_overlap_bound"] == overlap_bound(probe["sequential_s"], probe["both_s"])
-    assert s["template_speedup_ceiling"] >= 1.0
+    p50 = s["template_cold_ttft_p50"]["tangram-notemplate"]
+    saved = max(0.0, probe["sequential_s"] - probe["both_s"])
+    assert s["template_speedup_ceiling"] == pytest.approx(p50 / max(1e-9, p50 - saved))
     assert s["bytes_loaded"]["tangram"] <= s["bytes_loaded"]["sllm"]
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"ttft_cdf.png", "start_stages.png",
                                                                  "pool_occupancy.png"}

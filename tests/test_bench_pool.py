@@ -1,4 +1,5 @@
-"""`bench pool` machinery on tiny models and a short trace: determinism, JSON shape, sibling exactness."""
+"""`bench pool` machinery on tiny models and a short trace: determinism, sibling exactness, the summary from
+hand-made totals, and one tiny end-to-end run."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def test_workload_is_deterministic_under_a_seed() -> None:
     assert times == sorted(times) and len(a.trace) == 50
     fams = a.families()
     assert len(fams) == 2 and all(len(v) == 3 for v in fams.values())
-    assert a.capacity < sum(m.nbytes for m in a.models) // 2
+    assert a.capacity < sum(m.raw_nbytes for m in a.models) // 2
 
 
 def test_model_contents_are_deterministic_and_variants_share_with_base() -> None:
@@ -80,7 +81,34 @@ def test_cached_checkpoints_are_reused(tiny_paths) -> None:
     assert written == []
 
 
-def test_tiny_run_json_shape(tmp_path: Path) -> None:
+def totals(policy: str, load_s: float, loaded: int, **over) -> dict:
+    t = {"policy": policy, "acquires": 10, "hits": 4, "load_seconds": load_s, "bytes_loaded": loaded,
+         "bytes_reused": 500, "waits": 1, "fragmentation_end": 0.25, "retained_end": 0, "free_end": 0,
+         "largest_free_end": 0}
+    return {**t, **over}
+
+
+def test_summary_from_hand_made_totals() -> None:
+    per_rep = {"tangram": [totals("tangram", 1.0, 100), totals("tangram", 3.0, 100)],
+               "lru": [totals("lru", 4.0, 400), totals("lru", 6.0, 400, hits=9)],
+               "lfu": [totals("lfu", 2.0, 200), totals("lfu", 2.0, 250)]}
+    checks = [{"shared_bytes": 70}, {"shared_bytes": 30}]
+    rows, summary = bench_pool.summarize(per_rep, checks)
+    assert set(summary) == {"load_seconds", "bytes_loaded", "speedup_vs_lru", "family_shared_bytes",
+                            "fragmentation_end"}
+    assert summary["load_seconds"] == {"tangram": 2.0, "lru": 5.0, "lfu": 2.0}  # medians over repeats
+    assert summary["bytes_loaded"] == {"tangram": 100, "lru": 400, "lfu": 200}  # the first repeat's
+    assert summary["speedup_vs_lru"] == 2.5 and summary["family_shared_bytes"] == 100
+    assert summary["fragmentation_end"] == {p: 0.25 for p in bench_pool.POLICIES}
+    by = {r["policy"]: r for r in rows}
+    assert [r["policy"] for r in rows] == list(bench_pool.POLICIES)
+    assert by["lru"]["hits"] == 4 and by["tangram"]["hit_ratio"] == 0.4
+    assert by["tangram"]["load_gbps"] == pytest.approx(100 / 2.0 / 1e9)
+    assert by["tangram"]["deterministic"] and not by["lfu"]["deterministic"]
+    assert by["tangram"]["lru_over_this_runs"] == [4.0, 2.0] and by["tangram"]["lru_bytes_over_this"] == 4.0
+
+
+def test_tiny_run(tmp_path: Path) -> None:
     out = io.StringIO()
     console = Console(file=out, width=140)
     json_path = tmp_path / "pool.json"
@@ -90,10 +118,6 @@ def test_tiny_run_json_shape(tmp_path: Path) -> None:
     assert set(doc) == {"bench", "device", "host", "config", "rows", "summary"}
     assert doc["bench"] == "pool" and doc["device"] == "cpu"
     summary = doc["summary"]
-    assert set(summary) == {"load_seconds", "bytes_loaded", "speedup_vs_lru", "family_shared_bytes",
-                            "fragmentation_end"}
-    for key in ("load_seconds", "bytes_loaded", "fragmentation_end"):
-        assert set(summary[key]) == set(bench_pool.POLICIES)
     assert all(summary["bytes_loaded"][p] > 0 for p in bench_pool.POLICIES)
     assert all(summary["load_seconds"][p] > 0 for p in bench_pool.POLICIES)
     assert all(0.0 <= summary["fragmentation_end"][p] <= 1.0 for p in bench_pool.POLICIES)

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import pytest
+from models import kv_models
 from rich.console import Console
 
-from tangram.bench.kv_workload import coefficient_of_variation
+from tangram.defaults import RELOAD_BANDWIDTH
+from tangram.pool import DevicePool
 from tangram.scheduler import POLICIES, Bandwidths
 from tangram.sim import ClusterSpec, ModelMix, TraceShape, make_models, make_trace, simulate
 from tangram.sim.pool import SimPool, SimPoolFull
-from tangram.sim.replay import Started, percentile, replay
+from tangram.sim.replay import Started, replay
+from tangram.sim.rules import idle_victim
 from tangram.sim.workload import Request
+from tangram.workload import coefficient_of_variation, percentile
+
+REPO = Path(__file__).resolve().parents[1]
 
 GB = 10**9
 
@@ -73,6 +81,21 @@ def test_sim_pool_shares_packs_and_never_evicts_active_bytes() -> None:
 def test_percentile() -> None:
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert percentile([5.0], 95) == 5.0 and percentile([], 50) is None
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5  # unsorted input is sorted first
+    assert percentile([0.0, 10.0], 95) == pytest.approx(9.5) and percentile([2.0, 1.0], 0) == 1.0
+    with pytest.raises(ValueError, match="within"):
+        percentile([1.0], 101)
+
+
+def test_idle_victim_is_the_longest_idle() -> None:
+    assert idle_victim([5.0, None, 2.0, 2.0]) == 2  # idle longest; a tie goes to the lower index
+    assert idle_victim([None, None]) is None and idle_victim([]) is None
+
+
+def test_simulated_and_real_pools_price_reloads_alike() -> None:
+    spec = ClusterSpec(1, 1, 10**9, 0, Bandwidths(8e9, 3e9))  # a measured disk speed is not the reload price
+    assert spec.reload_bandwidth == RELOAD_BANDWIDTH == DevicePool(4096, "cpu").reload_bandwidth
+    assert SimPool(100).reload_bandwidth == RELOAD_BANDWIDTH
 
 
 class FixedBackend:
@@ -140,13 +163,48 @@ def test_simulated_pools_stay_consistent_with_the_scheduler() -> None:
     assert cluster.decisions > 0
 
 
+def cluster_row(policy: str, p50: float | None, bytes_loaded: int) -> dict:
+    return {"section": "cluster", "policy": policy, "ttft_p50": p50, "ttft_p95": 0.123456, "ttft_p99": None,
+            "bytes_loaded": bytes_loaded}
+
+
+def test_sim_summary_from_hand_made_rows() -> None:
+    from tangram.bench.sim import summarize
+
+    rows = [cluster_row("tangram", 0.033333, 10), cluster_row("sllm", None, 20),
+            {"section": "decisions", "policy": "tangram", "decisions_per_second": 1234.6},
+            {"section": "decisions", "policy": "sllm", "decisions_per_second": 99.0}]
+    s = summarize(rows, {"sim_error": 0.123456})
+    assert s == {"ttft_p50": {"tangram": 0.0333, "sllm": None}, "ttft_p95": {"tangram": 0.1235, "sllm": 0.1235},
+                 "ttft_p99": {"tangram": None, "sllm": None}, "bytes_loaded": {"tangram": 10, "sllm": 20},
+                 "decisions_per_second": 1235, "sim_error": 0.1235}
+    assert summarize(rows, None)["sim_error"] is None and summarize(rows, {"sim_error": None})["sim_error"] is None
+
+
+def test_calibration_default_is_the_documented_bench_load_result(tmp_path) -> None:
+    from tangram.bench.sim import DEFAULT_CALIBRATION, bandwidths_from_load, calibration_bandwidths
+
+    assert bandwidths_from_load(REPO / "docs" / "results" / "load-cpu-full.json") == DEFAULT_CALIBRATION
+    bw, source = calibration_bandwidths(None)
+    assert bw == DEFAULT_CALIBRATION and "load-cpu-full.json" in source
+    given = tmp_path / "load.json"
+    given.write_text(json.dumps({"rows": [
+        {"method": "tangram", "kind": "loader", "state": s, "gbps": g} for s, g in (("cold", 1.5), ("dram", 6.0))]}))
+    bw, source = calibration_bandwidths(given)
+    assert bw == Bandwidths(dram=6e9, disk=1.5e9) and str(given) in source
+    (tmp_path / "bad.json").write_text("{}")
+    for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
+        with pytest.raises(ValueError, match="not a readable `bench load` result"):
+            calibration_bandwidths(bad)
+
+
 def test_bench_sim_smoke(tmp_path) -> None:
     from tangram.bench.sim import SimSizes, run_sim_bench
     from tangram.bench.sim_real import RealSpec
 
     sizes = SimSizes(models=16, nodes=2, devices_per_node=4, device_bytes=20 * GB, dram_bytes=30 * GB, requests=300,
                      mean_gap_s=0.05, decision_nodes=25, decision_models=40, warm_requests=300, decisions=300,
-                     real=RealSpec(size="small", workers=2, requests=8))
+                     real=RealSpec(models=tuple(kv_models()), workers=2, requests=8))
     console = Console(file=io.StringIO(), width=120)
     doc = run_sim_bench(quick=True, json_path=tmp_path / "sim.json", seed=0, console=console, sizes=sizes,
                         workdir=tmp_path / "models", progress=False)
@@ -155,7 +213,20 @@ def test_bench_sim_smoke(tmp_path) -> None:
         assert set(summary[key]) == set(POLICIES)
         assert all(isinstance(v, (int, float)) for v in summary[key].values())
     assert isinstance(summary["decisions_per_second"], (int, float)) and summary["decisions_per_second"] > 0
-    assert isinstance(summary["sim_error"], float) and summary["sim_error"] >= 0
-    real = [r for r in doc["rows"] if r["section"] == "sim-vs-real"]
-    assert {r["run"] for r in real} == {"real", "sim"} and all(r["served"] == 8 for r in real)
+    real = {r["run"]: r for r in doc["rows"] if r["section"] == "sim-vs-real"}
+    assert set(real) == {"real", "sim"} and all(r["served"] == 8 for r in real.values())
+    p50 = {k: r["ttft_p50"] for k, r in real.items()}
+    assert summary["sim_error"] == pytest.approx(abs(p50["sim"] - p50["real"]) / p50["real"], abs=1e-4)
     assert (tmp_path / "sim.json").exists() and "simulator vs a small real run" in console.file.getvalue()
+
+
+def test_cli_refuses_a_bad_calibration_file(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from tangram.cli import app
+
+    out = tmp_path / "sim.json"
+    result = CliRunner().invoke(app, ["bench", "sim", "--quick", "--calibration", str(tmp_path / "nope.json"),
+                                      "--json", str(out)])
+    assert result.exit_code != 0 and "not a readable `bench load` result" in result.output
+    assert not out.exists()

@@ -245,11 +245,19 @@ def bench_sim(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="512 devices, a shorter trace (< 60 s).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the workload generator.")] = 0,
+    calibration: Annotated[Optional[str], typer.Option(
+        "--calibration", help="Tier bandwidths: a `bench load` result JSON, or 'measure' (probe this machine); "
+        "default: the built-in figures of docs/results/load-cpu-full.json.")] = None,
 ) -> None:
     """Scheduling policies at cluster scale in the trace-driven simulator (real scheduler and pool policy code)."""
-    from tangram.bench.sim import run_sim_bench
+    from tangram.bench.sim import calibration_bandwidths, run_sim_bench
 
-    run_sim_bench(quick=quick, json_path=json_path, seed=seed, console=console)
+    if calibration not in (None, "measure"):
+        try:
+            calibration_bandwidths(calibration)  # a bad file is refused before any work
+        except ValueError as exc:
+            _fail(exc)
+    run_sim_bench(quick=quick, json_path=json_path, seed=seed, console=console, calibration=calibration)
 
 
 register_serving(app)

@@ -31,21 +31,21 @@ from rich.console import Console
 from tangram.bench.coldstart_client import one
 from tangram.bench.coldstart_replay import engine_config, run_config
 from tangram.bench.coldstart_workload import (
-    CONFIGS, FULL, QUICK, SMALL, configurations, make_models, percentile, summarize, trace_spec,
+    CONFIGS, FULL, QUICK, Sizes, configurations, make_models, summarize, trace_spec,
 )
 from tangram.bench.common import (
     Column, fmt_num, print_summary, print_table, resolve_device, result_doc, step_progress, write_result,
 )
 from tangram.bench.kv_workload import ensure_models, make_trace, trace_stats
 from tangram.bench.overlap_probe import probe_overlap
-from tangram.bench.pool_workload import data_files
 from tangram.control import Deployment, ServeConfig
 from tangram.engine import EngineConfig
 from tangram.paths import data_dir
 from tangram.serve import Server
-from tangram.store import read_index
+from tangram.store import Checkpoint, read_index
 from tangram.store.io import evict_from_page_cache
 from tangram.worker import local_devices
+from tangram.workload import ModelSpec, percentile
 
 log = logging.getLogger(__name__)
 TEMPLATE_CONFIGS = ("tangram", "tangram-notemplate")
@@ -72,7 +72,7 @@ def one_cold_start(config: str, ckpt: Path, prompt: list[int], max_tokens: int, 
     dep = Deployment(name="m", checkpoint=str(ckpt), keep_alive_s=600, engine=engine)
     cfg = ServeConfig(port=0, pool_capacity=capacity, admin_token="bench", deployments=[dep])
     with Server(cfg).running() as srv:
-        for f in data_files(ckpt):
+        for f in Checkpoint(ckpt).data_files():
             evict_from_page_cache(f)
         r = asyncio.run(_ask(srv.url, {"model": "m", "prompt": prompt, "max_tokens": max_tokens}))
     if r["error"]:
@@ -127,15 +127,21 @@ def record_templates(paths, sizes, bar) -> None:
 
 
 def run_coldstart_bench(*, quick: bool, json_path: Path | None, plot_dir: Path | None = None, seed: int = 0,
-                        console: Console | None = None, small: bool = False, progress: bool = True,
-                        configs: tuple[str, ...] = CONFIGS, device: str = "auto") -> dict:
-    """The whole benchmark; returns (and optionally writes) the result document."""
+                        console: Console | None = None, progress: bool = True, configs: tuple[str, ...] = CONFIGS,
+                        device: str = "auto", sizes: Sizes | None = None, models: list[ModelSpec] | None = None,
+                        template_repeats: int | None = None, template_prompt: int = 128,
+                        workdir: Path | None = None) -> dict:
+    """The whole benchmark; returns (and optionally writes) the result document.
+
+    `sizes`, `models`, `template_repeats` and `template_prompt` override the mode's (tests run a tiny set);
+    `workdir` caches the checkpoints (default: the data dir's bench/coldstart).
+    """
     console = console or Console()
     dev = server_device(device)
     started = time.perf_counter()
-    sizes = SMALL if small else QUICK if quick else FULL
-    models = make_models(sizes.models)
-    paths = ensure_models(models, data_dir() / "bench" / "coldstart")
+    sizes = sizes or (QUICK if quick else FULL)
+    models = models or make_models(sizes.models)
+    paths = ensure_models(models, Path(workdir) if workdir is not None else data_dir() / "bench" / "coldstart")
     trace, popularity = make_trace(models, trace_spec(sizes), seed)
     unique = {}
     for p in paths.values():
@@ -147,7 +153,7 @@ def run_coldstart_bench(*, quick: bool, json_path: Path | None, plot_dir: Path |
     # smaller than all the models together, but any one model fits with its reserved KV
     capacity = max(int(sum(unique.values()) * sizes.pool_fraction), int(1.1 * (max(sizes_of.values()) + reserve)))
     biggest = max(models, key=lambda m: sizes_of[m.name])
-    t_repeats = 1 if small else 3 if quick else 5
+    t_repeats = template_repeats or (3 if quick else 5)
     per_config: dict[str, dict] = {}
     with step_progress(console, 2 + len(configs) + 2 * t_repeats, "bench coldstart", progress) as bar:
         bar.describe("recording templates")
@@ -157,7 +163,7 @@ def run_coldstart_bench(*, quick: bool, json_path: Path | None, plot_dir: Path |
             per_config[name] = run_config(configurations()[name], paths, trace, sizes, capacity)
             bar.advance()
         t_rows, t_summary = template_section(paths[biggest.name].ckpt, biggest.vocab,
-                                             16 if small else 128, t_repeats, bar, device=str(dev))
+                                             template_prompt, t_repeats, bar, device=str(dev))
     summary = {**summarize(per_config), **t_summary}
     rows = [{"section": "replay", "config": n, **r} for n, run in per_config.items() for r in run["results"]]
     rows += t_rows

@@ -23,10 +23,10 @@ import httpx
 from tangram.bench.baseline_loader import SafetensorsLoader
 from tangram.bench.coldstart_workload import Configuration, Sizes
 from tangram.bench.kv_workload import ModelPaths, TraceRequest
-from tangram.bench.pool_workload import data_files
 from tangram.control import Deployment, ServeConfig
 from tangram.engine import EngineConfig
 from tangram.serve import Server
+from tangram.store import Checkpoint
 from tangram.store.io import evict_from_page_cache
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def run_config(cfg: Configuration, paths: dict[str, ModelPaths], trace: list[Tra
         if cfg.loader == "safetensors":
             w.pool.loader = SafetensorsLoader({str(p.ckpt): p.hf for p in paths.values()})
     for p in paths.values():  # every configuration starts from disk
-        for f in [*data_files(p.ckpt), *p.hf.glob("*.safetensors")]:
+        for f in [*Checkpoint(p.ckpt).data_files(), *p.hf.glob("*.safetensors")]:
             evict_from_page_cache(f)
     items = [{"t": r.t, "model": r.model, "prompt": list(r.prompt), "max_tokens": r.max_tokens} for r in trace]
     samples: list[dict] = []

@@ -9,10 +9,10 @@ requests find no running instance.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from tangram.bench.kv_workload import KVModel, TraceRequest, TraceSpec, _family
+from tangram.bench.kv_workload import TraceRequest, TraceSpec
+from tangram.workload import ModelSpec, family, percentile, transformer
 
 CONFIGS = ("baseline", "sllm", "tangram", "tangram-notemplate")
 START_TYPES = ("warm", "pool-hit", "dram", "cold")
@@ -47,7 +47,7 @@ def configurations() -> dict[str, Configuration]:
 class Sizes:
     """Scale of a run."""
 
-    models: str
+    models: str  # "quick" / "full": the model set of `make_models`; anything else names a caller-given set
     requests: int
     mean_gap_s: float
     keep_alive_s: float
@@ -59,20 +59,17 @@ class Sizes:
 
 QUICK = Sizes("quick", 64, 0.5, 1.0, 32, 8, 0.7, 1)
 FULL = Sizes("full", 150, 0.8, 2.0, 32, 16, 0.7, 2)
-SMALL = Sizes("small", 8, 0.05, 0.2, 8, 2, 0.6, 1)
 
 
-def make_models(size: str) -> list[KVModel]:
-    """A family of three sharing most tensors, and two unrelated models."""
-    if size == "small":
-        base = KVModel("fam-base", "qwen2", 64, 128, 2, 4, 2, 512, 512, seed=31)
-        return [*_family(base, {"fam-chat": (1,)}), KVModel("solo", "llama", 64, 96, 2, 4, 2, 512, 512, seed=32)]
-    big = size == "full"
-    hidden, layers = (640, 8) if big else (384, 6)  # about 0.2 / 0.07 GB each
-    base = KVModel("fam-base", "qwen2", hidden, hidden * 3, layers, 8, 2, 32000, 2048, seed=33)
-    return [*_family(base, {"fam-chat": (layers - 1,), "fam-code": (layers - 2, layers - 1)}),
-            KVModel("solo-a", "qwen2", hidden, hidden * 3, layers, 8, 2, 32000, 2048, seed=34),
-            KVModel("solo-b", "llama", hidden, hidden * 2, layers, 8, 2, 24000, 2048, seed=35)]
+def make_models(size: str) -> list[ModelSpec]:
+    """A family of three sharing most tensors, and two unrelated models ("quick" or "full" sizes)."""
+    if size not in ("quick", "full"):
+        raise ValueError(f"unknown size {size!r}")
+    hidden, layers = (640, 8) if size == "full" else (384, 6)  # about 0.2 / 0.07 GB each
+    base = transformer("fam-base", "qwen2", hidden, hidden * 3, layers, 8, 2, 32000, 2048, seed=33)
+    return [*family(base, {"fam-chat": (layers - 1,), "fam-code": (layers - 2, layers - 1)}),
+            transformer("solo-a", "qwen2", hidden, hidden * 3, layers, 8, 2, 32000, 2048, seed=34),
+            transformer("solo-b", "llama", hidden, hidden * 2, layers, 8, 2, 24000, 2048, seed=35)]
 
 
 def trace_spec(sizes: Sizes) -> TraceSpec:
@@ -82,14 +79,6 @@ def trace_spec(sizes: Sizes) -> TraceSpec:
                      max_tokens=(sizes.max_tokens, sizes.max_tokens))
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """The q-th percentile (nearest rank on the sorted values); None for no values."""
-    if not values:
-        return None
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
-
-
 def overheads(results: list[dict], warm_ttft: dict[str, float]) -> list[float]:
     """Cold-start overhead of each successful request: its TTFT minus its model's warm TTFT."""
     return [r["ttft_s"] - warm_ttft[r["model"]] for r in results if r.get("ttft_s") is not None
@@ -97,7 +86,10 @@ def overheads(results: list[dict], warm_ttft: dict[str, float]) -> list[float]:
 
 
 def summarize(per_config: dict[str, dict]) -> dict:
-    """docs/benchmarks.md summary keys from each configuration's request results and warm TTFTs."""
+    """docs/benchmarks.md summary keys from each configuration's request results and warm TTFTs.
+
+    Percentiles are `tangram.workload.percentile` (linear interpolation, numpy's default).
+    """
     s: dict = {k: {} for k in ("ttft_p50", "ttft_p95", "ttft_p99", "overhead_p50", "overhead_p95",
                                "bytes_loaded", "failed", "starts")}
     for name, run in per_config.items():
@@ -128,5 +120,5 @@ def summarize(per_config: dict[str, dict]) -> dict:
     return s
 
 
-__all__ = ["CONFIGS", "Configuration", "FULL", "QUICK", "SMALL", "Sizes", "TraceRequest", "configurations",
+__all__ = ["CONFIGS", "Configuration", "FULL", "QUICK", "Sizes", "TraceRequest", "configurations",
            "make_models", "overheads", "percentile", "summarize", "trace_spec"]

@@ -31,7 +31,6 @@ Everything runs with one torch thread by default (`threads`): on a shared
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +48,12 @@ from tangram.bench.kv_workload import (
 )
 from tangram.engine import EngineConfig, Instance, RequestOutput, SamplingParams
 from tangram.engine.errors import RequestError
+from tangram.control.autoscale import should_scale_down
 from tangram.paths import data_dir
 from tangram.pool import DevicePool, PoolFullError
+from tangram.sim.rules import idle_victim
 from tangram.store.io import evict_from_page_cache
+from tangram.workload import ModelSpec, percentile
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,19 @@ class Replay:
 
     # ------------------------------------------------------------------ instances
 
+    def _idle_since(self, lv: _Live) -> float | None:
+        return None if lv.inst.engine.has_work() else lv.last_busy
+
+    def _close_idle_for_room(self) -> bool:
+        """Close the instance idle longest (`idle_victim`, the controller's make-room rule); False if none is."""
+        names = list(self.live)
+        k = idle_victim([self._idle_since(self.live[n]) for n in names])
+        if k is None:
+            return False
+        self._close(names[k])
+        self.c["pressure_closes"] += 1
+        return True
+
     def _close(self, name: str) -> None:
         lv = self.live.pop(name)
         tot = lv.inst.engine.totals
@@ -140,14 +155,11 @@ class Replay:
         if self.failed_at.get(name) == self.version:
             return False
         while not self._fits(name):
-            idle = sorted((lv.last_busy, n) for n, lv in self.live.items() if not lv.inst.engine.has_work())
-            if not idle:
+            if not self._close_idle_for_room():
                 if name not in self.waiting:
                     self.waiting.add(name)
                     self.c["start_waits"] += 1
                 return False
-            self._close(idle[0][1])
-            self.c["pressure_closes"] += 1
         with self.clock.paused():
             for f in self.setup.files[name]:
                 evict_from_page_cache(f)
@@ -202,8 +214,8 @@ class Replay:
                     self.pending.setdefault(trace[i].model, []).append(i)
                 i += 1
             changed = False
-            for name, lv in list(self.live.items()):
-                if not lv.inst.engine.has_work() and clk.now() - lv.last_busy >= self.keep_alive_s:
+            for name, lv in list(self.live.items()):  # one instance per model: scale to zero when idle
+                if should_scale_down(self._idle_since(lv), clk.now(), self.keep_alive_s, 1, 0):
                     self._close(name)
                     changed = True
             for name in sorted(self.pending, key=lambda m: self.pending[m][0]):
@@ -222,10 +234,7 @@ class Replay:
                 stuck = 0
                 continue
             if any(lv.inst.engine.has_work() for lv in self.live.values()):
-                idle = sorted((lv.last_busy, m) for m, lv in self.live.items() if not lv.inst.engine.has_work())
-                if idle:  # stalled on KV held by idle instances' weights: scale one down
-                    self._close(idle[0][1])
-                    self.c["pressure_closes"] += 1
+                if self._close_idle_for_room():  # stalled on KV held by idle instances' weights: scale one down
                     continue
                 stuck += 1  # every instance with work waits for KV that only it could free: cannot happen
                 if stuck > 100:
@@ -248,7 +257,6 @@ class Replay:
         ttft = [r.first - r.arrival for r in recs if r.first is not None]
         costs = self.costs
         starts = {k: sum(c.start == k for c in costs) for k in ("cold", "dram", "pool-hit")}
-        q95 = statistics.quantiles(ttft, n=20)[18] if len(ttft) >= 2 else (ttft[0] if ttft else None)
         return {
             "section": "replay", "mode": self.mode, "requests": len(recs),
             "failed": sum(r.reason not in ("length", "stop") for r in recs),
@@ -259,7 +267,7 @@ class Replay:
             "load_seconds": sum(c.load_s for c in costs), "init_seconds": sum(c.init_s for c in costs),
             "bytes_loaded": sum(c.bytes_loaded for c in costs), "bytes_reused": sum(c.bytes_reused for c in costs),
             **{f"{k}_mean": round(self.area[k] / end) if end > 0 else 0 for k in ("retained", "active", "kv")},
-            "trace_seconds": end, "ttft_p50": median(ttft), "ttft_p95": q95, **self.c,
+            "trace_seconds": end, "ttft_p50": percentile(ttft, 50), "ttft_p95": percentile(ttft, 95), **self.c,
         }
 
 
@@ -270,11 +278,9 @@ QUICK = dict(size="quick", requests=32, mean_gap_s=1.5, cv=3.0, prompt_tokens=(8
              conc_prompt=120, conc_tokens=8)
 FULL = {**QUICK, "size": "full", "requests": 120, "max_tokens": (8, 64), "replays": 3, "tp_tokens": 64,
         "tp_repeats": 9}
-SMALL = {**QUICK, "size": "small", "requests": 24, "prompt_tokens": (4, 24), "max_tokens": (2, 8), "max_batch": 4,
-         "tp_batch": 4, "tp_prompt": 8, "tp_tokens": 8, "tp_repeats": 1, "conc_prompt": 24}
 
 
-def _replay_rows(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def replay_rows(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One row per mode: counts from the first replay, medians over replays of the timed and byte figures."""
     rows = []
     for mode in MODES:
@@ -290,7 +296,9 @@ def _replay_rows(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _summary(rows: list[dict[str, Any]], tp_info: dict[str, Any]) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], tp_info: dict[str, Any]) -> dict[str, Any]:
+    """The summary keys (docs/benchmarks.md) from the replay, throughput and concurrency rows and the
+    throughput facts (`elastic_over_reserve`, `elastic_over_transformers`)."""
     rep = {r["mode"]: r for r in rows if r["section"] == "replay"}
     tps = {r["engine"]: r["tokens_per_second"] for r in rows if r["section"] == "throughput"}
     conc = {r["mode"]: r["peak_running"] for r in rows if r["section"] == "concurrency"}
@@ -308,23 +316,28 @@ def _summary(rows: list[dict[str, Any]], tp_info: dict[str, Any]) -> dict[str, A
 
 
 def run_kv_bench(*, quick: bool, json_path: Path | None, seed: int = 0, console: Console | None = None,
-                 small: bool = False, workdir: Path | None = None, progress: bool = True,
-                 threads: int | None = 1) -> dict[str, Any]:
+                 workdir: Path | None = None, progress: bool = True, threads: int | None = 1,
+                 params: dict[str, Any] | None = None, models: list[ModelSpec] | None = None) -> dict[str, Any]:
     """Run `bench kv`, print its tables and summary, write the JSON when `json_path` is given, return it.
 
-    `small` uses tiny models and a short trace (tests); `workdir` is where checkpoints are cached;
+    `params` overrides the mode's sizes (keys of QUICK) and `models` its model set (tests run tiny ones);
+    `workdir` is where checkpoints are cached;
     `threads` is torch's intra-op thread count for the run (restored after; None leaves it).
     """
     with torch_threads(threads):
-        return _run(quick, json_path, seed, console or Console(), small, workdir, progress)
+        return _run(quick, json_path, seed, console or Console(), workdir, progress, params, models)
 
 
-def _run(quick: bool, json_path: Path | None, seed: int, console: Console, small: bool, workdir: Path | None,
-         progress: bool) -> dict[str, Any]:
-    p = SMALL if small else QUICK if quick else FULL
+def _run(quick: bool, json_path: Path | None, seed: int, console: Console, workdir: Path | None,
+         progress: bool, params: dict[str, Any] | None, given: list[ModelSpec] | None) -> dict[str, Any]:
+    base_mode = QUICK if quick else FULL
+    unknown = set(params or {}) - set(base_mode)
+    if unknown:
+        raise ValueError(f"unknown bench kv parameters {sorted(unknown)}; known: {sorted(base_mode)}")
+    p = {**base_mode, **(params or {})}
     root = Path(workdir) if workdir is not None else data_dir() / "bench" / "kv"
     t_start = time.perf_counter()
-    models = make_models(p["size"])
+    models = list(given) if given else make_models(p["size"])
     spec = TraceSpec(p["requests"], p["mean_gap_s"], p["cv"], 1.1, p["prompt_tokens"], p["max_tokens"])
     trace, popularity = make_trace(models, spec, seed)
     base, bt = models[0], BLOCK_TOKENS
@@ -353,17 +366,17 @@ def _run(quick: bool, json_path: Path | None, seed: int, console: Console, small
                 bar.advance()
         phases = {"models_and_warm_up": t1 - t0, "throughput": t2 - t1, "concurrency": t3 - t2,
                   "replays": time.perf_counter() - t3}
-    rows = _replay_rows(runs) + tp_rows + conc_rows
-    summary = _summary(rows, tp_info)
+    rows = replay_rows(runs) + tp_rows + conc_rows
+    summary = summarize(rows, tp_info)
     config: dict[str, Any] = {
-        "mode": "small" if small else "quick" if quick else "full", "seed": seed, **p, "block_tokens": bt,
+        "mode": "custom" if params or given else "quick" if quick else "full", "seed": seed, **p, "block_tokens": bt,
         "capacity_bytes": setup.capacity, "unique_weight_bytes": setup.unique_bytes,
         "reserve_bytes": setup.reserve_bytes,
         "capacity_rule": "unique weight bytes + half of the largest reserve-mode KV reservation",
         "clock": "trace time = wall time of engine work (starts, steps, closes) + skipped idle gaps",
         "start_rule": "a start that does not fit closes idle instances (least recently busy first), else waits",
         "trace": trace_stats(trace), "popularity": {k: round(v, 4) for k, v in popularity.items()},
-        "models": [{"name": m.name, "arch": m.arch, "bytes": sum(setup.keys[m.name].values()), "base": m.base,
+        "models": [{"name": m.name, "arch": m.architecture, "bytes": sum(setup.keys[m.name].values()), "base": m.base,
                     "changed_layers": list(m.changed), "kv_bytes_per_token": m.kv_bytes_per_token(),
                     "context": m.context} for m in models],
         "throughput": tp_info, "workdir": str(root),

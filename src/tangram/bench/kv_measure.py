@@ -33,9 +33,10 @@ import torch
 from rich.console import Console
 
 from tangram.bench.common import Column, StepProgress, fmt_bytes, fmt_num, median, print_summary, print_table
-from tangram.bench.kv_workload import KVModel, ModelPaths, Setup, aligned, kv_block_bytes
+from tangram.bench.kv_workload import ModelPaths, Setup, aligned, kv_block_bytes
 from tangram.engine import EngineConfig, Instance, SamplingParams
 from tangram.pool import DevicePool
+from tangram.workload import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,13 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(prev)
 
 
-def warm_up(models: list[KVModel], paths: dict[str, ModelPaths], setup: Setup, block_tokens: int) -> None:
+def warm_up(models: list[ModelSpec], paths: dict[str, ModelPaths], setup: Setup, block_tokens: int) -> None:
     """Start each architecture once and generate a few tokens (first-forward costs are paid here, untimed)."""
     seen: set[str] = set()
     for m in models:
-        if m.arch in seen:
+        if m.architecture in seen:
             continue
-        seen.add(m.arch)
+        seen.add(m.architecture)
         pool = DevicePool(sum(setup.keys[m.name].values()) + 64 * kv_block_bytes(m, block_tokens), "cpu")
         with Instance(paths[m.name].ckpt, pool, EngineConfig(block_tokens=block_tokens, max_batch=2),
                       name=f"warm-{m.name}") as inst:
@@ -81,7 +82,7 @@ def _hf_model(paths: ModelPaths):
     return model
 
 
-def measure_throughput(m: KVModel, paths: ModelPaths, setup: Setup, *, batch: int, prompt: int, new_tokens: int,
+def measure_throughput(m: ModelSpec, paths: ModelPaths, setup: Setup, *, batch: int, prompt: int, new_tokens: int,
                        repeats: int, seed: int, block_tokens: int,
                        bar: StepProgress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows (one per engine) and facts (model, outputs equal) of the equal-batch throughput measurement."""
@@ -155,7 +156,7 @@ def measure_throughput(m: KVModel, paths: ModelPaths, setup: Setup, *, batch: in
             inst.close()
 
 
-def measure_concurrency(m: KVModel, paths: ModelPaths, setup: Setup, *, prompt: int, new_tokens: int,
+def measure_concurrency(m: ModelSpec, paths: ModelPaths, setup: Setup, *, prompt: int, new_tokens: int,
                         block_tokens: int, bar: StepProgress) -> list[dict[str, Any]]:
     """Rows (one per mode): the peak number of sequences of prompt + new_tokens tokens running at once."""
     seq = prompt + new_tokens

@@ -9,8 +9,8 @@ Checkpoints are cached under a directory keyed by a hash of the specs.
 
 The trace is pure and seeded: gamma inter-arrival times with a high
 coefficient of variation (bursts and long quiet gaps), Zipf-skewed model
-choice over a seeded ranking, and per request a prompt of random token ids
-and a max_tokens, both drawn from ranges.
+choice over a seeded ranking (both `tangram.workload`'s), and per request a
+prompt of random token ids and a max_tokens, both drawn from ranges.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from tangram.store import convert, read_index
+from tangram.store import Checkpoint, convert, read_index
+from tangram.workload import ModelSpec, family, gamma_gaps, trace_stats as arrival_stats, transformer, zipf_popularity
 
 log = logging.getLogger(__name__)
 
@@ -39,62 +40,14 @@ WORKLOAD_VERSION = 1  # bump when the contents or layout of generated checkpoint
 DONE = "done.json"
 
 
-@dataclass(frozen=True)
-class KVModel:
-    """One model: a transformers architecture with small sizes; a variant (`base` set) re-draws `changed` layers."""
-
-    name: str
-    arch: str  # "qwen2" or "llama"
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    context: int  # max_position_embeddings: what a reserve-mode engine reserves per sequence
-    seed: int
-    base: str | None = None
-    changed: tuple[int, ...] = ()
-
-    def config(self):
-        """The transformers config (fp32 weights, tied embeddings for Qwen2, untied for Llama)."""
-        from transformers import LlamaConfig, Qwen2Config
-
-        common = dict(vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
-                      num_hidden_layers=self.layers, num_attention_heads=self.heads,
-                      num_key_value_heads=self.kv_heads, max_position_embeddings=self.context,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-        if self.arch == "qwen2":
-            return Qwen2Config(tie_word_embeddings=True, **common)
-        if self.arch == "llama":
-            return LlamaConfig(tie_word_embeddings=False, **common)
-        raise ValueError(f"unknown architecture {self.arch!r}")
-
-    def kv_bytes_per_token(self) -> int:
-        """fp32 KV bytes of one token across all layers (keys and values)."""
-        return self.layers * 2 * self.kv_heads * (self.hidden // self.heads) * 4
-
-
-def _family(base: KVModel, variants: dict[str, tuple[int, ...]]) -> list[KVModel]:
-    out = [base]
-    for i, (name, changed) in enumerate(variants.items()):
-        out.append(KVModel(**{**asdict(base), "name": name, "seed": base.seed + 100 + i, "base": base.name,
-                              "changed": changed}))
-    return out
-
-
-def make_models(size: str = "quick") -> list[KVModel]:
-    """The models of a run: "quick" / "full" (about 3-14 MB each) or "small" (tens of kB, for tests)."""
-    if size == "small":
-        base = KVModel("qwen-base", "qwen2", 64, 128, 2, 4, 2, 512, 512, seed=11)
-        return [*_family(base, {"qwen-chat": (1,)}),
-                KVModel("llama-solo", "llama", 64, 96, 2, 4, 2, 512, 512, seed=12)]
+def make_models(size: str = "quick") -> list[ModelSpec]:
+    """The models of a run ("quick" and "full" share them: about 3-14 MB each, fp32)."""
     if size not in ("quick", "full"):
         raise ValueError(f"unknown size {size!r}")
-    base = KVModel("qwen-base", "qwen2", 256, 768, 4, 8, 2, 2048, 1024, seed=1)
-    return [*_family(base, {"qwen-chat": (3,), "qwen-code": (2, 3)}),
-            KVModel("llama-solo", "llama", 256, 640, 4, 8, 2, 2048, 1024, seed=2),
-            KVModel("llama-mini", "llama", 128, 384, 2, 4, 2, 2048, 1024, seed=3)]
+    base = transformer("qwen-base", "qwen2", 256, 768, 4, 8, 2, 2048, 1024, seed=1)
+    return [*family(base, {"qwen-chat": (3,), "qwen-code": (2, 3)}),
+            transformer("llama-solo", "llama", 256, 640, 4, 8, 2, 2048, 1024, seed=2),
+            transformer("llama-mini", "llama", 128, 384, 2, 4, 2, 2048, 1024, seed=3)]
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -114,13 +67,13 @@ def _save_tokenizer(directory: Path, vocab_size: int) -> None:
     fast.save_pretrained(directory)
 
 
-def build_model(m: KVModel, by_name: dict[str, KVModel]):
-    """The fp32 transformers model of `m`: its base's weights with the `changed` layers re-drawn (seeded)."""
+def build_model(m: ModelSpec, by_name: dict[str, ModelSpec]):
+    """The transformers model of `m`: its base's weights with the `changed` layers re-drawn (seeded)."""
     from transformers import AutoModelForCausalLM
 
     base = by_name[m.base] if m.base is not None else m
     torch.manual_seed(base.seed)
-    model = AutoModelForCausalLM.from_config(base.config(), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(base.transformers_config(), dtype=base.torch_dtype).eval()
     if m.base is not None:
         gen = torch.Generator().manual_seed(m.seed)
         with torch.no_grad():
@@ -132,7 +85,7 @@ def build_model(m: KVModel, by_name: dict[str, KVModel]):
     return model
 
 
-def spec_hash(models: list[KVModel]) -> str:
+def spec_hash(models: list[ModelSpec]) -> str:
     """A short hash of the model specs, the generator version and torch's (the cache key; init is torch's)."""
     text = json.dumps({"version": WORKLOAD_VERSION, "torch": torch.__version__,
                        "models": [asdict(m) for m in models]}, sort_keys=True)
@@ -147,7 +100,7 @@ class ModelPaths:
     ckpt: Path
 
 
-def ensure_models(models: list[KVModel], root: Path,
+def ensure_models(models: list[ModelSpec], root: Path,
                   step: Callable[[str], None] | None = None) -> dict[str, ModelPaths]:
     """Write every model (HF directory + Tangram checkpoint) under `root/<spec hash>/<name>` unless there."""
     by_name = {m.name: m for m in models}
@@ -209,28 +162,11 @@ class TraceSpec:
     max_tokens: tuple[int, int] = (4, 24)
 
 
-def gamma_gaps(rng: random.Random, n: int, mean: float, cv: float) -> list[float]:
-    """`n` gamma-distributed gaps with mean `mean` and coefficient of variation `cv` (shape 1/cv^2)."""
-    shape = 1.0 / (cv * cv)
-    return [rng.gammavariate(shape, mean / shape) for _ in range(n)]
-
-
-def coefficient_of_variation(values: list[float]) -> float:
-    """Sample standard deviation over mean (0 when undefined)."""
-    if len(values) < 2:
-        return 0.0
-    mean = statistics.fmean(values)
-    return statistics.stdev(values) / mean if mean > 0 else 0.0
-
-
-def make_trace(models: list[KVModel], spec: TraceSpec, seed: int) -> tuple[list[TraceRequest], dict[str, float]]:
+def make_trace(models: list[ModelSpec], spec: TraceSpec, seed: int) -> tuple[list[TraceRequest], dict[str, float]]:
     """A seeded trace over `models` and the popularity (Zipf over a seeded ranking) it was drawn with."""
     rng = random.Random(seed * 1_000_003 + 7)
-    ranked = [m.name for m in models]
-    rng.shuffle(ranked)
-    weights = [1.0 / (r + 1) ** spec.zipf_s for r in range(len(ranked))]
-    total = sum(weights)
-    popularity = {n: w / total for n, w in zip(ranked, weights)}
+    popularity = zipf_popularity([m.name for m in models], spec.zipf_s, rng)
+    ranked, weights = list(popularity), list(popularity.values())
     vocab = {m.name: m.vocab for m in models}
     t = 0.0
     trace: list[TraceRequest] = []
@@ -244,16 +180,8 @@ def make_trace(models: list[KVModel], spec: TraceSpec, seed: int) -> tuple[list[
 
 
 def trace_stats(trace: list[TraceRequest]) -> dict[str, float]:
-    """Gap CV, duration and request mix of a trace (for the result's config)."""
-    times = [r.t for r in trace]
-    gaps = [b - a for a, b in zip([0.0, *times[:-1]], times)]
-    per_model: dict[str, int] = {}
-    for r in trace:
-        per_model[r.model] = per_model.get(r.model, 0) + 1
-    return {"requests": len(trace), "duration_s": round(times[-1], 3) if times else 0.0,
-            "gap_cv": round(coefficient_of_variation(gaps), 3),
-            "mean_gap_s": round(statistics.fmean(gaps), 4) if gaps else 0.0,
-            "per_model": dict(sorted(per_model.items(), key=lambda kv: -kv[1])),
+    """Gap CV, duration and request mix (`tangram.workload.trace_stats`) plus request sizes (the result's config)."""
+    return {**arrival_stats([r.t for r in trace], [r.model for r in trace]),
             "prompt_tokens_mean": round(statistics.fmean(len(r.prompt) for r in trace), 1) if trace else 0.0,
             "max_tokens_mean": round(statistics.fmean(r.max_tokens for r in trace), 1) if trace else 0.0}
 
@@ -263,7 +191,7 @@ def aligned(nbytes: int, alignment: int = 4096) -> int:
     return max(1, math.ceil(nbytes / alignment)) * alignment
 
 
-def kv_block_bytes(m: KVModel, block_tokens: int) -> int:
+def kv_block_bytes(m: ModelSpec, block_tokens: int) -> int:
     """Pool bytes of one fp32 KV block of `m` (all layers, keys and values, `block_tokens` tokens)."""
     return aligned(block_tokens * m.kv_bytes_per_token())
 
@@ -279,15 +207,13 @@ class Setup:
     files: dict[str, list[Path]]  # model -> its data files (dropped from the page cache before a start)
 
 
-def make_setup(models: list[KVModel], paths: dict[str, ModelPaths], *, max_batch: int, block_tokens: int,
+def make_setup(models: list[ModelSpec], paths: dict[str, ModelPaths], *, max_batch: int, block_tokens: int,
                headroom: float = 0.5) -> Setup:
     """Capacity = unique weight bytes + `headroom` x the largest reservation (at least one reserve instance fits).
 
     So all the weights do not fit beside a reserve-mode reservation, while ElasticKV's
     actual KV (a few MB) leaves them all retained.
     """
-    from tangram.bench.pool_workload import data_files
-
     keys: dict[str, dict[str, int]] = {}
     unique: dict[str, int] = {}
     for m in models:
@@ -298,7 +224,7 @@ def make_setup(models: list[KVModel], paths: dict[str, ModelPaths], *, max_batch
                for m in models}
     capacity = aligned(int(sum(unique.values()) + headroom * max(reserve.values())))
     capacity = max(capacity, max(sum(keys[m.name].values()) + reserve[m.name] for m in models) + 16 * 4096)
-    files = {m.name: data_files(paths[m.name].ckpt) for m in models}
+    files = {m.name: Checkpoint(paths[m.name].ckpt).data_files() for m in models}
     return Setup(capacity, sum(unique.values()), keys, reserve, files)
 
 

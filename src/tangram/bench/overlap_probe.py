@@ -18,10 +18,9 @@ import threading
 import time
 from pathlib import Path
 
-from tangram.bench.pool_workload import data_files
 from tangram.engine import EngineConfig, Instance
 from tangram.pool import DevicePool
-from tangram.store import Loader, read_index
+from tangram.store import Checkpoint, Loader, read_index
 from tangram.store.io import evict_from_page_cache
 
 
@@ -50,7 +49,7 @@ def probe_overlap(ckpt: Path, prompt: list[int], repeats: int = 3, device: str =
         def cold_load() -> tuple[float, threading.Thread]:
             """An empty pool (every byte from disk), the page cache dropped; then the load starts on a thread."""
             pool = DevicePool(int(size * 1.1) + (16 << 20), device, loader=Loader())
-            for f in data_files(ckpt):
+            for f in Checkpoint(ckpt).data_files():
                 evict_from_page_cache(f)
             t0 = time.perf_counter()
             thread = threading.Thread(target=lambda: pool.release(pool.acquire(ckpt, model="probe")), daemon=True)

@@ -45,10 +45,10 @@ from tangram.bench.common import (
     step_progress,
     write_result,
 )
+from tangram.bench.pool_workload import Workload, ensure_models, make_workload, unique_entries
 from tangram.paths import data_dir
 from tangram.pool import DevicePool, PoolFullError
-from tangram.bench.pool_workload import Workload, data_files, ensure_models, make_workload, unique_entries
-from tangram.store import Loader
+from tangram.store import Checkpoint, Loader
 from tangram.store.io import evict_from_page_cache
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class Replayer:
         self.clock = _Clock()
         self.pool = DevicePool(workload.capacity, "cpu", policy=policy, loader=Loader(),
                                half_life_s=workload.half_life_s, clock=self.clock)
-        self.files = {name: data_files(p) for name, p in paths.items()}
+        self.files = {name: Checkpoint(p).data_files() for name, p in paths.items()}
         self.active: list[tuple[float, int, Any]] = []  # heap of (release time, seq, binding)
         self.load_s = 0.0
         self.loaded = self.reused = self.hits = self.waits = self.acquires = 0
@@ -164,6 +164,39 @@ def replay(workload: Workload, paths: dict[str, Path], policies: tuple[str, ...]
     return {pl.policy: pl.finish() for pl in players}
 
 
+def summarize(per_rep: dict[str, list[dict[str, Any]]], sibling_checks: list[dict[str, Any]]
+              ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One row per policy (counts from the first repeat, median load seconds over repeats) and the summary.
+
+    `per_rep[policy]`: each repeat's `Replayer.finish()` totals (every policy of POLICIES); `sibling_checks`:
+    the `check_sibling_after_base` results.
+    """
+    rows: list[dict[str, Any]] = []
+    for policy in POLICIES:
+        runs = per_rep[policy]
+        row = dict(runs[0])
+        row["load_seconds"] = median([r["load_seconds"] for r in runs])
+        row["load_seconds_runs"] = [round(r["load_seconds"], 4) for r in runs]
+        row["hit_ratio"] = row["hits"] / row["acquires"] if row["acquires"] else None
+        row["load_gbps"] = row["bytes_loaded"] / row["load_seconds"] / 1e9 if row["load_seconds"] else None
+        row["deterministic"] = all(r["bytes_loaded"] == row["bytes_loaded"] for r in runs)
+        rows.append(row)
+    by = {r["policy"]: r for r in rows}
+    for r in rows:  # paired per repeat (the policies ran interleaved), and the deterministic bytes ratio
+        r["lru_over_this_runs"] = [round(a["load_seconds"] / b["load_seconds"], 3)
+                                   for a, b in zip(per_rep["lru"], per_rep[r["policy"]]) if b["load_seconds"] > 0]
+        r["lru_bytes_over_this"] = ratio(by["lru"]["bytes_loaded"], r["bytes_loaded"])
+    family_shared = sum(c["shared_bytes"] for c in sibling_checks)
+    summary: dict[str, Any] = {
+        "load_seconds": {p: round(by[p]["load_seconds"], 4) for p in POLICIES},
+        "bytes_loaded": {p: by[p]["bytes_loaded"] for p in POLICIES},
+        "speedup_vs_lru": ratio(by["lru"]["load_seconds"], by["tangram"]["load_seconds"]),
+        "family_shared_bytes": family_shared,
+        "fragmentation_end": {p: round(by[p]["fragmentation_end"], 4) for p in POLICIES},
+    }
+    return rows, summary
+
+
 # --------------------------------------------------------------------------- the benchmark
 
 QUICK = {"scale": 1.0, "events": 200, "repeats": 5}
@@ -212,7 +245,7 @@ def run_pool_bench(
         bar.describe("checkpoints")
         paths = ensure_models(workload.models, root, step=lambda n: bar.describe(f"writing {n}"))
         bar.advance(len(workload.models))
-        biggest = max((f for p in paths.values() for f in data_files(p)), key=lambda f: f.stat().st_size)
+        biggest = max((f for p in paths.values() for f in Checkpoint(p).data_files()), key=lambda f: f.stat().st_size)
         read_config = Loader().config(biggest)  # measure the read method now, not inside the first acquire
         sibling_checks = []
         for base, variants in workload.families().items():
@@ -225,35 +258,13 @@ def run_pool_bench(
             for policy, totals in replay(workload, paths, POLICIES, rotate=rep).items():
                 per_rep[policy].append(totals)
             bar.advance()
-    rows: list[dict[str, Any]] = []
-    for policy in POLICIES:
-        runs = per_rep[policy]
-        row = dict(runs[0])
-        row["load_seconds"] = median([r["load_seconds"] for r in runs])
-        row["load_seconds_runs"] = [round(r["load_seconds"], 4) for r in runs]
-        row["hit_ratio"] = row["hits"] / row["acquires"] if row["acquires"] else None
-        row["load_gbps"] = row["bytes_loaded"] / row["load_seconds"] / 1e9 if row["load_seconds"] else None
-        row["deterministic"] = all(r["bytes_loaded"] == row["bytes_loaded"] for r in runs)
-        rows.append(row)
-    by = {r["policy"]: r for r in rows}
-    for r in rows:  # paired per repeat (the policies ran interleaved), and the deterministic bytes ratio
-        r["lru_over_this_runs"] = [round(a["load_seconds"] / b["load_seconds"], 3)
-                                   for a, b in zip(per_rep["lru"], per_rep[r["policy"]]) if b["load_seconds"] > 0]
-        r["lru_bytes_over_this"] = ratio(by["lru"]["bytes_loaded"], r["bytes_loaded"])
-    family_shared = sum(c["shared_bytes"] for c in sibling_checks)
-    summary: dict[str, Any] = {
-        "load_seconds": {p: round(by[p]["load_seconds"], 4) for p in POLICIES},
-        "bytes_loaded": {p: by[p]["bytes_loaded"] for p in POLICIES},
-        "speedup_vs_lru": ratio(by["lru"]["load_seconds"], by["tangram"]["load_seconds"]),
-        "family_shared_bytes": family_shared,
-        "fragmentation_end": {p: round(by[p]["fragmentation_end"], 4) for p in POLICIES},
-    }
+    rows, summary = summarize(per_rep, sibling_checks)
     unique: dict[str, int] = {}
     for p in paths.values():
         unique.update(unique_entries(p))
     config: dict[str, Any] = {
         "mode": "quick" if quick else "full", "seed": seed, "scale": scale, "events": n_events, "repeats": n_rep,
-        "capacity_bytes": workload.capacity, "models_bytes": sum(m.nbytes for m in workload.models),
+        "capacity_bytes": workload.capacity, "models_bytes": sum(m.raw_nbytes for m in workload.models),
         "unique_bytes": sum(unique.values()), "max_active": workload.max_active,
         "half_life_s": workload.half_life_s, "clock": "trace time (simulated) for retention decay; wall time for loads",
         "reads": "cold: the acquired model's data files dropped from the page cache before each acquire (untimed)",
@@ -261,7 +272,7 @@ def run_pool_bench(
                         "chunk_bytes": read_config.chunk_bytes},
         "trace": "Poisson arrivals (mean gap 1 s), Zipf(1.1) popularity, exponential hold (mean 1.5 s)",
         "load_seconds": "median over repeats of the summed wall time of every acquire",
-        "models": [{"name": m.name, "bytes": m.nbytes, "base": m.base, "changed_layers": list(m.changed),
+        "models": [{"name": m.name, "bytes": m.raw_nbytes, "base": m.base, "changed_layers": list(m.changed),
                     "popularity": round(workload.popularity.get(m.name, 0.0), 4)} for m in workload.models],
         "sibling_checks": sibling_checks, "workdir": str(root),
     }

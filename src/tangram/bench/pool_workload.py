@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tangram.store import Checkpoint, read_index, save
+from tangram.store import read_index, save
+from tangram.workload import ModelSpec, raw_model, zipf_popularity
 
 MB = 1 << 20
 ROW_BYTES = 2048  # bytes of one row of a synthetic tensor: fp16 x 1024 columns
@@ -26,41 +27,10 @@ WORKLOAD_VERSION = 1  # bump when the contents or layout of generated checkpoint
 
 
 @dataclass(frozen=True)
-class SynthModel:
-    """One synthetic checkpoint: an embedding and `layers` x (attn, mlp) fp16 tensors of random bytes.
-
-    A variant (`base` set) has the same shapes and bytes as its base except the
-    layers in `changed`, whose tensors get new random contents.
-    """
-
-    name: str
-    embed_bytes: int
-    attn_bytes: int
-    mlp_bytes: int
-    layers: int
-    seed: int
-    base: str | None = None
-    changed: tuple[int, ...] = ()
-
-    def tensor_layout(self) -> list[tuple[str, int, int]]:
-        """(name, nbytes, layer or -1) of every tensor."""
-        out = [("model.embed_tokens.weight", self.embed_bytes, -1)]
-        for i in range(self.layers):
-            out.append((f"model.layers.{i}.self_attn.weight", self.attn_bytes, i))
-            out.append((f"model.layers.{i}.mlp.weight", self.mlp_bytes, i))
-        return out
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the model."""
-        return self.embed_bytes + self.layers * (self.attn_bytes + self.mlp_bytes)
-
-
-@dataclass(frozen=True)
 class Workload:
     """The models, the pool capacity and the trace of one benchmark run."""
 
-    models: list[SynthModel]
+    models: list[ModelSpec]  # RAW models: an embedding and per layer an attention and an MLP fp16 tensor
     capacity: int
     trace: list[tuple[float, str, float]]  # (arrival time, model, hold seconds), trace time
     max_active: int
@@ -81,26 +51,25 @@ def _scaled(mb: float, scale: float) -> int:
     return max(1, round(mb * scale * MB / ROW_BYTES)) * ROW_BYTES
 
 
-def make_models(scale: float, seed: int = 0) -> list[SynthModel]:
+def make_models(scale: float, seed: int = 0) -> list[ModelSpec]:
     """Two families (base + 3 variants differing in 1-2 layers) and six unrelated models; sizes times `scale`."""
     rng = random.Random(seed * 7919 + 17)
-    models: list[SynthModel] = []
+    models: list[ModelSpec] = []
     seeds = iter(range(seed * 1000 + 1, seed * 1000 + 1000))
     families = [("fam-a", 4.0, 1.0, 2.0, 8), ("fam-b", 2.0, 1.0, 2.0, 6)]  # name, embed, attn, mlp MiB, layers
     for fam, emb, attn, mlp, layers in families:
-        base = SynthModel(f"{fam}-base", _scaled(emb, scale), _scaled(attn, scale), _scaled(mlp, scale), layers,
-                          next(seeds))
+        base = raw_model(f"{fam}-base", _scaled(emb, scale), _scaled(attn, scale), _scaled(mlp, scale), layers,
+                         seed=next(seeds))
         models.append(base)
         for v in range(1, 4):
             k = rng.choice((1, 2))
             changed = tuple(sorted(rng.sample(range(layers), k)))
-            models.append(SynthModel(f"{fam}-v{v}", base.embed_bytes, base.attn_bytes, base.mlp_bytes, layers,
-                                     next(seeds), base=base.name, changed=changed))
+            models.append(replace(base, name=f"{fam}-v{v}", seed=next(seeds), base=base.name, changed=changed))
     for i, total_mb in enumerate((8, 12, 16, 20, 24, 32)):  # unrelated: embed + 4 layers
         layers = 4
         per_layer = total_mb * 0.8 / layers
-        models.append(SynthModel(f"solo-{total_mb}m", _scaled(total_mb * 0.2, scale), _scaled(per_layer / 3, scale),
-                                 _scaled(per_layer * 2 / 3, scale), layers, next(seeds)))
+        models.append(raw_model(f"solo-{total_mb}m", _scaled(total_mb * 0.2, scale), _scaled(per_layer / 3, scale),
+                                _scaled(per_layer * 2 / 3, scale), layers, seed=next(seeds)))
     return models
 
 
@@ -110,11 +79,8 @@ def make_trace(
 ) -> tuple[list[tuple[float, str, float]], dict[str, float]]:
     """A seeded trace: Poisson arrivals, Zipf popularity over a seeded ranking of `names`, exponential holds."""
     rng = random.Random(seed)
-    ranked = list(names)
-    rng.shuffle(ranked)
-    weights = [1.0 / (r + 1) ** zipf_s for r in range(len(ranked))]
-    total = sum(weights)
-    popularity = {n: w / total for n, w in zip(ranked, weights)}
+    popularity = zipf_popularity(names, zipf_s, rng)
+    ranked, weights = list(popularity), list(popularity.values())
     t = 0.0
     trace: list[tuple[float, str, float]] = []
     for _ in range(n_events):
@@ -129,7 +95,7 @@ def make_workload(*, scale: float, n_events: int, seed: int, capacity_fraction: 
     """Models, pool capacity (`capacity_fraction` of the sum of the model sizes) and trace."""
     models = make_models(scale, seed)
     trace, popularity = make_trace([m.name for m in models], n_events, seed)
-    capacity = int(capacity_fraction * sum(m.nbytes for m in models))
+    capacity = int(capacity_fraction * sum(m.raw_nbytes for m in models))
     return Workload(models, capacity, trace, max_active, half_life_s, popularity)
 
 
@@ -139,17 +105,17 @@ def _tensor_bytes(nbytes: int, seed: int) -> torch.Tensor:
     return raw.view(torch.float16).view(nbytes // ROW_BYTES, ROW_BYTES // 2)
 
 
-def model_state(model: SynthModel, by_name: dict[str, SynthModel]) -> dict[str, torch.Tensor]:
+def model_state(model: ModelSpec, by_name: dict[str, ModelSpec]) -> dict[str, torch.Tensor]:
     """Contents of `model`: its base's bytes except the changed layers (each tensor seeded by its position)."""
     base = by_name[model.base] if model.base is not None else model
     state: dict[str, torch.Tensor] = {}
-    for j, (name, nbytes, layer) in enumerate(model.tensor_layout()):
+    for j, (name, nbytes, layer) in enumerate(model.raw_layout()):
         own = model.base is not None and layer in model.changed
         state[name] = _tensor_bytes(nbytes, (model.seed if own else base.seed) * 100_003 + j)
     return state
 
 
-def ensure_models(models: list[SynthModel], root: Path, step: Any = None) -> dict[str, Path]:
+def ensure_models(models: list[ModelSpec], root: Path, step: Any = None) -> dict[str, Path]:
     """Write every model's checkpoint under `root/<name>` unless an identical one is there; name -> path."""
     by_name = {m.name: m for m in models}
     out: dict[str, Path] = {}
@@ -181,8 +147,3 @@ def unique_entries(path: Path) -> dict[str, int]:
     for entry in read_index(path).tensors.values():
         out.setdefault(entry.key, entry.nbytes)
     return out
-
-
-def data_files(path: Path) -> list[Path]:
-    ckpt = Checkpoint(path)
-    return [ckpt.file_path(i) for i in range(len(ckpt.index.files))]

@@ -7,8 +7,12 @@
    retaining device pools (Partitioned-Gain Packing) and node DRAM caches, so
    the comparison isolates placement (ServerlessLLM gets retention for free: a
    stronger baseline than the real system, which retains nothing on devices).
-   Tier bandwidths come from a `bench load` result (Tangram's cold and DRAM
-   GB/s), else from the loader probe / a short measurement.
+   Tier bandwidths (the calibration) come from a `bench load` result given as
+   `calibration` (`--calibration PATH`: Tangram's cold and DRAM GB/s, median
+   over its models), from a measurement at start (`--calibration measure`:
+   the loader probe), or by default from the built-in `DEFAULT_CALIBRATION`
+   (docs/results/load-cpu-full.json's figures, so an installed package needs
+   no docs/ directory).
 2. Decisions per second at 10,000 devices: a 10,000-device cluster is brought
    to a realistic state by replaying a warm-up trace, then the indexed
    scheduler decides for models drawn by popularity (time per `decide` only).
@@ -38,7 +42,11 @@ from tangram.sim.workload import trace_facts
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOAD_JSON = Path(__file__).resolve().parents[3] / "docs" / "results" / "load-cpu-full.json"
+# Tangram's cold (disk) and DRAM-hit loader bandwidths, median over the models of docs/results/load-cpu-full.json
+# (`bench load`, 2026-11-23): the calibration when none is given (a test checks the two agree).
+DEFAULT_CALIBRATION = Bandwidths(dram=8628353252.988083, disk=3105514215.584249)
+DEFAULT_CALIBRATION_SOURCE = "built in: docs/results/load-cpu-full.json (bench load, 2026-11-23)"
+MEASURE = "measure"  # calibration measured at start (loader probe) instead of read from a result
 
 
 @dataclass(frozen=True)
@@ -81,13 +89,19 @@ def bandwidths_from_load(path: Path) -> Bandwidths | None:
     return Bandwidths(dram=mid["dram"], disk=mid["cold"])
 
 
-def _bandwidths(load_json: Path | None) -> tuple[Bandwidths, str]:
-    path = load_json or DEFAULT_LOAD_JSON
-    bw = bandwidths_from_load(path)
-    if bw is not None:
-        return bw, f"bench load: {path}"
-    est = BandwidthEstimator.at_start()
-    return est.bandwidths, f"measured at start ({est.dram.source}, {est.disk.source})"
+def calibration_bandwidths(calibration: Path | str | None) -> tuple[Bandwidths, str]:
+    """The tier bandwidths of a run and where they came from: None -> `DEFAULT_CALIBRATION`, "measure" -> the
+    loader probe now, else a `bench load` result file (ValueError when it has no Tangram cold and DRAM rows)."""
+    if calibration is None:
+        return DEFAULT_CALIBRATION, DEFAULT_CALIBRATION_SOURCE
+    if str(calibration) == MEASURE:
+        est = BandwidthEstimator.at_start()
+        return est.bandwidths, f"measured at start ({est.dram.source}, {est.disk.source})"
+    bw = bandwidths_from_load(Path(calibration))
+    if bw is None:
+        raise ValueError(f"calibration {calibration}: not a readable `bench load` result with Tangram loader rows "
+                         "in the cold and dram states")
+    return bw, f"bench load: {calibration}"
 
 
 def measure_decisions(sizes: SimSizes, bw: Bandwidths, seed: int) -> list[dict[str, Any]]:
@@ -122,18 +136,18 @@ def measure_decisions(sizes: SimSizes, bw: Bandwidths, seed: int) -> list[dict[s
 
 
 def run_sim_bench(*, quick: bool, json_path: Path | None, seed: int, console: Console | None = None,
-                  sizes: SimSizes | None = None, load_json: Path | None = None, workdir: Path | None = None,
-                  progress: bool = True) -> dict[str, Any]:
+                  sizes: SimSizes | None = None, calibration: Path | str | None = None,
+                  workdir: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Run `bench sim`, print its tables and summary, write the JSON when `json_path` is given, return it.
 
-    `sizes` overrides the quick / full sizes (tests); `load_json` is the `bench load` result to take
-    bandwidths from (default docs/results/load-cpu-full.json when present); `workdir` caches the real
-    run's checkpoints (default: bench kv's cache).
+    `sizes` overrides the quick / full sizes (tests); `calibration` is where the tier bandwidths come from
+    (`calibration_bandwidths`: a `bench load` result, "measure", or None for the built-in default); `workdir`
+    caches the real run's checkpoints (default: bench kv's cache).
     """
     console = console or Console()
     p = sizes or (QUICK if quick else FULL)
     t_start = time.perf_counter()
-    bw, bw_source = _bandwidths(load_json)
+    bw, bw_source = calibration_bandwidths(calibration)
     mix = ModelMix(n_models=p.models)
     models = make_models(mix, seed)
     shape = TraceShape(p.requests, mean_gap_s=p.mean_gap_s, cv=p.cv)
@@ -165,7 +179,7 @@ def run_sim_bench(*, quick: bool, json_path: Path | None, seed: int, console: Co
             rows += real["rows"]
             phases["real"] = time.perf_counter() - t0
         bar.advance()
-    summary = _summary(rows, real)
+    summary = summarize(rows, real)
     config = {"mode": "custom" if sizes else "quick" if quick else "full", "seed": seed,
               "sizes": {k: v for k, v in asdict(replace(p, real=None)).items() if k != "real"},
               "real": asdict(p.real) if p.real else None, "bandwidths": asdict(bw), "bandwidth_source": bw_source,
@@ -186,7 +200,8 @@ def run_sim_bench(*, quick: bool, json_path: Path | None, seed: int, console: Co
     return doc
 
 
-def _summary(rows: list[dict[str, Any]], real: dict[str, Any] | None) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], real: dict[str, Any] | None) -> dict[str, Any]:
+    """The summary keys from the cluster and decision rows and the real comparison (None when not run)."""
     cl = {r["policy"]: r for r in rows if r["section"] == "cluster"}
     dec = {r["policy"]: r for r in rows if r["section"] == "decisions"}
     rnd = {k: {p: (round(cl[p][k], 4) if cl[p][k] is not None else None) for p in cl}

@@ -30,19 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from tangram.bench.kv_measure import torch_threads
-from tangram.bench.kv_workload import (
-    KVModel, ModelPaths, TraceSpec, aligned, ensure_models, make_models, make_trace,
-)
-from tangram.bench.pool_workload import data_files
+from tangram.bench.kv_workload import ModelPaths, TraceSpec, aligned, ensure_models, make_models, make_trace
 from tangram.engine import EngineConfig, SamplingParams
 from tangram.pool import PoolFullError
 from tangram.scheduler import Bandwidths, BandwidthEstimator
 from tangram.scheduler.adapter import choose_worker
 from tangram.sim import ClusterSpec, SimCluster, SimModel
 from tangram.sim.replay import Instance, Request, Started, replay
-from tangram.store import read_index
+from tangram.store import Checkpoint, read_index
 from tangram.store.io import evict_from_page_cache
 from tangram.worker import Worker
+from tangram.workload import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +54,8 @@ CAL_TOKENS = (8, 32, 64)
 class RealSpec:
     """Sizes of the real run."""
 
-    size: str = "quick"  # bench kv model set: "quick" (3-14 MB models) or "small" (tests)
+    size: str = "quick"  # bench kv model set ("quick": 3-14 MB models)
+    models: tuple[ModelSpec, ...] = ()  # instead of the `size` set when given (tests run tiny ones)
     workers: int = 2
     requests: int = 24
     mean_gap_s: float = 1.0
@@ -92,7 +91,7 @@ class RealBackend:
 
     def start(self, model: str, device: int, now: float) -> Started | None:
         """A real start; its load refines the bandwidth estimate, as the controller would."""
-        for f in data_files(self.paths[model].ckpt):
+        for f in Checkpoint(self.paths[model].ckpt).data_files():
             evict_from_page_cache(f)
         try:
             replica = self.workers[device].start(model, self.paths[model].ckpt, ENGINE, time.perf_counter())
@@ -124,16 +123,16 @@ def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return max(0.0, my - b * mx), b
 
 
-def calibrate(models: list[KVModel], paths: dict[str, ModelPaths], capacity: int) -> dict[str, Any]:
+def calibrate(models: list[ModelSpec], paths: dict[str, ModelPaths], capacity: int) -> dict[str, Any]:
     """Durations of this machine, measured on a separate worker: bandwidths, overhead, init, prefill fits."""
     bw = BandwidthEstimator(alpha=0.5, min_bytes=1)
     worker = Worker(99, "cpu", capacity)
     overheads, inits, fits = [], [], {}
     for m in models:
-        for f in data_files(paths[m.name].ckpt):
+        for f in Checkpoint(paths[m.name].ckpt).data_files():
             evict_from_page_cache(f)
         for rep in range(2):  # the first start builds the skeleton (untimed warm-up) and loads cold
-            for f in data_files(paths[m.name].ckpt):
+            for f in Checkpoint(paths[m.name].ckpt).data_files():
                 evict_from_page_cache(f)
             replica = worker.start(m.name, paths[m.name].ckpt, ENGINE, time.perf_counter())
             cost, load = replica.instance.cost, replica.instance.binding.wait_loaded()
@@ -153,7 +152,7 @@ def calibrate(models: list[KVModel], paths: dict[str, ModelPaths], capacity: int
             "prefill": fits}
 
 
-def sim_models(models: list[KVModel], paths: dict[str, ModelPaths], prefill: dict[str, tuple[float, float]]
+def sim_models(models: list[ModelSpec], paths: dict[str, ModelPaths], prefill: dict[str, tuple[float, float]]
                ) -> list[SimModel]:
     """The real models as the simulator sees them: tensor identities and pool bytes, fitted prefill, no decode."""
     out = []
@@ -168,7 +167,7 @@ def sim_models(models: list[KVModel], paths: dict[str, ModelPaths], prefill: dic
 def run_real_comparison(spec: RealSpec, root: Path, seed: int, step=None) -> dict[str, Any]:
     """Replay one trace on real workers and in the simulator; p50 TTFT of both and the relative error."""
     with torch_threads(1):
-        models = make_models(spec.size)
+        models = list(spec.models) or make_models(spec.size)
         paths = ensure_models(models, root, step=step)
         smodels = sim_models(models, paths, {m.name: (0.0, 0.0) for m in models})
         unique: dict[str, int] = {}

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from tangram.store import read_index, save
+from tangram.workload import ModelSpec  # the one model description (re-exported: bench load names it here)
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +31,6 @@ GENERATOR_VERSION = 1  # bump when the contents or layout of generated files cha
 SEED = 20240611
 
 FORMATS = ("tangram", "safetensors", "torch", "tensorizer")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model shape: a transformers architecture and its config values."""
-
-    name: str
-    architecture: str  # transformers config class name, e.g. "Qwen2Config"
-    config: dict[str, Any]
-    dtype: str = "float16"
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        """The dtype every parameter is stored in."""
-        return getattr(torch, self.dtype)
 
 
 def _qwen2(name: str, hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int = 151936) -> ModelSpec:
@@ -94,10 +80,9 @@ class TensorSpec:
 
 def tensor_specs(spec: ModelSpec) -> list[TensorSpec]:
     """The state-dict tensors of `spec`, built on the meta device (tied parameters marked)."""
-    import transformers
     from transformers import AutoModelForCausalLM
 
-    config = getattr(transformers, spec.architecture)(**spec.config)
+    config = spec.transformers_config()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=spec.torch_dtype)
     first_name: dict[int, str] = {}

@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from tangram.defaults import RELOAD_BANDWIDTH
 from tangram.scheduler import Bandwidths, CostParams, Policy, Scheduler
 from tangram.sim.pool import SimPool, SimPoolFull
 from tangram.sim.replay import Instance, Started
@@ -34,6 +35,7 @@ class ClusterSpec:
     start_overhead_s: float = 0.0
     evict_weight: float = 0.5
     pool_policy: str = "tangram"
+    reload_bandwidth: float = RELOAD_BANDWIDTH  # what DevicePool prices evicted bytes at (tangram.defaults)
 
     @property
     def devices(self) -> int:
@@ -55,7 +57,8 @@ class SimCluster:
         nodes = [d // spec.devices_per_node for d in range(spec.devices)]
         self.node_of = nodes
         self.sched = Scheduler(nodes, CostParams(spec.bandwidths, spec.evict_weight), seed=seed)
-        self.pools = [SimPool(spec.device_bytes, policy=spec.pool_policy, reload_bandwidth=spec.bandwidths.disk)
+        # retention gains priced as a worker's DevicePool prices them (its default reload bandwidth)
+        self.pools = [SimPool(spec.device_bytes, policy=spec.pool_policy, reload_bandwidth=spec.reload_bandwidth)
                       for _ in range(spec.devices)]
         for d, pool in enumerate(self.pools):
             self.sched.set_device(d, free=pool.free, retained=0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 
+from tangram.defaults import RELOAD_BANDWIDTH
 from tangram.pool.policy import Extent, Policy, State, decayed_rate, eviction_order, find_window, retention_gain
 
 
@@ -39,7 +40,7 @@ class SimPool:
     """One simulated device pool of `capacity` bytes."""
 
     def __init__(self, capacity: int, *, policy: Policy | str = Policy.TANGRAM, half_life_s: float = 300.0,
-                 reload_bandwidth: float = 2e9) -> None:
+                 reload_bandwidth: float = RELOAD_BANDWIDTH) -> None:
         self.capacity = capacity
         self.policy = Policy(policy)
         self.half_life_s = half_life_s

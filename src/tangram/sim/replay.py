@@ -2,7 +2,8 @@
 
 Rules (the same whichever backend supplies the durations):
 - a request goes to a live instance of its model with fewer than
-  `max_concurrency` requests in flight (the least busy); otherwise a new
+  `max_concurrency` requests in flight (the least busy, by
+  `control.autoscale.pick_instance`, as the controller picks); otherwise a new
   instance starts on the device the backend places it on, and the request
   waits for it; when it fits nowhere the request waits until an instance stops;
 - a device runs one start at a time: a start begins when the device's previous
@@ -10,8 +11,10 @@ Rules (the same whichever backend supplies the durations):
 - an instance runs one prefill at a time: first token = max(arrival, ready,
   end of its previous prefill) + prefill seconds; the request then decodes for
   max_tokens x the model's per-token seconds;
-- an instance idle for `keep_alive_s` stops (weights stay retained in its pool).
+- an instance idle for `keep_alive_s` stops (weights stay retained in its pool;
+  `control.autoscale.should_scale_down` with no minimum, as the controller).
 TTFT = first token - arrival. Time is virtual: events in time order.
+Percentiles are `tangram.workload.percentile` (linear interpolation).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from tangram.control.autoscale import pick_instance, should_scale_down
 from tangram.sim.workload import Request
+from tangram.workload import percentile
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +85,7 @@ class ReplayResult:
 
     def summary(self) -> dict:
         """Percentiles of TTFT, start counts and bytes by tier."""
-        done = sorted(t for t in self.ttft if t is not None)
+        done = [t for t in self.ttft if t is not None]
         return {"requests": len(self.ttft), "served": len(done), "ttft_p50": percentile(done, 50),
                 "ttft_p95": percentile(done, 95), "ttft_p99": percentile(done, 99),
                 "ttft_mean": statistics.fmean(done) if done else None, "starts": len(self.starts),
@@ -89,16 +94,6 @@ class ReplayResult:
                 "bytes_from_dram": sum(s.bytes_dram for s in self.starts),
                 "bytes_reused": sum(s.bytes_reused for s in self.starts), "start_waits": self.waits,
                 "trace_seconds": self.end}
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """Linear-interpolated q-th percentile of already sorted values (None when empty)."""
-    if not sorted_values:
-        return None
-    pos = (len(sorted_values) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def replay(trace: list[Request], backend: Backend, *, keep_alive_s: float, max_concurrency: int,
@@ -140,8 +135,9 @@ def replay(trace: list[Request], backend: Backend, *, keep_alive_s: float, max_c
 
     def admit(i: int, now: float) -> bool:
         model = trace[i].model
-        open_ = [x for x in live.get(model, ()) if x.inflight < max_concurrency]
-        inst = min(open_, key=lambda x: (x.inflight, x.ready_at)) if open_ else start(model, now)
+        ready = sorted(live.get(model, ()), key=lambda x: x.ready_at)  # ties: the one ready first
+        k = pick_instance([x.inflight for x in ready], max_concurrency)
+        inst = ready[k] if k is not None else start(model, now)
         if inst is None:
             return False
         serve(inst, i, now)
@@ -164,8 +160,9 @@ def replay(trace: list[Request], backend: Backend, *, keep_alive_s: float, max_c
                 heapq.heappush(events, (now + keep_alive_s, next(seq), expire, inst))
         else:
             inst = obj  # type: ignore[assignment]
-            if inst.alive and inst.inflight == 0 and inst.idle_since is not None and \
-                    now - inst.idle_since >= keep_alive_s - 1e-9:
+            # the expiry event fires at idle_since + keep_alive_s: allow its rounding
+            if inst.alive and inst.inflight == 0 and should_scale_down(
+                    inst.idle_since, now, keep_alive_s - 1e-9, len(live[inst.model]), 0):
                 inst.alive = False
                 live[inst.model].remove(inst)
                 backend.stop(inst, now)

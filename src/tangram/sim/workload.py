@@ -6,7 +6,7 @@ decode time per token. A *family* is a base and variants that re-draw a few
 layers: every other tensor has the base's key, so a device pool holding the
 base holds most of each variant. Popularity is Zipf over a seeded ranking;
 arrivals are gamma distributed with a chosen coefficient of variation
-(bursts, then quiet gaps), as in `bench kv` (its generators are reused).
+(bursts, then quiet gaps); the generators are `tangram.workload`'s, shared with the benchmarks.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from tangram.bench.kv_workload import coefficient_of_variation, gamma_gaps
+from tangram.workload import gamma_gaps, trace_stats, zipf_popularity
 
 
 @dataclass(frozen=True)
@@ -113,15 +113,6 @@ class TraceShape:
     max_tokens: tuple[int, int] = (16, 256)
 
 
-def zipf_popularity(names: list[str], s: float, rng: random.Random) -> dict[str, float]:
-    """Zipf(s) probabilities over a seeded ranking of `names`."""
-    ranked = list(names)
-    rng.shuffle(ranked)
-    weights = [1.0 / (r + 1) ** s for r in range(len(ranked))]
-    total = sum(weights)
-    return {n: w / total for n, w in zip(ranked, weights)}
-
-
 def make_trace(models: list[SimModel], shape: TraceShape, seed: int) -> tuple[list[Request], dict[str, float]]:
     """A seeded trace and the popularity it was drawn with."""
     rng = random.Random(seed * 1_000_003 + 11)
@@ -135,13 +126,6 @@ def make_trace(models: list[SimModel], shape: TraceShape, seed: int) -> tuple[li
     return out, popularity
 
 
-def trace_facts(trace: list[Request]) -> dict[str, float]:
-    """Gap CV, duration and the share of the most requested model (for results)."""
-    times = [r.t for r in trace]
-    gaps = [b - a for a, b in zip([0.0, *times[:-1]], times)]
-    counts: dict[str, int] = {}
-    for r in trace:
-        counts[r.model] = counts.get(r.model, 0) + 1
-    return {"requests": len(trace), "duration_s": round(times[-1], 3) if times else 0.0,
-            "gap_cv": round(coefficient_of_variation(gaps), 3), "models_requested": len(counts),
-            "top_model_share": round(max(counts.values()) / len(trace), 4) if trace else 0.0}
+def trace_facts(trace: list[Request]) -> dict[str, object]:
+    """Gap CV, duration and request mix of a trace (for results): `tangram.workload.trace_stats`."""
+    return trace_stats([r.t for r in trace], [r.model for r in trace])

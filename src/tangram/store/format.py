@@ -194,5 +194,9 @@ class Checkpoint:
         """Path of data file number `file`."""
         return self.path / self.index.files[file].name
 
+    def data_files(self) -> list[Path]:
+        """Paths of every data file, in index order (what a cold read of the checkpoint touches)."""
+        return [self.file_path(i) for i in range(len(self.index.files))]
+
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, tensors={len(self.index.tensors)}, bytes={self.index.total_bytes})"
