@@ -126,3 +126,13 @@ def test_summary_verify_overhead_and_peers_exclude_tangram_rows():
     assert s["cold_vs_best_peer"] == 2.0  # the loader without its check is Tangram, not a peer
     assert abs(s["verify_overhead_cold"] - 0.25) < 1e-9 and abs(s["verify_overhead_warm"] - 0.1) < 1e-9
     assert bench_load.model_summary(rows[:1], "m")["verify_overhead_cold"] is None
+
+
+def test_memory_budget_is_stated(result: tuple[dict, Path, str]) -> None:
+    doc, _, console_text = result
+    budget = doc["config"]["memory_budget"]["tiny-qwen2"]
+    parts = ("target", "dram_tier", "pool", "raw_read_scratch", "page_cache_file", "peer_host_copy")
+    assert all(budget[k] > 0 for k in parts)
+    assert budget["total"] == sum(budget[k] for k in parts)
+    assert budget["machine"] > budget["total"]
+    assert "memory budget tiny-qwen2" in console_text

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 import traceback
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from tangram.bench.load_methods import Method, PoolMethod, TangramMethod, Target
 from tangram.bench.synthetic import MODELS, SyntheticCheckpoint, ensure_checkpoint
 from tangram.paths import data_dir
 from tangram.store import Checkpoint
+from tangram.store.format import align_up
 from tangram.store.io import evict_from_page_cache, odirect_supported, populate_page_cache
 
 log = logging.getLogger(__name__)
@@ -155,6 +157,8 @@ def _bench_model(
                     w.error = s.error
         bar.advance()
 
+    config.setdefault("memory_budget", {})[ckpt.name] = memory_budget(ckpt, target, scratch, nbytes)
+
     # Everything alive now (torch, the peers' modules) moves out of the collector's sight, so the
     # gc.collect() before each timed run costs microseconds instead of ~0.15 s.
     gc.collect()
@@ -180,6 +184,29 @@ def _bench_model(
         row.update(method="raw_read", variant=best.method.name)
         rows.append(row)
     return rows
+
+
+def memory_budget(ckpt: SyntheticCheckpoint, target: Target, scratch: torch.Tensor | None, nbytes: int) -> dict[str, int]:
+    """Bytes this model's runs hold at once: the buffers alive through every repeat, the page cache one warm
+    run needs (its largest file) and a peer's own host copy; against the machine's memory."""
+    budget = {
+        "target": target.buffer.numel(),
+        "dram_tier": nbytes + (64 << 20),
+        "pool": sum(align_up(e.nbytes, 4096) for e in Checkpoint(ckpt.tangram_dir).index.tensors.values()) + (1 << 20),
+        "raw_read_scratch": scratch.numel() if scratch is not None else 0,
+        "page_cache_file": max(sum(p.stat().st_size for p in ckpt.files(f)) for f in ckpt.formats),
+        "peer_host_copy": nbytes,
+    }
+    budget["total"] = sum(budget.values())
+    budget["machine"] = _mem_total()
+    return budget
+
+
+def _mem_total() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
 
 
 def _best_raw(raw_s: list[_Series]) -> _Series | None:
@@ -307,6 +334,10 @@ def run_load_bench(
     for m in config["models"]:
         title = f"bench load: {m['name']} ({m['bytes'] / 1e9:.2f} GB), {dev}, {config['mode']}, medians of {n_rep}"
         print_table(console, title, COLUMNS, _display_rows(rows, m["name"]))
+    for name, b in config.get("memory_budget", {}).items():
+        over = " (over the machine's memory: warm runs may read from disk)" if b["machine"] and b["total"] > b["machine"] else ""
+        console.print(f"memory budget {name}: {b['total'] / 1e9:.1f} GB of {b['machine'] / 1e9:.1f} GB "
+                      f"(target, DRAM tier, pool, raw-read scratch, one file's page cache, a peer's host copy){over}")
     print_summary(console, f"summary ({headline})", summary)
     if json_path is not None:
         write_result(result, json_path)

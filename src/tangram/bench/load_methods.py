@@ -22,6 +22,7 @@ import torch
 from tangram.bench.synthetic import SyntheticCheckpoint
 from tangram.store import Checkpoint, CheckpointIndex, HostCache, Loader
 from tangram.store.format import align_up
+from tangram.store import probe, probe_auto
 from tangram.store.hashing import hash_bytes
 from tangram.store.io import host_buffer
 from tangram.pool import Binding, DevicePool
@@ -160,8 +161,15 @@ class TangramMethod(Method):
     def prepare(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
         opened = Checkpoint(ckpt.tangram_dir)
         if opened.index.files:
-            # The store measures the filesystem once per machine (probe.py): keep that out of the timed runs.
-            cfg = self.loader.config(opened.file_path(0))
+            # The store measures the filesystem once per machine (probe.py), untimed: here when nothing measured
+            # it yet (or only at 256 MiB while this file has the size of the large measurement).
+            first = opened.file_path(0)
+            if probe.forced_method() is None and probe_auto.auto_enabled() and (
+                    probe.remembered(first) is None or (first.stat().st_size >= probe.LARGE_PROBE_BYTES
+                                                        and probe.remembered_large(first) is None)):
+                if first.stat().st_size >= probe.MIN_PROBE_BYTES:
+                    probe.measure(first)
+            cfg = self.loader.config(first, opened.index.total_bytes)
             self.settings.update(method=cfg.method.value, threads=cfg.threads, chunk_bytes=cfg.chunk_bytes)
         if self.cache is not None:
             self.cache = HostCache(opened.index.total_bytes + (64 << 20))

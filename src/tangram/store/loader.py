@@ -80,10 +80,11 @@ class Loader:
         self._staging_lock = threading.Lock()
         self.last_stats: LoadStats | None = None  # stats of the latest `load` (informational)
 
-    def config(self, path: Path) -> ReadConfig:
-        """The read configuration for a data file: measured defaults with this loader's overrides applied."""
+    def config(self, path: Path, nbytes: int | None = None) -> ReadConfig:
+        """The read configuration for reading `nbytes` from a data file's filesystem: measured defaults
+        (for that size: probe.choose_config) with this loader's overrides applied."""
         method = self.method or probe.forced_method()
-        base = probe.config_for(method) if method is not None else probe.choose_config(path)
+        base = probe.config_for(method) if method is not None else probe.choose_config(path, nbytes)
         return ReadConfig(base.method, self.threads or base.threads, self.chunk_bytes or base.chunk_bytes)
 
     def _ring(self, config: ReadConfig) -> StagingRing:
@@ -147,7 +148,7 @@ class Loader:
                     pieces[g].append(piece)
         stats.tensors = len(dests)
         disk = [p for group in pieces for p in group]
-        config = self.config(ckpt.file_path(disk[0].file)) if disk else probe.DEFAULT
+        config = self.config(ckpt.file_path(disk[0].file), sum(p.nbytes for p in disk)) if disk else probe.DEFAULT
         stats.method, stats.threads, stats.chunk_bytes = config.method.value, config.threads, config.chunk_bytes
         tasks: list[ReadRun | CopyRun] = []
         for g in range(len(groups)):  # group after group: its cache hits, then its coalesced reads

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 ENV_METHOD = "TANGRAM_READ_METHOD"
 PROBE_BYTES = 256 << 20
+LARGE_PROBE_BYTES = 1 << 30  # the leaders at 256 MiB are measured again over this much of a file that large
+LARGE_FINALISTS = 3
+LARGE_REPEATS = 2
 MIN_PROBE_BYTES = 8 << 20  # smaller files say nothing useful about bandwidth
 REPEATS = 3
 SPREAD = 1.5  # samples of one candidate and state further apart than this ratio are re-measured
@@ -68,6 +71,7 @@ Progress = Callable[[int, int, str], None]  # (steps done, steps planned, what r
 _lock = threading.Lock()  # the memo and the stored file: held for microseconds, never while measuring
 _measure_lock = threading.Lock()  # one measurement at a time
 _memo: dict[int, ReadConfig] = {}
+_memo_large: dict[int, ReadConfig | None] = {}
 
 
 @dataclass
@@ -79,6 +83,8 @@ class ProbeResult:
     gbps: dict[str, dict[str, float]]
     measured_on: str
     seconds: float
+    large_config: ReadConfig | None = None  # the winner over LARGE_PROBE_BYTES, when the file was that large
+    large_gbps: dict[str, dict[str, float]] | None = None
 
 
 def _cache_file() -> Path:
@@ -111,12 +117,13 @@ def measure_configs(path: Path, nbytes: int = PROBE_BYTES, repeats: int = REPEAT
 
 
 def measure_samples(path: Path, nbytes: int = PROBE_BYTES, repeats: int = REPEATS,
-                    progress: Progress | None = None) -> dict[str, dict[str, list[float]]]:
+                    progress: Progress | None = None,
+                    candidates: list[ReadConfig] | None = None) -> dict[str, dict[str, list[float]]]:
     """Every GB/s sample of each usable candidate, cold and warm (see the module docstring for the schedule)."""
     size = min(os.path.getsize(path), nbytes) // ALIGNMENT * ALIGNMENT
     buf = io.host_buffer(size)
     odirect = io.odirect_supported(path)
-    usable = [c for c in CANDIDATES if odirect or c.method not in (ReadMethod.ODIRECT, ReadMethod.AUTO)]
+    usable = [c for c in candidates or CANDIDATES if odirect or c.method not in (ReadMethod.ODIRECT, ReadMethod.AUTO)]
     samples: dict[str, dict[str, list[float]]] = {c.label: {s: [] for s in STATES} for c in usable}
     planned, done = repeats * len(usable), 0
 
@@ -180,11 +187,30 @@ def remembered(path: Path) -> ReadConfig | None:
         return cfg
 
 
-def choose_config(path: Path) -> ReadConfig:
-    """The read configuration for files on the filesystem of `path`: forced, remembered, or DEFAULT, at once."""
+def remembered_large(path: Path) -> ReadConfig | None:
+    """The configuration measured over LARGE_PROBE_BYTES for the filesystem of `path`, if any (never measures)."""
+    dev = os.stat(path).st_dev
+    with _lock:
+        if dev not in _memo_large:
+            stored = _read_cached().get(str(dev))
+            large = stored.get("large") if isinstance(stored, dict) else None
+            _memo_large[dev] = _from_label(large.get("config", "")) if isinstance(large, dict) else None
+        return _memo_large[dev]
+
+
+def choose_config(path: Path, nbytes: int | None = None) -> ReadConfig:
+    """The read configuration for files on the filesystem of `path`: forced, remembered, or DEFAULT, at once.
+
+    A load of `nbytes` at least half of LARGE_PROBE_BYTES gets the winner of the large measurement when
+    there is one (what wins over 256 MiB may lose over gigabytes: the page cache, read-ahead, memory).
+    """
     forced = forced_method()
     if forced is not None:
         return config_for(forced)
+    if nbytes is not None and nbytes >= LARGE_PROBE_BYTES // 2:
+        large = remembered_large(path)
+        if large is not None:
+            return large
     return remembered(path) or DEFAULT
 
 
@@ -198,6 +224,14 @@ def measure(path: Path, progress: Progress | None = None, nbytes: int = PROBE_BY
         samples = measure_samples(path, nbytes, REPEATS, progress)
         gbps = {label: {s: max(v) for s, v in states.items()} for label, states in samples.items()}
         cfg = best_config(gbps)
+        large: dict | None = None
+        if os.path.getsize(path) >= LARGE_PROBE_BYTES and nbytes < LARGE_PROBE_BYTES:
+            leaders = sorted(gbps, key=lambda k: _score(gbps[k]))[:LARGE_FINALISTS]
+            big = measure_samples(path, LARGE_PROBE_BYTES, LARGE_REPEATS, progress,
+                                  candidates=[c for c in CANDIDATES if c.label in leaders])
+            big_gbps = {label: {s: max(v) for s, v in states.items()} for label, states in big.items()}
+            large = {"bytes": LARGE_PROBE_BYTES, "config": best_config(big_gbps).label, "gbps": big_gbps,
+                     "samples": big}
         seconds = time.perf_counter() - t0
         log.info("read configuration for device %s: %s (GB/s %s)", dev, cfg.label,
                  {k: {s: round(g, 2) for s, g in v.items()} for k, v in gbps.items()})
@@ -205,9 +239,13 @@ def measure(path: Path, progress: Progress | None = None, nbytes: int = PROBE_BY
             data = _read_cached()
             data[str(dev)] = {"config": cfg.label, "gbps": gbps, "samples": samples, "measured_on": str(path),
                               "at": time.time(), "seconds": round(seconds, 2)}
+            if large is not None:
+                data[str(dev)]["large"] = large
             _write_cached(data)
             _memo[dev] = cfg
-    return ProbeResult(dev, cfg, gbps, str(path), seconds)
+            _memo_large[dev] = _from_label(large["config"]) if large is not None else None
+    return ProbeResult(dev, cfg, gbps, str(path), seconds,
+                       _from_label(large["config"]) if large is not None else None, large["gbps"] if large else None)
 
 
 def _from_label(label: str) -> ReadConfig | None:
@@ -233,6 +271,7 @@ def forget() -> None:
     """Drop remembered measurements (tests)."""
     with _lock:
         _memo.clear()
+        _memo_large.clear()
         try:
             _cache_file().unlink()
         except FileNotFoundError:
