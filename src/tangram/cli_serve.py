@@ -91,6 +91,9 @@ def register(app: typer.Typer) -> None:
                       markup=False, highlight=False)
         for line in server.pool_lines:
             console.print(line, markup=False, highlight=False)
+        # the token goes in the fragment, which the browser never sends to the server
+        fragment = f"#token={server.token}" if server.generated_token else " (log in with the admin token)"
+        console.print(f"dashboard: {server.url}/dashboard{fragment}", markup=False, highlight=False)
         if not ask:
             server.run()
             return
@@ -164,12 +167,20 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def status(url: Annotated[str, URL] = "http://127.0.0.1:8000",
-               token: Annotated[Optional[str], TOKEN] = None) -> None:
+               token: Annotated[Optional[str], TOKEN] = None,
+               as_json: Annotated[bool, typer.Option("--json", help="Print the dashboard's pool map (GET "
+                                                     "/admin/pool-map, docs/serving.md) as JSON.")] = False) -> None:
         """Per device: pool bytes active/retained/free, KV bytes, instances; per deployment: queue."""
+        import json
+
         from tangram.serve.client import AdminClient, AdminError
 
         try:
-            st = AdminClient(url, token).status()
+            client = AdminClient(url, token)
+            if as_json:
+                typer.echo(json.dumps(client.pool_map(), indent=2))  # plain stdout: for jq and scripts
+                return
+            st = client.status()
         except AdminError as exc:
             _fail(exc)
         table = Table("worker", "active GB", "retained GB", "free GB", "KV GB", "instances", title="devices")

@@ -26,7 +26,7 @@ from ray.actor import ActorHandle
 from tangram.cluster.cache import NodeCacheClient
 from tangram.engine import EngineConfig, RequestError, RequestOutput, SamplingParams, StartCost
 from tangram.store import CheckpointIndex, Loader
-from tangram.worker import Worker, local_devices
+from tangram.worker import DeviceMap, Worker, local_devices
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,10 @@ class WorkerActor:
         if self.cache is not None:
             st["host_cache"] = await self.cache.cache.stats.remote()
         return st
+
+    async def pool_map(self) -> DeviceMap:
+        """`Worker.pool_map` (the pool's lock is taken off the actor's event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.worker.pool_map)
 
     async def wait_for_space(self, timeout: float) -> bool:
         """`DevicePool.wait_for_space`: wait for a release or KV free in this pool (or `timeout` s)."""

@@ -16,6 +16,7 @@ rest of the Ray stream into `sink`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -29,7 +30,7 @@ from ray.exceptions import RayTaskError
 
 from tangram.engine import EngineConfig, RequestOutput, SamplingParams, StartCost
 from tangram.store import CheckpointIndex
-from tangram.worker.worker import ControlState
+from tangram.worker.worker import ControlState, DeviceMap
 
 log = logging.getLogger(__name__)
 _pumps: set[asyncio.Task] = set()  # strong references to running stream pumps
@@ -164,6 +165,10 @@ class RemoteWorker:
         """The actor's pool bytes per state, KV bytes and instances, with this worker's name and node."""
         st = ray.get(self.actor.status.remote())
         return {**st, "worker": self.name, "node": self.node, "ray_node": self.ray_node}
+
+    def pool_map(self) -> DeviceMap:
+        """The actor's pool map (see `Worker.pool_map`), under this worker's cluster-wide name."""
+        return dataclasses.replace(ray.get(self.actor.pool_map.remote()), worker=self.name, node=self.node)
 
     def wait_cache_idle(self) -> None:
         """Block until the actor's background node-cache fills are done (tests, benchmarks)."""

@@ -21,45 +21,20 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
-
 from tangram.control.autoscale import drain_victim, least_loaded, pick_instance, should_scale_down
 from tangram.control.deployments import Deployment
-from tangram.control.fit import DoesNotFit, Footprint, check_fits, footprint
+from tangram.control.events import Activity
+from tangram.control.state import DeploymentState as _State
+from tangram.control.state import DeploymentUnavailable, UnknownDeployment
+from tangram.control.fit import DoesNotFit, check_fits, footprint
 from tangram.scheduler.adapter import choose_worker, observe_start
 from tangram.engine import RequestOutput, SamplingParams
 from tangram.pool import PoolFullError
 from tangram.resolve import resolve_model
-from tangram.store import Checkpoint, CheckpointIndex
+from tangram.store import Checkpoint
 from tangram.worker import Replica, Worker
 
 log = logging.getLogger(__name__)
-
-
-class UnknownDeployment(KeyError):
-    """No deployment of that name."""
-
-
-class DeploymentUnavailable(RuntimeError):
-    """The deployment's instance could not start (e.g. its checkpoint fails to load)."""
-
-
-@dataclass
-class _State:
-    spec: Deployment
-    checkpoint: Path
-    index: CheckpointIndex  # read once, at deploy
-    need: Footprint  # pool bytes an instance needs at least
-    replicas: list[Replica] = field(default_factory=list)
-    starting: int = 0
-    waiters: list[asyncio.Future] = field(default_factory=list)
-    queued: int = 0
-    last_error: str | None = None
-    removed: bool = False
-    bytes_loaded: int = 0
-    bytes_reused: int = 0
-    starts: dict[str, int] = field(default_factory=lambda: {"pool-hit": 0, "dram": 0, "cold": 0})
 
 
 class Controller:
@@ -77,6 +52,7 @@ class Controller:
         self._states: dict[str, _State] = {}
         self._room_waiters: dict[str, list[asyncio.Future]] = {}  # per worker: starts waiting for pool space
         self._capacities: dict[str, int] | None = None  # per worker: its pool's bytes (fixed once built)
+        self.activity = Activity()  # events, starts and traffic, for the dashboard
 
     # ------------------------------------------------------------------ deployments
 
@@ -99,6 +75,8 @@ class Controller:
             old.spec, old.need = spec, need
         else:
             self._states[spec.name] = _State(spec, path, index, need)
+        self.activity.record("deploy", f"{'updated' if old else 'deployed'} {spec.name} ({index.total_bytes / 1e6:.1f} "
+                             f"MB) from {path}", spec.name)
         for _ in range(spec.min_instances - len(self._states[spec.name].replicas)):
             self._start(self._states[spec.name], time.perf_counter())
         return self.describe(spec.name)
@@ -108,6 +86,8 @@ class Controller:
         state = self._get(name)
         state.removed = True
         del self._states[name]
+        self.activity.record("remove", f"removed {name} ({len(state.replicas)} instance(s) stopped)", name)
+        self.activity.forget(name)
         self._wake(state, DeploymentUnavailable(f"deployment {name!r} was removed"))
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(None, r.worker.stop, r) for r in state.replicas))
@@ -161,6 +141,7 @@ class Controller:
         state = self._get(name)
         arrival = time.perf_counter()
         streamed = False
+        self.activity.arrived(name)
         for attempt in range(2):
             replica = await self._acquire(state, arrival)
             schedule_s = time.perf_counter() - arrival
@@ -186,6 +167,8 @@ class Controller:
                         st = out.stages
                         st.schedule_s = schedule_s if st.start == "warm" else max(0.0, schedule_s - st.load_s
                                                                                    - st.init_s)
+                        if not streamed:
+                            self.activity.first_output(name, replica.id, st)
                     streamed = True
                     yield out
             finally:
@@ -264,6 +247,7 @@ class Controller:
             log.exception("starting %s on %s failed", spec.name, worker.name)
             state.starting -= 1
             state.last_error = f"instance of {spec.name!r} failed to start: {exc}"
+            self.activity.record("start-failed", state.last_error, spec.name, worker.name)
             if not state.replicas and not state.starting:
                 self._wake(state, DeploymentUnavailable(state.last_error))
             return
@@ -272,6 +256,7 @@ class Controller:
             await loop.run_in_executor(None, worker.stop, replica)
             return
         loop.run_in_executor(None, observe_start, replica)  # refine the tier bandwidths with this load
+        self.activity.started(spec.name, worker.name, replica.id, replica.cost)
         loop.create_task(self._count_start(state, replica))
         state.last_error = None
         state.replicas.append(replica)
@@ -302,6 +287,8 @@ class Controller:
                 if idle:
                     _, owner, victim = min(idle, key=lambda x: x[0])
                     log.info("pool of %s is full: stopping idle %s to start %s", worker.name, victim.id, spec.name)
+                    self.activity.record("stop", f"stopped idle {victim.id} to make room for {spec.name}",
+                                         owner.spec.name, worker.name)
                     victim.stopping = True
                     owner.replicas.remove(victim)
                     await loop.run_in_executor(None, worker.stop, victim)
@@ -335,6 +322,8 @@ class Controller:
         log.info("%s has waited for room on %s: draining %s (%d in flight, %d bytes to give back)",
                  state.spec.name, worker.name, victim.id, victim.inflight, freed)
         victim.draining = True
+        self.activity.record("drain", f"draining {victim.id} ({victim.inflight} in flight) to make room for "
+                             f"{state.spec.name}", owner.spec.name, worker.name, freed)
         if not victim.inflight:
             self._stop(owner, victim)
 
@@ -351,6 +340,7 @@ class Controller:
         state.starts[cost.start] += 1
         state.bytes_loaded += cost.bytes_loaded
         state.bytes_reused += cost.bytes_reused
+        self.activity.settled(replica.id, cost)
 
     def _wake(self, state: _State, error: Exception | None = None) -> None:
         waiters, state.waiters = state.waiters, []
@@ -371,6 +361,9 @@ class Controller:
                                  state.spec.min_instances):
             return
         log.info("scaling %s to %d instance(s): %s idle", state.spec.name, len(live) - 1, replica.id)
+        self.activity.record("scale-to-zero" if len(live) == 1 else "scale-down", f"stopped {replica.id}, idle "
+                             f"{now - replica.idle_since:.1f} s: {len(live) - 1} instance(s) left", state.spec.name,
+                             replica.worker.name)
         self._stop(state, replica)
 
     def _stop(self, state: _State, replica: Replica) -> None:

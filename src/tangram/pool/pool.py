@@ -18,7 +18,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,74 +27,14 @@ from tangram.pool.loading import LoadJob, verified_load
 from tangram.pool.policy import (
     Extent, Policy, State, decayed_rate, eviction_order, find_window, fragmentation, largest_free, retention_gain,
 )
-from tangram.store import Checkpoint, Loader, LoadStats
+from tangram.pool.poolmap import ArenaMap, merge_extents
+from tangram.pool.records import Binding, Eviction, KVBlock, ModelStats, PoolFullError, Resident, eviction
+from tangram.store import Checkpoint, Loader
 from tangram.store.loader import typed_view
 from tangram.store.plan import ordered_groups
 
 log = logging.getLogger(__name__)
-
-
-class PoolFullError(RuntimeError):
-    """The request cannot be met without touching active bytes (wait for a release, then retry)."""
-
-    def __init__(self, device: str, need: int, available: int) -> None:
-        self.need, self.available = need, available
-        super().__init__(f"device pool on {device}: need {need} bytes, only {available} free or retained")
-
-
-@dataclass
-class _Resident:
-    key: str
-    block: Block
-    nbytes: int
-    refs: int = 0
-    models: set[str] = field(default_factory=set)
-    last_used: float = 0.0
-    uses: float = 0.0
-    ready: threading.Event = field(default_factory=threading.Event)
-    failed: bool = False
-
-
-@dataclass
-class _ModelStats:
-    rate: float = 0.0  # decayed request rate (starts per second)
-    last: float = 0.0
-
-
-@dataclass
-class KVBlock:
-    """A KV cache block carved from the pool: `data` is its flat uint8 view."""
-
-    key: str
-    data: torch.Tensor
-    block: Block
-
-
-@dataclass
-class Binding:
-    """One acquired model: its tensors (views into the pool) and what the acquire cost."""
-
-    model: str
-    tensors: dict[str, torch.Tensor]
-    keys: list[str]
-    bytes_loaded: int
-    bytes_reused: int
-    seconds: float
-    load: LoadStats | None = None
-    released: bool = False
-    ready: dict[str, threading.Event] = field(default_factory=dict)  # per tensor name: its bytes have landed
-    residents: list = field(default_factory=list, repr=False)
-    job: LoadJob | None = None
-
-    def shared_failed(self) -> bool:
-        """Whether the load of a tensor this binding shares, by this acquire or another, has failed."""
-        return any(r.failed for r in self.residents)
-
-    def wait_loaded(self) -> LoadStats | None:
-        """What loading the missing tensors did, once done (None for a pool hit or a failed load)."""
-        if self.job is not None:
-            self.job.done.wait()
-        return self.load
+__all__ = ["Binding", "DevicePool", "Eviction", "KVBlock", "PoolFullError"]
 
 
 class DevicePool:
@@ -106,6 +45,7 @@ class DevicePool:
     `retain=False` frees a model's tensors when its last binding is released (no reuse across instances).
     `share=False` keys tensors per checkpoint, so two models never share one (a conventional engine's copy
     of the weights per instance; the baselines of bench coldstart).
+    `on_evict` is told what each allocation evicted (called under the pool's lock: it must be quick).
     """
 
     def __init__(
@@ -120,6 +60,7 @@ class DevicePool:
         clock: Callable[[], float] = time.monotonic,
         retain: bool = True,
         share: bool = True,
+        on_evict: Callable[[Eviction], None] | None = None,
     ) -> None:
         self.device = torch.device(device)
         alignment = 4096  # >= CUDA's 256; page aligned on CPU so O_DIRECT reads land in place
@@ -131,8 +72,9 @@ class DevicePool:
         self.clock = clock
         self.retain = retain  # False: released tensors are freed at once (the baselines of bench coldstart)
         self.share = share
-        self._tensors: dict[str, _Resident] = {}
-        self._models: dict[str, _ModelStats] = {}
+        self.on_evict = on_evict
+        self._tensors: dict[str, Resident] = {}
+        self._models: dict[str, ModelStats] = {}
         self._kv: dict[str, KVBlock] = {}
         self._kv_ids = itertools.count()
         self._lock = threading.RLock()
@@ -164,7 +106,7 @@ class DevicePool:
             by_key.setdefault(keys[name], (name, entry))
         with self._lock:
             now = self.clock()
-            stats = self._models.setdefault(model, _ModelStats())
+            stats = self._models.setdefault(model, ModelStats())
             before = (stats.rate, stats.last)
             stats.rate = decayed_rate(stats.rate, stats.last, now, self.half_life_s) + 1.0 / self.half_life_s
             stats.last = now
@@ -174,14 +116,14 @@ class DevicePool:
             for k in reused:
                 self._pin(self._tensors[k], model, now)
             try:
-                placed = self._allocate([(k, by_key[k][1].nbytes) for k in missing])
+                placed = self._allocate([(k, by_key[k][1].nbytes) for k in missing], model)
             except PoolFullError:
                 for k in reused:
                     self._unpin(self._tensors[k])
                 stats.rate, stats.last = before  # a retried acquire must not count twice
                 raise
             for k, block in placed.items():
-                r = _Resident(k, block, by_key[k][1].nbytes)
+                r = Resident(k, block, by_key[k][1].nbytes)
                 self._tensors[k] = r
                 self._pin(r, model, now)
             pinned = [self._tensors[k] for k in by_key]
@@ -218,7 +160,7 @@ class DevicePool:
         binding.seconds = time.perf_counter() - start
         return binding
 
-    def _drop_failed(self, loading: list[_Resident]) -> None:
+    def _drop_failed(self, loading: list[Resident]) -> None:
         """A load failed: the tensors it had not landed leave the registry (marked failed for waiters) and their
         space is freed. Those it landed are whole and stay: another binding may already be computing with them."""
         with self._lock:
@@ -229,7 +171,7 @@ class DevicePool:
                     self.arena.free(r.block.offset)
                 r.ready.set()
 
-    def _unpin_all(self, pinned: list[_Resident]) -> None:
+    def _unpin_all(self, pinned: list[Resident]) -> None:
         with self._lock:
             for r in [r for r in pinned if not r.failed]:
                 self._unpin(r)
@@ -276,13 +218,13 @@ class DevicePool:
         with self._space:
             return self._space.wait(timeout)
 
-    def _pin(self, r: _Resident, model: str, now: float) -> None:
+    def _pin(self, r: Resident, model: str, now: float) -> None:
         r.refs += 1
         r.models.add(model)
         r.last_used = now
         r.uses += 1
 
-    def _unpin(self, r: _Resident) -> None:
+    def _unpin(self, r: Resident) -> None:
         r.refs -= 1
         assert r.refs >= 0, f"reference count of {r.key} went negative"
 
@@ -301,17 +243,23 @@ class DevicePool:
                               self._gain(r, now), r.last_used, r.uses))
         return sorted(out, key=lambda e: e.offset)
 
-    def _gain(self, r: _Resident, now: float) -> float:
+    def _gain(self, r: Resident, now: float) -> float:
         rates = [decayed_rate(self._models[m].rate, self._models[m].last, now, self.half_life_s) for m in r.models]
         return retention_gain(rates, r.nbytes, self.reload_bandwidth)
 
-    def _evict(self, key: str) -> None:
+    def _evict(self, key: str) -> Resident:
         r = self._tensors.pop(key)
         assert r.refs == 0, "never evict active bytes"
         self.arena.free(r.block.offset)
+        return r
 
-    def _allocate(self, wants: list[tuple[str, int]]) -> dict[str, Block]:
-        """Blocks for (key, nbytes) pairs; evicts retained tensors per policy; PoolFullError if impossible."""
+    def _report(self, owner: str | None, evicted: list[Resident]) -> None:
+        if evicted and self.on_evict is not None:
+            self.on_evict(eviction(owner, evicted))
+
+    def _allocate(self, wants: list[tuple[str, int]], owner: str | None) -> dict[str, Block]:
+        """Blocks for (key, nbytes) pairs of `owner` (a model; None: KV); evicts retained tensors per policy;
+        PoolFullError if impossible."""
         sizes = [(k, self.arena.size_of(n)) for k, n in wants]
         total = sum(s for _, s in sizes)
         if not sizes:
@@ -323,18 +271,20 @@ class DevicePool:
         if self.policy is Policy.TANGRAM:
             window = find_window(extents, total, lambda e: e.gain)
             if window is not None:  # pack the model's missing tensors together
-                for i in window.evict:
-                    self._evict(extents[i].key)  # type: ignore[arg-type]
+                self._report(owner, [self._evict(extents[i].key) for i in window.evict])  # type: ignore[arg-type]
                 placed, pos = {}, window.offset
                 for k, s in sizes:
                     placed[k] = self.arena.place(pos, s, k)
                     pos += s
                 return placed
-        return self._allocate_each(sizes, extents)
+        return self._allocate_each(sizes, owner, extents)
 
-    def _allocate_each(self, sizes: list[tuple[str, int]], ext: list[Extent] | None = None) -> dict[str, Block]:
-        """Tensor by tensor, first fit, evicting in policy order until each fits; rolls back on failure."""
+    def _allocate_each(self, sizes: list[tuple[str, int]], owner: str | None,
+                       ext: list[Extent] | None = None) -> dict[str, Block]:
+        """Tensor by tensor, first fit, evicting in policy order until each fits; rolls back on failure (what
+        it evicted stays evicted)."""
         placed: dict[str, Block] = {}
+        evicted: list[Resident] = []
         ext = self.extents() if ext is None else ext
         victims = [ext[i].key for i in eviction_order(ext, self.policy)]
         try:
@@ -343,7 +293,7 @@ class DevicePool:
                 while off is None and victims:
                     victim = victims.pop(0)
                     if victim in self._tensors and self._tensors[victim].refs == 0:
-                        self._evict(victim)
+                        evicted.append(self._evict(victim))
                     off = self.arena.first_fit(s)
                 if off is None:
                     free = sum(size for _, size in self.arena.gaps())
@@ -353,6 +303,8 @@ class DevicePool:
             for block in placed.values():
                 self.arena.free(block.offset)
             raise
+        finally:
+            self._report(owner, evicted)
         return placed
 
     # ------------------------------------------------------------------ KV cache blocks (ElasticKV)
@@ -371,7 +323,7 @@ class DevicePool:
             if off is not None:
                 block = self.arena.place(off, size, key)
             else:
-                block = self._allocate_each([(key, size)])[key]
+                block = self._allocate_each([(key, size)], None)[key]
             kv = KVBlock(key, self.arena.view(block, nbytes), block)
             self._kv[key] = kv
             return kv
@@ -384,6 +336,12 @@ class DevicePool:
                 self._space.notify_all()
 
     # ------------------------------------------------------------------ introspection
+
+    def pool_map(self) -> ArenaMap:
+        """The arena merged per model and state (`poolmap.merge_extents`), under the lock, in O(residents)."""
+        with self._lock:
+            return merge_extents(self.extents(), lambda key: self._tensors[key].models, capacity=self.capacity,
+                                 policy=self.policy.value)
 
     def snapshot(self) -> dict:
         """Per tensor state, bytes, models and gain; totals per state; KV bytes; largest free block; fragmentation."""

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tangram.control import Controller, Deployment, DeploymentUnavailable, UnknownDeployment
 from tangram.engine import RequestError, RequestOutput, SamplingParams
-from tangram.serve import schemas
+from tangram.serve import dashboard, schemas
 from tangram.serve.auth import APIKeyMiddleware
 from tangram.serve.errors import APIError, ErrorGuard, validation_message
 from tangram.serve.metrics import Metrics
@@ -209,6 +209,8 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
     @app.get("/admin/status", dependencies=[Depends(admin)])
     async def status():
         return controller.status()
+
+    dashboard.mount(app, controller, admin)  # GET /dashboard (page) and /admin/pool-map (its data)
 
     return app
 

@@ -71,3 +71,7 @@ class AdminClient:
     def status(self) -> dict:
         """Per device pool bytes and instances; per deployment state."""
         return self._call("GET", "/admin/status")
+
+    def pool_map(self) -> dict:
+        """The dashboard's data: per device the merged pool map, deployments, last starts, events."""
+        return self._call("GET", "/admin/pool-map")

@@ -7,6 +7,7 @@ own engine thread.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import threading
@@ -21,12 +22,13 @@ from tangram.engine import EngineConfig, Instance, RequestOutput, SamplingParams
 from tangram.engine.loop import EngineLoop
 from tangram.engine.dtype import compute_dtype
 from tangram.engine.skeleton import RUNTIME
-from tangram.pool import DevicePool
+from tangram.pool import ArenaMap, DevicePool, Eviction
 from tangram.store import Checkpoint, CheckpointIndex, Loader
 from tangram.templates import load_template, warm
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
+EVICTIONS_KEPT = 64  # the last evictions a worker keeps for the pool map's event log
 
 
 def local_devices(cpu_devices: int = 1) -> list[str]:
@@ -82,13 +84,35 @@ class Replica(ControlState):
         return totals.prefill_s / totals.requests if totals.requests else prior
 
 
+@dataclass(frozen=True)
+class InstanceInfo:
+    """A running instance as the pool map shows it."""
+
+    id: str
+    deployment: str
+    inflight: int
+
+
+@dataclass(frozen=True)
+class DeviceMap:
+    """What the dashboard shows of one device: its arena map, the instances there and its last evictions."""
+
+    worker: str
+    device: str
+    node: int
+    arena: ArenaMap
+    instances: list[InstanceInfo]
+    evictions: list[Eviction]  # oldest first
+
+
 class Worker:
     """Device `index` of this node: a device pool shared by every model placed here."""
 
     def __init__(self, index: int, device: str, capacity: int | float, loader: Loader | None = None,
                  node: int = 0) -> None:
         self.index, self.device, self.node = index, device, node
-        self.pool = DevicePool(capacity, device, loader=loader or Loader())
+        self._evictions: collections.deque[Eviction] = collections.deque(maxlen=EVICTIONS_KEPT)
+        self.pool = DevicePool(capacity, device, loader=loader or Loader(), on_evict=self._evictions.append)
         self.replicas: dict[str, Replica] = {}
         self._lock = threading.Lock()
 
@@ -152,6 +176,14 @@ class Worker:
         return {"node": self.node, "free": totals["free"], "retained": totals["retained"],
                 "queue_s": sum(r.inflight * r.mean_prefill_s(request_prior_s) for r in replicas),
                 "resident": self.pool.resident_bytes(index), "cached": cached}
+
+    def pool_map(self) -> DeviceMap:
+        """The pool as extents merged per model and state, the instances here and the last evictions (blocking
+        briefly on the pool's lock: call it off the event loop)."""
+        arena = self.pool.pool_map()
+        with self._lock:
+            instances = [InstanceInfo(r.id, r.deployment, r.inflight) for r in self.replicas.values()]
+        return DeviceMap(self.name, self.device, self.node, arena, instances, list(self._evictions.copy()))
 
     def status(self) -> dict:
         """Pool bytes per state, KV bytes, and the instances here."""
