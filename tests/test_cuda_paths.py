@@ -165,6 +165,35 @@ def test_cuda_branch_of_the_executor_lands_every_byte(fake_cuda, ckpt, method):
 
 
 @pytest.mark.timeout(60, method="thread")
+def test_cuda_branch_finishes_with_fewer_staging_buffers_than_reader_threads(fake_cuda, ckpt):
+    """A reader that holds a staging buffer must never wait for a read that still needs one: with 2 buffers for
+    3 threads (or several loads sharing one loader's ring) that hung when a tensor's later chunk waited for its
+    earlier one to be hashed on another thread."""
+    import threading
+
+    path, state = ckpt
+    index = read_index(path)
+    loader = Loader(method="pread", threads=3, chunk_bytes=CHUNK, staging_buffers=2)
+    results: list[dict[str, torch.Tensor]] = []
+
+    def one() -> None:
+        dests = _dests(index)
+        loader.load_into(path, dests)
+        results.append(dests)
+
+    for concurrent in (1, 1, 1, 3, 3):
+        threads = [threading.Thread(target=one, daemon=True) for _ in range(concurrent)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert not any(t.is_alive() for t in threads), f"{concurrent} load(s) on a 2-buffer ring did not finish"
+    assert len(results) == 9
+    for dests in results:
+        assert_state_equal(_typed(index, dests), state)
+
+
+@pytest.mark.timeout(60, method="thread")
 def test_cuda_branch_reports_a_corrupt_tensor(fake_cuda, ckpt):
     path, _ = ckpt
     index = read_index(path)
