@@ -15,7 +15,7 @@ from rich.console import Console
 from tangram.bench import kv as bench_kv
 from tangram.bench import kv_workload as workload
 from tangram.store import read_index
-from tangram.workload import coefficient_of_variation, gamma_gaps
+from tangram.workload import TraceShape, coefficient_of_variation, gamma_gaps
 
 PER_MODE = ("retained_bytes_mean", "cold_load_seconds", "tokens_per_second", "max_concurrent_sequences",
             "bytes_loaded", "ttft_p50", "failed")
@@ -23,7 +23,7 @@ PER_MODE = ("retained_bytes_mean", "cold_load_seconds", "tokens_per_second", "ma
 
 def test_trace_is_deterministic_under_a_seed_and_bursty() -> None:
     models = kv_models()
-    spec = workload.TraceSpec(300, mean_gap_s=1.0, cv=3.0, prompt_tokens=(4, 12), max_tokens=(2, 6))
+    spec = TraceShape(300, mean_gap_s=1.0, cv=3.0, prompt_tokens=(4, 12), max_tokens=(2, 6))
     a, pop_a = workload.make_trace(models, spec, seed=3)
     b, pop_b = workload.make_trace(models, spec, seed=3)
     c, _ = workload.make_trace(models, spec, seed=4)

@@ -87,6 +87,18 @@ def test_percentile() -> None:
         percentile([1.0], 101)
 
 
+def test_zipf_popularity_ranks_distinct_names() -> None:
+    import random
+
+    from tangram.workload import zipf_popularity
+
+    pop = zipf_popularity(["a", "b", "c"], 1.0, random.Random(0))
+    assert sorted(pop) == ["a", "b", "c"] and sum(pop.values()) == pytest.approx(1.0)
+    assert list(pop.values()) == pytest.approx([6 / 11, 3 / 11, 2 / 11])  # 1, 1/2, 1/3 normalised, rank order
+    with pytest.raises(ValueError, match="distinct"):
+        zipf_popularity(["a", "a"], 1.0, random.Random(0))
+
+
 def test_idle_victim_is_the_longest_idle() -> None:
     assert idle_victim([5.0, None, 2.0, 2.0]) == 2  # idle longest; a tie goes to the lower index
     assert idle_victim([None, None]) is None and idle_victim([]) is None

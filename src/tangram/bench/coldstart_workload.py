@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tangram.bench.kv_workload import TraceRequest, TraceSpec
-from tangram.workload import ModelSpec, family, percentile, transformer
+from tangram.bench.kv_workload import TraceRequest
+from tangram.workload import ModelSpec, TraceShape, family, percentile, transformer
 
 CONFIGS = ("baseline", "sllm", "tangram", "tangram-notemplate")
 START_TYPES = ("warm", "pool-hit", "dram", "cold")
@@ -72,9 +72,9 @@ def make_models(size: str) -> list[ModelSpec]:
             transformer("solo-b", "llama", hidden, hidden * 2, layers, 8, 2, 24000, 2048, seed=35)]
 
 
-def trace_spec(sizes: Sizes) -> TraceSpec:
+def trace_spec(sizes: Sizes) -> TraceShape:
     """Bursty arrivals, one prompt length (so a request's warm TTFT is its model's)."""
-    return TraceSpec(sizes.requests, mean_gap_s=sizes.mean_gap_s, cv=3.0, zipf_s=1.1,
+    return TraceShape(sizes.requests, mean_gap_s=sizes.mean_gap_s, cv=3.0, zipf_s=1.1,
                      prompt_tokens=(sizes.prompt_tokens, sizes.prompt_tokens),
                      max_tokens=(sizes.max_tokens, sizes.max_tokens))
 

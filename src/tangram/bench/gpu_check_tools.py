@@ -15,9 +15,10 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from tangram.bench.common import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +63,6 @@ def check_cli_args(commands: Sequence[Sequence[str]]) -> dict[str, str | None]:
     return errors
 
 
-def installed_versions(names: Sequence[str]) -> dict[str, str | None]:
-    """The version of each distribution installed here (None where it is not)."""
-    out: dict[str, str | None] = {}
-    for name in names:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def wheel_command(dest: Path, versions: Mapping[str, str | None], python: str = "3.12") -> list[str]:
     """The `pip download` of binary wheels only, without dependencies, for CPython `python` on x86-64 Linux."""
     specs = [f"{n}=={v}" if v else n for n, v in versions.items()]
@@ -84,7 +74,7 @@ def wheel_command(dest: Path, versions: Mapping[str, str | None], python: str = 
 def fetch_wheels(dest: Path) -> int:
     """Download WHEEL_PACKAGES (at the versions installed here) into `dest`; pip's exit status."""
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = wheel_command(dest, installed_versions(WHEEL_PACKAGES))
+    cmd = wheel_command(dest, package_versions(WHEEL_PACKAGES))
     log.info("%s", shlex.join(cmd))
     rc = subprocess.run(cmd).returncode
     if rc == 0:

@@ -43,17 +43,17 @@ from tangram.bench.kv_measure import (
     MODES, measure_concurrency, measure_throughput, print_report, torch_threads, warm_up,
 )
 from tangram.bench.kv_workload import (
-    ModelPaths, Setup, TraceClock, TraceRequest, TraceSpec, ensure_models, make_models, make_setup, make_trace,
+    ModelPaths, Setup, TraceClock, TraceRequest, ensure_models, make_models, make_setup, make_trace,
     trace_stats,
 )
+from tangram.control.autoscale import should_scale_down
 from tangram.engine import EngineConfig, Instance, RequestOutput, SamplingParams
 from tangram.engine.errors import RequestError
-from tangram.control.autoscale import should_scale_down
 from tangram.paths import data_dir
 from tangram.pool import DevicePool, PoolFullError
 from tangram.sim.rules import idle_victim
 from tangram.store.io import evict_from_page_cache
-from tangram.workload import ModelSpec, percentile
+from tangram.workload import ModelSpec, TraceShape, percentile
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ def _run(quick: bool, json_path: Path | None, seed: int, console: Console, workd
     root = Path(workdir) if workdir is not None else data_dir() / "bench" / "kv"
     t_start = time.perf_counter()
     models = list(given) if given else make_models(p["size"])
-    spec = TraceSpec(p["requests"], p["mean_gap_s"], p["cv"], 1.1, p["prompt_tokens"], p["max_tokens"])
+    spec = TraceShape(p["requests"], p["mean_gap_s"], p["cv"], 1.1, p["prompt_tokens"], p["max_tokens"])
     trace, popularity = make_trace(models, spec, seed)
     base, bt = models[0], BLOCK_TOKENS
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}

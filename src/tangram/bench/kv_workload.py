@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from tangram.store import Checkpoint, convert, read_index
-from tangram.workload import ModelSpec, family, gamma_gaps, trace_stats as arrival_stats, transformer, zipf_popularity
+from tangram.workload import ModelSpec, TraceShape, arrivals, family, transformer, zipf_popularity
+from tangram.workload import trace_stats as arrival_stats
 
 log = logging.getLogger(__name__)
 
@@ -150,29 +151,13 @@ class TraceRequest:
     max_tokens: int
 
 
-@dataclass(frozen=True)
-class TraceSpec:
-    """Shape of a trace: arrivals, popularity skew and request sizes."""
-
-    n_requests: int
-    mean_gap_s: float = 1.5
-    cv: float = 3.0  # coefficient of variation of the gaps (1 = Poisson; > 1 = bursty)
-    zipf_s: float = 1.1
-    prompt_tokens: tuple[int, int] = (8, 64)
-    max_tokens: tuple[int, int] = (4, 24)
-
-
-def make_trace(models: list[ModelSpec], spec: TraceSpec, seed: int) -> tuple[list[TraceRequest], dict[str, float]]:
+def make_trace(models: list[ModelSpec], spec: TraceShape, seed: int) -> tuple[list[TraceRequest], dict[str, float]]:
     """A seeded trace over `models` and the popularity (Zipf over a seeded ranking) it was drawn with."""
     rng = random.Random(seed * 1_000_003 + 7)
     popularity = zipf_popularity([m.name for m in models], spec.zipf_s, rng)
-    ranked, weights = list(popularity), list(popularity.values())
     vocab = {m.name: m.vocab for m in models}
-    t = 0.0
     trace: list[TraceRequest] = []
-    for gap in gamma_gaps(rng, spec.n_requests, spec.mean_gap_s, spec.cv):
-        t += gap
-        model = rng.choices(ranked, weights)[0]
+    for t, model in arrivals(rng, spec, popularity):
         n_prompt = rng.randint(*spec.prompt_tokens)
         prompt = tuple(rng.randrange(3, vocab[model]) for _ in range(n_prompt))
         trace.append(TraceRequest(round(t, 6), model, prompt, rng.randint(*spec.max_tokens)))

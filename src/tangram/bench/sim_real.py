@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tangram.bench.kv_measure import torch_threads
-from tangram.bench.kv_workload import ModelPaths, TraceSpec, aligned, ensure_models, make_models, make_trace
+from tangram.bench.kv_workload import ModelPaths, aligned, ensure_models, make_models, make_trace
 from tangram.engine import EngineConfig, SamplingParams
 from tangram.pool import PoolFullError
 from tangram.scheduler import Bandwidths, BandwidthEstimator
@@ -40,7 +40,7 @@ from tangram.sim.replay import Instance, Request, Started, replay
 from tangram.store import Checkpoint, read_index
 from tangram.store.io import evict_from_page_cache
 from tangram.worker import Worker
-from tangram.workload import ModelSpec
+from tangram.workload import ModelSpec, TraceShape
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def run_real_comparison(spec: RealSpec, root: Path, seed: int, step=None) -> dic
             unique.update(sm.tensors)
         biggest = max(sm.nbytes for sm in smodels)
         capacity = aligned(max(int(spec.capacity_fraction * sum(unique.values())), biggest) + (4 << 20))
-        kv_trace, _ = make_trace(models, TraceSpec(spec.requests, spec.mean_gap_s, spec.cv, 1.1, (8, 64), (1, 1)),
+        kv_trace, _ = make_trace(models, TraceShape(spec.requests, spec.mean_gap_s, spec.cv, 1.1, (8, 64), (1, 1)),
                                  seed)
         trace = [Request(r.t, r.model, len(r.prompt), 1) for r in kv_trace]
         prompts = {r.t: list(r.prompt) for r in kv_trace}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from tangram.workload import gamma_gaps, trace_stats, zipf_popularity
+from tangram.workload import TraceShape, arrivals, trace_stats, zipf_popularity
 
 
 @dataclass(frozen=True)
@@ -101,28 +101,12 @@ def make_models(mix: ModelMix, seed: int) -> list[SimModel]:
     return models[: mix.n_models]
 
 
-@dataclass(frozen=True)
-class TraceShape:
-    """Arrivals (mean gap, CV), popularity skew and request sizes of a trace."""
-
-    n_requests: int
-    mean_gap_s: float = 0.05
-    cv: float = 4.0
-    zipf_s: float = 1.1
-    prompt_tokens: tuple[int, int] = (64, 1024)
-    max_tokens: tuple[int, int] = (16, 256)
-
-
 def make_trace(models: list[SimModel], shape: TraceShape, seed: int) -> tuple[list[Request], dict[str, float]]:
     """A seeded trace and the popularity it was drawn with."""
     rng = random.Random(seed * 1_000_003 + 11)
     popularity = zipf_popularity([m.name for m in models], shape.zipf_s, rng)
-    names, weights = list(popularity), list(popularity.values())
-    t, out = 0.0, []
-    for gap in gamma_gaps(rng, shape.n_requests, shape.mean_gap_s, shape.cv):
-        t += gap
-        out.append(Request(t, rng.choices(names, weights)[0], rng.randint(*shape.prompt_tokens),
-                           rng.randint(*shape.max_tokens)))
+    out = [Request(t, model, rng.randint(*shape.prompt_tokens), rng.randint(*shape.max_tokens))
+           for t, model in arrivals(rng, shape, popularity)]
     return out, popularity
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from tangram.workload.models import RAW, ModelSpec, family, raw_model, transformer
 from tangram.workload.stats import coefficient_of_variation, percentile
-from tangram.workload.traces import gamma_gaps, trace_stats, zipf_popularity
+from tangram.workload.traces import TraceShape, arrivals, gamma_gaps, trace_stats, zipf_popularity
 
-__all__ = ["RAW", "ModelSpec", "coefficient_of_variation", "family", "gamma_gaps", "percentile", "raw_model",
+__all__ = ["RAW", "ModelSpec", "TraceShape", "arrivals", "coefficient_of_variation", "family", "gamma_gaps", "percentile", "raw_model",
            "trace_stats", "transformer", "zipf_popularity"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from tangram.workload.stats import coefficient_of_variation
 
@@ -29,10 +30,36 @@ def zipf_popularity(names: Sequence[str], s: float, rng: random.Random) -> dict[
     Draw with `rng.choices(list(p), list(p.values()))`: the keys are in rank order.
     """
     ranked = list(names)
+    if len(set(ranked)) != len(ranked):
+        raise ValueError(f"model names must be distinct for a popularity ranking: {sorted(ranked)}")
     rng.shuffle(ranked)
     weights = [1.0 / (r + 1) ** s for r in range(len(ranked))]
     total = sum(weights)
     return {n: w / total for n, w in zip(ranked, weights)}
+
+
+@dataclass(frozen=True)
+class TraceShape:
+    """Shape of a trace: how many requests, arrivals (mean gap, CV), popularity skew and request sizes (ranges)."""
+
+    n_requests: int
+    mean_gap_s: float = 0.05
+    cv: float = 4.0  # coefficient of variation of the gaps (1 = Poisson; > 1 = bursty)
+    zipf_s: float = 1.1
+    prompt_tokens: tuple[int, int] = (64, 1024)
+    max_tokens: tuple[int, int] = (16, 256)
+
+
+def arrivals(rng: random.Random, shape: TraceShape, popularity: dict[str, float]) -> Iterator[tuple[float, str]]:
+    """(arrival time, model) of each of the shape's requests: gamma gaps, models drawn by `popularity`.
+
+    The caller may draw a request's sizes from `rng` between two arrivals: the sequence stays seeded.
+    """
+    names, weights = list(popularity), list(popularity.values())
+    t = 0.0
+    for gap in gamma_gaps(rng, shape.n_requests, shape.mean_gap_s, shape.cv):
+        t += gap
+        yield t, rng.choices(names, weights)[0]
 
 
 def trace_stats(times: Sequence[float], models: Sequence[str]) -> dict[str, object]:
