@@ -15,7 +15,7 @@ ASK ?= What is the capital of France?
 PORT ?= 8000
 ONCE ?=
 
-.PHONY: install install-dev install-peers demo demo-once test bench-load clean
+.PHONY: install install-dev install-peers browser demo demo-once test bench-load clean
 
 $(PY):
 	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
@@ -52,7 +52,19 @@ demo: install
 demo-once:
 	$(MAKE) demo ONCE=1
 
-test: install-dev
+# The dashboard's browser test needs Debian's chromium and chromium-driver: installed here when missing (apt-get
+# update only when the package lists do not know them, or the install fails on stale lists). As root (CI), else
+# with sudo; without either the browser test fails, as it does in CI when the install did.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		echo "installing chromium and chromium-driver (the dashboard's browser test)"; \
+		apt-cache show chromium chromium-driver >/dev/null 2>&1 || $(APT) update -q; \
+		$(APT) install -y -q chromium chromium-driver || { $(APT) update -q && $(APT) install -y -q chromium chromium-driver; }; \
+	fi
+
+test: install-dev browser
 	$(PY) -m pytest -q
 
 bench-load: install-peers

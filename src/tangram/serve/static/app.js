@@ -35,6 +35,10 @@ function fmtS(s) {
   return s.toFixed(2) + " s";
 }
 
+function fmtGain(g) {
+  return (g !== 0 && Math.abs(g) < 1e-3 ? g.toExponential(2) : g.toPrecision(3)) + " s/s";
+}
+
 function fmtTime(unix) {
   const d = new Date(unix * 1000);
   return d.toLocaleTimeString([], {hour12: false});
@@ -211,7 +215,7 @@ function updateDevice(d, dev) {
   const ul = el("ul", "retained");
   for (const s of kept.slice(0, 8)) {
     const li = el("li", "retained-extent",
-                  (s.models.join(", ") || "?") + " · " + fmtBytes(s.size) + " · gain " + s.gain.toPrecision(3) + " s/s");
+                  (s.models.join(", ") || "?") + " · " + fmtBytes(s.size) + " · gain " + fmtGain(s.gain));
     li.dataset.models = s.models.join(",");
     li.title = s.tensors + " tensors at offset " + fmtBytes(s.offset) + "; retention gain = load seconds saved per second";
     ul.append(li);
@@ -288,7 +292,7 @@ function hover(d, ev) {
   tip.append(el("b", null, title), el("br"));
   const what = s.state === "free" ? "" : s.state === "kv" ? s.tensors + " blocks · " : s.state + " · " + s.tensors + " tensors · ";
   tip.append(what + fmtBytes(s.size) + " at " + fmtBytes(s.offset));
-  if (s.state === "retained") tip.append(el("br"), "retention gain " + s.gain.toPrecision(3) + " s/s");
+  if (s.state === "retained") tip.append(el("br"), "retention gain " + fmtGain(s.gain));
   tip.hidden = false;
   tip.style.left = Math.min(ev.clientX + 14, window.innerWidth - 390) + "px";
   tip.style.top = ev.clientY + 16 + "px";
@@ -343,7 +347,7 @@ function renderStarts(list) {
     root.append(el("p", "empty", "no start yet"));
     return;
   }
-  const shown = list.slice(-16).reverse();  // newest first
+  const shown = list.slice(-12).reverse();  // newest first
   const totals = shown.map((s) => Object.values(stageSeconds(s)).reduce((a, b) => a + b, 0));
   const longest = Math.max(...totals, 1e-9);
   shown.forEach((s, i) => {
