@@ -43,7 +43,8 @@ from tangram.sim.workload import trace_facts
 log = logging.getLogger(__name__)
 
 # Tangram's cold (disk) and DRAM-hit loader bandwidths, median over the models of docs/results/load-cpu-full.json
-# (`bench load`, 2026-11-23): the calibration when none is given (a test checks the two agree).
+# as of 2026-11-23 (`bench load`): the calibration when none is given. Pinned, so `bench sim` numbers move only
+# when this is changed on purpose (a newer result is taken with --calibration PATH).
 DEFAULT_CALIBRATION = Bandwidths(dram=8628353252.988083, disk=3105514215.584249)
 DEFAULT_CALIBRATION_SOURCE = "built in: docs/results/load-cpu-full.json (bench load, 2026-11-23)"
 MEASURE = "measure"  # calibration measured at start (loader probe) instead of read from a result
