@@ -6,6 +6,12 @@ destinations go through a ring of pinned staging buffers: a thread reads a
 chunk into a free buffer, enqueues asynchronous host-to-device copies on its
 own stream and records an event; the buffer is reused once the event is done,
 so copies overlap the next reads.
+
+Verification of chunks read from the disk (O_DIRECT) on CPU runs in a hashing
+stage: each reader thread hands the chunk it just read to its own hashing
+thread (FIFO, so the reader's plan order is kept) and issues its next read at
+once, so the disk queue never drains while a chunk is hashed. Chunks read from
+the page cache are hashed on the reader (the copy already keeps the cores busy).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +34,7 @@ from tangram.store.plan import CopyRun, Piece, ReadRun, Segment, task_chains
 
 
 AUTO_CACHED = 0.5  # AUTO reads a chunk through the page cache when at least this much of it is there
+HASH_STAGE = True  # CPU, O_DIRECT chunks: hashed on a per-reader hashing thread (False: on the reader, to compare)
 
 
 @dataclass(frozen=True)
@@ -103,8 +110,8 @@ def execute(
             local.stream = torch.cuda.Stream(device)
         return local.stream
 
-    def read(run: ReadRun, need: int) -> None:
-        """Read `run` (its first `need` bytes must exist) with the configured method."""
+    def read(run: ReadRun, need: int) -> bool:
+        """Read `run` (its first `need` bytes must exist) with the configured method; True if with O_DIRECT."""
         path = paths[run.file]
         if method is ReadMethod.PREAD:
             io.read_scatter(fds[run.file], run, path)
@@ -112,10 +119,13 @@ def execute(
             io.read_mmap(fds[run.file], run, path)
         elif method is ReadMethod.ODIRECT:
             io.read_direct(dfds[run.file], run, bounce(), path, need)
+            return True
         elif io.cached_fraction(fds[run.file], run.offset, need) >= AUTO_CACHED:  # AUTO, warm: memory speed
             io.read_scatter(fds[run.file], ReadRun(run.file, run.offset, _trim(run.segments, need)), path)
         else:  # AUTO, cold: from the disk, past the page cache
             io.read_direct(dfds[run.file], run, bounce(), path, need)
+            return True
+        return False
 
     def report(done: list[tuple[Piece, list]]) -> None:
         for piece, events in done:
@@ -162,11 +172,25 @@ def execute(
         finally:
             report(done)  # pieces whole and verified before a failure count as landed
 
-    def cpu_work(run: ReadRun) -> None:
-        read(run, run.length)
+    def land_counted(run: ReadRun) -> None:
         land(run)
         if progress:
             progress(run.payload)
+
+    hashing = HASH_STAGE and device.type == "cpu" and any(p.hash is not None for p in pieces)
+    stage = _HashStage(land_counted, tracker) if hashing else None
+
+    def cpu_work(run: ReadRun) -> None:
+        if stage is None:
+            read(run, run.length)
+            land_counted(run)
+            return
+        if stage.failed.is_set():
+            raise Aborted()
+        if read(run, run.length):
+            stage.submit(run)  # from the disk: hashed on this reader's hashing thread while the next read runs
+        else:
+            land_counted(run)  # from memory: both cores are busy copying already; a handoff only adds a switch
 
     def copy_work(c: CopyRun) -> None:
         dst = c.piece.dest[c.start : c.start + c.length]
@@ -209,12 +233,68 @@ def execute(
                     if method is ReadMethod.ODIRECT:
                         raise OSError(exc.errno, f"{paths[f]}: O_DIRECT not supported here ({exc.strerror})") from None
                     method = ReadMethod.PREAD  # AUTO on a filesystem without O_DIRECT: buffered reads only
-        run_all(work, _tasks(runs, config), config.threads)
+        errors: list[BaseException] = []
+        try:
+            run_all(work, _tasks(runs, config), config.threads)
+        except BaseException as exc:
+            errors.append(exc)
+            tracker.abort()
+        if stage is not None:  # every chunk read is hashed (or aborted) before the load returns or fails
+            errors += stage.close()
+        if errors:
+            raise next((e for e in errors if not isinstance(e, Aborted)), errors[0])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
         for fd in [*fds.values(), *dfds.values()]:
             os.close(fd)
+
+
+class _HashStage:
+    """One hashing thread per reader thread: lands (hashes, verifies, reports) each chunk its reader read, in order.
+
+    A reader's chunks are queued in its plan order, so a hashing thread only ever
+    waits (Landing.arrived) for a part planned before its own, which another
+    hashing thread already holds or will get: no cycle, no deadlock.
+    """
+
+    def __init__(self, land: Callable[[ReadRun], None], tracker: Landing) -> None:
+        self._land = land
+        self._tracker = tracker
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._pools: list[ThreadPoolExecutor] = []
+        self._futures: list[Future] = []
+        self.failed = threading.Event()
+
+    def submit(self, run: ReadRun) -> None:
+        """Queue `run` (its bytes are in their destinations) on the calling reader's hashing thread."""
+        pool = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = self._local.pool = ThreadPoolExecutor(1, thread_name_prefix="tangram-hash")
+            with self._lock:
+                self._pools.append(pool)
+        future = pool.submit(self._run, run)
+        with self._lock:
+            self._futures.append(future)
+
+    def _run(self, run: ReadRun) -> None:
+        try:
+            self._land(run)
+        except Aborted:
+            raise
+        except BaseException:
+            self.failed.set()  # readers stop taking chunks; hashing threads waiting on a part stop
+            self._tracker.abort()
+            raise
+
+    def close(self) -> list[BaseException]:
+        """Wait until every queued chunk is hashed or aborted; returns the errors raised, in queue order."""
+        with self._lock:
+            pools = list(self._pools)
+        for pool in pools:
+            pool.shutdown(wait=True)
+        return [e for f in self._futures if (e := f.exception()) is not None]
 
 
 def _tasks(runs: Sequence[ReadRun | CopyRun], config: ReadConfig) -> list[list[ReadRun] | CopyRun]:
