@@ -53,7 +53,8 @@ def test_the_pool_map_needs_the_admin_token_and_the_page_does_not(dirs):
         page = httpx.get(srv.url + "/dashboard")
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
         assert "script-src 'self'" in page.headers["content-security-policy"]
-        for name, kind in (("app.js", "javascript"), ("style.css", "css"), ("favicon.svg", "svg")):
+        for name, kind in (("app.js", "javascript"), ("devices.js", "javascript"), ("style.css", "css"),
+                           ("favicon.svg", "svg")):
             r = httpx.get(srv.url + "/dashboard/" + name)
             assert r.status_code == 200 and kind in r.headers["content-type"] and r.content
         assert httpx.get(srv.url + "/dashboard/../app.py").status_code == 404

@@ -111,7 +111,7 @@ def mount(app: FastAPI, controller: Controller, admin: Callable[..., None]) -> N
 
     @app.get("/dashboard/{name}", include_in_schema=False)
     async def dashboard_file(name: str):
-        if name not in {"app.js", "style.css", "favicon.svg"}:
+        if name not in {"app.js", "devices.js", "style.css", "favicon.svg"}:
             raise APIError(404, f"no dashboard file {name!r}")
         return static(name)
 
