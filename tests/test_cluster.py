@@ -83,6 +83,11 @@ def holder(srv, name: str) -> dict:
     return next(w for w in status(srv)["workers"] for i in w["instances"] if i["deployment"] == name)
 
 
+def instance_of(worker: dict, name: str) -> dict:
+    """The status entry of `name`'s instance on a worker (another deployment's may share the worker)."""
+    return next(i for i in worker["instances"] if i["deployment"] == name)
+
+
 def wait_instances(srv, name: str, n: int) -> None:
     deadline = time.monotonic() + 30
     while status(srv)["deployments"][name]["instances"] != n:
@@ -159,15 +164,15 @@ def test_client_disconnect_aborts_on_the_actor_and_frees_kv(server):
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         busy = holder(server, "long")
-        assert busy["kv_bytes"] > 0 and busy["instances"][0]["inflight"] == 1
+        assert busy["kv_bytes"] > 0 and instance_of(busy, "long")["inflight"] == 1
     deadline = time.monotonic() + 20
     while True:  # the engine on the actor notices the abort at its next step
         w = holder(server, "long")
-        if w["kv_bytes"] == 0 and w["instances"][0]["inflight"] == 0:
+        if w["kv_bytes"] == 0 and instance_of(w, "long")["inflight"] == 0:
             break
         assert time.monotonic() < deadline, w
         time.sleep(0.05)
-    assert w["instances"][0]["finished"] == {"abort": 1}  # aborted, not run to its 4000 tokens
+    assert instance_of(w, "long")["finished"] == {"abort": 1}  # aborted, not run to its 4000 tokens
     assert status(server)["deployments"]["long"]["inflight"] == 0
     ok = client(server).completions.create(model="long", prompt="w5", max_tokens=3, temperature=0)
     assert ok.choices[0].finish_reason == "length"
