@@ -103,3 +103,39 @@ def test_auto_falls_back_to_buffered_reads_without_o_direct(tmp_path, monkeypatc
 
 def test_execute_is_importable_from_store():
     assert execute.ReadConfig().label == "pread/2x16MiB"
+
+
+def test_residency_sees_part_of_a_file_cached(data_file):
+    path, payload = data_file
+    fd = os.open(path, os.O_RDONLY)
+    res = io.Residency(fd)
+    try:
+        io.evict_from_page_cache(path)
+        half = 32 * ALIGNMENT
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead past what is read
+        os.pread(fd, half, 0)  # the first half through the page cache
+        assert res.fraction(0, half, sample_bytes=4 * ALIGNMENT) == 1.0
+        assert res.fraction(48 * ALIGNMENT, 16 * ALIGNMENT, sample_bytes=4 * ALIGNMENT) < 0.5
+        assert res.fraction(len(payload) + ALIGNMENT, ALIGNMENT) == 0.0  # past the end: not cached
+        assert res.fraction(0, 0) == 1.0
+    finally:
+        res.close()
+        os.close(fd)
+
+
+def test_auto_maps_each_file_once_per_load_not_once_per_chunk(tmp_path, monkeypatch):
+    from conftest import make_tensor
+
+    state = {f"w{i}": make_tensor((20 * ALIGNMENT,), torch.uint8, seed=i) for i in range(4)}
+    save(state, tmp_path / "c")
+    made = []
+    real = io.Residency.__init__
+
+    def init(self, fd):
+        made.append(fd)
+        real(self, fd)
+
+    monkeypatch.setattr(io.Residency, "__init__", init)
+    got = Loader(method="auto", threads=2, chunk_bytes=4 * ALIGNMENT).load(tmp_path / "c")
+    assert all(torch.equal(got[n], t) for n, t in state.items())
+    assert len(made) == 1  # 20 chunks, one data file

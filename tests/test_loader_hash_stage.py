@@ -112,3 +112,37 @@ def test_a_failing_read_behind_queued_hashes_raises_its_own_error(ckpt, monkeypa
     with pytest.raises(OSError, match="disk went away"):
         Loader(method="odirect", threads=2, chunk_bytes=8 * A).load_into(path, dests)
     assert _hash_threads() == []
+
+
+def test_bounce_buffers_are_kept_across_loads(ckpt, monkeypatch):
+    from tangram.store import execute as store_execute
+    from tangram.store.stages import BouncePool
+
+    path, state = ckpt
+    monkeypatch.setattr(store_execute, "_BOUNCES", BouncePool())
+    made = []
+    real = store_io.host_buffer
+
+    def host_buffer(nbytes, **kw):
+        made.append(nbytes)
+        return real(nbytes, **kw)
+
+    monkeypatch.setattr(store_io, "host_buffer", host_buffer)
+    loader = Loader(method="odirect", threads=2, chunk_bytes=8 * A)
+    for _ in range(3):
+        got = loader.load(path)
+        assert all(torch.equal(got[n], t) for n, t in state.items())
+    bounces = [n for n in made if n == 8 * A + A]
+    assert 1 <= len(bounces) <= 2  # one per reader thread, on the first load only
+
+
+def test_the_bounce_pool_keeps_at_most_its_limit_and_hands_out_big_enough_buffers():
+    from tangram.store.stages import BouncePool
+
+    pool = BouncePool(keep=2)
+    bufs = [pool.take(n) for n in (A, 2 * A, 3 * A)]
+    for b in bufs:
+        pool.give(b)
+    assert pool.take(2 * A).numel() >= 2 * A
+    assert pool.take(2 * A).numel() >= 2 * A
+    assert pool.take(A) is not None  # the pool was empty: a new one

@@ -20,7 +20,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from tangram.store import io
 from tangram.store.io import ReadMethod
 from tangram.store.format import ALIGNMENT, align_up
 from tangram.store.landing import Aborted, Landing
+from tangram.store.stages import BouncePool, HashStage
 from tangram.store.plan import CopyRun, Piece, ReadRun, Segment, task_chains
 
 
@@ -49,6 +50,9 @@ class ReadConfig:
     def label(self) -> str:
         """Short name, e.g. `pread/1x64MiB`."""
         return f"{self.method.value}/{self.threads}x{self.chunk_bytes >> 20}MiB"
+
+
+_BOUNCES = BouncePool()
 
 
 class StagingRing:
@@ -96,13 +100,18 @@ def execute(
         method = ReadMethod.PREAD  # staging is pinned host memory: read into it directly
     fds: dict[int, int] = {}
     dfds: dict[int, int] = {}
+    residency: dict[int, io.Residency] = {}  # AUTO: one mapping per file for the per-chunk mincore
+    bounces: list[torch.Tensor] = []  # O_DIRECT bounce buffers taken by this load's threads
+    bounces_lock = threading.Lock()
     local = threading.local()
     pieces = [s.piece for r in runs if isinstance(r, ReadRun) for s in r.segments if s.piece is not None]
     tracker = Landing([*pieces, *(r.piece for r in runs if isinstance(r, CopyRun))], lambda f: paths[f])
 
     def bounce() -> torch.Tensor:
         if not hasattr(local, "bounce"):
-            local.bounce = io.host_buffer(config.chunk_bytes + ALIGNMENT)
+            local.bounce = _BOUNCES.take(config.chunk_bytes + ALIGNMENT)
+            with bounces_lock:
+                bounces.append(local.bounce)
         return local.bounce
 
     def stream() -> torch.cuda.Stream:
@@ -120,7 +129,7 @@ def execute(
         elif method is ReadMethod.ODIRECT:
             io.read_direct(dfds[run.file], run, bounce(), path, need)
             return True
-        elif io.cached_fraction(fds[run.file], run.offset, need) >= AUTO_CACHED:  # AUTO, warm: memory speed
+        elif residency[run.file].fraction(run.offset, need) >= AUTO_CACHED:  # AUTO, warm: memory speed
             io.read_scatter(fds[run.file], ReadRun(run.file, run.offset, _trim(run.segments, need)), path)
         else:  # AUTO, cold: from the disk, past the page cache
             io.read_direct(dfds[run.file], run, bounce(), path, need)
@@ -178,7 +187,7 @@ def execute(
             progress(run.payload)
 
     hashing = HASH_STAGE and device.type == "cpu" and any(p.hash is not None for p in pieces)
-    stage = _HashStage(land_counted, tracker) if hashing else None
+    stage = HashStage(land_counted, tracker) if hashing else None
 
     def cpu_work(run: ReadRun) -> None:
         if stage is None:
@@ -233,6 +242,8 @@ def execute(
                     if method is ReadMethod.ODIRECT:
                         raise OSError(exc.errno, f"{paths[f]}: O_DIRECT not supported here ({exc.strerror})") from None
                     method = ReadMethod.PREAD  # AUTO on a filesystem without O_DIRECT: buffered reads only
+        if method is ReadMethod.AUTO:
+            residency.update((f, io.Residency(fd)) for f, fd in fds.items())
         errors: list[BaseException] = []
         try:
             run_all(work, _tasks(runs, config), config.threads)
@@ -246,55 +257,12 @@ def execute(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
+        for buf in bounces:
+            _BOUNCES.give(buf)
+        for res in residency.values():
+            res.close()
         for fd in [*fds.values(), *dfds.values()]:
             os.close(fd)
-
-
-class _HashStage:
-    """One hashing thread per reader thread: lands (hashes, verifies, reports) each chunk its reader read, in order.
-
-    A reader's chunks are queued in its plan order, so a hashing thread only ever
-    waits (Landing.arrived) for a part planned before its own, which another
-    hashing thread already holds or will get: no cycle, no deadlock.
-    """
-
-    def __init__(self, land: Callable[[ReadRun], None], tracker: Landing) -> None:
-        self._land = land
-        self._tracker = tracker
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._pools: list[ThreadPoolExecutor] = []
-        self._futures: list[Future] = []
-        self.failed = threading.Event()
-
-    def submit(self, run: ReadRun) -> None:
-        """Queue `run` (its bytes are in their destinations) on the calling reader's hashing thread."""
-        pool = getattr(self._local, "pool", None)
-        if pool is None:
-            pool = self._local.pool = ThreadPoolExecutor(1, thread_name_prefix="tangram-hash")
-            with self._lock:
-                self._pools.append(pool)
-        future = pool.submit(self._run, run)
-        with self._lock:
-            self._futures.append(future)
-
-    def _run(self, run: ReadRun) -> None:
-        try:
-            self._land(run)
-        except Aborted:
-            raise
-        except BaseException:
-            self.failed.set()  # readers stop taking chunks; hashing threads waiting on a part stop
-            self._tracker.abort()
-            raise
-
-    def close(self) -> list[BaseException]:
-        """Wait until every queued chunk is hashed or aborted; returns the errors raised, in queue order."""
-        with self._lock:
-            pools = list(self._pools)
-        for pool in pools:
-            pool.shutdown(wait=True)
-        return [e for f in self._futures if (e := f.exception()) is not None]
 
 
 def _tasks(runs: Sequence[ReadRun | CopyRun], config: ReadConfig) -> list[list[ReadRun] | CopyRun]:

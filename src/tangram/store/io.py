@@ -119,38 +119,61 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 
 
 def cached_fraction(fd: int, offset: int, length: int, *, samples: int = 2, sample_bytes: int = 128 << 10) -> float:
-    """Fraction of a file range that the page cache holds (mincore; triggers no I/O).
-
-    Long ranges are sampled: `samples` evenly spaced windows of `sample_bytes`
-    (the first and the last by default). A full mincore walk of a 16 MiB chunk
-    cost about 0.2 ms, 5% of reading it cold; files are mostly cached whole or not at all.
-    """
-    if length <= 0:
-        return 1.0
-    start = offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
-    size = min(offset + length, os.fstat(fd).st_size) - start
-    if size <= 0:
-        return 0.0
-    region = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=start)
+    """Fraction of a file range that the page cache holds (mincore; triggers no I/O). See `Residency.fraction`."""
+    res = Residency(fd)
     try:
-        base = np.frombuffer(region, dtype=np.uint8, count=1).ctypes.data
+        return res.fraction(offset, length, samples=samples, sample_bytes=sample_bytes)
+    finally:
+        res.close()
+
+
+class Residency:
+    """Page-cache residency of one open file, through one read-only mapping of it made once (mincore).
+
+    A load asks once per chunk; mapping and unmapping the chunk each time cost
+    about 0.2 ms per chunk under load (the unmap's TLB flush, the GIL for numpy),
+    4-7% of a reader thread's time on a cold 1 GB load. Thread-safe.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.size = os.fstat(fd).st_size
+        self._region = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) if self.size else None
+        self._base = np.frombuffer(self._region, dtype=np.uint8, count=1).ctypes.data if self._region else 0
+
+    def fraction(self, offset: int, length: int, *, samples: int = 2, sample_bytes: int = 128 << 10) -> float:
+        """Fraction of [offset, offset + length) in the page cache.
+
+        Long ranges are sampled: `samples` evenly spaced windows of `sample_bytes`
+        (the first and the last by default); a full walk of a 16 MiB chunk cost 5%
+        of reading it cold, and files are mostly cached whole or not at all.
+        """
+        if length <= 0:
+            return 1.0
+        page = mmap.PAGESIZE
+        start = offset // page * page
+        size = min(offset + length, self.size) - start
+        if size <= 0 or self._region is None:
+            return 0.0
         if size <= samples * sample_bytes:
-            windows = [(0, size)]
+            windows = [(start, size)]
         else:
-            step = (size - sample_bytes) // (samples - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-            windows = [(i * step, sample_bytes) for i in range(samples)]
-        vec = np.zeros((max(n for _, n in windows) + mmap.PAGESIZE - 1) // mmap.PAGESIZE, dtype=np.uint8)
-        out = vec.ctypes.data
+            step = (size - sample_bytes) // (samples - 1) // page * page
+            windows = [(start + i * step, sample_bytes) for i in range(samples)]
         resident = total = 0
         for at, n in windows:
-            pages = (n + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-            if _libc.mincore(ctypes.c_void_p(base + at), ctypes.c_size_t(n), ctypes.c_void_p(out)) != 0:
+            pages = (n + page - 1) // page
+            vec = (ctypes.c_ubyte * pages)()
+            if _libc.mincore(ctypes.c_void_p(self._base + at), ctypes.c_size_t(n), vec) != 0:
                 return 0.0
-            resident += int(np.count_nonzero(vec[:pages] & 1))
+            resident += sum(b & 1 for b in vec)
             total += pages
         return resident / total
-    finally:
-        region.close()
+
+    def close(self) -> None:
+        """Drop the mapping."""
+        if self._region is not None:
+            self._region.close()
+            self._region = None
 
 
 def _aligned(view_owner: torch.Tensor, length: int) -> bool:

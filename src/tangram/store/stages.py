@@ -1,0 +1,89 @@
+"""Pipeline parts of the executor: the hashing stage and the bounce buffers kept across loads."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from tangram.store import io
+from tangram.store.landing import Aborted, Landing
+from tangram.store.plan import ReadRun
+
+
+class BouncePool:
+    """Pre-touched O_DIRECT bounce buffers kept across loads (at most `keep` idle).
+
+    Allocating and touching a 16 MiB bounce buffer per reader thread per load
+    delayed each thread's first read by about 7 ms: 3-5% of a cold 1 GB load.
+    """
+
+    def __init__(self, keep: int = 8) -> None:
+        self._keep = keep
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """An idle buffer of at least `nbytes`, else a new one."""
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if buf.numel() >= nbytes:
+                    return self._free.pop(i)
+        return io.host_buffer(nbytes)
+
+    def give(self, buf: torch.Tensor) -> None:
+        """Return a buffer taken with `take` (no load uses it any more)."""
+        with self._lock:
+            self._free.append(buf)
+            self._free.sort(key=lambda b: b.numel())
+            while len(self._free) > self._keep:
+                self._free.pop(0)  # the smallest go first
+
+
+class HashStage:
+    """One hashing thread per reader thread: lands (hashes, verifies, reports) each chunk its reader read, in order.
+
+    A reader's chunks are queued in its plan order, so a hashing thread only ever
+    waits (Landing.arrived) for a part planned before its own, which another
+    hashing thread already holds or will get: no cycle, no deadlock.
+    """
+
+    def __init__(self, land: Callable[[ReadRun], None], tracker: Landing) -> None:
+        self._land = land
+        self._tracker = tracker
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._pools: list[ThreadPoolExecutor] = []
+        self._futures: list[Future] = []
+        self.failed = threading.Event()
+
+    def submit(self, run: ReadRun) -> None:
+        """Queue `run` (its bytes are in their destinations) on the calling reader's hashing thread."""
+        pool = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = self._local.pool = ThreadPoolExecutor(1, thread_name_prefix="tangram-hash")
+            with self._lock:
+                self._pools.append(pool)
+        future = pool.submit(self._run, run)
+        with self._lock:
+            self._futures.append(future)
+
+    def _run(self, run: ReadRun) -> None:
+        try:
+            self._land(run)
+        except Aborted:
+            raise
+        except BaseException:
+            self.failed.set()  # readers stop taking chunks; hashing threads waiting on a part stop
+            self._tracker.abort()
+            raise
+
+    def close(self) -> list[BaseException]:
+        """Wait until every queued chunk is hashed or aborted; returns the errors raised, in queue order."""
+        with self._lock:
+            pools = list(self._pools)
+        for pool in pools:
+            pool.shutdown(wait=True)
+        return [e for f in self._futures if (e := f.exception()) is not None]
