@@ -128,11 +128,45 @@ def test_summary_verify_overhead_and_peers_exclude_tangram_rows():
     assert bench_load.model_summary(rows[:1], "m")["verify_overhead_cold"] is None
 
 
-def test_memory_budget_is_stated(result: tuple[dict, Path, str]) -> None:
+def test_memory_budget_is_stated_per_phase(result: tuple[dict, Path, str]) -> None:
     doc, _, console_text = result
     budget = doc["config"]["memory_budget"]["tiny-qwen2"]
-    parts = ("target", "dram_tier", "pool", "raw_read_scratch", "page_cache_file", "peer_host_copy")
+    parts = ("target", "dram_tier", "pool", "memcpy_source", "page_cache_file", "peer_host_copy")
     assert all(budget[k] > 0 for k in parts)
-    assert budget["total"] == sum(budget[k] for k in parts)
-    assert budget["machine"] > budget["total"]
-    assert "memory budget tiny-qwen2" in console_text
+    assert budget["raw_read_scratch"] == 0  # plain reads land in the target
+    t = budget["target"]
+    assert budget["phases"] == {
+        "cold": t + budget["peer_host_copy"], "warm": t + budget["page_cache_file"] + budget["peer_host_copy"],
+        "dram": t + budget["dram_tier"], "pool": t + budget["pool"], "memcpy": t + budget["memcpy_source"]}
+    assert budget["peak"] == max(budget["phases"].values()) < sum(budget[k] for k in parts)
+    assert budget["machine"] > budget["peak"]
+    assert "memory budget tiny-qwen2: peak" in console_text
+
+
+def test_phase_buffers_live_only_during_their_phase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tangram.bench.limits import Memcpy
+    from tangram.bench.load_methods import PoolMethod, TangramMethod
+
+    monkeypatch.setenv("TANGRAM_HOME", str(tmp_path / "home"))
+    seen: dict[int, Method] = {}
+    alive_during: list[tuple[str, str, list[str]]] = []
+    real = bench_load._timed
+
+    def timed(series, ckpt, target):  # which phase buffers are allocated while this series runs
+        seen[id(series.method)] = series.method
+        alive = [m.name + ":" + type(m).__name__ for m in seen.values() if m is not series.method and (
+            (isinstance(m, TangramMethod) and m.cache is not None) or (isinstance(m, PoolMethod) and m.pool is not None)
+            or (isinstance(m, Memcpy) and m.src is not None))]
+        alive_during.append((series.state, series.method.name, alive))
+        if isinstance(series.method, TangramMethod) and series.method.cached:
+            assert series.method.cache is not None  # its own phase: the DRAM tier is there
+        return real(series, ckpt, target)
+
+    monkeypatch.setattr(bench_load, "_timed", timed)
+    doc = bench_load.run_load_bench(quick=True, json_path=None, device="cpu", workdir=tmp_path / "work",
+                                    console=Console(file=io.StringIO()), models=["tiny-qwen2"], repeats=2,
+                                    progress=False)
+    assert {(r["state"], r["method"]) for r in doc["rows"] if not r.get("error")} >= {
+        ("dram", "tangram"), ("pool", "tangram"), ("warm", "memcpy"), ("cold", "tangram"), ("warm", "tangram")}
+    assert len(alive_during) > 10
+    assert all(alive == [] for _, _, alive in alive_during), [a for a in alive_during if a[2]]

@@ -88,10 +88,11 @@ class RawRead(Limit):
                 os.close(fd)
 
     def close(self) -> None:
-        """Stop the reader threads."""
+        """Stop the reader threads and drop the buffer."""
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
+        self.scratch = None
 
 
 def raw_read_variants(direct_ok: bool) -> list[RawRead]:
@@ -121,6 +122,9 @@ class Memcpy(Limit):
         assert self.src is not None and self.dst is not None
         self.dst.copy_(self.src)
 
+    def release(self) -> None:
+        self.src = self.dst = None
+
 
 class H2DPinned(Limit):
     """Limit (CUDA only): one copy of the payload bytes from pinned host memory into the device buffer."""
@@ -138,3 +142,6 @@ class H2DPinned(Limit):
         assert self.src is not None
         target.buffer[: self.nbytes].copy_(self.src, non_blocking=True)
         target.sync()
+
+    def release(self) -> None:
+        self.src = None

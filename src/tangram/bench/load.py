@@ -42,7 +42,7 @@ from tangram.store.io import evict_from_page_cache, odirect_supported, populate_
 
 log = logging.getLogger(__name__)
 
-FULL_MODELS = ("qwen2-0.5b", "qwen2-1.5b")
+FULL_MODELS = ("qwen2-0.5b", "qwen2-1.5b", "qwen2.5-3b")
 QUICK_MODELS = ("qwen2-0.5b-2l",)
 FULL_REPEATS = 5
 QUICK_REPEATS = 3
@@ -130,34 +130,21 @@ def _bench_model(
     raw_s = [_Series(ckpt.name, "cold", r, sum(p.stat().st_size for p in data_files)) for r in raws]
     warm_limits = [_Series(ckpt.name, "warm", m, nbytes) for m in limits_warm]
     everything = cold + warm + [dram_s, pool_s] + raw_s + warm_limits
-    prepared = cold + [dram_s, pool_s] + raw_s + warm_limits
+    # Buffers of their own (DRAM tier, pool arena, memcpy source) exist only during their phase of each
+    # repeat, so they never take the page cache a warm run needs; raw reads land in the target.
+    scoped = [dram_s, pool_s, *warm_limits]
+    prepared = cold + raw_s + scoped
     bar.add_total(len(prepared) + repeats * len(everything))
 
     # Untimed: a first run of every loader (imports, library start-up, the store's read-method probe) and checks.
-    scratch = None
     for s in prepared:
         bar.describe(f"{ckpt.name}: prepare {s.method.name}")
-        try:
-            if isinstance(s.method, Limit):
-                s.method.prepare(ckpt, target, scratch)
-                if scratch is None and isinstance(s.method, RawRead):
-                    scratch = s.method.scratch
-            else:
-                s.method.prepare(ckpt, target)
-                if s.state == "cold":
-                    target.clear()
-                    s.method.run(ckpt, target)
-                    if target.mismatches():
-                        raise RuntimeError("content check failed on the warm-up run")
-        except Exception as exc:  # noqa: BLE001
-            s.error = f"{type(exc).__name__}: {exc}"
-            log.warning("%s: %s failed to start: %s", ckpt.name, s.method.name, s.error)
-            for w in warm:
-                if w.method is s.method:
-                    w.error = s.error
+        _prepare(s, ckpt, target, warm)
+        if s in scoped:
+            s.method.release()
         bar.advance()
-
-    config.setdefault("memory_budget", {})[ckpt.name] = memory_budget(ckpt, target, scratch, nbytes)
+    gc.collect()
+    config.setdefault("memory_budget", {})[ckpt.name] = memory_budget(ckpt, target, raws, nbytes)
 
     # Everything alive now (torch, the peers' modules) moves out of the collector's sight, so the
     # gc.collect() before each timed run costs microseconds instead of ~0.15 s.
@@ -166,11 +153,19 @@ def _bench_model(
     try:
         for rep in range(repeats):
             for phase in (cold + raw_s, warm, [dram_s], [pool_s], warm_limits):
+                own = [s for s in phase if s in scoped and not s.error]
+                for s in own:
+                    bar.describe(f"{ckpt.name}: {s.state} {s.method.name}: set up ({rep + 1}/{repeats})")
+                    _prepare(s, ckpt, target, [])
                 k = rep % len(phase) if phase else 0
                 for s in phase[k:] + phase[:k]:  # rotate the order each repeat
                     bar.describe(f"{ckpt.name}: {s.state} {s.method.name} ({rep + 1}/{repeats})")
                     _timed(s, ckpt, target)
                     bar.advance()
+                for s in own:
+                    s.method.release()
+                if own:
+                    gc.collect()  # a dropped pool is freed only by the collector (reference cycles)
     finally:
         gc.unfreeze()
         for r in raws:
@@ -186,20 +181,55 @@ def _bench_model(
     return rows
 
 
-def memory_budget(ckpt: SyntheticCheckpoint, target: Target, scratch: torch.Tensor | None, nbytes: int) -> dict[str, int]:
-    """Bytes this model's runs hold at once: the buffers alive through every repeat, the page cache one warm
-    run needs (its largest file) and a peer's own host copy; against the machine's memory."""
-    budget = {
+def _prepare(s: _Series, ckpt: SyntheticCheckpoint, target: Target, warm: list[_Series]) -> None:
+    """Untimed set-up of one series (a cold loader also makes a checked first run); a failure is recorded
+    on it and on the warm series of the same method."""
+    try:
+        if isinstance(s.method, RawRead):
+            s.method.prepare(ckpt, target, target.buffer)  # plain reads land in the target (cleared before loads)
+        elif isinstance(s.method, Limit):
+            s.method.prepare(ckpt, target, None)
+        else:
+            s.method.prepare(ckpt, target)
+            if s.state == "cold":
+                target.clear()
+                s.method.run(ckpt, target)
+                if target.mismatches():
+                    raise RuntimeError("content check failed on the warm-up run")
+    except Exception as exc:  # noqa: BLE001
+        s.error = f"{type(exc).__name__}: {exc}"
+        log.warning("%s: %s failed to start: %s", ckpt.name, s.method.name, s.error)
+        for w in warm:
+            if w.method is s.method:
+                w.error = s.error
+
+
+def memory_budget(ckpt: SyntheticCheckpoint, target: Target, raws: Sequence[RawRead], nbytes: int) -> dict[str, Any]:
+    """Bytes each phase of this model's runs holds at once, its peak, and the machine's memory.
+
+    The target lives through every phase; the DRAM tier, the pool arena and the memcpy source only in
+    their own phase; a warm run needs its largest file in the page cache; a peer makes its own host copy.
+    """
+    scratch = [r.scratch for r in raws if r.scratch is not None]
+    own_scratch = sum({id(t): t.numel() for t in scratch if t.data_ptr() != target.buffer.data_ptr()}.values())
+    parts = {
         "target": target.buffer.numel(),
         "dram_tier": nbytes + (64 << 20),
         "pool": sum(align_up(e.nbytes, 4096) for e in Checkpoint(ckpt.tangram_dir).index.tensors.values()) + (1 << 20),
-        "raw_read_scratch": scratch.numel() if scratch is not None else 0,
+        "raw_read_scratch": own_scratch,
+        "memcpy_source": nbytes,
         "page_cache_file": max(sum(p.stat().st_size for p in ckpt.files(f)) for f in ckpt.formats),
         "peer_host_copy": nbytes,
     }
-    budget["total"] = sum(budget.values())
-    budget["machine"] = _mem_total()
-    return budget
+    t = parts["target"]
+    phases = {
+        "cold": t + parts["raw_read_scratch"] + parts["peer_host_copy"],
+        "warm": t + parts["page_cache_file"] + parts["peer_host_copy"],
+        "dram": t + parts["dram_tier"],
+        "pool": t + parts["pool"],
+        "memcpy": t + parts["memcpy_source"],
+    }
+    return {**parts, "phases": phases, "peak": max(phases.values()), "machine": _mem_total()}
 
 
 def _mem_total() -> int:
@@ -335,9 +365,10 @@ def run_load_bench(
         title = f"bench load: {m['name']} ({m['bytes'] / 1e9:.2f} GB), {dev}, {config['mode']}, medians of {n_rep}"
         print_table(console, title, COLUMNS, _display_rows(rows, m["name"]))
     for name, b in config.get("memory_budget", {}).items():
-        over = " (over the machine's memory: warm runs may read from disk)" if b["machine"] and b["total"] > b["machine"] else ""
-        console.print(f"memory budget {name}: {b['total'] / 1e9:.1f} GB of {b['machine'] / 1e9:.1f} GB "
-                      f"(target, DRAM tier, pool, raw-read scratch, one file's page cache, a peer's host copy){over}")
+        over = " (over the machine's memory: warm runs may read from disk)" if b["machine"] and b["peak"] > b["machine"] else ""
+        per = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in b["phases"].items())
+        console.print(f"memory budget {name}: peak {b['peak'] / 1e9:.1f} GB of {b['machine'] / 1e9:.1f} GB "
+                      f"(per phase: {per}; buffers of a phase are freed after it){over}")
     print_summary(console, f"summary ({headline})", summary)
     if json_path is not None:
         write_result(result, json_path)

@@ -21,7 +21,7 @@ import torch
 
 from tangram.bench.synthetic import SyntheticCheckpoint
 from tangram.store import Checkpoint, CheckpointIndex, HostCache, Loader
-from tangram.store.format import align_up
+from tangram.store.format import ALIGNMENT, align_up
 from tangram.store import probe, probe_auto
 from tangram.store.hashing import hash_bytes
 from tangram.store.io import host_buffer
@@ -49,6 +49,9 @@ class Target:
         for name in order:
             offsets[name] = total
             total += align_up(index.tensors[name].nbytes, DEST_ALIGNMENT)
+        # Slack past the last tensor: a whole number of blocks per data file, so plain reads of the data
+        # files (the raw_read limit) can land in this buffer instead of a scratch buffer of their own.
+        total += (len(index.files) + 1) * ALIGNMENT
         if device.type == "cuda":
             buf = torch.zeros(total, dtype=torch.uint8, device=device)
         else:
@@ -135,6 +138,9 @@ class Method(ABC):
     def finish(self) -> None:
         """Untimed clean-up after a run has been checked."""
 
+    def release(self) -> None:
+        """Free what `prepare` allocated (a method with buffers of its own holds them only during its phase)."""
+
 
 def _importable(module: str) -> str | None:
     try:
@@ -154,7 +160,8 @@ class TangramMethod(Method):
         super().__init__("tangram" if verify else "tangram_noverify", "tangram")
         self.verify = verify
         self.loader = Loader(verify=verify)
-        self.cache = HostCache(0) if cache else None
+        self.cached = cache
+        self.cache: HostCache | None = None  # the DRAM tier, filled by `prepare`
         self.settings = {"threads": self.loader.threads, "chunk_bytes": self.loader.chunk_bytes, "method": None,
                          "verify": verify}
 
@@ -171,7 +178,7 @@ class TangramMethod(Method):
                     probe.measure(first)
             cfg = self.loader.config(first, opened.index.total_bytes)
             self.settings.update(method=cfg.method.value, threads=cfg.threads, chunk_bytes=cfg.chunk_bytes)
-        if self.cache is not None:
+        if self.cached:
             self.cache = HostCache(opened.index.total_bytes + (64 << 20))
             self.loader = Loader(cache=self.cache, verify=self.verify)
             self.loader.load_into(opened, target.views)
@@ -181,9 +188,16 @@ class TangramMethod(Method):
                 raise RuntimeError(f"host cache did not take {len(missing)} tensors (first {missing[0]!r})")
 
     def run(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
+        if self.cached and self.cache is None:
+            raise RuntimeError("the DRAM tier is not filled (prepare first)")
         stats = self.loader.load_into(Checkpoint(ckpt.tangram_dir), target.views)
-        if self.cache is not None and stats.bytes_from_disk:
+        if self.cached and stats.bytes_from_disk:
             raise RuntimeError(f"dram run read {stats.bytes_from_disk} bytes from disk (cache miss)")
+
+    def release(self) -> None:
+        if self.cached:  # drop the DRAM tier: the loader holding it goes too
+            self.cache = None
+            self.loader = Loader(verify=self.verify)
 
 
 class SafetensorsMethod(Method):
@@ -325,6 +339,11 @@ class PoolMethod(Method):
         if self.pool is not None and self.binding is not None:
             self.pool.release(self.binding)
             self.binding = None
+
+    def release(self) -> None:
+        self.finish()
+        self.pool = None  # freed at the next gc.collect() (the pool holds reference cycles)
+        self.opened = None
 
 
 def loader_methods(formats: list[str]) -> tuple[list[Method], dict[str, str]]:

@@ -54,6 +54,7 @@ MODELS: dict[str, ModelSpec] = {
     for spec in (
         _qwen2("qwen2-0.5b", 896, 4864, 24, 14, 2),  # ~0.99 GB fp16 (lm_head tied to the embedding)
         _qwen2("qwen2-1.5b", 1536, 8960, 28, 12, 2),  # ~3.1 GB fp16
+        _qwen2("qwen2.5-3b", 2048, 11008, 36, 16, 2),  # ~6.2 GB fp16 (Qwen2.5-3B's shapes, tied embedding)
         _qwen2("qwen2-0.5b-2l", 896, 4864, 2, 14, 2),  # quick mode: ~0.33 GB, the real embedding and 2 layers
         _qwen2("tiny-qwen2", 64, 128, 2, 4, 2, vocab=1024),  # unit tests: ~0.4 MB
     )
