@@ -95,7 +95,7 @@ def test_a_sequence_never_writes_outside_its_blocks():
     pool = DevicePool(8 * 4096)
     kv = KVAllocator(pool, s)
     mine, other = kv.allocate(1), kv.allocate(1)
-    view = other[0].data.view(torch.float32)
+    view = kv.block_view(other[0])
     view.fill_(7.0)
     c = PagedCache(s, kv.elements, [SeqSlot([kv.offset(mine[0])], 0)], 4)
     for layer in range(2):
@@ -108,7 +108,7 @@ def test_paged_cache_batched_prefill_writes_only_the_real_rows_of_padded_prompts
     pool = DevicePool(16 * 4096)
     kv = KVAllocator(pool, s)
     long, short = kv.allocate(2), kv.allocate(1)
-    untouched = short[0].data.view(torch.float32).clone()
+    untouched = kv.block_view(short[0]).clone()
     slots = [SeqSlot([kv.offset(b) for b in long], 0), SeqSlot([kv.offset(short[0])], 0)]
     c = PagedCache(s, kv.elements, slots, [6, 2])  # the second prompt is left-padded by 4 rows
     assert c.get_seq_length() == 0 and c.get_mask_sizes(6, 0) == (6, 0)
@@ -119,6 +119,6 @@ def test_paged_cache_batched_prefill_writes_only_the_real_rows_of_padded_prompts
     torch.testing.assert_close(keys[1, :, 4:], k[1, :, 4:], rtol=0, atol=0)  # its two real rows, right-aligned
     assert c.attention_mask([6, 2]).tolist() == [[1] * 6, [0, 0, 0, 0, 1, 1]]
     # the short prompt's block holds its 2 real rows of layer 0 and nothing of the padding
-    after = short[0].data.view(torch.float32).view(2, 4, 2, 2, 8)  # [layer, token, k/v, head, dim]
+    after = kv.block_view(short[0]).view(2, 4, 2, 2, 8)  # [layer, token, k/v, head, dim]
     torch.testing.assert_close(after[0, :2, 0], k[1, :, 4:].transpose(0, 1), rtol=0, atol=0)
     torch.testing.assert_close(after[0, 2:], untouched.view(2, 4, 2, 2, 8)[0, 2:], rtol=0, atol=0)

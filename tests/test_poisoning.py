@@ -129,9 +129,9 @@ def test_a_background_acquire_of_a_corrupt_copy_fails_its_waiters(original, tmp_
     bad = corrupt_copy(path, tmp_path / "bad", "layer0.weight")
     pool = DevicePool(1 << 20, loader=Loader(method="pread"))
     binding = pool.acquire(bad, background=True)
-    binding.job.done.wait(30)
-    assert isinstance(binding.job.error, HashMismatchError)
-    assert binding.ready["layer0.weight"].is_set() and binding.shared_failed()  # waiters wake and see the failure
+    binding.loading.wait(30)
+    assert binding.loading.done() and isinstance(binding.loading.error, HashMismatchError)
+    assert binding.loading.landed["layer0.weight"].is_set() and binding.loading.failed()  # waiters wake, see it
     pool.release(binding)
     key = read_index(path).tensors["layer0.weight"].key
     assert key not in {t["key"] for t in pool.snapshot()["tensors"]}

@@ -135,11 +135,12 @@ def test_loads_land_intact_in_memory_touched_while_they_write(tmp_path, monkeypa
     state = {f"w{i}": make_tensor((1 << 18,), torch.float32, seed=i) for i in range(8)}  # 8 MiB
     save(state, tmp_path / "m")
     pool = DevicePool(64 << 20, loader=Loader(method="pread"))
-    kv = pool.allocate_kv(16 << 20)  # the model lands above 16 MiB, beyond the touch-ahead
+    region = pool.kv_region(16 << 20, torch.uint8)
+    kv = region.allocate(1)  # the model lands above 16 MiB, beyond the touch-ahead
     binding = pool.acquire(tmp_path / "m")
     for name, want in state.items():
         assert torch.equal(binding.tensors[name].view(torch.uint8), want.view(torch.uint8)), name
     assert pool.arena.toucher.idle.wait(30)
     assert pool.arena.toucher.mark >= pool.arena.blocks()[-1].offset + pool.arena.blocks()[-1].size
     pool.release(binding)
-    pool.free_kv(kv)
+    region.free(kv)

@@ -73,14 +73,15 @@ def test_the_pool_map_equals_the_snapshot_and_an_eviction_names_whose_bytes_went
     seen: list[Eviction] = []
     pool = DevicePool(6 * 16384, loader=Loader(method="pread"), on_evict=seen.append)  # room for 1.5 models
     b1 = pool.acquire(m1, model="one")
-    kv = pool.allocate_kv(KB)
+    region = pool.kv_region(KB, torch.uint8)
+    kv = region.allocate(1)
     snap, arena = pool.snapshot(), pool.pool_map()
     assert arena.totals == snap["totals"] and arena.kv_bytes == snap["kv_bytes"] == KB
     assert arena.largest_free == snap["largest_free"] and arena.fragmentation == snap["fragmentation"]
     assert arena.tensors == len(snap["tensors"]) == 4
     assert [(s.state, s.models, s.tensors) for s in arena.segments] == [
         ("active", ("one",), 4), ("kv", (), 1), ("free", (), 0)]
-    pool.free_kv(kv)
+    region.free(kv)
     pool.release(b1)
     assert not seen
     b2 = pool.acquire(m2, model="two")  # needs one's retained bytes
@@ -91,5 +92,5 @@ def test_the_pool_map_equals_the_snapshot_and_an_eviction_names_whose_bytes_went
     assert arena.totals == pool.snapshot()["totals"]
     assert {s.models for s in arena.segments if s.state == "active"} == {("two",)}
     pool.release(b2)
-    pool.allocate_kv(6 * 16384 - 4096)  # a KV block that needs retained bytes: evicted for no model
+    assert pool.kv_region(6 * 16384 - 4096, torch.uint8).allocate(1)  # needs retained bytes: evicted for no model
     assert seen[-1].for_model is None and seen[-1].bytes > 0

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tangram.pool.policy import (
-    Extent, Policy, State, decayed_rate, eviction_order, find_window, fragmentation, largest_free, retention_gain,
+    Extent, PoolPolicy, State, decayed_rate, eviction_order, find_window, fragmentation, largest_free, retention_gain,
 )
 
 F, R, A = State.FREE, State.RETAINED, State.ACTIVE
@@ -58,9 +58,9 @@ def test_window_takes_whole_retained_tensors():
 
 def test_eviction_orders():
     ext = layout((100, R, 9.0), (400, R, 9.0), (100, A, 0), (100, R, 1.0))
-    assert eviction_order(ext, Policy.LRU) == [0, 1, 3]  # last_used = position
-    assert eviction_order(ext, Policy.LFU) == [3, 1, 0]  # uses = 10 - position
-    assert eviction_order(ext, Policy.TANGRAM) == [3, 1, 0]  # gain per byte: 0.01, 0.0225, 0.09
+    assert eviction_order(ext, PoolPolicy.LRU) == [0, 1, 3]  # last_used = position
+    assert eviction_order(ext, PoolPolicy.LFU) == [3, 1, 0]  # uses = 10 - position
+    assert eviction_order(ext, PoolPolicy.TANGRAM) == [3, 1, 0]  # gain per byte: 0.01, 0.0225, 0.09
 
 
 def test_fragmentation_and_largest_free():

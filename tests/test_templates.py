@@ -73,8 +73,6 @@ def test_first_run_records_first_use_order(model_ckpt):
     index = read_index(ckpt)
     assert set(order) == set(index.tensors) | set(index.aliases) and len(order) == len(set(order))
     assert all(n.startswith("model.layers.0.") for n in t.groups[1])  # grouped by block
-    assert "mm" in t.ops or "linear" in t.ops or "addmm" in t.ops
-    assert 0 < t.workspace_bytes < 1 << 20  # activations of a 7-token prompt, not the arena views
     assert out.output_ids == reference_greedy(model, PROMPT, 8)
 
 
@@ -110,7 +108,8 @@ def test_execute_while_load_gives_identical_logits(model_ckpt):
         blocks = inst.kv.allocate(2)
         logits = runner.prefill(PROMPT, [inst.kv.offset(b) for b in blocks])
         assert waits.waits > 0  # modules really waited for their weights
-        assert waits.job.done.wait(10)
+        waits.loading.wait(10)
+        assert waits.loading.done()
         runner.decode([0], [SeqSlot([inst.kv.offset(b) for b in blocks], len(PROMPT))])
         inst.kv.free(blocks)
         # hooks come off at the first forward after the load is over (the last weight can land while the
@@ -153,7 +152,7 @@ def test_templates_off_is_the_plain_start(model_ckpt):
     model, ckpt = model_ckpt
     run(ckpt)
     inst, out = run(ckpt, templates=False)
-    assert inst.template is None and inst.binding.job is not None and inst.engine.runner.waits is None
+    assert inst.template is None and inst.binding.loading.done() and inst.engine.runner.waits is None
     assert out.output_ids == reference_greedy(model, PROMPT, 8)
 
 
@@ -221,7 +220,7 @@ def test_a_worker_warms_for_an_expected_model_before_traffic(model_ckpt, tmp_pat
     assert len(kept) == 1 and all(p.is_meta for p in kept[0].parameters())  # built, holding no memory
     replica = worker.start("m", fresh, EngineConfig(block_tokens=4), time.perf_counter())
     try:
-        assert replica.instance.model is kept[0]  # the first start only bound the tensors into it
+        assert replica.backend.instance.model is kept[0]  # the first start only bound the tensors into it
         sink = OutputQueue()
         replica.submit(PROMPT, GREEDY, sink, arrival=time.perf_counter())
         while not (out := sink.q.get(timeout=60)).finished:
@@ -255,7 +254,7 @@ def test_a_start_sharing_tensors_another_start_still_loads_waits_for_them(model_
     cfg = EngineConfig(block_tokens=4, overlap="on")
     with Instance(ckpt, pool, cfg) as a, Instance(ckpt_b, pool, cfg) as b:
         assert 0 < b.binding.bytes_loaded < b.binding.bytes_reused  # B loads only its own block
-        assert not a.binding.job.done.is_set()  # A is still loading what B shares
+        assert not a.binding.loading.done()  # A is still loading what B shares
         out_b = b.engine.generate([PROMPT], GREEDY)[0]
         out_a = a.engine.generate([PROMPT], GREEDY)[0]
     assert out_b.output_ids == reference_greedy(other, PROMPT, 8)
@@ -289,7 +288,7 @@ def test_a_failed_load_of_shared_tensors_fails_the_other_start_cleanly(model_ckp
         a.close()
         raise
     with b:
-        assert not b.binding.ready["model.layers.0.mlp.down_proj.weight"].is_set()
+        assert not b.binding.loading.landed["model.layers.0.mlp.down_proj.weight"].is_set()
         gate.set()  # A's load fails while B waits for tensors it shares with A
         out = b.engine.generate([PROMPT], GREEDY)[0]
         assert out.finish_reason == "error" and "failed" in out.error

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import httpx
 
-from tangram.bench.baseline_loader import SafetensorsLoader
 from tangram.bench.coldstart_workload import Configuration, Sizes
 from tangram.bench.kv_workload import ModelPaths, TraceRequest
 from tangram.control import Deployment, ServeConfig
 from tangram.engine import EngineConfig
+from tangram.pool import PoolConfig
 from tangram.serve import Server
 from tangram.store import Checkpoint
 from tangram.store.io import evict_from_page_cache
@@ -38,6 +38,12 @@ WARM_REPEATS = 3
 def engine_config(cfg: Configuration) -> EngineConfig:
     """The engine of every deployment: the defaults (max_batch 16), a 256-token context, the config's KV mode."""
     return EngineConfig(kv_mode=cfg.kv_mode, templates=cfg.templates, max_model_len=MAX_MODEL_LEN)
+
+
+def pool_config(cfg: Configuration, paths: dict[str, ModelPaths]) -> PoolConfig:
+    """The device pools of a configuration: retention, sharing and the loader (the baselines are configurations)."""
+    sources = {str(p.ckpt): str(p.hf) for p in paths.values()} if cfg.loader == "safetensors" else {}
+    return PoolConfig(retain=cfg.retain, share=cfg.share, loader=cfg.loader, safetensors_sources=sources)
 
 
 def _deployments(cfg: Configuration, paths: dict[str, ModelPaths], keep_alive_s: float) -> list[Deployment]:
@@ -75,12 +81,8 @@ def run_config(cfg: Configuration, paths: dict[str, ModelPaths], trace: list[Tra
     """Replay `trace` on a server set up as `cfg`; request results, warm TTFTs, bytes loaded, pool samples."""
     serve = ServeConfig(port=0, pool_capacity=capacity, admin_token=TOKEN, cpu_devices=sizes.devices,
                         host_cache_bytes=(2 * capacity if cfg.host_cache else 0), scheduler=cfg.scheduler,
-                        deployments=_deployments(cfg, paths, sizes.keep_alive_s))
+                        pool=pool_config(cfg, paths), deployments=_deployments(cfg, paths, sizes.keep_alive_s))
     server = Server(serve)
-    for w in server.workers:
-        w.pool.retain, w.pool.share = cfg.retain, cfg.share
-        if cfg.loader == "safetensors":
-            w.pool.loader = SafetensorsLoader({str(p.ckpt): p.hf for p in paths.values()})
     for p in paths.values():  # every configuration starts from disk
         for f in [*Checkpoint(p.ckpt).data_files(), *p.hf.glob("*.safetensors")]:
             evict_from_page_cache(f)

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tangram.engine import EngineConfig
+from tangram.pool import PoolConfig
 from tangram.pool.capacity import HELP as CAPACITY_HELP
 from tangram.pool.capacity import PoolCapacity
 
@@ -62,6 +63,8 @@ class ServeConfig(BaseModel):
     host_cache_bytes: int = Field(0, ge=0, description="host DRAM cache tier shared by the workers (0 = off)")
     scheduler: Literal["tangram", "sllm", "least-loaded", "random"] = Field(
         "tangram", description="placement of new instances across devices")
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="placement, retention, sharing and loading of "
+                             "every device pool (tangram.pool.PoolConfig; default: Tangram's own)")
     deployments: list[Deployment] = Field(default_factory=list)
 
     @classmethod

@@ -371,15 +371,11 @@ class Engine:
                  chat: bool = False, stall_timeout_s: float = 60.0) -> list[RequestOutput]:
         """Run prompts to completion on the calling thread; final outputs (full text) in prompt order."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        sinks = [OutputQueue() for _ in prompts]
-        for p, sp, sink in zip(prompts, plist, sinks):
-            self.add_request(p, sp, sink=sink, chat=chat)
+        sinks: list[list[RequestOutput]] = [[] for _ in prompts]
+        for p, sp, outs in zip(prompts, plist, sinks):
+            self.add_request(p, sp, sink=outs.append, chat=chat)
         self.run_until_idle(stall_timeout_s)
-        finals = []
-        for sink in sinks:
-            outs = list(sink.q.queue)
-            finals.append(outs[-1])
-        return finals
+        return [outs[-1] for outs in sinks]
 
     def run_until_idle(self, stall_timeout_s: float = 60.0) -> None:
         """Step until no request is left; waits on the pool while stalled, raises after `stall_timeout_s`."""
@@ -390,7 +386,7 @@ class Engine:
             elif self.clock() - last > stall_timeout_s:
                 raise TimeoutError(f"no KV memory came back for {stall_timeout_s:.0f} s")
             else:
-                self.kv.pool.wait_for_space(0.05)
+                self.kv.wait_for_space(0.05)
 
     def shutdown(self) -> None:
         """Abort everything and free its KV blocks."""

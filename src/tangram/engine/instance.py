@@ -101,9 +101,9 @@ class Instance:
         t1 = time.perf_counter()
         try:
             self.engine = self._build(ckpt.path)
-            job = self.binding.job
-            if job is not None and job.done.is_set() and job.error is not None:
-                raise job.error  # the background load failed before any forward could notice
+            loading = self.binding.loading
+            if loading.done() and loading.error is not None:
+                raise loading.error  # the background load failed before any forward could notice
         except BaseException:
             self._release()
             raise
@@ -115,7 +115,7 @@ class Instance:
         self._cost_lock = threading.Lock()
         self.engine.start_cost, self.engine.ready_at = self.cost, t2
         self.engine.finalize_start = self.finalize_cost
-        if b.job is None or b.job.done.is_set():
+        if b.loading.done():
             self.finalize_cost()
 
     def finalize_cost(self) -> None:
@@ -127,11 +127,11 @@ class Instance:
         if self._finalized:
             return
         b = self.binding
-        if b.job is not None and b.job.began:
-            b.job.done.wait()
-            self.cost.load_s = b.job.seconds
-            self.cost.load_begin, self.cost.load_end = b.job.began - self.arrival, b.job.ended - self.arrival
-            self.engine.ready_at = max(self.engine.ready_at, b.job.ended)
+        if b.loading.began:
+            b.loading.wait()
+            self.cost.load_s = b.loading.seconds
+            self.cost.load_begin, self.cost.load_end = b.loading.began - self.arrival, b.loading.ended - self.arrival
+            self.engine.ready_at = max(self.engine.ready_at, b.loading.ended)
         stats = b.wait_loaded()
         self.cost.start = StartCost.classify(b.bytes_loaded, stats.bytes_from_cache if stats else 0)
         self._finalized = True
@@ -140,8 +140,7 @@ class Instance:
                  self.cost.init_s, " (template: overlapped)" if self.template else "")
 
     def _release(self) -> None:
-        if self.binding.job is not None:
-            self.binding.job.done.wait()  # never free pool bytes a load thread still writes
+        self.binding.loading.wait()  # never free pool bytes a load thread still writes
         if self.waits is not None:  # a load that never finished (or failed) leaves its hooks: never on a kept skeleton
             self.waits.remove()
             self.waits = None
@@ -169,13 +168,11 @@ class Instance:
             limit = reserve
         else:
             self.kv = KVAllocator(self.pool, spec, KVMode.ELASTIC)
-            limit = max(0, self.pool.capacity - weights) // self.pool.arena.size_of(spec.block_bytes)
+            limit = max(0, self.pool.capacity - weights) // self.kv.block_size
         runner = ModelRunner(model, self.kv)
-        job = self.binding.job
-        landing = job is not None and not all(e.is_set() for e in self.binding.ready.values())
+        landing = not self.binding.loading.all_landed()
         if self.template is not None and landing:  # this start's load, or another's of tensors both share
-            self.waits = runner.waits = WaitForWeights(model, self.binding.ready, job,
-                                                       failed=self.binding.shared_failed)
+            self.waits = runner.waits = WaitForWeights(model, self.binding.loading)
             warm(model.config, self.template, dtype, self.pool.device)
         elif cfg.templates and self.template is None:
             runner.recorder = Recorder(model, names_by_param(model, self.binding.tensors))
@@ -186,8 +183,7 @@ class Instance:
     def _save_template(self, rec: Recorder, tokens: int, model) -> None:
         names = list(self.checkpoint.index.tensors)
         template = Template(checkpoint_id=checkpoint_id(self.path), libraries=libraries(),
-                            architecture=type(model).__name__, groups=rec.groups(names), prefill_tokens=tokens,
-                            hidden_shape=rec.hidden_shape, ops=rec.ops, workspace_bytes=rec.workspace_bytes)
+                            architecture=type(model).__name__, groups=rec.groups(names), prefill_tokens=tokens)
         try:
             path = save_template(self.path, template)
             log.info("recorded the start-up template of %s: %s", self.name, path)

@@ -77,10 +77,73 @@ class LoadFailed(RuntimeError):
     """A model's weights could not be loaded: the instance bound to them can serve nothing."""
 
 
-def wait_for(events: Sequence[threading.Event], job: LoadJob | None) -> None:
-    """Block until every event is set; raise LoadFailed if the load failed."""
-    for e in events:
-        e.wait()
-    if job is not None and job.error is not None:
-        raise LoadFailed(f"loading the model's weights failed: {job.error}") from job.error
+class LoadHandle:
+    """What one acquire loads, as its caller sees it: per-tensor landed events, completion, failure, timing.
+
+    `landed[name]` is set once tensor `name` (an alias included) is in place, whether this acquire or another
+    one sharing it loaded it. `done()` / `wait()`: this acquire's own load is over (at once for a pool hit).
+    `error`: why this load failed; `failed()`: this load or a concurrent load of a shared tensor failed.
+    """
+
+    def __init__(self, job: LoadJob, landed: Mapping[str, threading.Event],
+                 shared_failed: Callable[[], bool] = lambda: False) -> None:
+        self._job, self.landed, self._shared_failed = job, landed, shared_failed
+        self._own = {id(e) for e in job.events.values()}
+        self._stats: LoadStats | None = None
+
+    def _finished(self, stats: LoadStats) -> None:
+        self._stats = stats
+
+    @property
+    def stats(self) -> LoadStats | None:
+        """What the load did once it is over (None before, when nothing was loaded, or when it failed)."""
+        return self._stats
+
+    def done(self) -> bool:
+        """Whether this acquire's load is over (landed or failed)."""
+        return self._job.done.is_set()
+
+    def wait(self, timeout: float | None = None) -> LoadStats | None:
+        """Block until this acquire's load is over; its stats (None: nothing was loaded, or it failed)."""
+        self._job.done.wait(timeout)
+        return self._stats
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception this acquire's load failed with, if it did."""
+        return self._job.error
+
+    def failed(self) -> bool:
+        """Whether this load, or another acquire's load of a tensor bound here, has failed."""
+        return self.error is not None or self._shared_failed()
+
+    def all_landed(self) -> bool:
+        """Whether every tensor bound here is in place."""
+        return all(e.is_set() for e in self.landed.values())
+
+    def own(self, event: threading.Event) -> bool:
+        """Whether `event` is one this acquire's load sets (not another acquire's, of a shared tensor)."""
+        return id(event) in self._own
+
+    @property
+    def began(self) -> float:
+        """perf_counter() when the load began (0 before it has)."""
+        return self._job.began
+
+    @property
+    def ended(self) -> float:
+        """perf_counter() when the load ended (0 before it has)."""
+        return self._job.ended
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of the load (so far)."""
+        return self._job.seconds
+
+    def check(self, events: Sequence[threading.Event]) -> None:
+        """Block until every event is set; raise LoadFailed if this acquire's load failed."""
+        for e in events:
+            e.wait()
+        if self.error is not None:
+            raise LoadFailed(f"loading the model's weights failed: {self.error}") from self.error
 

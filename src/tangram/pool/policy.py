@@ -30,7 +30,7 @@ class State(str, Enum):
     ACTIVE = "active"
 
 
-class Policy(str, Enum):
+class PoolPolicy(str, Enum):
     """Eviction / placement policy of a pool."""
 
     TANGRAM = "tangram"
@@ -128,12 +128,12 @@ def find_window(extents: Sequence[Extent], need: int, cost: Callable[[Extent], f
     return best
 
 
-def eviction_order(extents: Sequence[Extent], policy: Policy) -> list[int]:
+def eviction_order(extents: Sequence[Extent], policy: PoolPolicy) -> list[int]:
     """Indices of retained extents in the order a policy evicts them (first = first victim)."""
     retained = [i for i, e in enumerate(extents) if e.state is State.RETAINED]
-    if policy is Policy.LRU:
+    if policy is PoolPolicy.LRU:
         return sorted(retained, key=lambda i: (extents[i].last_used, extents[i].offset))
-    if policy is Policy.LFU:
+    if policy is PoolPolicy.LFU:
         return sorted(retained, key=lambda i: (extents[i].uses, extents[i].last_used, extents[i].offset))
     # tangram: least gain per byte first
     return sorted(retained, key=lambda i: (extents[i].gain / max(extents[i].size, 1), extents[i].offset))

@@ -22,29 +22,32 @@ from pathlib import Path
 
 import torch
 
-from tangram.pool.arena import Arena, Block, resolve_capacity
-from tangram.pool.loading import LoadJob, verified_load
+from tangram.pool.arena import Arena, resolve_capacity
+from tangram.pool.config import PoolConfig
+from tangram.pool.kv_region import KVRegion
+from tangram.pool.ledger import LedgerFull, Placement, allocate, place_each
+from tangram.pool.loading import LoadHandle, LoadJob, verified_load
 from tangram.pool.policy import (
-    Extent, Policy, State, decayed_rate, eviction_order, find_window, fragmentation, largest_free, retention_gain,
+    Extent, PoolPolicy, State, decayed_rate, fragmentation, largest_free, retention_gain,
 )
 from tangram.pool.poolmap import ArenaMap, merge_extents
-from tangram.pool.records import Binding, Eviction, KVBlock, ModelStats, PoolFullError, Resident, eviction
+from tangram.pool.records import Binding, Eviction, ModelStats, PoolFullError, Resident, eviction
+from tangram.pool.safetensors_loader import SafetensorsLoader
 from tangram.store import Checkpoint, Loader
 from tangram.store.loader import typed_view
 from tangram.store.plan import ordered_groups
 
 log = logging.getLogger(__name__)
-__all__ = ["Binding", "DevicePool", "Eviction", "KVBlock", "PoolFullError"]
+__all__ = ["Binding", "DevicePool", "Eviction", "KVRegion", "PoolConfig", "PoolFullError"]
 
 
 class DevicePool:
     """One pool per device: an arena allocated once, shared by every model on that device. Thread-safe.
 
     `capacity` is bytes (int), a fraction of the device's memory (float in (0, 1]: of total memory on the CPU, of
-    free memory on CUDA) or None (the default rule); see `tangram.pool.capacity`.
-    `retain=False` frees a model's tensors when its last binding is released (no reuse across instances).
-    `share=False` keys tensors per checkpoint, so two models never share one (a conventional engine's copy
-    of the weights per instance; the baselines of bench coldstart).
+    free memory on CUDA) or None (the default rule); see `tangram.pool.capacity`. `config` fixes placement,
+    retention, sharing and loading for the pool's life (`PoolConfig`; keyword overrides of its fields are taken
+    too); `loader` is the Tangram loader to read with (`config.loader="safetensors"` reads the original files).
     `on_evict` is told what each allocation evicted (called under the pool's lock: it must be quick).
     """
 
@@ -52,30 +55,26 @@ class DevicePool:
         self,
         capacity: int | float | None,
         device: str | torch.device = "cpu",
+        config: PoolConfig | None = None,
         *,
-        policy: Policy | str = Policy.TANGRAM,
         loader: Loader | None = None,
-        half_life_s: float = 300.0,
-        reload_bandwidth: float = 2e9,
         clock: Callable[[], float] = time.monotonic,
-        retain: bool = True,
-        share: bool = True,
         on_evict: Callable[[Eviction], None] | None = None,
+        **overrides,
     ) -> None:
         self.device = torch.device(device)
-        alignment = 4096  # >= CUDA's 256; page aligned on CPU so O_DIRECT reads land in place
-        self.arena = Arena(resolve_capacity(capacity, self.device), self.device, alignment)
-        self.policy = Policy(policy)
-        self.loader = loader or Loader()
-        self.half_life_s = half_life_s
-        self.reload_bandwidth = reload_bandwidth  # bytes/s of the tier evicted bytes come back from
+        base = config or PoolConfig()
+        self.config = PoolConfig.model_validate({**base.model_dump(), **overrides}) if overrides else base
+        self.arena = Arena(resolve_capacity(capacity, self.device), self.device)
+        self._loader = (SafetensorsLoader(self.config.safetensors_sources) if self.config.loader == "safetensors"
+                        else loader or Loader())
         self.clock = clock
-        self.retain = retain  # False: released tensors are freed at once (the baselines of bench coldstart)
-        self.share = share
         self.on_evict = on_evict
         self._tensors: dict[str, Resident] = {}
         self._models: dict[str, ModelStats] = {}
-        self._kv: dict[str, KVBlock] = {}
+        self._kv: dict[str, Placement] = {}
+        self._kv_at: dict[int, str] = {}
+        self._regions: set[KVRegion] = set()
         self._kv_ids = itertools.count()
         self._lock = threading.RLock()
         self._space = threading.Condition(self._lock)  # notified when active bytes become free or retained
@@ -85,6 +84,36 @@ class DevicePool:
         """Usable bytes of the arena."""
         return self.arena.capacity
 
+    @property
+    def policy(self) -> PoolPolicy:
+        """Placement / eviction policy (fixed by the config)."""
+        return self.config.policy
+
+    @property
+    def retain(self) -> bool:
+        """Whether released tensors are kept for reuse."""
+        return self.config.retain
+
+    @property
+    def share(self) -> bool:
+        """Whether tensors are shared across models by content identity."""
+        return self.config.share
+
+    @property
+    def reload_bandwidth(self) -> float:
+        """Bytes/s of the tier evicted bytes come back from (the reload cost in the retention gain)."""
+        return self.config.reload_bandwidth
+
+    @property
+    def half_life_s(self) -> float:
+        """Half-life of the decayed start rates."""
+        return self.config.half_life_s
+
+    @property
+    def loader(self) -> Loader:
+        """What reads missing tensors."""
+        return self._loader  # type: ignore[return-value]
+
     # ------------------------------------------------------------------ acquire / release
 
     def acquire(self, checkpoint: Checkpoint | str | Path, model: str | None = None, *,
@@ -93,8 +122,8 @@ class DevicePool:
 
         `order`: groups of tensor names to load one after the other (a template's
         first-use order). `background`: return as soon as space is placed and
-        load on a thread; `binding.ready[name]` is set when a tensor has landed
-        and `binding.job.done` when all have (wait for it before `release`).
+        load on a thread; `binding.loading` (a `LoadHandle`) tells when each
+        tensor has landed and when the load is over (wait for it before `release`).
         """
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
         model = model or str(ckpt.path.resolve())
@@ -123,7 +152,7 @@ class DevicePool:
                 stats.rate, stats.last = before  # a retried acquire must not count twice
                 raise
             for k, block in placed.items():
-                r = Resident(k, block, by_key[k][1].nbytes)
+                r = Resident(key=k, block=block, nbytes=by_key[k][1].nbytes)
                 self._tensors[k] = r
                 self._pin(r, model, now)
             pinned = [self._tensors[k] for k in by_key]
@@ -135,15 +164,16 @@ class DevicePool:
             ready[name] = r.ready
         for alias, target in index.aliases.items():
             views[alias], ready[alias] = views[target], ready[target]
-        binding = Binding(model, views, list(by_key), sum(by_key[k][1].nbytes for k in missing),
-                          sum(by_key[k][1].nbytes for k in reused), 0.0, ready=ready, residents=pinned)
         name_of = {by_key[k][0]: k for k in missing}
         dests = {n: self.arena.view(placed[k], by_key[k][1].nbytes) for n, k in name_of.items()}
+        handle: LoadHandle | None = None
         job = LoadJob(ordered_groups(list(name_of), order), verified_load(self.loader, ckpt, dests),
                       {n: self._tensors[k].ready for n, k in name_of.items()},
                       lambda exc: self._drop_failed([self._tensors[k] for k in missing]),
-                      (lambda stats: setattr(binding, "load", stats)) if missing else None)
-        binding.job = job
+                      (lambda stats: handle._finished(stats)) if missing else None)  # type: ignore[union-attr]
+        handle = LoadHandle(job, ready, lambda: any(r.failed for r in pinned))
+        binding = Binding(model, views, list(by_key), sum(by_key[k][1].nbytes for k in missing),
+                          sum(by_key[k][1].nbytes for k in reused), 0.0, handle, residents=pinned)
         if background:
             job.start()
             binding.seconds = time.perf_counter() - start
@@ -219,29 +249,27 @@ class DevicePool:
             return self._space.wait(timeout)
 
     def _pin(self, r: Resident, model: str, now: float) -> None:
-        r.refs += 1
-        r.models.add(model)
-        r.last_used = now
-        r.uses += 1
+        r.pin(model, now)
 
     def _unpin(self, r: Resident) -> None:
-        r.refs -= 1
-        assert r.refs >= 0, f"reference count of {r.key} went negative"
+        r.unpin()
 
     # ------------------------------------------------------------------ placement
 
     def extents(self) -> list[Extent]:
-        """The arena as the policies see it: used and free extents in offset order, with gains."""
+        """The arena as the policies see it: used and free extents in offset order, with gains (idle KV blocks
+        are handed back first: they are free bytes)."""
+        for region in list(self._regions):
+            region.reclaim()
         now = self.clock()
-        out = [Extent(off, size, State.FREE) for off, size in self.arena.gaps()]
-        for b in self.arena.blocks():
+
+        def describe(b: Placement) -> Extent:
             if b.key in self._kv:  # KV cache blocks are active while they exist
-                out.append(Extent(b.offset, b.size, State.ACTIVE, None))
-                continue
+                return Extent(b.offset, b.size, State.ACTIVE, None)
             r = self._tensors[b.key]
-            out.append(Extent(b.offset, b.size, State.ACTIVE if r.refs else State.RETAINED, r.key,
-                              self._gain(r, now), r.last_used, r.uses))
-        return sorted(out, key=lambda e: e.offset)
+            return Extent(b.offset, b.size, State.ACTIVE if r.refs else State.RETAINED, r.key,
+                          self._gain(r, now), r.last_used, r.uses)
+        return self.arena.ledger.extents(describe)
 
     def _gain(self, r: Resident, now: float) -> float:
         rates = [decayed_rate(self._models[m].rate, self._models[m].last, now, self.half_life_s) for m in r.models]
@@ -257,83 +285,78 @@ class DevicePool:
         if evicted and self.on_evict is not None:
             self.on_evict(eviction(owner, evicted))
 
-    def _allocate(self, wants: list[tuple[str, int]], owner: str | None) -> dict[str, Block]:
-        """Blocks for (key, nbytes) pairs of `owner` (a model; None: KV); evicts retained tensors per policy;
-        PoolFullError if impossible."""
-        sizes = [(k, self.arena.size_of(n)) for k, n in wants]
-        total = sum(s for _, s in sizes)
-        if not sizes:
-            return {}
-        extents = self.extents()
-        available = sum(e.size for e in extents if e.state is not State.ACTIVE)
-        if total > available:
-            raise PoolFullError(str(self.device), total, available)
-        if self.policy is Policy.TANGRAM:
-            window = find_window(extents, total, lambda e: e.gain)
-            if window is not None:  # pack the model's missing tensors together
-                self._report(owner, [self._evict(extents[i].key) for i in window.evict])  # type: ignore[arg-type]
-                placed, pos = {}, window.offset
-                for k, s in sizes:
-                    placed[k] = self.arena.place(pos, s, k)
-                    pos += s
-                return placed
-        return self._allocate_each(sizes, owner, extents)
+    def _evictable(self, evicted: list[Resident]) -> Callable[[str], bool]:
+        def evict(key: str) -> bool:
+            r = self._tensors.get(key)
+            if r is None or r.refs:
+                return False
+            evicted.append(self._evict(key))
+            return True
+        return evict
 
-    def _allocate_each(self, sizes: list[tuple[str, int]], owner: str | None,
-                       ext: list[Extent] | None = None) -> dict[str, Block]:
-        """Tensor by tensor, first fit, evicting in policy order until each fits; rolls back on failure (what
-        it evicted stays evicted)."""
-        placed: dict[str, Block] = {}
+    def _allocate(self, wants: list[tuple[str, int]], owner: str | None, *, each: bool = False
+                  ) -> dict[str, Placement]:
+        """Ranges for (key, nbytes) pairs of `owner` (a model; None: KV) by the ledger's placement rule (`each`:
+        one by one, no window); evicts retained tensors per policy; PoolFullError if impossible."""
+        sizes = [(k, self.arena.size_of(n)) for k, n in wants]
         evicted: list[Resident] = []
-        ext = self.extents() if ext is None else ext
-        victims = [ext[i].key for i in eviction_order(ext, self.policy)]
+        rule = place_each if each else allocate
         try:
-            for k, s in sorted(sizes, key=lambda ks: -ks[1]):  # big ones first: less fragmentation
-                off = self.arena.first_fit(s)
-                while off is None and victims:
-                    victim = victims.pop(0)
-                    if victim in self._tensors and self._tensors[victim].refs == 0:
-                        evicted.append(self._evict(victim))
-                    off = self.arena.first_fit(s)
-                if off is None:
-                    free = sum(size for _, size in self.arena.gaps())
-                    raise PoolFullError(str(self.device), s, free)
-                placed[k] = self.arena.place(off, s, k)
-        except PoolFullError:
-            for block in placed.values():
-                self.arena.free(block.offset)
-            raise
+            placed = rule(self.arena.ledger, sizes, self.extents(), self.policy, self._evictable(evicted))
+        except LedgerFull as exc:
+            raise PoolFullError(str(self.device), exc.need, exc.available) from None
         finally:
             self._report(owner, evicted)
+        for p in placed.values():
+            self.arena.touched(p)
         return placed
 
-    # ------------------------------------------------------------------ KV cache blocks (ElasticKV)
+    # ------------------------------------------------------------------ KV cache regions (ElasticKV)
 
-    def allocate_kv(self, nbytes: int) -> KVBlock:
-        """One KV cache block of `nbytes` from the pool, active until `free_kv`.
+    def kv_region(self, block_bytes: int, dtype: torch.dtype, reserve_blocks: int = 0) -> KVRegion:
+        """A region of KV blocks of `block_bytes` for one engine, its view typed `dtype` (`KVRegion`).
 
-        Free bytes first; then retained tensors are evicted (policy order: for
-        `tangram` the least gain per byte first); when only active bytes are
-        left, PoolFullError (back-pressure: wait for a block or a release).
+        Elastic (`reserve_blocks=0`): each block comes from the pool when asked
+        for: free bytes first, then retained tensors are evicted (policy order:
+        for `tangram` the least gain per byte first); when only active bytes are
+        left, the region's allocate returns None (back-pressure). Otherwise
+        `reserve_blocks` are taken now (PoolFullError if they cannot be).
         """
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if self.capacity % itemsize:
+            raise ValueError("pool capacity is not a multiple of the KV element size")
+        if reserve_blocks < 0:
+            raise ValueError("reserve_blocks must be >= 0")
+        with self._lock:
+            region = KVRegion(self, self.arena.buffer.view(dtype), block_bytes, reserve_blocks)
+            if region.elastic:
+                self._regions.add(region)
+            return region
+
+    def _kv_place(self, nbytes: int) -> int:
+        """Byte offset of a new KV placement of `nbytes` (under the lock); PoolFullError when only active bytes
+        are left."""
         with self._lock:
             key = f"kv:{next(self._kv_ids)}"
             size = self.arena.size_of(nbytes)
             off = self.arena.first_fit(size)  # fast path: no eviction needed
-            if off is not None:
-                block = self.arena.place(off, size, key)
-            else:
-                block = self._allocate_each([(key, size)], None)[key]
-            kv = KVBlock(key, self.arena.view(block, nbytes), block)
-            self._kv[key] = kv
-            return kv
+            block = (self.arena.place(off, size, key) if off is not None
+                     else self._allocate([(key, size)], None, each=True)[key])
+            self._kv[key] = block
+            self._kv_at[block.offset] = key
+            return block.offset
 
-    def free_kv(self, kv: KVBlock) -> None:
-        """Return a KV block to the pool (idempotent)."""
+    def _kv_free(self, offset: int) -> None:
         with self._lock:
-            if self._kv.pop(kv.key, None) is not None:
-                self.arena.free(kv.block.offset)
+            key = self._kv_at.pop(offset, None)
+            if key is not None:
+                del self._kv[key]
+                self.arena.free(offset)
                 self._space.notify_all()
+
+    def _kv_size(self, offset: int) -> int:
+        key = self._kv_at.get(offset)
+        return 0 if key is None else self._kv[key].size
 
     # ------------------------------------------------------------------ introspection
 
@@ -354,5 +377,5 @@ class DevicePool:
                 for e in ext if e.key is not None
             ]
             return {"device": str(self.device), "capacity": self.capacity, "policy": self.policy.value,
-                    "totals": totals, "kv_bytes": sum(b.block.size for b in self._kv.values()),  # part of active
+                    "totals": totals, "kv_bytes": sum(b.size for b in self._kv.values()),  # part of active
                     "largest_free": largest_free(ext), "fragmentation": fragmentation(ext), "tensors": tensors}

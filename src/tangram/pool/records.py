@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tangram.pool.arena import Block
-from tangram.pool.loading import LoadJob
+from tangram.pool.ledger import Holding, Placement
+from tangram.pool.loading import LoadHandle
 from tangram.store import LoadStats
 
 
@@ -22,17 +22,13 @@ class PoolFullError(RuntimeError):
         super().__init__(f"device pool on {device}: need {need} bytes, only {available} free or retained")
 
 
-@dataclass
-class Resident:
-    """A tensor in the registry: its block, reference count, the models that use it, its use statistics."""
+@dataclass(kw_only=True)
+class Resident(Holding):
+    """A tensor in the registry: its range of the arena, its use (`Holding`), whether its bytes have landed."""
 
     key: str
-    block: Block
+    block: Placement
     nbytes: int
-    refs: int = 0
-    models: set[str] = field(default_factory=set)
-    last_used: float = 0.0
-    uses: float = 0.0
     ready: threading.Event = field(default_factory=threading.Event)
     failed: bool = False
 
@@ -46,15 +42,6 @@ class ModelStats:
 
 
 @dataclass
-class KVBlock:
-    """A KV cache block carved from the pool: `data` is its flat uint8 view."""
-
-    key: str
-    data: torch.Tensor
-    block: Block
-
-
-@dataclass
 class Binding:
     """One acquired model: its tensors (views into the pool) and what the acquire cost."""
 
@@ -64,21 +51,18 @@ class Binding:
     bytes_loaded: int
     bytes_reused: int
     seconds: float
-    load: LoadStats | None = None
+    loading: LoadHandle
     released: bool = False
-    ready: dict[str, threading.Event] = field(default_factory=dict)  # per tensor name: its bytes have landed
     residents: list = field(default_factory=list, repr=False)
-    job: LoadJob | None = None
 
-    def shared_failed(self) -> bool:
-        """Whether the load of a tensor this binding shares, by this acquire or another, has failed."""
-        return any(r.failed for r in self.residents)
+    @property
+    def load(self) -> LoadStats | None:
+        """What loading the missing tensors did, once done (None before, for a pool hit, or for a failed load)."""
+        return self.loading.stats
 
     def wait_loaded(self) -> LoadStats | None:
         """What loading the missing tensors did, once done (None for a pool hit or a failed load)."""
-        if self.job is not None:
-            self.job.done.wait()
-        return self.load
+        return self.loading.wait()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The conventional stack's loading, for the `baseline` configuration of bench coldstart.
+"""The conventional stack's loading: `PoolConfig(loader="safetensors")`, the baseline of bench coldstart.
 
 `safetensors.torch.load_file` of the model's original Hugging Face files (every
 tensor of a file is read, as an engine loading a checkpoint does), then a copy

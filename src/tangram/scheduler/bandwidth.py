@@ -28,12 +28,13 @@ from pathlib import Path
 
 import torch
 
+from tangram.defaults import RELOAD_BANDWIDTH
 from tangram.scheduler.cost import Bandwidths
 from tangram.store import LoadStats
 
 log = logging.getLogger(__name__)
 
-PRIOR_DISK = 2e9  # bytes/s: docs/design.md's guest-cold buffered reads on the development VMs (1-3 GB/s)
+PRIOR_DISK = RELOAD_BANDWIDTH  # bytes/s: the same prior as the pools' reload bandwidth (tangram.defaults)
 PRIOR_DRAM = 10e9  # bytes/s: docs/design.md's copies into a touched buffer (10-13 GB/s)
 
 

@@ -101,7 +101,7 @@ def build_workers(config: ServeConfig) -> tuple[list[Worker], list[str]]:
     cache = HostCache(config.host_cache_bytes) if config.host_cache_bytes else None
     loader = Loader(cache=cache)
     plan = plan_capacities(configured_capacity(config.pool_capacity), devices)
-    workers = [Worker(i, d, nbytes, loader) for i, (d, (nbytes, _)) in enumerate(zip(devices, plan))]
+    workers = [Worker(i, d, nbytes, loader, pool=config.pool) for i, (d, (nbytes, _)) in enumerate(zip(devices, plan))]
     lines = [f"pool {w.name}: {format_bytes(w.pool.capacity)} ({how})" for w, (_, how) in zip(workers, plan)]
     for line in lines:
         log.info("%s", line)

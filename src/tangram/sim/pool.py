@@ -1,21 +1,20 @@
 """A device pool as bookkeeping only (no buffer): the real pool's placement and eviction, over extents.
 
-Same rules as `tangram.pool.DevicePool`: tensors are shared by key; an acquire
-pins the resident ones and places the missing ones. With the `tangram` policy
-the missing tensors go together into the window `find_window` picks (least
-retained gain, gains from `retention_gain` over `decayed_rate`d model rates);
-otherwise, or when no window exists, tensor by tensor first fit, evicting in
-`eviction_order`. A release leaves the tensors retained. The policy functions
-are the real ones from `tangram.pool.policy`; only the byte ranges are simulated.
+Same rules as `tangram.pool.DevicePool`, by the same code: tensors are shared
+by key; an acquire pins the resident ones and places the missing ones through
+the pool's own ledger (`tangram.pool.ledger`: `allocate`, window search and
+eviction order, over a `Ledger` of byte ranges, gains from `retention_gain`
+over `decayed_rate`d model rates). A release leaves the tensors retained. Only
+the bytes are simulated: no buffer, no alignment, no loading.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tangram.defaults import RELOAD_BANDWIDTH
-from tangram.pool.policy import Extent, Policy, State, decayed_rate, eviction_order, find_window, retention_gain
+from tangram.pool.ledger import Holding, Ledger, LedgerFull, Placement, allocate
+from tangram.pool.policy import Extent, PoolPolicy, State, decayed_rate, retention_gain
 
 
 class SimPoolFull(RuntimeError):
@@ -26,31 +25,33 @@ class SimPoolFull(RuntimeError):
         self.evicted = evicted or []
 
 
-@dataclass
-class _Tensor:
-    offset: int
-    size: int
-    refs: int = 0
-    models: set[str] = field(default_factory=set)
-    last_used: float = 0.0
-    uses: float = 0.0
+@dataclass(kw_only=True)
+class _Tensor(Holding):
+    place: Placement
+
+    @property
+    def size(self) -> int:
+        return self.place.size
 
 
 class SimPool:
     """One simulated device pool of `capacity` bytes."""
 
-    def __init__(self, capacity: int, *, policy: Policy | str = Policy.TANGRAM, half_life_s: float = 300.0,
+    def __init__(self, capacity: int, *, policy: PoolPolicy | str = PoolPolicy.TANGRAM, half_life_s: float = 300.0,
                  reload_bandwidth: float = RELOAD_BANDWIDTH) -> None:
-        self.capacity = capacity
-        self.policy = Policy(policy)
+        self.ledger = Ledger(capacity)
+        self.capacity = self.ledger.capacity
+        self.policy = PoolPolicy(policy)
         self.half_life_s = half_life_s
         self.reload_bandwidth = reload_bandwidth
         self.tensors: dict[str, _Tensor] = {}
-        self._offsets: list[int] = []  # sorted offsets of placed tensors
-        self._at: dict[int, str] = {}  # offset -> key
         self._rates: dict[str, list[float]] = {}  # model -> [decayed rate, last]
         self.active = 0
-        self.used = 0
+
+    @property
+    def used(self) -> int:
+        """Bytes held by tensors."""
+        return self.ledger.used
 
     @property
     def free(self) -> int:
@@ -62,48 +63,24 @@ class SimPool:
         """Bytes of unreferenced tensors kept for reuse."""
         return self.used - self.active
 
-    # ------------------------------------------------------------------ arena bookkeeping
-
-    def _place(self, key: str, offset: int, size: int) -> _Tensor:
-        t = _Tensor(offset, size)
-        self.tensors[key] = t
-        insort(self._offsets, offset)
-        self._at[offset] = key
-        self.used += size
-        return t
-
-    def _evict(self, key: str) -> None:
-        t = self.tensors.pop(key)
-        assert t.refs == 0, "never evict active bytes"
-        del self._offsets[bisect_left(self._offsets, t.offset)]
-        del self._at[t.offset]
-        self.used -= t.size
-
-    def _gaps(self) -> list[tuple[int, int]]:
-        out, pos = [], 0
-        for off in self._offsets:
-            if off > pos:
-                out.append((pos, off - pos))
-            pos = off + self.tensors[self._at[off]].size
-        if pos < self.capacity:
-            out.append((pos, self.capacity - pos))
-        return out
+    def _evict(self, key: str) -> bool:
+        t = self.tensors.get(key)
+        if t is None or t.refs:
+            return False
+        del self.tensors[key]
+        self.ledger.free(t.place.offset)
+        return True
 
     def extents(self, now: float) -> list[Extent]:
         """The arena as the policies see it, in offset order, with each retained tensor's gain."""
-        out = [Extent(off, size, State.FREE) for off, size in self._gaps()]
-        for off in self._offsets:
-            key = self._at[off]
-            t = self.tensors[key]
+        def describe(p: Placement) -> Extent:
+            t = self.tensors[p.key]
             if t.refs:
-                out.append(Extent(off, t.size, State.ACTIVE, key, 0.0, t.last_used, t.uses))
-            else:
-                rates = [decayed_rate(self._rates[m][0], self._rates[m][1], now, self.half_life_s) for m in t.models]
-                out.append(Extent(off, t.size, State.RETAINED, key, retention_gain(rates, t.size,
-                                                                                   self.reload_bandwidth),
-                                  t.last_used, t.uses))
-        out.sort(key=lambda e: e.offset)
-        return out
+                return Extent(p.offset, p.size, State.ACTIVE, p.key, 0.0, t.last_used, t.uses)
+            rates = [decayed_rate(self._rates[m][0], self._rates[m][1], now, self.half_life_s) for m in t.models]
+            return Extent(p.offset, p.size, State.RETAINED, p.key,
+                          retention_gain(rates, p.size, self.reload_bandwidth), t.last_used, t.uses)
+        return self.ledger.extents(describe)
 
     # ------------------------------------------------------------------ acquire / release
 
@@ -116,16 +93,20 @@ class SimPool:
             self._pin(k, model, now)
         evicted: list[str] = []
         if missing:
-            need = sum(s for _, s in missing)
-            extents = self.extents(now)
+            def evict(key: str) -> bool:
+                if self._evict(key):
+                    evicted.append(key)
+                    return True
+                return False
             try:
-                if need > sum(e.size for e in extents if e.state is not State.ACTIVE):
-                    raise SimPoolFull(f"need {need} B")
-                evicted = self._allocate(missing, need, extents)
-            except SimPoolFull:
+                placed = allocate(self.ledger, missing, self.extents(now), self.policy, evict)
+            except LedgerFull as exc:
                 for k in reused:
                     self._unpin(k)
-                raise
+                what = f"no room for {exc.need} B (fragmented)" if exc.fragmented else f"need {exc.need} B"
+                raise SimPoolFull(what, evicted) from None
+            for k, p in placed.items():
+                self.tensors[k] = _Tensor(place=p)
             for k, _ in missing:
                 self._pin(k, model, now)
         rate[0] = decayed_rate(rate[0], rate[1], now, self.half_life_s) + 1.0 / self.half_life_s
@@ -136,50 +117,13 @@ class SimPool:
         t = self.tensors[key]
         if t.refs == 0:
             self.active += t.size
-        t.refs += 1
-        t.models.add(model)
-        t.last_used = now
-        t.uses += 1
+        t.pin(model, now)
 
     def _unpin(self, key: str) -> None:
         t = self.tensors[key]
-        t.refs -= 1
-        assert t.refs >= 0
+        t.unpin()
         if t.refs == 0:
             self.active -= t.size
-
-    def _allocate(self, missing: list[tuple[str, int]], need: int, extents: list[Extent]) -> list[str]:
-        if self.policy is Policy.TANGRAM:
-            window = find_window(extents, need, lambda e: e.gain)
-            if window is not None:
-                evicted = [extents[i].key for i in window.evict]
-                for k in evicted:
-                    self._evict(k)  # type: ignore[arg-type]
-                pos = window.offset
-                for k, s in missing:
-                    self._place(k, pos, s)
-                    pos += s
-                return evicted  # type: ignore[return-value]
-        victims = [extents[i].key for i in eviction_order(extents, self.policy)]
-        evicted, placed = [], []
-        for k, s in sorted(missing, key=lambda ks: -ks[1]):
-            off = self._first_fit(s)
-            while off is None and victims:
-                v = victims.pop(0)
-                if v in self.tensors and self.tensors[v].refs == 0:
-                    self._evict(v)
-                    evicted.append(v)
-                off = self._first_fit(s)
-            if off is None:
-                for p in placed:
-                    self._evict(p)
-                raise SimPoolFull(f"no room for {s} B (fragmented)", evicted)
-            self._place(k, off, s)
-            placed.append(k)
-        return evicted
-
-    def _first_fit(self, size: int) -> int | None:
-        return next((off for off, gap in self._gaps() if gap >= size), None)
 
     def release(self, tensors: dict[str, int]) -> None:
         """Drop one reference to each tensor; unreferenced ones stay retained."""

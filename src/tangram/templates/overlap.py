@@ -3,30 +3,28 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
 
 import torch
 
-from tangram.pool.loading import LoadFailed, LoadJob, wait_for
+from tangram.pool.loading import LoadFailed, LoadHandle
 
 
 class WaitForWeights:
     """Forward pre-hooks that block a module until its parameters' bytes have landed.
 
-    The bytes may come from this start's load (`job`) or from another start's
-    load of tensors both models share (`failed()` tells whether one of those
-    failed). Remove the hooks (`remove()`, on the thread that runs the forwards)
-    once everything has landed; from then on each hook returns at once.
+    The bytes may come from this start's load or from another start's load of
+    tensors both models share (`loading.failed()` tells whether one failed).
+    Remove the hooks (`remove()`, on the thread that runs the forwards) once
+    everything has landed; from then on each hook returns at once.
     """
 
-    def __init__(self, model: torch.nn.Module, ready: Mapping[str, threading.Event], job: LoadJob,
-                 failed: Callable[[], bool] = lambda: False) -> None:
-        self.job = job
+    def __init__(self, model: torch.nn.Module, loading: LoadHandle) -> None:
+        self.loading = loading
+        ready = loading.landed
         self._pending = [e for e in {id(e): e for e in ready.values()}.values() if not e.is_set()]
         # failures of another start's load only matter when it still loads tensors bound here
-        own = {id(e) for e in job.events.values()}
-        foreign = any(not e.is_set() and id(e) not in own for e in ready.values())
-        self._failed = failed if foreign else lambda: False
+        foreign = any(not e.is_set() and not loading.own(e) for e in ready.values())
+        self._failed = loading.failed if foreign else lambda: False
         self._landed = False
         names = {}
         for name, p in model.named_parameters(remove_duplicate=False):
@@ -44,7 +42,7 @@ class WaitForWeights:
                 return
             if not all(e.is_set() for e in events):
                 self.waits += 1
-            wait_for(events, self.job)  # raises LoadFailed if this start's load failed
+            self.loading.check(events)  # raises LoadFailed if this start's load failed
             if self._failed():
                 raise LoadFailed("loading the model's weights failed: a concurrent load of a tensor it shares "
                                  "with another model failed")
@@ -53,7 +51,7 @@ class WaitForWeights:
     @property
     def finished(self) -> bool:
         """Whether every weight has landed, whole (this start's load and any it shares)."""
-        if not self._landed and self.job.done.is_set() and self.job.error is None:
+        if not self._landed and self.loading.done() and self.loading.error is None:
             self._pending = [e for e in self._pending if not e.is_set()]
             self._landed = not self._pending and not self._failed()
         return self._landed

@@ -24,7 +24,7 @@ from tangram.store.format import INDEX_FILE
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: the unread fields hidden_shape, ops, workspace_bytes are gone
 FILE = "tangram-template.json"
 
 
@@ -38,10 +38,7 @@ class Template(BaseModel):
     libraries: dict[str, str]
     architecture: str
     groups: list[list[str]] = Field(description="tensor names by module, in first-use order")
-    prefill_tokens: int
-    hidden_shape: list[int] = Field(default_factory=list)
-    ops: list[str] = Field(default_factory=list, description="aten operators of the first prefill, first-run order")
-    workspace_bytes: int = 0  # largest intermediate tensor of the first prefill
+    prefill_tokens: int = Field(description="prompt length of the recorded prefill (what `warm` runs)")
 
     @property
     def order(self) -> list[str]:

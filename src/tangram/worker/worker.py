@@ -22,7 +22,7 @@ from tangram.engine import EngineConfig, Instance, RequestOutput, SamplingParams
 from tangram.engine.loop import EngineLoop
 from tangram.engine.dtype import compute_dtype
 from tangram.engine.skeleton import RUNTIME
-from tangram.pool import ArenaMap, DevicePool, Eviction
+from tangram.pool import ArenaMap, DevicePool, Eviction, PoolConfig
 from tangram.store import Checkpoint, CheckpointIndex, Loader
 from tangram.templates import load_template, warm
 
@@ -109,10 +109,10 @@ class Worker:
     """Device `index` of this node: a device pool shared by every model placed here."""
 
     def __init__(self, index: int, device: str, capacity: int | float, loader: Loader | None = None,
-                 node: int = 0) -> None:
+                 node: int = 0, pool: PoolConfig | None = None) -> None:
         self.index, self.device, self.node = index, device, node
         self._evictions: collections.deque[Eviction] = collections.deque(maxlen=EVICTIONS_KEPT)
-        self.pool = DevicePool(capacity, device, loader=loader or Loader(), on_evict=self._evictions.append)
+        self.pool = DevicePool(capacity, device, pool, loader=loader or Loader(), on_evict=self._evictions.append)
         self.replicas: dict[str, Replica] = {}
         self._lock = threading.Lock()
 

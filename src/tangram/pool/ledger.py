@@ -1,0 +1,178 @@
+"""The arena ledger: which byte ranges of a pool are used by which key, and the one placement rule.
+
+Pure bookkeeping over offsets (no buffer, no lock): the real `DevicePool` keeps
+one under its arena and the simulator's `SimPool` uses one directly, so both
+place, search windows and evict by the same code (`allocate`, `place_each`).
+The policy functions themselves live in `tangram.pool.policy`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from tangram.pool.policy import Extent, PoolPolicy, State, eviction_order, find_window
+from tangram.store.format import align_up
+
+__all__ = ["Holding", "Ledger", "LedgerFull", "Placement", "allocate", "place_each"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A used range of the arena: [offset, offset + size) holding `key`."""
+
+    offset: int
+    size: int
+    key: str
+
+
+@dataclass
+class Holding:
+    """How a placed tensor is used, as the policies see it: references, models, recency and frequency."""
+
+    refs: int = 0
+    models: set[str] = field(default_factory=set)
+    last_used: float = 0.0
+    uses: float = 0.0
+
+    def pin(self, model: str, now: float) -> None:
+        """One more reference, by `model`, at `now`."""
+        self.refs += 1
+        self.models.add(model)
+        self.last_used = now
+        self.uses += 1
+
+    def unpin(self) -> None:
+        """One reference fewer."""
+        self.refs -= 1
+        assert self.refs >= 0, "reference count went negative"
+
+
+class LedgerFull(RuntimeError):
+    """The sizes cannot be placed without touching active bytes; `evicted`: the keys evicted anyway."""
+
+    def __init__(self, need: int, available: int, evicted: list[str], fragmented: bool) -> None:
+        self.need, self.available, self.evicted, self.fragmented = need, available, evicted, fragmented
+        super().__init__(f"need {need} bytes, only {available} " + ("free" if fragmented else "free or retained"))
+
+
+class Ledger:
+    """Used ranges of a fixed-capacity arena in offset order, with aligned sizes and first-fit search."""
+
+    def __init__(self, capacity: int, alignment: int = 1) -> None:
+        self.alignment = alignment
+        self.capacity = capacity // alignment * alignment
+        if self.capacity <= 0:
+            raise ValueError(f"pool capacity {capacity} bytes holds no {alignment}-byte unit: must be larger")
+        self._starts: list[int] = []  # sorted offsets of used ranges
+        self._at: dict[int, Placement] = {}
+        self.used = 0
+
+    def size_of(self, nbytes: int) -> int:
+        """Bytes an allocation of `nbytes` occupies (aligned, at least one unit)."""
+        return max(align_up(nbytes, self.alignment), self.alignment)
+
+    def blocks(self) -> list[Placement]:
+        """Used ranges in offset order."""
+        return [self._at[s] for s in self._starts]
+
+    def _gaps(self) -> Iterator[tuple[int, int]]:
+        pos = 0
+        for s in self._starts:
+            if s > pos:
+                yield pos, s - pos
+            pos = s + self._at[s].size
+        if pos < self.capacity:
+            yield pos, self.capacity - pos
+
+    def gaps(self) -> list[tuple[int, int]]:
+        """Free ranges (offset, size) in offset order."""
+        return list(self._gaps())
+
+    def first_fit(self, size: int) -> int | None:
+        """Offset of the first free range of `size` bytes (stops at the first that fits)."""
+        return next((off for off, length in self._gaps() if length >= size), None)
+
+    def place(self, offset: int, size: int, key: str) -> Placement:
+        """Mark [offset, offset + size) used by `key` (must be free and aligned)."""
+        if offset % self.alignment or offset < 0 or offset + size > self.capacity:
+            raise ValueError(f"bad placement {offset}+{size}")
+        i = bisect.bisect_left(self._starts, offset)
+        if i > 0:
+            prev = self._at[self._starts[i - 1]]
+            if prev.offset + prev.size > offset:
+                raise ValueError(f"placement {offset}+{size} overlaps a used block")
+        if i < len(self._starts) and self._starts[i] < offset + size:
+            raise ValueError(f"placement {offset}+{size} overlaps a used block")
+        p = Placement(offset, size, key)
+        self._starts.insert(i, offset)
+        self._at[offset] = p
+        self.used += size
+        return p
+
+    def free(self, offset: int) -> Placement:
+        """Release the range starting at `offset`."""
+        p = self._at.pop(offset)
+        self._starts.pop(bisect.bisect_left(self._starts, offset))
+        self.used -= p.size
+        return p
+
+    def extents(self, describe: Callable[[Placement], Extent]) -> list[Extent]:
+        """The arena as the policies see it: free ranges and `describe(p)` of each used one, in offset order."""
+        out = [Extent(off, size, State.FREE) for off, size in self._gaps()]
+        out.extend(describe(p) for p in self.blocks())
+        return sorted(out, key=lambda e: e.offset)
+
+
+def allocate(ledger: Ledger, sizes: list[tuple[str, int]], extents: Sequence[Extent], policy: PoolPolicy,
+             evict: Callable[[str], bool]) -> dict[str, Placement]:
+    """Place (key, size) pairs of one start: the placement rule of every pool.
+
+    LedgerFull at once when the sizes exceed free + retained bytes. `tangram`:
+    all together in the window `find_window` picks (least retained gain),
+    evicting its retained extents; otherwise, or with no window, `place_each`.
+    `evict(key)` frees a retained key's range and says whether it did.
+    """
+    total = sum(s for _, s in sizes)
+    if not sizes:
+        return {}
+    available = sum(e.size for e in extents if e.state is not State.ACTIVE)
+    if total > available:
+        raise LedgerFull(total, available, [], fragmented=False)
+    if policy is PoolPolicy.TANGRAM:
+        window = find_window(extents, total, lambda e: e.gain)
+        if window is not None:  # pack the missing tensors together
+            for i in window.evict:
+                evict(extents[i].key)  # type: ignore[arg-type]
+            placed, pos = {}, window.offset
+            for k, s in sizes:
+                placed[k] = ledger.place(pos, s, k)
+                pos += s
+            return placed
+    return place_each(ledger, sizes, extents, policy, evict)
+
+
+def place_each(ledger: Ledger, sizes: list[tuple[str, int]], extents: Sequence[Extent], policy: PoolPolicy,
+               evict: Callable[[str], bool]) -> dict[str, Placement]:
+    """Size by size (big ones first: less fragmentation), first fit, evicting in `eviction_order` until each fits.
+
+    On failure LedgerFull: what was placed is freed again, what was evicted stays evicted (listed in the error).
+    """
+    placed: dict[str, Placement] = {}
+    evicted: list[str] = []
+    victims = [extents[i].key for i in eviction_order(extents, policy)]
+    for k, s in sorted(sizes, key=lambda ks: -ks[1]):
+        off = ledger.first_fit(s)
+        while off is None and victims:
+            victim = victims.pop(0)
+            if evict(victim):  # type: ignore[arg-type]
+                evicted.append(victim)  # type: ignore[arg-type]
+            off = ledger.first_fit(s)
+        if off is None:
+            free = ledger.capacity - ledger.used
+            for p in placed.values():
+                ledger.free(p.offset)
+            raise LedgerFull(s, free, evicted, fragmented=True)
+        placed[k] = ledger.place(off, s, k)
+    return placed
