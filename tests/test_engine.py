@@ -89,7 +89,7 @@ def test_kv_blocks_return_to_zero_after_every_request(llama):
 def test_back_pressure_all_requests_complete(llama):
     model, ckpt = llama
     with start(ckpt) as probe:
-        block = probe.pool.arena.size_of(probe.kv.spec.block_bytes)
+        block = probe.kv.block_size
         weights = probe.pool.snapshot()["totals"]["active"]
     capacity = weights + 9 * block  # room for 9 blocks: about 2 sequences at a time, not 8
     prompts = [PROMPTS[i % 3] for i in range(8)]

@@ -45,7 +45,7 @@ def test_two_instances_share_a_small_pool_and_wait_for_each_other(tmp_path):
     b_ckpt = engine_checkpoint(b_model, tmp_path / "b")
     probe = DevicePool(64 << 20)
     with Instance(a_ckpt, probe, EngineConfig(block_tokens=4)) as i:
-        weights, block = probe.footprint(i.binding), probe.arena.size_of(i.kv.spec.block_bytes)
+        weights, block = probe.footprint(i.binding), i.kv.block_size
     pool = DevicePool(2 * weights + 12 * block)  # both models' weights, room for few KV blocks
     cfg = EngineConfig(block_tokens=4)
     with Instance(a_ckpt, pool, cfg, name="a") as a, Instance(b_ckpt, pool, cfg, name="b") as b:

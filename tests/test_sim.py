@@ -104,7 +104,7 @@ def test_idle_victim_is_the_longest_idle() -> None:
 
 def test_simulated_and_real_pools_price_reloads_alike() -> None:
     spec = ClusterSpec(1, 1, 10**9, 0, Bandwidths(8e9, 3e9))  # a measured disk speed is not the reload price
-    assert spec.reload_bandwidth == RELOAD_BANDWIDTH == DevicePool(4096, "cpu").reload_bandwidth
+    assert spec.reload_bandwidth == RELOAD_BANDWIDTH == DevicePool(4096, "cpu").config.reload_bandwidth
     assert SimPool(100).reload_bandwidth == RELOAD_BANDWIDTH
 
 

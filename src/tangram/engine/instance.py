@@ -27,7 +27,7 @@ from tangram.engine.skeleton import RUNTIME
 from tangram.engine.stages import StartCost
 from tangram.kv import KVAllocator, KVMode, KVSpec
 from tangram.pool import DevicePool
-from tangram.store import Checkpoint
+from tangram.store import Checkpoint, LoadStats
 from tangram.templates import (
     Recorder, Template, WaitForWeights, checkpoint_id, libraries, load_template, names_by_param, save_template, warm,
 )
@@ -138,6 +138,14 @@ class Instance:
         log.info("started %s on %s: %s, load %.3f s (%d B loaded, %d B reused), init %.3f s%s", self.name,
                  self.pool.device, self.cost.start, self.cost.load_s, b.bytes_loaded, b.bytes_reused,
                  self.cost.init_s, " (template: overlapped)" if self.template else "")
+
+    def load_stats(self) -> LoadStats | None:
+        """What this start's load read, from where (waits for a background load)."""
+        return self.binding.wait_loaded()
+
+    def freeable_bytes(self) -> int:
+        """Pool bytes that closing this instance gives back: weights no other instance holds, its KV reserve."""
+        return self.pool.exclusive_bytes(self.binding) + self.kv.reserved_bytes
 
     def _release(self) -> None:
         self.binding.loading.wait()  # never free pool bytes a load thread still writes

@@ -125,20 +125,9 @@ class LoadHandle:
         """Whether `event` is one this acquire's load sets (not another acquire's, of a shared tensor)."""
         return id(event) in self._own
 
-    @property
-    def began(self) -> float:
-        """perf_counter() when the load began (0 before it has)."""
-        return self._job.began
-
-    @property
-    def ended(self) -> float:
-        """perf_counter() when the load ended (0 before it has)."""
-        return self._job.ended
-
-    @property
-    def seconds(self) -> float:
-        """Wall time of the load (so far)."""
-        return self._job.seconds
+    def span(self) -> tuple[float, float]:
+        """perf_counter() times (began, ended) of the load (0 for a time not reached yet)."""
+        return self._job.began, self._job.ended
 
     def check(self, events: Sequence[threading.Event]) -> None:
         """Block until every event is set; raise LoadFailed if this acquire's load failed."""

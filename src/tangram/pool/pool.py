@@ -86,28 +86,8 @@ class DevicePool:
 
     @property
     def policy(self) -> PoolPolicy:
-        """Placement / eviction policy (fixed by the config)."""
+        """Placement / eviction policy (`config.policy`; the config is frozen, fixed at construction)."""
         return self.config.policy
-
-    @property
-    def retain(self) -> bool:
-        """Whether released tensors are kept for reuse."""
-        return self.config.retain
-
-    @property
-    def share(self) -> bool:
-        """Whether tensors are shared across models by content identity."""
-        return self.config.share
-
-    @property
-    def reload_bandwidth(self) -> float:
-        """Bytes/s of the tier evicted bytes come back from (the reload cost in the retention gain)."""
-        return self.config.reload_bandwidth
-
-    @property
-    def half_life_s(self) -> float:
-        """Half-life of the decayed start rates."""
-        return self.config.half_life_s
 
     @property
     def loader(self) -> Loader:
@@ -137,7 +117,8 @@ class DevicePool:
             now = self.clock()
             stats = self._models.setdefault(model, ModelStats())
             before = (stats.rate, stats.last)
-            stats.rate = decayed_rate(stats.rate, stats.last, now, self.half_life_s) + 1.0 / self.half_life_s
+            half = self.config.half_life_s
+            stats.rate = decayed_rate(stats.rate, stats.last, now, half) + 1.0 / half
             stats.last = now
             reused = [k for k in by_key if k in self._tensors and not self._tensors[k].failed]
             reused_set = set(reused)
@@ -215,14 +196,14 @@ class DevicePool:
             for r in binding.residents:
                 if not r.failed:
                     self._unpin(r)
-                    if not self.retain and r.refs == 0 and self._tensors.get(r.key) is r:
+                    if not self.config.retain and r.refs == 0 and self._tensors.get(r.key) is r:
                         self._evict(r.key)  # a conventional engine keeps nothing once an instance ends
             self._space.notify_all()
 
     def _keys(self, index) -> dict[str, str]:
         """Registry key of each stored tensor: its content key, prefixed by the checkpoint's when not sharing."""
         keys = {name: entry.key for name, entry in index.tensors.items()}
-        if self.share:
+        if self.config.share:
             return keys
         ns = hashlib.sha256("\n".join(f"{n}={k}" for n, k in sorted(keys.items())).encode()).hexdigest()[:16]
         return {name: f"{ns}/{k}" for name, k in keys.items()}
@@ -272,8 +253,9 @@ class DevicePool:
         return self.arena.ledger.extents(describe)
 
     def _gain(self, r: Resident, now: float) -> float:
-        rates = [decayed_rate(self._models[m].rate, self._models[m].last, now, self.half_life_s) for m in r.models]
-        return retention_gain(rates, r.nbytes, self.reload_bandwidth)
+        half = self.config.half_life_s
+        rates = [decayed_rate(self._models[m].rate, self._models[m].last, now, half) for m in r.models]
+        return retention_gain(rates, r.nbytes, self.config.reload_bandwidth)
 
     def _evict(self, key: str) -> Resident:
         r = self._tensors.pop(key)
