@@ -7,8 +7,9 @@ host DRAM cache per node (a `NodeCache` actor each).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
-import queue
 import time
 
 import httpx
@@ -134,27 +135,32 @@ def test_a_device_of_the_same_node_starts_from_the_node_dram_cache(server):
     c.completions.create(model="b", prompt="w5", max_tokens=2)  # b is loaded (its first start cached it)
     holder_w = next(w for w in server.workers if w.name == holder(server, "b")["worker"])
     for w in server.workers:
-        w.wait_cache_idle()
+        asyncio.run(w.wait_cache_idle())
     checkpoint = server.controller.describe("b")["resolved_checkpoint"]
     engine = server.controller._get("b").spec.engine
     sibling = next(w for w in server.workers if w.node == holder_w.node and w is not holder_w)
-    elsewhere = next(w for w in server.workers if w.node != holder_w.node and not w.status()["instances"])
+    elsewhere = next(w for w in server.workers
+                     if w.node != holder_w.node and not asyncio.run(w.status())["instances"])
     st = {w["worker"]: w for w in status(server)["workers"]}
     assert st[sibling.name]["host_cache"]["used"] > 0
-    for worker, expected in ((sibling, "dram"), (elsewhere, "cold")):
+
+    async def start_and_ask(worker, expected: str) -> None:
         arrival = time.perf_counter()  # a request that waited for this start, as the controller does it
-        replica = worker.start("b-copy", checkpoint, engine, arrival)
-        try:  # the worker interface straight, no HTTP: outputs come back through the Ray stream
-            outputs: queue.Queue[RequestOutput] = queue.Queue()
-            replica.submit("w5", SamplingParams(max_tokens=3), outputs.put, arrival=arrival)
-            first = outputs.get(timeout=60)
-            rest = [outputs.get(timeout=60)]
+        replica = await worker.start("b-copy", checkpoint, engine, arrival)
+        try:  # the worker handle straight, no HTTP: outputs come back through the Ray stream
+            outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+            await worker.submit(replica, "w5", SamplingParams(max_tokens=3), outputs.put_nowait, arrival=arrival)
+            first = await asyncio.wait_for(outputs.get(), 60)
+            rest = [await asyncio.wait_for(outputs.get(), 60)]
             while not rest[-1].finished:
-                rest.append(outputs.get(timeout=60))
+                rest.append(await asyncio.wait_for(outputs.get(), 60))
             assert first.stages.start == expected and first.stages.bytes_loaded > 0
             assert rest[-1].completion_tokens == 3 and rest[-1].finish_reason == "length"
         finally:
-            worker.stop(replica)
+            await worker.stop(replica)
+
+    for worker, expected in ((sibling, "dram"), (elsewhere, "cold")):
+        asyncio.run(start_and_ask(worker, expected))
 
 
 def test_client_disconnect_aborts_on_the_actor_and_frees_kv(server):
@@ -176,3 +182,39 @@ def test_client_disconnect_aborts_on_the_actor_and_frees_kv(server):
     assert status(server)["deployments"]["long"]["inflight"] == 0
     ok = client(server).completions.create(model="long", prompt="w5", max_tokens=3, temperature=0)
     assert ok.choices[0].finish_reason == "length"
+
+
+def ready(actor) -> dict:
+    """The actor's `ready()`, once it answers (a restarting actor refuses calls for a moment)."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return ray.get(actor.ready.remote(), timeout=60)
+        except ray.exceptions.RayActorError:
+            assert time.monotonic() < deadline, "the actor was not restarted"
+            time.sleep(0.2)
+
+
+def test_an_actor_killed_mid_stream_fails_its_request_and_is_restarted(server):
+    """Last in this module: it kills a worker actor. Ray restarts it (empty pool); the request it streamed
+    ends with a clear error, the other workers keep their instances, and the deployment serves again."""
+    c = client(server)
+    c.completions.create(model="a", prompt="w5", max_tokens=2)
+    body = {"model": "long", "prompt": "w5 w6", "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")  # streaming: it has output, so it is not retried
+        victim = holder(server, "long")["worker"]
+        pids = {w.name: ray.get(w.actor.ready.remote(), timeout=60)["pid"] for w in server.workers}
+        actor = next(w for w in server.workers if w.name == victim).actor
+        ray.kill(actor, no_restart=False)
+        rest = [line for line in lines if line.startswith("data: {")]
+    final = json.loads(rest[-1].removeprefix("data: "))
+    assert final["choices"][0]["finish_reason"] is None  # not a normal end: the error is in the extension
+    assert "the worker actor failed" in rest[-1]
+    after = {w.name: ready(w.actor)["pid"] for w in server.workers}
+    assert after[victim] != pids[victim]  # restarted by Ray, in a new process
+    assert {n: p for n, p in after.items() if n != victim} == {n: p for n, p in pids.items() if n != victim}
+    assert len(status(server)["workers"]) == len(server.workers)  # the other workers are untouched
+    again = c.completions.create(model="long", prompt="w5", max_tokens=3)  # the broken instance is replaced
+    assert again.choices[0].finish_reason == "length"

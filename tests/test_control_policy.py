@@ -8,17 +8,19 @@ import pytest
 from pydantic import ValidationError
 
 from tangram.control import Deployment, ServeConfig
-from tangram.control.autoscale import (
-    desired_instances, drain_victim, least_loaded, pick_instance, should_scale_down,
-)
+from tangram.control.autoscale import drain_victim, idle_victim, least_loaded, pick_instance, should_scale_down
 from tangram.serve.server import is_loopback, resolve_token
 
 
-def test_desired_instances_follow_demand_within_limits():
-    assert desired_instances(0, target=4, min_instances=0, max_instances=3) == 0
-    assert desired_instances(1, target=4, min_instances=0, max_instances=3) == 1
-    assert desired_instances(9, target=4, min_instances=0, max_instances=3) == 3
-    assert desired_instances(0, target=4, min_instances=1, max_instances=3) == 1
+def test_idle_victim_is_the_instance_idle_longest():
+    assert idle_victim([5.0, None, 2.0, 2.0]) == 2  # idle longest; a tie goes to the lower index
+    assert idle_victim([None, None]) is None and idle_victim([]) is None
+
+
+def test_the_replays_make_room_with_the_controllers_rule():
+    from tangram.sim import rules
+
+    assert rules.idle_victim is idle_victim  # one rule: the simulator's re-export is the controller's
 
 
 def test_pick_instance_prefers_least_loaded_under_target():

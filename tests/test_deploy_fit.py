@@ -60,12 +60,13 @@ def test_shared_tensors_count_once(tmp_path):
 
 def test_the_controller_refuses_a_model_larger_than_every_pool(model_dir, need):
     async def main() -> None:
-        ctl = Controller([Worker(0, "cpu", need.weights // 2, Loader())])
+        worker = Worker(0, "cpu", need.weights // 2, Loader())
+        ctl = Controller([worker])
         with pytest.raises(DoesNotFit) as ei:
             await ctl.deploy(Deployment(name="big", checkpoint=str(model_dir)))
         msg = str(ei.value)
         assert f"needs {need.total} bytes" in msg and f"weights {need.weights} + minimum KV {need.kv}" in msg
-        assert f"cpu#0, holds {ctl.workers[0].pool.capacity} bytes" in msg and "--pool-capacity" in msg
+        assert f"cpu#0, holds {worker.pool.capacity} bytes" in msg and "--pool-capacity" in msg
         assert ctl.names() == []  # nothing registered
         await ctl.shutdown()
 
@@ -95,7 +96,7 @@ async def _ask(ctl: Controller, name: str) -> int:
 
 
 def test_a_start_goes_only_to_a_device_whose_pool_can_hold_it(model_dir, need, monkeypatch):
-    monkeypatch.setattr(controller_mod, "choose_worker", lambda workers, index, policy: 0)  # the first listed
+    monkeypatch.setattr(controller_mod, "choose_placement", lambda states, nbytes, policy: 0)  # the first listed
 
     async def main() -> None:
         small, big = Worker(0, "cpu", need.weights // 2, Loader()), Worker(1, "cpu", 64 << 20, Loader())

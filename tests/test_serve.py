@@ -236,11 +236,12 @@ def test_deploying_warms_every_worker_for_the_model_before_traffic(tmp_path):
         assert len(kept) == 1 and all(p.is_meta for p in kept[0].parameters())  # before any request
 
 
-def test_an_instance_whose_weights_fail_to_load_is_replaced_and_the_request_retried(tmp_path):
+def test_an_instance_whose_weights_fail_to_load_is_replaced_and_the_request_retried(tmp_path, monkeypatch):
     from pathlib import Path
 
     from serving import chat_model_dir
     from tangram.engine import EngineConfig
+    from tangram.serve import server as server_mod
     from tangram.store import Loader
 
     src = chat_model_dir(tmp_path / "src", seed=9)
@@ -252,9 +253,9 @@ def test_an_instance_whose_weights_fail_to_load_is_replaced_and_the_request_retr
     class FailsOnce(Loader):
         """The first load fails once the instance is up (its first forward then waits on missing weights)."""
 
-        def __init__(self, worker) -> None:
+        def __init__(self, **_) -> None:  # the server's loader (built with its pools: see `install`)
             super().__init__(method="pread", threads=1)
-            self.worker, self.calls = worker, 0
+            self.worker, self.calls = None, 0
 
         def load_into(self, ckpt, dests, *, landed=None, **kw):
             self.calls += 1
@@ -264,7 +265,7 @@ def test_an_instance_whose_weights_fail_to_load_is_replaced_and_the_request_retr
             def failing(name: str) -> None:
                 if "layers.1" in name:
                     deadline = time.monotonic() + 30
-                    while not self.worker.replicas and time.monotonic() < deadline:
+                    while not (self.worker and self.worker.replicas) and time.monotonic() < deadline:
                         time.sleep(0.005)
                     raise OSError("disk went away")
                 landed(name)
@@ -272,11 +273,18 @@ def test_an_instance_whose_weights_fail_to_load_is_replaced_and_the_request_retr
             return super().load_into(ckpt, dests, landed=failing, **kw)
 
     dep = Deployment(name="m", checkpoint=str(Path(resolved)), engine=EngineConfig(overlap="on"))
+    def install(kind: type[FailsOnce]) -> list[FailsOnce]:
+        made: list[FailsOnce] = []
+        monkeypatch.setattr(server_mod, "Loader", lambda **kw: made.append(kind(**kw)) or made[-1])
+        return made
+
+    made = install(FailsOnce)
     with serving([dep]) as srv:  # a fresh pool: the start loads from disk, in the background
         worker = srv.workers[0]
-        worker.pool.loader = FailsOnce(worker)
+        loader = made[0]
+        loader.worker = worker
         out = client(srv).completions.create(model="m", prompt="w5 w6", max_tokens=3)
-        assert out.usage.completion_tokens == 3 and worker.pool.loader.calls == 2  # retried on a fresh instance
+        assert out.usage.completion_tokens == 3 and loader.calls == 2  # retried on a fresh instance
         st = admin(srv, "GET", "/admin/status").json()["deployments"]["m"]
         assert st["instances"] == 1  # the broken one was stopped
         assert client(srv).completions.create(model="m", prompt="w5", max_tokens=2).usage.completion_tokens == 2
@@ -286,9 +294,10 @@ def test_an_instance_whose_weights_fail_to_load_is_replaced_and_the_request_retr
             self.calls = 0
             return super().load_into(ckpt, dests, landed=landed, **kw)
 
+    made = install(AlwaysFails)
     with serving([dep]) as srv:  # the retry fails too: a clear 503, and nothing left running
         worker = srv.workers[0]
-        worker.pool.loader = AlwaysFails(worker)
+        made[0].worker = worker
         with pytest.raises(openai.APIStatusError) as ei:
             client(srv).completions.create(model="m", prompt="w5 w6", max_tokens=3)
         assert ei.value.status_code == 503 and "disk went away" in ei.value.message

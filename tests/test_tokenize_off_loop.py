@@ -89,11 +89,11 @@ def test_a_request_cancelled_while_tokenizing_is_aborted_once_queued(model_dir):
         task.cancel()  # the client went away while its prompt was being tokenized
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert replica.inflight == 1  # still counted: its submit is not through yet
+        assert ctl.describe("t")["inflight"] == 1  # still counted: its submit is not through yet
         gate.release.set()
         deadline = time.monotonic() + 30
-        while not gate.aborted or replica.inflight:
-            assert time.monotonic() < deadline, (gate.submitted, gate.aborted, replica.inflight)
+        while not gate.aborted or ctl.describe("t")["inflight"] or replica.inflight:
+            assert time.monotonic() < deadline, (gate.submitted, gate.aborted, ctl.describe("t")["inflight"])
             await asyncio.sleep(0.01)
         assert gate.aborted == gate.submitted and len(gate.submitted) == 1
         await ctl.shutdown()

@@ -6,6 +6,10 @@ while a model loads. Each request is a streaming generator method: the engine
 thread's outputs cross to the actor's event loop through an asyncio queue and
 leave as one Ray object each, in order.
 
+An actor that dies (its process killed, its node lost) is restarted by Ray
+(`max_restarts`) with a fresh `Worker` and an empty pool; the calls it was
+serving fail, which the head's `RemoteWorker` turns into error outputs.
+
 Times do not cross processes as `perf_counter` values: callers pass the age of
 an arrival (seconds since), turned back into this process's clock here.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -26,12 +31,13 @@ from ray.actor import ActorHandle
 from tangram.cluster.cache import NodeCacheClient
 from tangram.engine import EngineConfig, RequestError, RequestOutput, SamplingParams, StartCost
 from tangram.store import CheckpointIndex, Loader
-from tangram.worker import DeviceMap, Worker, local_devices
+from tangram.worker import DeviceMap, PlacementState, Worker, local_devices
 
 log = logging.getLogger(__name__)
+MAX_RESTARTS = 3  # a worker actor that dies is restarted this many times at most
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+@ray.remote(num_cpus=0, max_restarts=MAX_RESTARTS)
 class WorkerActor:
     """One device of a node: a `Worker` (pool, running instances) in its own Ray actor process."""
 
@@ -45,18 +51,19 @@ class WorkerActor:
         self.cache = NodeCacheClient(cache, cache_bytes) if cache is not None else None
         self.worker = Worker(index, device, capacity, Loader(cache=self.cache), node=node)
         self.finished: dict[str, Counter[str]] = {}  # replica id -> finish reasons of its requests
+        self._finished_lock = threading.Lock()  # counted on engine threads, read on the event loop
 
     def ready(self) -> dict:
-        """Where this actor runs: Ray node id, process id, device, worker name."""
+        """Where this actor runs: Ray node id, process id, device, worker name, pool capacity."""
         return {"ray_node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "device": self.worker.device, "name": self.worker.name}
+                "device": self.worker.device, "name": self.worker.name, "capacity": self.worker.pool.capacity}
 
-    async def start(self, deployment: str, checkpoint: str, config: EngineConfig, age: float
-                    ) -> tuple[str, StartCost]:
+    async def start(self, deployment: str, checkpoint: str, config: EngineConfig, age: float,
+                    backend: str = "builtin") -> tuple[str, StartCost]:
         """Start an instance (load + init on the actor's thread pool); its id and what the start cost."""
         loop = asyncio.get_running_loop()
         replica = await loop.run_in_executor(None, self.worker.start, deployment, Path(checkpoint), config,
-                                             time.perf_counter() - age)
+                                             time.perf_counter() - age, backend)
         self.finished[replica.id] = Counter()
         return replica.id, replica.cost
 
@@ -82,23 +89,24 @@ class WorkerActor:
         replica = self.worker.replicas[replica_id]
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        def sink(out: RequestOutput) -> None:  # on the engine thread, before the replica counts it out
+            if out.finished:
+                with self._finished_lock:
+                    self.finished.setdefault(replica_id, Counter())[out.finish_reason or "stop"] += 1
+            loop.call_soon_threadsafe(outputs.put_nowait, out)
+
         try:
-            rid = replica.submit(prompt, params, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
-                                 arrival=time.perf_counter() - age, chat=chat)
+            rid = replica.submit(prompt, params, sink, arrival=time.perf_counter() - age, chat=chat)
         except RequestError as exc:
             yield exc
             return
         yield rid
-        replica.inflight += 1
-        try:
-            while True:
-                out = await outputs.get()
-                yield out
-                if out.finished:
-                    self.finished.setdefault(replica_id, Counter())[out.finish_reason or "stop"] += 1
-                    return
-        finally:
-            replica.inflight -= 1
+        while True:
+            out = await outputs.get()
+            yield out
+            if out.finished:
+                return
 
     def abort(self, replica_id: str, request_id: str) -> None:
         """Stop a request; the engine frees its KV blocks at its next step and ends its stream."""
@@ -106,17 +114,19 @@ class WorkerActor:
         if replica is not None:
             replica.abort(request_id)
 
-    async def placement_state(self, index: CheckpointIndex, request_prior_s: float) -> dict:
+    async def placement_state(self, index: CheckpointIndex, request_prior_s: float) -> PlacementState:
         """`Worker.placement_state`, with the node cache's keys fetched first."""
         if self.cache is not None:
             self.cache.refresh(await self.cache.cache.keys.remote())
-        return self.worker.placement_state(index, request_prior_s)
+        loop = asyncio.get_running_loop()  # the pool's lock: off the actor's event loop
+        return await loop.run_in_executor(None, self.worker.placement_state, index, request_prior_s)
 
     async def status(self) -> dict:
         """`Worker.status`, each instance with the finish reasons of its requests, and the node cache's stats."""
         st = self.worker.status()
         for inst in st["instances"]:
-            inst["finished"] = dict(self.finished.get(inst["id"], {}))
+            with self._finished_lock:
+                inst["finished"] = dict(self.finished.get(inst["id"], {}))
         if self.cache is not None:
             st["host_cache"] = await self.cache.cache.stats.remote()
         return st
@@ -124,10 +134,6 @@ class WorkerActor:
     async def pool_map(self) -> DeviceMap:
         """`Worker.pool_map` (the pool's lock is taken off the actor's event loop)."""
         return await asyncio.get_running_loop().run_in_executor(None, self.worker.pool_map)
-
-    async def wait_for_space(self, timeout: float) -> bool:
-        """`DevicePool.wait_for_space`: wait for a release or KV free in this pool (or `timeout` s)."""
-        return await asyncio.get_running_loop().run_in_executor(None, self.worker.pool.wait_for_space, timeout)
 
     async def wait_cache_idle(self) -> None:
         """Return once this worker's background node-cache fills are done (tests, benchmarks)."""

@@ -118,7 +118,8 @@ class RayCluster:
             for (actor, index, ordinal, node), info in zip(pending, infos):
                 if info["ray_node"] != node.ray_node:
                     raise RuntimeError(f"worker {index} landed on node {info['ray_node']}, not {node.ray_node}")
-                cluster.workers.append(RemoteWorker(actor, index, info["device"], ordinal, node.ray_node))
+                cluster.workers.append(RemoteWorker(actor, index, info["device"], ordinal, node.ray_node,
+                                                    info["capacity"]))
         except BaseException:
             for actor, *_ in pending:
                 ray.kill(actor)

@@ -1,15 +1,11 @@
-"""Autoscaling policy, pure: how many instances a deployment wants and which one takes a request."""
+"""Serving rules, pure: which instance takes a request, when one scales down, which one makes room.
+
+The controller applies them; the replays of `bench kv` and the simulator call the same functions.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-
-
-def desired_instances(demand: int, target: int, min_instances: int, max_instances: int) -> int:
-    """Instances for `demand` requests (in flight + queued) at `target` requests each, within the limits."""
-    want = math.ceil(demand / target) if demand > 0 else 0
-    return max(min_instances, min(max_instances, want))
 
 
 def pick_instance(loads: Sequence[int], target: int) -> int | None:
@@ -39,3 +35,12 @@ def drain_victim(inflight: Sequence[int], started_at: Sequence[float], frees: Se
     if not helpful:
         return None
     return min(helpful, key=lambda i: (inflight[i], -frees[i], started_at[i]))
+
+
+def idle_victim(idle_since: Sequence[float | None]) -> int | None:
+    """Which idle instance to stop to make room for a start: the one idle longest (the smallest `idle_since`;
+    None marks a busy instance); ties go to the lower index; None when no instance is idle."""
+    idle = [i for i, t in enumerate(idle_since) if t is not None]
+    if not idle:
+        return None
+    return min(idle, key=lambda i: idle_since[i])  # type: ignore[arg-type, return-value]

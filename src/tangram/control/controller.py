@@ -11,7 +11,8 @@ hold it. A start that finds its device's pool full of active bytes stops idle
 instances there; if none is idle it waits, and after `drain_after_s` it
 drains busy ones (one more per interval): they take no new requests and stop
 once empty, so a steady stream to two models cannot starve a third.
-Everything is event-driven: futures for waiters, `call_later` for keep-alive.
+Everything is event-driven: futures for waiters, `call_later` for keep-alive;
+every worker call is awaited on its `WorkerHandle` (tangram.worker.handle).
 """
 
 from __future__ import annotations
@@ -21,18 +22,18 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator
-from tangram.control.autoscale import drain_victim, least_loaded, pick_instance, should_scale_down
+from tangram.control.autoscale import drain_victim, idle_victim, least_loaded, pick_instance, should_scale_down
 from tangram.control.deployments import Deployment
 from tangram.control.events import Activity
 from tangram.control.state import DeploymentState as _State
-from tangram.control.state import DeploymentUnavailable, UnknownDeployment
+from tangram.control.state import DeploymentUnavailable, ReplicaState, UnknownDeployment
 from tangram.control.fit import DoesNotFit, check_fits, footprint
-from tangram.scheduler.adapter import choose_worker, observe_start
+from tangram.scheduler.adapter import choose_placement, observe_start
 from tangram.engine import RequestOutput, SamplingParams
 from tangram.pool import PoolFullError
 from tangram.resolve import resolve_model
 from tangram.store import Checkpoint
-from tangram.worker import Replica, Worker
+from tangram.worker import LocalWorker, Worker, WorkerHandle
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,12 @@ log = logging.getLogger(__name__)
 class Controller:
     """Deployments over a set of workers (one per device)."""
 
-    def __init__(self, workers: list[Worker], policy: str = "tangram") -> None:
+    def __init__(self, workers: list[WorkerHandle | Worker], policy: str = "tangram") -> None:
+        """`workers`: worker handles (a `Worker` of this process is wrapped in its `LocalWorker`)."""
         if not workers:
             raise ValueError("a controller needs at least one worker")
-        self.workers, self.policy = workers, policy
+        self.workers: list[WorkerHandle] = [LocalWorker(w) if isinstance(w, Worker) else w for w in workers]
+        self.policy = policy
         self.start_timeout_s = 300.0  # how long a start waits for pool space held by running instances
         self.drain_after_s = 0.25  # a start waiting this long for pool space drains one busy instance (then more)
         # a start waiting for pool space is woken by the events that make room; this only bounds the wait for
@@ -70,7 +73,7 @@ class Controller:
             await self.remove(spec.name)
             old = None
         if spec.engine.templates:  # every worker warms for the model before it takes traffic
-            await asyncio.gather(*(loop.run_in_executor(None, w.warm, path) for w in self.workers))
+            await asyncio.gather(*(w.warm(path) for w in self.workers))
         if old is not None:
             old.spec, old.need = spec, need
         else:
@@ -89,8 +92,7 @@ class Controller:
         self.activity.record("remove", f"removed {name} ({len(state.replicas)} instance(s) stopped)", name)
         self.activity.forget(name)
         self._wake(state, DeploymentUnavailable(f"deployment {name!r} was removed"))
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(None, r.worker.stop, r) for r in state.replicas))
+        await asyncio.gather(*(r.worker.stop(r.ref) for r in state.replicas))
         state.replicas.clear()
 
     def names(self) -> list[str]:
@@ -107,19 +109,24 @@ class Controller:
                 "starts": dict(s.starts), "bytes_loaded": s.bytes_loaded, "bytes_reused": s.bytes_reused}
 
     def status(self) -> dict:
-        """Per device pool bytes and instances; per deployment instances and queue."""
-        return {"workers": [w.status() for w in self.workers],
+        """Per device pool bytes and instances (as last known: a remote worker's refreshes behind, so a
+        `/metrics` scrape never waits for a worker); per deployment instances and queue."""
+        return {"workers": [w.last_status() for w in self.workers],
                 "deployments": {n: self.describe(n) for n in self.names()}}
+
+    async def status_now(self) -> dict:
+        """`status` with every worker asked now."""
+        workers = await asyncio.gather(*(w.status() for w in self.workers))
+        return {"workers": list(workers), "deployments": {n: self.describe(n) for n in self.names()}}
 
     async def _pool_capacities(self) -> dict[str, int]:
         """Each worker's pool capacity (asked once: a remote worker's status is a call)."""
         if self._capacities is None:
-            loop = asyncio.get_running_loop()
-            status = await asyncio.gather(*(loop.run_in_executor(None, w.status) for w in self.workers))
+            status = await asyncio.gather(*(w.status() for w in self.workers))
             self._capacities = {w.name: st["capacity"] for w, st in zip(self.workers, status)}
         return self._capacities
 
-    def _capacity(self, worker: Worker) -> float:
+    def _capacity(self, worker: WorkerHandle) -> float:
         return float("inf") if self._capacities is None else self._capacities.get(worker.name, float("inf"))
 
     def _get(self, name: str) -> _State:
@@ -150,8 +157,8 @@ class Controller:
             finished = retry = False
             # tokenizing (and validating) a long prompt is CPU work: off the loop; shielded, so a cancel while
             # it runs still finds the request once it is queued, and aborts it (see `settle` below)
-            submitted = loop.run_in_executor(None, functools.partial(
-                replica.submit, prompt, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
+            submitted = asyncio.ensure_future(replica.worker.submit(
+                replica.ref, prompt, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
                 arrival=arrival, chat=chat))
             try:
                 await asyncio.shield(submitted)
@@ -172,9 +179,9 @@ class Controller:
                     streamed = True
                     yield out
             finally:
-                def settle(f: asyncio.Future, done: bool = finished, r: Replica = replica) -> None:
+                def settle(f: asyncio.Future, done: bool = finished, r: ReplicaState = replica) -> None:
                     if not done and not f.cancelled() and f.exception() is None:
-                        r.abort(f.result())  # the client went away: free its KV blocks
+                        r.worker.abort(r.ref, f.result())  # the client went away: free its KV blocks
                     self._release(state, r)
 
                 if submitted.done():
@@ -184,12 +191,12 @@ class Controller:
             if not retry:
                 return
 
-    def _retire(self, replica: Replica, why: str | None) -> None:
+    def _retire(self, replica: ReplicaState, why: str | None) -> None:
         if not replica.draining:
             log.warning("%s can serve nothing more (%s): replacing it", replica.id, why)
             replica.draining = True
 
-    async def _acquire(self, state: _State, arrival: float) -> Replica:
+    async def _acquire(self, state: _State, arrival: float) -> ReplicaState:
         spec = state.spec
         while True:
             if state.removed:
@@ -214,7 +221,7 @@ class Controller:
             finally:
                 state.queued -= 1
 
-    def _release(self, state: _State, replica: Replica) -> None:
+    def _release(self, state: _State, replica: ReplicaState) -> None:
         replica.inflight -= 1
         if replica.inflight == 0:
             replica.idle_since = time.perf_counter()
@@ -235,13 +242,22 @@ class Controller:
                                               "bytes with its minimum KV)"))
             raise DeploymentUnavailable(state.last_error)
         state.starting += 1
-        worker = fits[choose_worker(fits, state.index, self.policy)]
-        asyncio.get_running_loop().create_task(self._start_on(state, worker, arrival))
+        asyncio.get_running_loop().create_task(self._start_on(state, fits, arrival))
 
-    async def _start_on(self, state: _State, worker: Worker, arrival: float) -> None:
+    async def _place(self, state: _State, fits: list[WorkerHandle]) -> WorkerHandle:
+        """The worker to start on, among those that answer (a Ray actor restarting refuses calls)."""
+        states = await asyncio.gather(*(w.placement_state(state.index) for w in fits), return_exceptions=True)
+        up = [(w, st) for w, st in zip(fits, states) if not isinstance(st, BaseException)]
+        if not up:
+            raise states[0]
+        return up[choose_placement([st for _, st in up], state.index.total_bytes, self.policy)][0]
+
+    async def _start_on(self, state: _State, fits: list[WorkerHandle], arrival: float) -> None:
         spec = state.spec
         loop = asyncio.get_running_loop()
+        worker = fits[0]
         try:
+            worker = await self._place(state, fits)
             replica = await self._start_with_room(state, worker, arrival)
         except Exception as exc:  # noqa: BLE001 - a bad checkpoint fails this deployment only
             log.exception("starting %s on %s failed", spec.name, worker.name)
@@ -253,9 +269,9 @@ class Controller:
             return
         state.starting -= 1
         if state.removed:
-            await loop.run_in_executor(None, worker.stop, replica)
+            await worker.stop(replica.ref)
             return
-        loop.run_in_executor(None, observe_start, replica)  # refine the tier bandwidths with this load
+        loop.create_task(self._observe(replica))  # refine the tier bandwidths with this load
         self.activity.started(spec.name, worker.name, replica.id, replica.cost)
         loop.create_task(self._count_start(state, replica))
         state.last_error = None
@@ -264,7 +280,7 @@ class Controller:
         loop.call_later(spec.keep_alive_s, self._maybe_stop, state, replica)
         self._wake(state)
 
-    async def _start_with_room(self, state: _State, worker: Worker, arrival: float) -> Replica:
+    async def _start_with_room(self, state: _State, worker: WorkerHandle, arrival: float) -> ReplicaState:
         """Start on `worker`; when its pool is full of active bytes, stop idle instances there (their weights
         become retained, so evictable), else wait for a request there to end (back-pressure), up to
         `start_timeout_s`."""
@@ -276,22 +292,23 @@ class Controller:
             changed = loop.create_future()  # made before the attempt, so no release after it is missed
             self._room_waiters.setdefault(worker.name, []).append(changed)
             try:
-                return await loop.run_in_executor(None, worker.start, spec.name, state.checkpoint, spec.engine,
-                                                  arrival)
+                ref = await worker.start(spec.name, state.checkpoint, spec.engine, arrival, spec.backend)
+                return ReplicaState(worker=worker, ref=ref)
             except PoolFullError as full:
                 if full.need > self._capacity(worker):  # more than the whole pool: waiting cannot help
                     raise DoesNotFit(f"{spec.name!r} needs {full.need} bytes at once on {worker.name}, whose "
                                      f"pool holds {self._capacity(worker)} bytes") from None
-                idle = [(r.idle_since, s, r) for s in self._states.values() for r in s.replicas
-                        if r.worker is worker and not r.inflight and not r.stopping and r.idle_since is not None]
-                if idle:
-                    _, owner, victim = min(idle, key=lambda x: x[0])
+                here = [(s, r) for s in self._states.values() for r in s.replicas
+                        if r.worker is worker and not r.stopping]
+                i = idle_victim([None if r.inflight else r.idle_since for _, r in here])
+                if i is not None:
+                    owner, victim = here[i]
                     log.info("pool of %s is full: stopping idle %s to start %s", worker.name, victim.id, spec.name)
                     self.activity.record("stop", f"stopped idle {victim.id} to make room for {spec.name}",
                                          owner.spec.name, worker.name)
                     victim.stopping = True
                     owner.replicas.remove(victim)
-                    await loop.run_in_executor(None, worker.stop, victim)
+                    await worker.stop(victim.ref)
                     continue
                 now = time.perf_counter()
                 if now > deadline:
@@ -305,13 +322,12 @@ class Controller:
                 if changed in waiters:
                     waiters.remove(changed)
 
-    async def _drain_one(self, state: _State, worker: Worker, short: int) -> None:
+    async def _drain_one(self, state: _State, worker: WorkerHandle, short: int) -> None:
         """Stop routing new requests to one busy instance of another deployment on `worker` whose stop gives
         bytes back, unless those already draining give back `short` bytes; so a start waiting for room there
         is not starved by instances that never go idle."""
-        loop = asyncio.get_running_loop()
         here = [(s, r) for s in self._states.values() for r in s.replicas if r.worker is worker and not r.stopping]
-        frees = await asyncio.gather(*(loop.run_in_executor(None, worker.freeable_bytes, r) for _, r in here))
+        frees = await asyncio.gather(*(worker.freeable_bytes(r.ref) for _, r in here))
         if sum(f for (_, r), f in zip(here, frees) if r.draining) >= short:
             return  # enough is on its way out: wait for it
         busy = [(s, r, f) for (s, r), f in zip(here, frees) if s is not state and not r.draining]
@@ -327,20 +343,21 @@ class Controller:
         if not victim.inflight:
             self._stop(owner, victim)
 
-    def _room_changed(self, worker: Worker) -> None:
+    def _room_changed(self, worker: WorkerHandle) -> None:
         """A request on `worker` ended or an instance there stopped: starts waiting for its pool look again."""
         for fut in self._room_waiters.pop(worker.name, []):
             if not fut.done():
                 fut.set_result(None)
 
-    async def _count_start(self, state: _State, replica: Replica) -> None:
-        # a background (template) load settles its start type and bytes when it ends
-        final = getattr(replica, "final_cost", None)
-        cost = await asyncio.get_running_loop().run_in_executor(None, final) if final else replica.cost
+    async def _count_start(self, state: _State, replica: ReplicaState) -> None:
+        cost = await replica.worker.final_cost(replica.ref)  # a background (template) load settles it when it ends
         state.starts[cost.start] += 1
         state.bytes_loaded += cost.bytes_loaded
         state.bytes_reused += cost.bytes_reused
         self.activity.settled(replica.id, cost)
+
+    async def _observe(self, replica: ReplicaState) -> None:
+        observe_start(await replica.worker.load_stats(replica.ref))
 
     def _wake(self, state: _State, error: Exception | None = None) -> None:
         waiters, state.waiters = state.waiters, []
@@ -348,7 +365,7 @@ class Controller:
             if not fut.done():
                 fut.set_exception(error) if error else fut.set_result(None)
 
-    def _maybe_stop(self, state: _State, replica: Replica) -> None:
+    def _maybe_stop(self, state: _State, replica: ReplicaState) -> None:
         live = [r for r in state.replicas if not r.stopping]
         if replica not in live or replica.inflight or replica.idle_since is None:
             return  # busy again: its next release re-arms the timer
@@ -366,7 +383,7 @@ class Controller:
                              replica.worker.name)
         self._stop(state, replica)
 
-    def _stop(self, state: _State, replica: Replica) -> None:
+    def _stop(self, state: _State, replica: ReplicaState) -> None:
         """Stop `replica` in the background; then starts waiting for room there, and the deployment's waiting
         requests (a drained instance leaves them without one), look again."""
         replica.stopping = True
@@ -377,7 +394,7 @@ class Controller:
             self._room_changed(replica.worker)
             self._wake(state)
 
-        asyncio.get_running_loop().run_in_executor(None, replica.worker.stop, replica).add_done_callback(stopped)
+        asyncio.get_running_loop().create_task(replica.worker.stop(replica.ref)).add_done_callback(stopped)
 
     async def shutdown(self) -> None:
         """Stop every instance."""

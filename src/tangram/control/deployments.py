@@ -31,6 +31,8 @@ class Deployment(BaseModel):
     max_instances: int = Field(1, ge=1, le=64)
     target_concurrency: int = Field(8, ge=1, le=4096, description="requests per instance before scaling out")
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    backend: Literal["builtin"] = Field("builtin", description="the engine backend its instances run on "
+                                        "(tangram.engine.backend)")
 
     @field_validator("name")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from tangram.engine.engine import Engine
 
@@ -11,10 +12,13 @@ log = logging.getLogger(__name__)
 
 
 class EngineLoop:
-    """Steps `engine` whenever it has work; sleeps on its condition when idle and on the pool when stalled."""
+    """Steps `engine` whenever it has work; sleeps on its condition when idle and, when stalled for KV blocks,
+    on `wait_for_space` (the pool's: woken by any KV free or model release; default: the engine's KV pool)."""
 
-    def __init__(self, engine: Engine, name: str = "engine") -> None:
+    def __init__(self, engine: Engine, name: str = "engine",
+                 wait_for_space: Callable[[float], object] | None = None) -> None:
         self.engine = engine
+        self._wait_for_space = wait_for_space or engine.kv.pool.wait_for_space
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -46,4 +50,4 @@ class EngineLoop:
                 eng.fail_all(f"engine step failed: {exc}")
                 progressed = True
             if not progressed and eng.stalled:
-                eng.kv.pool.wait_for_space(0.05)  # back-pressure: woken by any KV free or model release
+                self._wait_for_space(0.05)  # back-pressure: woken by any KV free or model release

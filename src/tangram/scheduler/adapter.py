@@ -1,9 +1,11 @@
 """The scheduler for the real controller: a view of this node's workers and the worker to start on.
 
-One node (the embedded server), one device per `tangram.worker.Worker`:
-- resident bytes: `worker.resident_bytes(index)` (tensors shared with other
-  models count, by content identity);
-- free / retained bytes: the pool's snapshot totals;
+Each device reports a `tangram.worker.PlacementState` (the controller awaits
+them from its worker handles, local or Ray actors; `choose_worker` asks
+`Worker.placement_state` of workers in this process directly):
+- resident bytes: the pool's `resident_bytes(index)` (tensors shared with
+  other models count, by content identity);
+- free / retained bytes: the pool's totals;
 - DRAM-cached bytes: the model's distinct tensors present in the loader's host
   cache tier (`Loader.cache`, shared by the node's workers), when there is one;
 - queue wait: the in-flight requests of the worker's replicas, each charged
@@ -26,8 +28,9 @@ from tangram.scheduler.view import ClusterView, DeviceState, brute_force
 from tangram.store import LoadStats
 
 if TYPE_CHECKING:
+    from tangram.engine import StartCost
     from tangram.store import CheckpointIndex
-    from tangram.worker import Replica, Worker
+    from tangram.worker import PlacementState, Worker
 
 log = logging.getLogger(__name__)
 
@@ -46,48 +49,66 @@ def shared_estimator() -> BandwidthEstimator:
         return _estimator
 
 
-def worker_view(workers: Sequence[Worker], index: CheckpointIndex, *, request_prior_s: float = 0.05) -> ClusterView:
-    """The scheduler's view of `workers` (local or remote, any nodes) for the model of checkpoint `index`."""
+def placement_view(states: Sequence[PlacementState]) -> ClusterView:
+    """The scheduler's view of devices (local or remote, any nodes) from their placement states for one model."""
     devices, resident, cached = [], {}, {}
-    for i, w in enumerate(workers):
-        st = w.placement_state(index, request_prior_s)
-        devices.append(DeviceState(st["node"], st["free"], st["retained"], st["queue_s"]))
-        resident[i] = st["resident"]
-        cached[st["node"]] = max(cached.get(st["node"], 0), st["cached"])  # one DRAM cache per node
+    for i, st in enumerate(states):
+        devices.append(DeviceState(st.node, st.free, st.retained, st.queue_s))
+        resident[i] = st.resident
+        cached[st.node] = max(cached.get(st.node, 0), st.cached)  # one DRAM cache per node
     return ClusterView(devices, {MODEL: resident}, {MODEL: cached})
+
+
+def worker_view(workers: Sequence[Worker], index: CheckpointIndex, *, request_prior_s: float = 0.05) -> ClusterView:
+    """The scheduler's view of `workers` of this process for the model of checkpoint `index`."""
+    return placement_view([w.placement_state(index, request_prior_s) for w in workers])
+
+
+def choose_placement(states: Sequence[PlacementState], model_bytes: int, policy: Policy | str = Policy.TANGRAM, *,
+                     bandwidths: BandwidthEstimator | Bandwidths | None = None, evict_weight: float = 0.5,
+                     rng: random.Random | None = None) -> int:
+    """Index into `states` of the device to start a model of `model_bytes` on.
+
+    When it fits nowhere (every pool's active bytes too high), the device with
+    the most free + retained bytes: the start then waits there for space.
+    """
+    if not states:
+        raise ValueError("no workers")
+    if bandwidths is None:
+        bandwidths = shared_estimator()
+    bw = bandwidths.bandwidths if isinstance(bandwidths, BandwidthEstimator) else bandwidths
+    view = placement_view(states)
+    chosen = brute_force(view, MODEL, model_bytes, policy, CostParams(bw, evict_weight), rng or _rng)
+    if chosen is None:
+        chosen = max(range(len(states)), key=lambda i: view.devices[i].free_bytes + view.devices[i].retained_bytes)
+    log.debug("placement (%s): worker %d of %d", Policy(policy).value, chosen, len(states))
+    return chosen
 
 
 def choose_worker(workers: Sequence[Worker], index: CheckpointIndex, policy: Policy | str = Policy.TANGRAM, *,
                   bandwidths: BandwidthEstimator | Bandwidths | None = None, evict_weight: float = 0.5,
                   rng: random.Random | None = None) -> int:
-    """Index into `workers` of the worker to start the checkpoint's model on.
-
-    When it fits nowhere (every pool's active bytes too high), the worker with
-    the most free + retained bytes: the start then waits there for space.
-    """
+    """Index into `workers` (of this process) of the worker to start the checkpoint's model on
+    (`choose_placement` over their placement states)."""
     if not workers:
         raise ValueError("no workers")
-    if bandwidths is None:
-        bandwidths = shared_estimator()
-    bw = bandwidths.bandwidths if isinstance(bandwidths, BandwidthEstimator) else bandwidths
-    view = worker_view(workers, index)
-    chosen = brute_force(view, MODEL, index.total_bytes, policy, CostParams(bw, evict_weight), rng or _rng)
-    if chosen is None:
-        chosen = max(range(len(workers)), key=lambda i: view.devices[i].free_bytes + view.devices[i].retained_bytes)
-    log.debug("placement (%s): worker %d of %d", Policy(policy).value, chosen, len(workers))
-    return chosen
+    states = [w.placement_state(index) for w in workers]
+    return choose_placement(states, index.total_bytes, policy, bandwidths=bandwidths, evict_weight=evict_weight,
+                            rng=rng)
 
 
-def observe_start(replica: Replica, bandwidths: BandwidthEstimator | None = None) -> None:
-    """Refine the tier bandwidths with what starting `replica` loaded (call after `Worker.start`)."""
-    instance = getattr(replica, "instance", None)
-    if instance is None:  # a remote replica: what its start reported
-        cost = replica.cost
-        if cost.start not in ("dram", "cold") or cost.load_s <= 0:
-            return
-        stats = LoadStats(bytes_from_disk=cost.bytes_loaded if cost.start == "cold" else 0,
-                          bytes_from_cache=cost.bytes_loaded if cost.start == "dram" else 0, seconds=cost.load_s)
-    else:
-        stats = instance.binding.wait_loaded()
+def stats_from_cost(cost: StartCost) -> LoadStats | None:
+    """The load figures a start's reported cost implies (a remote start reports no `LoadStats`); None when it
+    read nothing from disk or DRAM."""
+    if cost.start not in ("dram", "cold") or cost.load_s <= 0:
+        return None
+    return LoadStats(bytes_from_disk=cost.bytes_loaded if cost.start == "cold" else 0,
+                     bytes_from_cache=cost.bytes_loaded if cost.start == "dram" else 0, seconds=cost.load_s)
+
+
+def observe_start(start: LoadStats | None | object, bandwidths: BandwidthEstimator | None = None) -> None:
+    """Refine the tier bandwidths with what a start loaded: its `LoadStats`, or anything with the `cost` it
+    reported (`stats_from_cost`)."""
+    stats = start if start is None or isinstance(start, LoadStats) else stats_from_cost(start.cost)
     if stats is not None:
         (bandwidths or shared_estimator()).observe(stats)

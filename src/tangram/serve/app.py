@@ -208,7 +208,7 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
 
     @app.get("/admin/status", dependencies=[Depends(admin)])
     async def status():
-        return controller.status()
+        return await controller.status_now()
 
     dashboard.mount(app, controller, admin)  # GET /dashboard (page) and /admin/pool-map (its data)
 

@@ -129,7 +129,7 @@ class Server:
 
                 self.cluster = RayCluster.connect(self.config, ray_address)
                 self.workers = self.cluster.workers
-                self.pool_lines = [f"pool {w.name}: {format_bytes(w.status()['capacity'])}" for w in self.workers]
+                self.pool_lines = [f"pool {w.name}: {format_bytes(w.capacity)}" for w in self.workers]
             shared_estimator()  # tier bandwidths for placement, measured (or read from the probe) before serving
             self.controller = Controller(self.workers, self.config.scheduler)
             self.app: FastAPI = create_app(self.controller, admin_token=self.token, api_key=self.api_key)

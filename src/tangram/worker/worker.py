@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-from tangram.engine import EngineConfig, Instance, RequestOutput, SamplingParams, StartCost
-from tangram.engine.loop import EngineLoop
+from tangram.engine import EngineConfig, RequestOutput, SamplingParams, StartCost
+from tangram.engine.backend import EngineBackend, start_backend
 from tangram.engine.dtype import compute_dtype
 from tangram.engine.skeleton import RUNTIME
 from tangram.pool import ArenaMap, DevicePool, Eviction, PoolConfig
 from tangram.store import Checkpoint, CheckpointIndex, Loader
 from tangram.templates import load_template, warm
+from tangram.worker.handle import PlacementState
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -38,50 +39,43 @@ def local_devices(cpu_devices: int = 1) -> list[str]:
     return ["cpu"] * cpu_devices
 
 
-@dataclass(kw_only=True)
-class ControlState:
-    """What the controller keeps of a running instance, local or in a Ray worker actor."""
-
-    inflight: int = 0
-    idle_since: float | None = None
-    stopping: bool = False
-    draining: bool = False  # takes no new requests: stopped once idle, to make room for a waiting start
-    started_at: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class Replica(ControlState):
-    """A running instance of a deployment on one worker, with its engine thread and request count."""
+@dataclass(eq=False)
+class Replica:
+    """A running instance of a deployment on one worker: its engine backend (`tangram.engine.backend`)."""
 
     id: str
     deployment: str
-    worker: Worker
-    instance: Instance
-    loop: EngineLoop
+    backend: EngineBackend
+    inflight: int = 0  # requests queued and not finished (the pool map and status show it)
+    _count: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def cost(self) -> StartCost:
         """What starting this instance cost."""
-        return self.instance.cost
-
-    def final_cost(self) -> StartCost:
-        """The start's cost once its load is over (waits for a background load)."""
-        self.instance.finalize_cost()
-        return self.instance.cost
+        return self.backend.cost
 
     def submit(self, prompt, params: SamplingParams, sink: Callable[[RequestOutput], None], *, arrival: float,
                chat: bool = False) -> str:
-        """Queue a request on this instance's engine; outputs go to `sink` (from the engine thread)."""
-        return self.instance.engine.add_request(prompt, params, sink=sink, arrival=arrival, chat=chat).id
+        """Queue a request on this instance; outputs go to `sink` (from the backend's thread)."""
+        def counted(out: RequestOutput) -> None:
+            sink(out)
+            if out.finished:  # after the sink: whoever sees it idle has seen the request end
+                self._add(-1)
+
+        self._add(1)
+        try:
+            return self.backend.submit(prompt, params, counted, arrival=arrival, chat=chat)
+        except BaseException:
+            self._add(-1)
+            raise
+
+    def _add(self, n: int) -> None:
+        with self._count:
+            self.inflight += n
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks."""
-        self.instance.engine.abort(request_id)
-
-    def mean_prefill_s(self, prior: float) -> float:
-        """Mean prefill seconds this instance measured (`prior` before its first request)."""
-        totals = self.instance.engine.totals
-        return totals.prefill_s / totals.requests if totals.requests else prior
+        self.backend.abort(request_id)
 
 
 @dataclass(frozen=True)
@@ -121,13 +115,13 @@ class Worker:
         """`cpu#0`, `cuda:1#1`: device and worker index (several logical CPU devices share a type)."""
         return f"{self.device}#{self.index}"
 
-    def start(self, deployment: str, checkpoint: Path, config: EngineConfig, arrival: float) -> Replica:
-        """Start an instance (blocking: load + init) and its engine thread."""
-        inst = Instance(Checkpoint(checkpoint), self.pool, config, name=deployment, arrival=arrival)
-        rid = f"{deployment}-{next(_ids)}"
-        replica = Replica(rid, deployment, self, inst, EngineLoop(inst.engine, name=f"engine-{rid}").start())
+    def start(self, deployment: str, checkpoint: Path, config: EngineConfig, arrival: float,
+              backend: str = "builtin") -> Replica:
+        """Start an instance with engine `backend` (blocking: load + init, then its engine runs)."""
+        engine = start_backend(backend, Checkpoint(checkpoint), self.pool, config, name=deployment, arrival=arrival)
+        replica = Replica(f"{deployment}-{next(_ids)}", deployment, engine)
         with self._lock:
-            self.replicas[rid] = replica
+            self.replicas[replica.id] = replica
         return replica
 
     def warm(self, checkpoint: Path) -> float:
@@ -146,9 +140,8 @@ class Worker:
         return seconds
 
     def stop(self, replica: Replica) -> None:
-        """Stop the engine thread and release the weights to the pool (they stay retained)."""
-        replica.loop.stop()
-        replica.instance.close()
+        """Stop the instance's engine and release its weights to the pool (they stay retained)."""
+        replica.backend.stop()
         with self._lock:
             self.replicas.pop(replica.id, None)
         log.info("stopped %s on %s", replica.id, self.name)
@@ -156,16 +149,11 @@ class Worker:
     def freeable_bytes(self, replica: Replica) -> int:
         """Pool bytes that stopping `replica` would give back: weights no other instance here holds, and its
         KV reservation."""
-        inst = replica.instance
-        return self.pool.exclusive_bytes(inst.binding) + inst.kv.reserved_bytes
+        return replica.backend.freeable_bytes()
 
-    def resident_bytes(self, index: CheckpointIndex) -> int:
-        """Bytes of a checkpoint's tensors already in this worker's pool."""
-        return self.pool.resident_bytes(index)
-
-    def placement_state(self, index: CheckpointIndex, request_prior_s: float = 0.05) -> dict:
+    def placement_state(self, index: CheckpointIndex, request_prior_s: float = 0.05) -> PlacementState:
         """What the scheduler needs of this device for the model of `index`."""
-        totals = self.pool.snapshot()["totals"]
+        totals = self.pool.snapshot()["totals"]  # the pool has no cheaper public read of its totals yet
         with self._lock:
             replicas = list(self.replicas.values())
         cache = self.pool.loader.cache
@@ -173,9 +161,9 @@ class Worker:
         if cache is not None:
             distinct = {e.hash: e.nbytes for e in index.tensors.values()}
             cached = sum(n for h, n in distinct.items() if h in cache)
-        return {"node": self.node, "free": totals["free"], "retained": totals["retained"],
-                "queue_s": sum(r.inflight * r.mean_prefill_s(request_prior_s) for r in replicas),
-                "resident": self.pool.resident_bytes(index), "cached": cached}
+        return PlacementState(node=self.node, free=totals["free"], retained=totals["retained"],
+                              queue_s=sum(r.inflight * r.backend.mean_prefill_s(request_prior_s) for r in replicas),
+                              resident=self.pool.resident_bytes(index), cached=cached)
 
     def pool_map(self) -> DeviceMap:
         """The pool as extents merged per model and state, the instances here and the last evictions (blocking
