@@ -122,3 +122,12 @@ def test_paged_cache_batched_prefill_writes_only_the_real_rows_of_padded_prompts
     after = kv.block_view(short[0]).view(2, 4, 2, 2, 8)  # [layer, token, k/v, head, dim]
     torch.testing.assert_close(after[0, :2, 0], k[1, :, 4:].transpose(0, 1), rtol=0, atol=0)
     torch.testing.assert_close(after[0, 2:], untouched.view(2, 4, 2, 2, 8)[0, 2:], rtol=0, atol=0)
+
+
+def test_a_model_spec_prices_kv_by_the_engines_geometry():
+    from tangram.workload import transformer
+
+    m = transformer("gqa", "llama", 64, 128, 3, 8, 2, 100, 64, seed=0, dtype="float16")
+    engine = KVSpec.from_config(m.transformers_config(), torch.float16, block_tokens=4)
+    assert m.kv_bytes_per_token() == engine.bytes_per_token() == 3 * 2 * 2 * 8 * 2
+    assert KVSpec.from_config(m.config, torch.float16, block_tokens=4) == engine  # a dict of the fields reads alike

@@ -122,6 +122,8 @@ def test_pool_settings_are_a_configuration_fixed_at_construction():
         DevicePool(4 * KB, policy="mru")
     with pytest.raises(ValidationError):
         PoolConfig(reload_bandwidth=0)
+    with pytest.raises(ValidationError, match="needs safetensors_sources"):
+        PoolConfig(loader="safetensors")
 
 
 def test_serve_config_carries_the_pool_config_to_every_worker():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -24,7 +26,10 @@ class KVSpec:
 
     @classmethod
     def from_config(cls, config, dtype: torch.dtype, block_tokens: int = 16) -> KVSpec:
-        """Geometry from a transformers config (Llama, Qwen, Mistral, OPT, GPT-2 name their fields alike)."""
+        """Geometry from a transformers config, or a dict of its fields (Llama, Qwen, Mistral, OPT, GPT-2 name
+        their fields alike)."""
+        if isinstance(config, Mapping):
+            config = SimpleNamespace(**config)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads

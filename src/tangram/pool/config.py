@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tangram.defaults import RELOAD_BANDWIDTH
 from tangram.pool.policy import PoolPolicy
@@ -30,3 +30,11 @@ class PoolConfig(BaseModel):
         default_factory=dict, description="loader=safetensors: checkpoint dir -> its original safetensors dir")
     reload_bandwidth: float = Field(RELOAD_BANDWIDTH, gt=0, description="bytes/s evicted bytes are priced at")
     half_life_s: float = Field(300.0, gt=0, description="half-life of the decayed start rates (retention gain)")
+
+    @model_validator(mode="after")
+    def _sources_go_with_their_loader(self) -> PoolConfig:
+        if self.loader == "safetensors" and not self.safetensors_sources:
+            raise ValueError("loader 'safetensors' needs safetensors_sources (checkpoint dir -> safetensors dir)")
+        if self.loader != "safetensors" and self.safetensors_sources:
+            raise ValueError("safetensors_sources are read by loader 'safetensors' only")
+        return self

@@ -61,10 +61,10 @@ class ModelSpec:
         return getattr(transformers, self.architecture)(**self.config)
 
     def kv_bytes_per_token(self) -> int:
-        """KV bytes of one token across all layers (keys and values, in this spec's dtype)."""
-        c = self.config
-        head_dim = c["hidden_size"] // c["num_attention_heads"]
-        return self.layers * 2 * c["num_key_value_heads"] * head_dim * self.torch_dtype.itemsize
+        """KV bytes of one token across all layers (keys and values, in this spec's dtype): the engine's geometry."""
+        from tangram.kv.spec import KVSpec
+
+        return KVSpec.from_config(self.config, self.torch_dtype).bytes_per_token()
 
     def raw_layout(self) -> list[tuple[str, int, int]]:
         """(name, nbytes, layer or -1) of every tensor of a RAW model."""
