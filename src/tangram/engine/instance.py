@@ -127,11 +127,12 @@ class Instance:
         if self._finalized:
             return
         b = self.binding
-        if b.loading.began:
+        if b.loading.span()[0]:
             b.loading.wait()
-            self.cost.load_s = b.loading.seconds
-            self.cost.load_begin, self.cost.load_end = b.loading.began - self.arrival, b.loading.ended - self.arrival
-            self.engine.ready_at = max(self.engine.ready_at, b.loading.ended)
+            began, ended = b.loading.span()
+            self.cost.load_s = ended - began
+            self.cost.load_begin, self.cost.load_end = began - self.arrival, ended - self.arrival
+            self.engine.ready_at = max(self.engine.ready_at, ended)
         stats = b.wait_loaded()
         self.cost.start = StartCost.classify(b.bytes_loaded, stats.bytes_from_cache if stats else 0)
         self._finalized = True
