@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from tangram import __version__
-from tangram.cli_common import console
+from tangram.cli_common import auto_device, console
 from tangram.cli_common import fail as _fail
 from tangram.cli_probe import probe_after_install
 from tangram.cli_probe import register as register_probe
@@ -113,13 +113,11 @@ def load(
     threads: Annotated[Optional[int], typer.Option(help="Reader threads.")] = None,
 ) -> None:
     """Load a checkpoint into device memory and report how fast (`tangram run` also answers a prompt)."""
-    import torch
-
     from tangram.progress import byte_progress
     from tangram.resolve import resolve_model
     from tangram.store import Checkpoint, CheckpointError, Loader
 
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = auto_device(device)
     try:
         with console.status(f"locating {model}"):
             path = resolve_model(model)

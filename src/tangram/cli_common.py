@@ -13,6 +13,16 @@ console = Console()
 err = Console(stderr=True)
 
 
+def auto_device(device: str) -> str:
+    """The device a command runs on: "auto" is cuda when this torch sees a CUDA device, else cpu; any other value
+    as given (torch validates it where it is used)."""
+    if device != "auto":
+        return device
+    import torch  # not at import: `tangram --help` stays fast
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def error_message(exc: BaseException | str) -> str:
     """The text of an error; a pydantic ValidationError as `field: message` lines instead of its long repr."""
     if isinstance(exc, ValidationError):

@@ -8,13 +8,14 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.table import Table
 
+from tangram.cli_common import auto_device
+
 
 def run_prompt(model: str, prompt: str, *, max_tokens: int, temperature: float, top_p: float, top_k: int,
                seed: int | None, chat: bool, device: str, kv_mode: str, pool_gb: float | None, console: Console,
                fail: Callable[[Exception], None], dtype: str = "auto") -> None:
     """Start an instance of `model` (in `dtype`) on a fresh device pool, stream the answer, print where the time
     went."""
-    import torch
     from pydantic import ValidationError
 
     from tangram.engine import EngineConfig, Instance, RequestError, SamplingParams
@@ -23,7 +24,7 @@ def run_prompt(model: str, prompt: str, *, max_tokens: int, temperature: float, 
     from tangram.resolve import resolve_model
     from tangram.store import Checkpoint, CheckpointError
 
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = auto_device(device)
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         config = EngineConfig(kv_mode=kv_mode, max_batch=1, dtype=dtype)

@@ -57,8 +57,6 @@ class Controller:
         self._capacities: dict[str, int] | None = None  # per worker: its pool's bytes (fixed once built)
         self.activity = Activity()  # events, starts and traffic, for the dashboard
 
-    # ------------------------------------------------------------------ deployments
-
     async def deploy(self, spec: Deployment) -> dict:
         """Register (or replace the settings of) a deployment; a Hugging Face directory is converted now and,
         with templates on, every worker warms for the model (skeleton, tokenizer, operators) before it returns."""
@@ -134,8 +132,6 @@ class Controller:
             return self._states[name]
         except KeyError:
             raise UnknownDeployment(name) from None
-
-    # ------------------------------------------------------------------ requests
 
     async def generate(self, name: str, prompt, params: SamplingParams, *, chat: bool = False
                        ) -> AsyncIterator[RequestOutput]:
@@ -231,8 +227,6 @@ class Controller:
                 return
             asyncio.get_running_loop().call_later(state.spec.keep_alive_s, self._maybe_stop, state, replica)
         self._room_changed(replica.worker)
-
-    # ------------------------------------------------------------------ scaling
 
     def _start(self, state: _State, arrival: float) -> None:
         """Start an instance in the background on a device whose pool could hold it (DoesNotFit: none could)."""
