@@ -148,6 +148,20 @@ def test_corrupted_template_is_ignored_with_a_warning(model_ckpt, caplog):
     assert load_template(ckpt) is not None  # recorded afresh
 
 
+def test_a_version_1_template_is_re_recorded_without_a_warning(model_ckpt, caplog):
+    _, ckpt = model_ckpt
+    run(ckpt)
+    path = template_path(ckpt)
+    data = json.loads(path.read_text())
+    data.update(version=1, ops=["mm"], workspace_bytes=64, hidden_shape=[1, 7, 64])  # what version 1 wrote
+    path.write_text(json.dumps(data))
+    with caplog.at_level(logging.INFO, logger="tangram.templates.template"):
+        assert load_template(ckpt) is None
+    assert "has version 1" in caplog.text and "unreadable" not in caplog.text
+    run(ckpt)
+    assert load_template(ckpt) is not None and json.loads(path.read_text())["version"] == 2
+
+
 def test_templates_off_is_the_plain_start(model_ckpt):
     model, ckpt = model_ckpt
     run(ckpt)

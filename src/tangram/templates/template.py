@@ -79,7 +79,11 @@ def load_template(checkpoint: Path) -> Template | None:
     if not path.is_file():
         return None
     try:
-        template = Template.model_validate(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and data.get("version") != VERSION:  # an older layout: not an error
+            log.info("start-up template %s has version %s, not %s; re-recording", path, data.get("version"), VERSION)
+            return None
+        template = Template.model_validate(data)
     except (OSError, ValueError, ValidationError) as exc:
         log.warning("ignoring the unreadable start-up template %s (%s); a new one will be recorded", path,
                     str(exc).splitlines()[0])
