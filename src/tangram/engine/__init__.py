@@ -1,5 +1,6 @@
 """The inference engine: model skeleton over pooled weights, continuous batching on ElasticKV."""
 
+from tangram.engine.backend import BACKENDS, BackendFactory, EngineBackend, start_backend
 from tangram.engine.engine import Engine
 from tangram.engine.errors import EngineError, RequestError
 from tangram.engine.instance import EngineConfig, Instance
@@ -7,5 +8,6 @@ from tangram.engine.request import OutputQueue, RequestOutput
 from tangram.engine.sampling import SamplingParams
 from tangram.engine.stages import StartCost, Stages, Totals
 
-__all__ = ["Engine", "EngineConfig", "EngineError", "Instance", "OutputQueue", "RequestError", "RequestOutput",
-           "SamplingParams", "StartCost", "Stages", "Totals"]
+__all__ = ["BACKENDS", "BackendFactory", "Engine", "EngineBackend", "EngineConfig", "EngineError", "Instance",
+           "OutputQueue", "RequestError", "RequestOutput", "SamplingParams", "StartCost", "Stages", "Totals",
+           "start_backend"]

@@ -13,12 +13,12 @@ log = logging.getLogger(__name__)
 
 class EngineLoop:
     """Steps `engine` whenever it has work; sleeps on its condition when idle and, when stalled for KV blocks,
-    on `wait_for_space` (the pool's: woken by any KV free or model release; default: the engine's KV pool)."""
+    on `wait_for_space` (the pool's: woken by any KV free or model release; default: its KV allocator's)."""
 
     def __init__(self, engine: Engine, name: str = "engine",
                  wait_for_space: Callable[[float], object] | None = None) -> None:
         self.engine = engine
-        self._wait_for_space = wait_for_space or engine.kv.pool.wait_for_space
+        self._wait_for_space = wait_for_space or engine.kv.wait_for_space
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
