@@ -218,3 +218,8 @@ def test_an_actor_killed_mid_stream_fails_its_request_and_is_restarted(server):
     assert len(status(server)["workers"]) == len(server.workers)  # the other workers are untouched
     again = c.completions.create(model="long", prompt="w5", max_tokens=3)  # the broken instance is replaced
     assert again.choices[0].finish_reason == "length"
+    # a request sent to an instance whose actor just died has no output yet: it is retried once, elsewhere
+    holder_name = holder(server, "long")["worker"]
+    ray.kill(next(w for w in server.workers if w.name == holder_name).actor, no_restart=False)
+    retried = c.completions.create(model="long", prompt="w5", max_tokens=3)
+    assert retried.choices[0].finish_reason == "length" and retried.usage.completion_tokens == 3
