@@ -69,8 +69,8 @@ def _first_token_s(replica, prompt: list[int]) -> float:
     """Seconds from submitting a request to its first token, on the replica's engine thread."""
     got = threading.Event()
     t0 = time.perf_counter()
-    replica.instance.engine.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True),
-                                        sink=lambda out: got.set() if (out.token_ids or out.finished) else None)
+    replica.submit(prompt, SamplingParams(max_tokens=1, ignore_eos=True),
+                   lambda out: got.set() if (out.token_ids or out.finished) else None, arrival=t0)
     if not got.wait(120):
         raise RuntimeError("no first token within 120 s")
     return time.perf_counter() - t0
@@ -97,9 +97,9 @@ class RealBackend:
             replica = self.workers[device].start(model, self.paths[model].ckpt, ENGINE, time.perf_counter())
         except PoolFullError:
             return None
-        cost = replica.instance.cost
+        cost = replica.cost
         self.costs.append(cost)
-        load = replica.instance.binding.wait_loaded()
+        load = replica.backend.load_stats()
         if load is not None:
             self.bw.observe(load)
         dram = load.bytes_from_cache if load else 0
@@ -135,7 +135,7 @@ def calibrate(models: list[ModelSpec], paths: dict[str, ModelPaths], capacity: i
             for f in Checkpoint(paths[m.name].ckpt).data_files():
                 evict_from_page_cache(f)
             replica = worker.start(m.name, paths[m.name].ckpt, ENGINE, time.perf_counter())
-            cost, load = replica.instance.cost, replica.instance.binding.wait_loaded()
+            cost, load = replica.cost, replica.backend.load_stats()
             if rep == 0 and load is not None:
                 bw.observe(load)
             if rep == 1:
