@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from tangram.engine import EngineConfig, RequestOutput, SamplingParams, StartCost
+    from tangram.engine import EngineConfig, SamplingParams, StartCost
     from tangram.engine.backend import Sink
     from tangram.store import CheckpointIndex, LoadStats
     from tangram.worker.worker import DeviceMap
