@@ -32,7 +32,7 @@ class KVAllocator:
 
     def __init__(self, pool: DevicePool, spec: KVSpec, mode: KVMode | str = KVMode.ELASTIC,
                  reserve_blocks: int = 0) -> None:
-        self.pool, self.spec, self.mode = pool, spec, KVMode(mode)  # `pool`: the engine loop's default waiter
+        self.spec, self.mode = spec, KVMode(mode)
         if self.mode is KVMode.RESERVE and reserve_blocks < 1:
             raise ValueError("reserve mode needs reserve_blocks >= 1")
         self.region = pool.kv_region(spec.block_bytes, spec.dtype,
