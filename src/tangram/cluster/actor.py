@@ -76,6 +76,13 @@ class WorkerActor:
         replica = self.worker.replicas.get(replica_id)
         return self.worker.freeable_bytes(replica) if replica is not None else 0
 
+    async def final_cost(self, replica_id: str) -> StartCost | None:
+        """An instance's start cost once its (background) load is over; None if it is gone."""
+        replica = self.worker.replicas.get(replica_id)
+        if replica is None:
+            return None
+        return await asyncio.get_running_loop().run_in_executor(None, replica.backend.final_cost)
+
     async def stop(self, replica_id: str) -> None:
         """Stop an instance; its weights stay in the pool as retained."""
         replica = self.worker.replicas.get(replica_id)

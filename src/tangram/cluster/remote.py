@@ -133,8 +133,12 @@ class RemoteWorker:
         return await self.actor.warm.remote(str(checkpoint))
 
     async def final_cost(self, replica: RemoteReplica) -> StartCost:
-        """The cost the actor reported when the start returned."""
-        return replica.cost
+        """The start's cost once its load is over on the actor (what the start reported if the actor lost it)."""
+        try:
+            cost = await self.actor.final_cost.remote(replica.id)
+        except RayActorError:
+            cost = None
+        return cost if cost is not None else replica.cost
 
     async def load_stats(self, replica: RemoteReplica) -> LoadStats | None:
         """The load figures the reported cost implies."""
