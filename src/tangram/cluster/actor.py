@@ -29,6 +29,7 @@ import ray
 from ray.actor import ActorHandle
 
 from tangram.cluster.cache import NodeCacheClient
+from tangram.pool import PoolConfig
 from tangram.engine import EngineConfig, RequestError, RequestOutput, SamplingParams, StartCost
 from tangram.store import CheckpointIndex, Loader
 from tangram.worker import DeviceMap, PlacementState, Worker, local_devices
@@ -42,14 +43,14 @@ class WorkerActor:
     """One device of a node: a `Worker` (pool, running instances) in its own Ray actor process."""
 
     def __init__(self, index: int, capacity: int | float, node: int, cache: ActorHandle | None = None,
-                 cache_bytes: int = 0, device: str | None = None) -> None:
+                 cache_bytes: int = 0, device: str | None = None, pool: PoolConfig | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         # The only blocking ray.get calls here (node-cache reads and fills) run on the thread pool, never on
         # the event loop: Ray's one-time warning about blocking gets in async actors does not apply.
         os.environ["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] = "0"
         device = device or local_devices()[0]  # with num_gpus=1 Ray makes the actor's GPU cuda:0
         self.cache = NodeCacheClient(cache, cache_bytes) if cache is not None else None
-        self.worker = Worker(index, device, capacity, Loader(cache=self.cache), node=node)
+        self.worker = Worker(index, device, capacity, Loader(cache=self.cache), node=node, pool=pool)
         self.finished: dict[str, Counter[str]] = {}  # replica id -> finish reasons of its requests
         self._finished_lock = threading.Lock()  # counted on engine threads, read on the event loop
 

@@ -110,7 +110,7 @@ class RayCluster:
                 index = len(pending)
                 actor = WorkerActor.options(**opts).remote(index, _capacity(config, node), ordinal, cache,
                                                            config.host_cache_bytes,
-                                                           None if node.gpus else "cpu")
+                                                           None if node.gpus else "cpu", config.pool)
                 pending.append((actor, index, ordinal, node))
         cluster = cls([], caches, started_ray)
         try:

@@ -348,6 +348,12 @@ class DevicePool:
             return merge_extents(self.extents(), lambda key: self._tensors[key].models, capacity=self.capacity,
                                  policy=self.policy.value)
 
+    def totals(self) -> dict[str, int]:
+        """Bytes per state (active, retained, free): what placement reads, without the per-tensor listing."""
+        with self._lock:
+            ext = self.extents()
+        return {s.value: sum(e.size for e in ext if e.state is s) for s in State}
+
     def snapshot(self) -> dict:
         """Per tensor state, bytes, models and gain; totals per state; KV bytes; largest free block; fragmentation."""
         with self._lock:

@@ -153,7 +153,7 @@ class Worker:
 
     def placement_state(self, index: CheckpointIndex, request_prior_s: float = 0.05) -> PlacementState:
         """What the scheduler needs of this device for the model of `index`."""
-        totals = self.pool.snapshot()["totals"]  # the pool has no cheaper public read of its totals yet
+        totals = self.pool.totals()
         with self._lock:
             replicas = list(self.replicas.values())
         cache = self.pool.loader.cache
