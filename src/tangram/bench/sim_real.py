@@ -36,7 +36,7 @@ from tangram.pool import PoolFullError
 from tangram.scheduler import Bandwidths, BandwidthEstimator
 from tangram.scheduler.adapter import choose_worker
 from tangram.sim import ClusterSpec, SimCluster, SimModel
-from tangram.sim.replay import Instance, Request, Started, replay
+from tangram.sim.replay import Request, SimInstance, Started, replay
 from tangram.store import Checkpoint, read_index
 from tangram.store.io import evict_from_page_cache
 from tangram.worker import Worker
@@ -105,11 +105,11 @@ class RealBackend:
         dram = load.bytes_from_cache if load else 0
         return Started(cost.load_s + cost.init_s, cost.bytes_loaded - dram, dram, cost.bytes_reused, replica)
 
-    def prefill(self, inst: Instance, request: Request) -> float:
+    def prefill(self, inst: SimInstance, request: Request) -> float:
         """A real request's time to first token on the instance."""
         return _first_token_s(inst.handle, self.prompts[request.t])
 
-    def stop(self, inst: Instance, now: float) -> None:
+    def stop(self, inst: SimInstance, now: float) -> None:
         """Stop the replica (weights stay retained)."""
         self.workers[inst.device].stop(inst.handle)  # type: ignore[arg-type]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from tangram.defaults import RELOAD_BANDWIDTH
 from tangram.scheduler import Bandwidths, CostParams, Policy, Scheduler
 from tangram.sim.pool import SimPool, SimPoolFull
-from tangram.sim.replay import Instance, Started
+from tangram.sim.replay import SimInstance, Started
 from tangram.sim.workload import Request, SimModel
 
 
@@ -126,11 +126,11 @@ class SimCluster:
         self._sync_resident(device, loaded + evicted)
         return Started(seconds, disk, dram, m.nbytes - dram - disk)
 
-    def prefill(self, inst: Instance, request: Request) -> float:
+    def prefill(self, inst: SimInstance, request: Request) -> float:
         """The model's prefill time model."""
         return self.models[request.model].prefill_s(request.prompt_tokens)
 
-    def stop(self, inst: Instance, now: float) -> None:
+    def stop(self, inst: SimInstance, now: float) -> None:
         """Release the weights: they stay retained."""
         pool = self.pools[inst.device]
         pool.release(self.models[inst.model].tensors)

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Instance:
+class SimInstance:
     """A running (or starting) instance of a model on a device."""
 
     model: str
@@ -67,10 +67,10 @@ class Backend(Protocol):
     def start(self, model: str, device: int, now: float) -> Started | None:
         """Start `model` on `device` (None when its pool cannot take it after all)."""
 
-    def prefill(self, inst: Instance, request: Request) -> float:
+    def prefill(self, inst: SimInstance, request: Request) -> float:
         """Seconds from the prefill's start to the first token."""
 
-    def stop(self, inst: Instance, now: float) -> None:
+    def stop(self, inst: SimInstance, now: float) -> None:
         """Stop `inst`; its weights stay retained."""
 
 
@@ -104,12 +104,12 @@ def replay(trace: list[Request], backend: Backend, *, keep_alive_s: float, max_c
     arrive, done, expire = 0, 1, 2
     for i, r in enumerate(trace):
         heapq.heappush(events, (r.t, next(seq), arrive, i))
-    live: dict[str, list[Instance]] = {}
+    live: dict[str, list[SimInstance]] = {}
     busy_until: dict[int, float] = {}
     pending: dict[str, list[int]] = {}
     result = ReplayResult([None] * len(trace))
 
-    def serve(inst: Instance, i: int, now: float) -> None:
+    def serve(inst: SimInstance, i: int, now: float) -> None:
         r = trace[i]
         begin = max(now, inst.ready_at, inst.prefill_free)
         first = begin + backend.prefill(inst, r)
@@ -119,7 +119,7 @@ def replay(trace: list[Request], backend: Backend, *, keep_alive_s: float, max_c
         result.ttft[i] = first - r.t
         heapq.heappush(events, (first + r.max_tokens * decode_s[r.model], next(seq), done, inst))
 
-    def start(model: str, now: float) -> Instance | None:
+    def start(model: str, now: float) -> SimInstance | None:
         device = backend.place(model, now)
         if device is None:
             return None
@@ -129,7 +129,7 @@ def replay(trace: list[Request], backend: Backend, *, keep_alive_s: float, max_c
             return None
         busy_until[device] = begin + started.seconds
         result.starts.append(started)
-        inst = Instance(model, device, begin + started.seconds, handle=started.handle)
+        inst = SimInstance(model, device, begin + started.seconds, handle=started.handle)
         live.setdefault(model, []).append(inst)
         return inst
 
