@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,9 +18,9 @@ from tangram.cli_probe import probe_after_install
 from tangram.cli_probe import register as register_probe
 from tangram.cli_serve import register as register_serving
 
+PLUGIN_GROUP = "tangram.cli"  # entry points: callables that add commands to the `tangram` app
+
 app = typer.Typer(help="Tangram: serverless LLM serving with a short cold start.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks (protocol and results: docs/benchmarks.md).", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
 
 
 def _gb(n: int | float) -> str:
@@ -169,97 +170,10 @@ def run(
                fail=_fail)
 
 
-@bench_app.command("load")
-def bench_load(
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="Small sizes, fewer repeats (< 60 s).")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    model: Annotated[Optional[list[str]], typer.Option("--model", help="Synthetic model to load (repeatable; "
-                                                       "default: the mode's models).")] = None,
-    repeats: Annotated[Optional[int], typer.Option(min=1, help="Timed runs per method (default: the mode's).")]
-    = None,
-) -> None:
-    """Checkpoint bytes into device memory: Tangram vs safetensors, torch.load and peer loaders."""
-    from tangram.bench.common import resolve_device
-    from tangram.bench.load import run_load_bench
-    from tangram.bench.synthetic import MODELS
-
-    try:
-        resolve_device(device)
-        unknown = [m for m in model or [] if m not in MODELS]
-        if unknown:
-            raise ValueError(f"unknown --model {', '.join(unknown)}; known: {', '.join(sorted(MODELS))}")
-    except ValueError as exc:
-        _fail(exc)
-    run_load_bench(quick=quick, json_path=json_path, device=device, console=console, models=model or None,
-                   repeats=repeats)
-
-
-@bench_app.command("pool")
-def bench_pool(
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="Small models, short trace (< 60 s).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the workload generator.")] = 0,
-) -> None:
-    """Device pool policies (tangram, lru, lfu) replaying one acquire/release trace over a small pool."""
-    from tangram.bench.pool import run_pool_bench
-
-    run_pool_bench(quick=quick, json_path=json_path, seed=seed, console=console)
-
-
-@bench_app.command("kv")
-def bench_kv(
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="Small models, short trace (< 60 s).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the workload generator.")] = 0,
-) -> None:
-    """ElasticKV against reserved KV: retained bytes, cold loads, decode throughput, concurrency."""
-    from tangram.bench.kv import run_kv_bench
-
-    run_kv_bench(quick=quick, json_path=json_path, seed=seed, console=console)
-
-
-@bench_app.command("coldstart")
-def bench_coldstart(
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="Smaller models, a shorter trace (< 3 min).")] = False,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write PNG figures into this directory.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the workload generator.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda: must be what the server runs on here (every "
-                                        "CUDA device when present, else the CPU).")] = "auto",
-) -> None:
-    """End-to-end cold-start TTFT through the server: baseline, sllm, tangram, tangram-notemplate."""
-    from tangram.bench.coldstart import run_coldstart_bench, server_device
-
-    try:
-        server_device(device)
-    except ValueError as exc:
-        _fail(exc)
-    run_coldstart_bench(quick=quick, json_path=json_path, plot_dir=plot, seed=seed, console=console, device=device)
-
-
-@bench_app.command("sim")
-def bench_sim(
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="512 devices, a shorter trace (< 60 s).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the workload generator.")] = 0,
-    calibration: Annotated[Optional[str], typer.Option(
-        "--calibration", help="Tier bandwidths: a `bench load` result JSON, or 'measure' (probe this machine); "
-        "default: the built-in figures of docs/results/load-cpu-full.json.")] = None,
-) -> None:
-    """Scheduling policies at cluster scale in the trace-driven simulator (real scheduler and pool policy code)."""
-    from tangram.bench.sim import calibration_bandwidths, run_sim_bench
-
-    if calibration not in (None, "measure"):
-        try:
-            calibration_bandwidths(calibration)  # a bad file is refused before any work
-        except ValueError as exc:
-            _fail(exc)
-    run_sim_bench(quick=quick, json_path=json_path, seed=seed, console=console, calibration=calibration)
-
-
 register_serving(app)
 register_probe(app, console, _fail)
+for _plugin in entry_points(group=PLUGIN_GROUP):  # `tangram bench` (tangram.bench.cli) and any installed extension
+    _plugin.load()(app)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
