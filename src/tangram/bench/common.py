@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tangram.cli_common import auto_device
+
 log = logging.getLogger(__name__)
 
 
@@ -27,8 +29,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
     Raises ValueError for another device type, or for CUDA where this torch sees no such CUDA device.
     """
-    if device == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = auto_device(device)  # the CLI's one rule for "auto"
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
