@@ -68,24 +68,16 @@ class HostCache:
             return buf
 
     def put(self, key: str, data: torch.Tensor) -> bool:
-        """Copy `data` (any device) into the cache under `key`, trusting the caller that `key` names these bytes
-        (the loader uses `fill`, which checks); False if it can never fit."""
-        src = _flat_bytes(data)
-        n = src.numel()
-        if n > self.capacity_bytes:
+        """Copy one tensor's bytes (any device) into the cache under `key`, trusting the caller that `key` names
+        them (the loader's `fill` of verified bytes; an entry already there is marked recently used); False if it
+        can never fit."""
+        if _flat_bytes(data).numel() > self.capacity_bytes:
             return False
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return True
-            self._make_room(n)
-        buf = self._copy(src)
-        with self._lock:
-            if key in self._entries:  # a concurrent put won
-                return True
-            self._make_room(n)
-            self._entries[key] = buf
-            self._used += n
+        self.fill([(key, data)], verified=True)
         return True
 
     def _copy(self, src: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ class ReadMethod(str, Enum):
     AUTO = "auto"  # chunks the page cache holds: buffered; the others: O_DIRECT (checked with mincore)
 
 
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in writable without changing their contents
 
 
@@ -43,7 +44,6 @@ def populate_in_background(buf: torch.Tensor, chunk: int = 4 << 20) -> threading
     it is set at once and pages fault in on first write instead.
     """
     done = threading.Event()
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     base, n = buf.data_ptr(), buf.numel()
 
     def run() -> None:
@@ -53,7 +53,7 @@ def populate_in_background(buf: torch.Tensor, chunk: int = 4 << 20) -> threading
             pass
         try:
             for off in range(0, n, chunk):  # ctypes drops the GIL during each call
-                if libc.madvise(ctypes.c_void_p(base + off), ctypes.c_size_t(min(chunk, n - off)),
+                if _libc.madvise(ctypes.c_void_p(base + off), ctypes.c_size_t(min(chunk, n - off)),
                                 MADV_POPULATE_WRITE) != 0:
                     return
         finally:
@@ -115,7 +115,6 @@ def preadv_full(fd: int, views: list[memoryview], offset: int, path: Path, run: 
             views[0] = views[0][n:]
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def cached_fraction(fd: int, offset: int, length: int, *, samples: int = 2, sample_bytes: int = 128 << 10) -> float:
