@@ -21,7 +21,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from tangram.control.autoscale import drain_victim, idle_victim, least_loaded, pick_instance, should_scale_down
 from tangram.control.deployments import Deployment
 from tangram.control.events import Activity
@@ -372,19 +372,21 @@ class Controller:
                                  state.spec.min_instances):
             return
         log.info("scaling %s to %d instance(s): %s idle", state.spec.name, len(live) - 1, replica.id)
-        self.activity.record("scale-to-zero" if len(live) == 1 else "scale-down", f"stopped {replica.id}, idle "
-                             f"{now - replica.idle_since:.1f} s: {len(live) - 1} instance(s) left", state.spec.name,
-                             replica.worker.name)
-        self._stop(state, replica)
+        kind = "scale-to-zero" if len(live) == 1 else "scale-down"
+        what = f"stopped {replica.id}, idle {now - replica.idle_since:.1f} s: {len(live) - 1} instance(s) left"
+        self._stop(state, replica, lambda: self.activity.record(kind, what, state.spec.name, replica.worker.name))
 
-    def _stop(self, state: _State, replica: ReplicaState) -> None:
-        """Stop `replica` in the background; then starts waiting for room there, and the deployment's waiting
-        requests (a drained instance leaves them without one), look again."""
+    def _stop(self, state: _State, replica: ReplicaState, recorded: Callable[[], None] | None = None) -> None:
+        """Stop `replica` in the background; once stopped (its weights retained), `recorded` logs the event, and
+        starts waiting for room there and the deployment's waiting requests (a drained instance leaves them
+        without one) look again."""
         replica.stopping = True
         if replica in state.replicas:
             state.replicas.remove(replica)
 
         def stopped(_: object) -> None:
+            if recorded is not None:
+                recorded()
             self._room_changed(replica.worker)
             self._wake(state)
 
