@@ -31,9 +31,9 @@ def tangram_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TANGRAM_HOME", str(home))
     monkeypatch.delenv(probe.ENV_METHOD, raising=False)
     monkeypatch.setenv("TANGRAM_PROBE", "off")  # no read-speed measurement at server start or after convert
-    probe.forget()
+    probe.forget()  # with TANGRAM_HOME already private: only this test's file can go
     yield home
-    probe.forget()
+    probe.forget_memo()  # not the file: at teardown another fixture may have restored the real TANGRAM_HOME
 
 
 TEST_DEVICE_ENV = "TANGRAM_TEST_DEVICE"

@@ -267,11 +267,17 @@ def _write_cached(data: dict[str, dict]) -> None:
     os.replace(tmp, target)
 
 
-def forget() -> None:
-    """Drop remembered measurements (tests)."""
+def forget_memo() -> None:
+    """Drop the measurements remembered in this process (the file stays)."""
     with _lock:
         _memo.clear()
         _memo_large.clear()
+
+
+def forget() -> None:
+    """Drop remembered measurements, in this process and in the data dir's file (tests)."""
+    forget_memo()
+    with _lock:
         try:
             _cache_file().unlink()
         except FileNotFoundError:
