@@ -10,8 +10,8 @@ still measures).
 
 from __future__ import annotations
 
-import logging
 import atexit
+import logging
 import os
 import sys
 import threading
@@ -21,6 +21,8 @@ from pathlib import Path
 
 from tangram.paths import data_dir
 from tangram.store import probe
+from tangram.store.errors import CheckpointError
+from tangram.store.format import INDEX_FILE, Checkpoint
 from tangram.store.probe import MIN_PROBE_BYTES, ProbeResult, Progress
 
 log = logging.getLogger(__name__)
@@ -43,12 +45,19 @@ def auto_enabled() -> bool:
 
 
 def data_files(path: Path) -> list[Path]:
-    """The checkpoint data files at `path`: the file itself, or every `data-*.bin` below a directory."""
+    """The checkpoint data files at `path`: the file itself, or those of every checkpoint at or below a directory
+    (as each checkpoint's index names them; an unreadable checkpoint is skipped)."""
     if path.is_file():
         return [path]
     if not path.is_dir():
         return []
-    return [p for p in path.rglob("data-*.bin") if p.is_file()]
+    out: list[Path] = []
+    for index in path.rglob(INDEX_FILE):
+        try:
+            out.extend(f for f in Checkpoint(index.parent).data_files() if f.is_file())
+        except CheckpointError:
+            continue
+    return out
 
 
 def pending(paths: Iterable[Path]) -> dict[int, list[Path]]:
