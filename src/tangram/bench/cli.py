@@ -106,3 +106,18 @@ def bench_sim(
         except ValueError as exc:
             _fail(exc)
     run_sim_bench(quick=quick, json_path=json_path, seed=seed, console=console, calibration=calibration)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="One run per concurrency, a 100-chat burst (< 3 min).")]
+    = False,
+    vllm_python: Annotated[Optional[str], typer.Option(
+        "--vllm-python", help="Python that has vLLM (default: $TANGRAM_VLLM_PYTHON, else this one if it imports "
+        "vllm; none: Tangram alone).")] = None,
+) -> None:
+    """Streaming-chat throughput and TTFT through the HTTP API: Tangram's engine against vLLM on the demo model."""
+    from tangram.bench.serve import run_serve_bench
+
+    run_serve_bench(quick=quick, json_path=json_path, vllm_python=vllm_python, console=console)

