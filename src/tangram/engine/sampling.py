@@ -80,20 +80,34 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
-    """Next token per row of `logits` [batch, vocab] under each row's parameters; returns [batch] int64."""
+    """Next token per row of `logits` [batch, vocab] under each row's parameters; returns [batch] int64.
+
+    Sampled rows draw by the exponential race: argmax(probs / E) with E ~ Exponential(1) per token picks
+    token i with probability probs[i]. A row with a generator draws its noise from that generator only,
+    so a seed reproduces its tokens whatever else shares the batch.
+    """
     if logits.dim() != 2 or logits.shape[0] != len(params):
         raise ValueError(f"logits {tuple(logits.shape)} do not match {len(params)} parameter sets")
     out = torch.argmax(logits, dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return out
-    idx = torch.tensor(rows, device=logits.device)
-    sub = logits.index_select(0, idx).float()
-    temps = torch.tensor([params[i].temperature for i in rows], device=logits.device).unsqueeze(-1)
-    top_k = torch.tensor([params[i].top_k for i in rows], device=logits.device)
-    top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device)
-    probs = torch.softmax(filter_logits(sub / temps, top_k, top_p), dim=-1)
-    for j, i in enumerate(rows):
-        gen = generators[i] if generators is not None else None
-        out[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
+    dev = logits.device
+    idx = torch.tensor(rows, device=dev)
+    temps = torch.tensor([params[i].temperature for i in rows], device=dev).unsqueeze(-1)
+    sub = logits.index_select(0, idx).float() / temps
+    if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):  # else no sort is needed
+        top_k = torch.tensor([params[i].top_k for i in rows], device=dev)
+        top_p = torch.tensor([params[i].top_p for i in rows], device=dev)
+        sub = filter_logits(sub, top_k, top_p)
+    probs = torch.softmax(sub, dim=-1)
+    gens = [generators[i] if generators is not None else None for i in rows]
+    noise = torch.empty_like(probs)
+    if any(g is None for g in gens):
+        noise.exponential_()  # one batched draw from the global RNG; seeded rows are overwritten below
+    for j, gen in enumerate(gens):
+        if gen is not None:
+            noise[j].exponential_(generator=gen)
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # never 0 / 0 for a masked token
+    out[idx] = probs.div_(noise).argmax(dim=-1)
     return out
