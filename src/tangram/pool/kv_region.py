@@ -5,8 +5,14 @@ viewed in the KV dtype, no copy). `elastic`: blocks come from the pool as
 sequences grow; a freed block goes on the region's free list, so the next
 allocation takes it back in O(1), and the pool reclaims every idle block
 before it places anything else or reports its state, so idle KV bytes stay
-available for weights exactly as free bytes are. When only active bytes are
-left, `allocate` returns None (back-pressure). `reserve`: one reservation taken
+available for weights exactly as free bytes are. With the free list empty, the
+region places a run of adjacent blocks with one search of the free bytes (runs
+double up to `RUN_CAP_BLOCKS` / `RUN_CAP_BYTES`; beyond what was asked they
+take at most `SLACK_BLOCKS` when the pool is short), each block its own
+placement, the surplus on the free list: allocation is O(1) amortized. When no
+run fits, blocks are placed one by one, evicting retained tensors as the
+policy orders. When only active bytes are left, `allocate` returns None
+(back-pressure). `reserve`: one reservation taken
 at creation and carved into blocks; allocate / free only move blocks between
 the reservation's free list and the engine.
 """
@@ -18,6 +24,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from tangram.pool.records import PoolFullError
+
+RUN_CAP_BLOCKS = 64  # most blocks one run places
+RUN_CAP_BYTES = 64 << 20  # and most bytes (large blocks: shorter runs)
+SLACK_BLOCKS = 2  # surplus a run may take beyond what was asked when the pool is short
+SHORT_SHARE = 4  # the pool is short when a run would take more than 1/SHORT_SHARE of its free bytes
 
 if TYPE_CHECKING:
     from tangram.pool.pool import DevicePool
@@ -33,6 +44,8 @@ class KVRegion:
         self.elastic = reserve_blocks == 0
         self._idle: list[int] = []  # byte offsets of blocks held but unused
         self._reserved: list[int] = []  # byte offsets of the reservation's placements
+        self._run = 1  # blocks the next run places (doubles per run, back to 1 when the pool reclaims)
+        self._run_cap = max(1, min(RUN_CAP_BLOCKS, RUN_CAP_BYTES // self.block_size))
         self.closed = False
         if not self.elastic:
             self._reserve(reserve_blocks)
@@ -65,15 +78,33 @@ class KVRegion:
                 if len(self._idle) < n:
                     return None
                 return [self._idle.pop() // self._itemsize for _ in range(n)]
-            out: list[int] = []
+            out = [self._idle.pop() for _ in range(min(n, len(self._idle)))]
             try:
-                for _ in range(n):
-                    out.append(self._idle.pop() if self._idle else pool._kv_place(self.block_bytes))
+                if len(out) < n:
+                    self._grow(n - len(out), out)
             except PoolFullError:
                 self._idle.extend(out)
                 pool._space.notify_all()
                 return None
             return [b // self._itemsize for b in out]
+
+    def _grow(self, want: int, out: list[int]) -> None:
+        """Append `want` new blocks to `out` (under the pool's lock, the free list empty): one run, its surplus on
+        the free list; when no run fits, one by one with eviction (PoolFullError: those placed are in `out`)."""
+        pool = self._pool
+        k = max(want, self._run)
+        if k > want and k * self.block_size * SHORT_SHARE > pool.capacity - pool.arena.ledger.used:
+            k = min(k, want + SLACK_BLOCKS)  # the pool is short: take little more than asked
+        got = pool._kv_place_run(self.block_size, k)
+        if not got and k > want:
+            got = pool._kv_place_run(self.block_size, want)
+        if got:
+            self._run = min(2 * self._run, self._run_cap)
+            out.extend(got[:want])
+            self._idle.extend(reversed(got[want:]))  # the lowest offsets are handed out first
+            return
+        for _ in range(want):  # no free range holds them together: free gaps first, then evict
+            out.append(pool._kv_place(self.block_bytes))
 
     def free(self, blocks: list[int]) -> None:
         """Give blocks back (to the free list: the reservation's, or the pool's to reclaim)."""
@@ -89,10 +120,11 @@ class KVRegion:
 
     def reclaim(self) -> None:
         """Elastic: hand every idle block back to the pool (called by the pool, under its lock)."""
-        if self.elastic:
+        if self.elastic and self._idle:
             for off in self._idle:
                 self._pool._kv_free(off)
             self._idle = []
+            self._run = 1  # the pool wanted the bytes: grow again from one block
 
     @property
     def reserved_bytes(self) -> int:

@@ -67,6 +67,10 @@ class Ledger:
             raise ValueError(f"pool capacity {capacity} bytes holds no {alignment}-byte unit: must be larger")
         self._starts: list[int] = []  # sorted offsets of used ranges
         self._at: dict[int, Placement] = {}
+        # the free ranges, kept as placements come and go, so that a search walks the gaps, not every placement
+        # (an arena of thousands of adjacent KV blocks has a handful of gaps)
+        self._gap_starts: list[int] = [0]
+        self._gap_len: dict[int, int] = {0: self.capacity}
         self.used = 0
 
     def size_of(self, nbytes: int) -> int:
@@ -78,13 +82,8 @@ class Ledger:
         return [self._at[s] for s in self._starts]
 
     def _gaps(self) -> Iterator[tuple[int, int]]:
-        pos = 0
-        for s in self._starts:
-            if s > pos:
-                yield pos, s - pos
-            pos = s + self._at[s].size
-        if pos < self.capacity:
-            yield pos, self.capacity - pos
+        for s in self._gap_starts:
+            yield s, self._gap_len[s]
 
     def gaps(self) -> list[tuple[int, int]]:
         """Free ranges (offset, size) in offset order."""
@@ -92,31 +91,75 @@ class Ledger:
 
     def first_fit(self, size: int) -> int | None:
         """Offset of the first free range of `size` bytes (stops at the first that fits)."""
-        return next((off for off, length in self._gaps() if length >= size), None)
+        lengths = self._gap_len
+        return next((off for off in self._gap_starts if lengths[off] >= size), None)
 
     def place(self, offset: int, size: int, key: str) -> Placement:
         """Mark [offset, offset + size) used by `key` (must be free and aligned)."""
         if offset % self.alignment or offset < 0 or offset + size > self.capacity:
             raise ValueError(f"bad placement {offset}+{size}")
         i = bisect.bisect_left(self._starts, offset)
-        if i > 0:
-            prev = self._at[self._starts[i - 1]]
-            if prev.offset + prev.size > offset:
-                raise ValueError(f"placement {offset}+{size} overlaps a used block")
-        if i < len(self._starts) and self._starts[i] < offset + size:
+        if offset in self._at or size < 0 or (not size and i > 0 and sum(self._extent(self._starts[i - 1])) > offset):
             raise ValueError(f"placement {offset}+{size} overlaps a used block")
+        if size:
+            self._take_gap(offset, size)
         p = Placement(offset, size, key)
         self._starts.insert(i, offset)
         self._at[offset] = p
         self.used += size
         return p
 
+    def _extent(self, offset: int) -> tuple[int, int]:
+        p = self._at[offset]
+        return p.offset, p.size
+
+    def _take_gap(self, offset: int, size: int) -> None:
+        """Remove [offset, offset + size) from the gap holding it (ValueError when no gap holds it whole)."""
+        starts, lengths = self._gap_starts, self._gap_len
+        j = bisect.bisect_right(starts, offset) - 1
+        if j < 0 or starts[j] + lengths[starts[j]] < offset + size:
+            raise ValueError(f"placement {offset}+{size} overlaps a used block")
+        gap = starts[j]
+        end = gap + lengths.pop(gap)
+        left, right = offset - gap, end - offset - size
+        if left:
+            lengths[gap] = left
+        if right:
+            lengths[offset + size] = right
+            if left:
+                starts.insert(j + 1, offset + size)
+            else:
+                starts[j] = offset + size
+        elif not left:
+            starts.pop(j)
+
     def free(self, offset: int) -> Placement:
         """Release the range starting at `offset`."""
         p = self._at.pop(offset)
         self._starts.pop(bisect.bisect_left(self._starts, offset))
         self.used -= p.size
+        if p.size:
+            self._add_gap(p.offset, p.offset + p.size)
         return p
+
+    def _add_gap(self, start: int, end: int) -> None:
+        """Make [start, end) free, merged with the gaps it touches."""
+        starts, lengths = self._gap_starts, self._gap_len
+        j = bisect.bisect_left(starts, start)
+        merge_prev = j > 0 and starts[j - 1] + lengths[starts[j - 1]] == start
+        merge_next = j < len(starts) and starts[j] == end
+        if merge_next:
+            end += lengths.pop(end)
+        if merge_prev:
+            lengths[starts[j - 1]] = end - starts[j - 1]
+            if merge_next:
+                starts.pop(j)
+        else:
+            lengths[start] = end - start
+            if merge_next:
+                starts[j] = start
+            else:
+                starts.insert(j, start)
 
     def extents(self, describe: Callable[[Placement], Extent]) -> list[Extent]:
         """The arena as the policies see it: free ranges and `describe(p)` of each used one, in offset order."""

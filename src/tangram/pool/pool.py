@@ -328,6 +328,23 @@ class DevicePool:
             self._kv_at[block.offset] = key
             return block.offset
 
+    def _kv_place_run(self, block_size: int, blocks: int) -> list[int]:
+        """Byte offsets of `blocks` adjacent KV placements of `block_size` arena bytes each, found by one first fit
+        in free bytes (under the lock; no eviction); [] when no free range holds them all."""
+        with self._lock:
+            off = self.arena.first_fit(block_size * blocks)
+            if off is None:
+                return []
+            ledger, out = self.arena.ledger, []
+            for i in range(blocks):  # one placement per block: each is freed and reclaimed on its own
+                key = f"kv:{next(self._kv_ids)}"
+                block = ledger.place(off + i * block_size, block_size, key)
+                self._kv[key] = block
+                self._kv_at[block.offset] = key
+                out.append(block.offset)
+            self.arena.touched(block)
+            return out
+
     def _kv_free(self, offset: int) -> None:
         with self._lock:
             key = self._kv_at.pop(offset, None)
