@@ -184,3 +184,15 @@ def test_cli_lists_bench_serve():
     out = CliRunner().invoke(app, ["bench", "serve", "--help"]).output
     for flag in ("--quick", "--json", "--vllm-python"):
         assert flag in out
+
+
+def test_a_server_that_cannot_start_is_reported_and_stopped(tmp_path):
+    sizes = ServeSizes(concurrency=(1,), max_tokens=2, burst=0, warmup_tokens=1)
+    result = run_serve_bench(quick=True, json_path=None, console=Console(quiet=True), progress=False, sizes=sizes,
+                             weights={"float32": Weights(tmp_path / "missing", tmp_path / "missing")},
+                             use_vllm=False, workdir=tmp_path / "work")
+    assert result["rows"] == []
+    errors = result["summary"]["server_errors"]
+    assert len(errors) == 1 and errors[0].startswith("tangram/float32: tangram could not deploy")
+    assert "no such model" in result["config"]["servers"]["tangram/float32"]["error"]  # the server's log tail
+    assert result["summary"]["tokens_per_s"]["tangram"]["float32"]["1"] is None

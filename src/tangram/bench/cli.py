@@ -120,4 +120,6 @@ def bench_serve(
     """Streaming-chat throughput and TTFT through the HTTP API: Tangram's engine against vLLM on the demo model."""
     from tangram.bench.serve import run_serve_bench
 
-    run_serve_bench(quick=quick, json_path=json_path, vllm_python=vllm_python, console=console)
+    result = run_serve_bench(quick=quick, json_path=json_path, vllm_python=vllm_python, console=console)
+    if result["summary"]["server_errors"]:
+        _fail("some servers did not run: " + "; ".join(result["summary"]["server_errors"]))

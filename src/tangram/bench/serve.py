@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 from rich.console import Console
 
@@ -30,7 +30,8 @@ from tangram.bench.common import (
 )
 from tangram.bench.serve_client import PROMPT
 from tangram.bench.serve_peer import (
-    KV_CACHE_BYTES, MODEL_NAME, ServerProcess, VllmFound, find_vllm_python, tangram_server, vllm_server,
+    KV_CACHE_BYTES, MODEL_NAME, ServerProcess, VllmFound, find_vllm_python, tangram_served, tangram_server,
+    vllm_served, vllm_server,
 )
 from tangram.workload import percentile
 
@@ -166,12 +167,6 @@ def _play(server: ServerProcess, runs: list[dict[str, Any]], sizes: ServeSizes, 
     return json.loads(out_path.read_text())
 
 
-def _vllm_dtype(log_text: str) -> str | None:
-    """The dtype vLLM's log says it runs in."""
-    m = re.search(r"dtype=torch\.(\w+)", log_text)
-    return m.group(1) if m else None
-
-
 def measure(system: str, row: str, weights: Weights, sizes: ServeSizes, vllm: VllmFound,
             workdir: Path) -> tuple[float, list[dict[str, Any]], dict[str, Any]]:
     """Start one system's server for one dtype row, warm it, play the runs, stop it: start time, rows, facts."""
@@ -180,15 +175,21 @@ def measure(system: str, row: str, weights: Weights, sizes: ServeSizes, vllm: Vl
                                 label=row)
     else:
         assert vllm.python is not None
+        if not (weights.hf_dir / "config.json").is_file():
+            raise RuntimeError(f"{weights.hf_dir}: no Hugging Face directory beside {weights.checkpoint} for vLLM "
+                               "(tangram.demo.fetch_demo(force=True) rebuilds both)")
         server = vllm_server(vllm.python, weights.hf_dir, None if row == "default" else row, workdir)
     runs = client_runs(sizes, row)
-    with server:
-        result = _play(server, runs, sizes, workdir, f"{system}-{row}")
-    assert server.start_s is not None
-    facts: dict[str, Any] = {"warmup": result["warmup"], "log": str(server.log_path),
+    facts: dict[str, Any] = {"log": str(server.log_path),
                              "weights": str(weights.checkpoint if system == "tangram" else weights.hf_dir)}
-    if system == "vllm":
-        facts["served_dtype"] = _vllm_dtype(server.log_tail(10_000))
+    with server:
+        if system == "tangram":
+            facts.update(tangram_served(server.url))
+        result = _play(server, runs, sizes, workdir, f"{system}-{row}")
+        if system == "vllm":
+            facts.update(vllm_served(server.log_tail(10_000)))
+    assert server.start_s is not None
+    facts["warmup"] = result["warmup"]
     if result["warmup"]["error"]:
         log.warning("%s %s: the warm-up request failed: %s", system, row, result["warmup"]["error"])
     rows = [run_row(system, row, run, res) for run, res in zip(runs, result["runs"])]
@@ -218,15 +219,23 @@ def run_serve_bench(*, quick: bool, json_path: Path | None, vllm_python: str | N
     rows: list[dict[str, Any]] = []
     starts: dict[str, dict[str, float]] = {}
     facts: dict[str, dict[str, Any]] = {}
+    server_errors: list[str] = []
     with step_progress(console, len(weights) * len(systems), "bench serve", progress) as bar:
         for i, (row, w) in enumerate(weights.items()):
             for system in systems if i % 2 == 0 else systems[::-1]:
                 bar.describe(f"{system} {row}")
-                start_s, run_rows, facts[f"{system}/{row}"] = measure(system, row, w, sizes, vllm, workdir)
-                starts.setdefault(system, {})[row] = start_s
-                rows += run_rows
+                try:
+                    start_s, run_rows, facts[f"{system}/{row}"] = measure(system, row, w, sizes, vllm, workdir)
+                except (RuntimeError, OSError, subprocess.SubprocessError, httpx.HTTPError) as exc:
+                    # a server that does not start, or a client that dies: that row is missing, the rest runs
+                    log.error("%s %s: %s", system, row, exc)
+                    facts[f"{system}/{row}"] = {"error": str(exc)[-2000:]}
+                    server_errors.append(f"{system}/{row}: {str(exc).splitlines()[0][:300]}")
+                else:
+                    starts.setdefault(system, {})[row] = start_s
+                    rows += run_rows
                 bar.advance()
-    summary = summarize(rows, starts, sizes, vllm)
+    summary = {**summarize(rows, starts, sizes, vllm), "server_errors": server_errors}
     config = {"mode": "quick" if quick else "full", "sizes": asdict(sizes), "prompt": PROMPT,
               "systems": systems, "dtype_rows": list(weights), "vllm": asdict(vllm),
               "vllm_kv_cache_bytes": KV_CACHE_BYTES, "servers": facts, "seconds": time.perf_counter() - started}
@@ -256,5 +265,5 @@ def _report(console: Console, rows: list[dict[str, Any]], summary: dict[str, Any
         Column("p50", "TTFT p50 s", fmt_num(3)), Column("p99", "TTFT p99 s", fmt_num(3)),
         Column("failed", "failed"), Column("lost", "lost")], table)
     keep = ("throughput_vs_vllm", "burst_wall_s", "burst_wall_vs_vllm", "failed", "lost", "tangram_process_start_s",
-            "vllm_process_start_s", "vllm_note")
+            "vllm_process_start_s", "vllm_note", "server_errors")
     print_summary(console, "bench serve summary", {k: summary[k] for k in keep})

@@ -42,9 +42,7 @@ class RequestRecord:
 
 
 async def one_chat(client: Any, model: str, prompt: str, max_tokens: int) -> RequestRecord:
-    """Stream one chat answer of exactly `max_tokens` tokens (ignore_eos); never raises."""
-    import openai
-
+    """Stream one chat answer of exactly `max_tokens` tokens (ignore_eos); never raises (errors are recorded)."""
     rec = RequestRecord(max_tokens=max_tokens)
     t0 = time.perf_counter()
     try:
@@ -61,7 +59,7 @@ async def one_chat(client: Any, model: str, prompt: str, max_tokens: int) -> Req
                     rec.chunks += 1
                 if choice.finish_reason is not None:
                     rec.finish_reason = choice.finish_reason
-    except (openai.APIError, httpx.HTTPError, OSError, ValueError) as exc:  # ValueError: a malformed stream
+    except Exception as exc:  # noqa: BLE001 - any failure of one request is counted, never ends the run
         rec.error = f"{type(exc).__name__}: {exc}"[:300]
     rec.total_s = time.perf_counter() - t0
     return rec
@@ -89,7 +87,7 @@ async def play(spec: dict[str, Any]) -> dict[str, Any]:
     """The warm-up chat, then every run of `spec` in order."""
     pattern = spec.get("prompt", PROMPT)
     runs = spec["runs"]
-    connections = max([1, *(r["n"] for r in runs)]) + 8
+    connections = max([1000, *(r["n"] for r in runs)])  # never the client's limit
     client = make_client(spec["url"], connections, spec.get("api_key"))
     counter = 0
 

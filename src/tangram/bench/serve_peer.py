@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -141,6 +142,9 @@ class ServerProcess:
                         return
                 except httpx.HTTPError:
                     pass
+                except RuntimeError as exc:
+                    raise RuntimeError(f"{exc}; the log of {self.name} ({self.log_path}) ends:\n"
+                                       f"{self.log_tail()}") from None
                 if time.perf_counter() - t0 > self.timeout_s:
                     raise RuntimeError(f"{self.name} was not ready after {self.timeout_s:.0f} s; its log "
                                        f"({self.log_path}) ends:\n{self.log_tail()}")
@@ -205,12 +209,32 @@ def tangram_server(checkpoint: Path, dtype: str, workdir: Path, max_batch: int,
         if r.status_code != 200:
             return False
         d = next((d for d in r.json()["deployments"] if d["name"] == MODEL_NAME), None)
-        if d is not None and d.get("last_error"):
+        if d is None:  # startup deploys finish before the server answers: this one failed (the log says why)
+            raise RuntimeError(f"tangram could not deploy {checkpoint}")
+        if d.get("last_error"):
             raise RuntimeError(f"tangram could not start {checkpoint}: {d['last_error']}")
-        return d is not None and d["instances"] >= 1 and d["starting"] == 0
+        return d["instances"] >= 1 and d["starting"] == 0
 
     command = [sys.executable, "-m", "tangram.cli", "serve", "--config", str(config), "--port", str(port)]
     return ServerProcess(f"tangram ({label})", command, url, ready, workdir / f"tangram-{label}.log")
+
+
+def tangram_served(url: str) -> dict[str, str | None]:
+    """The checkpoint Tangram's deployment runs (its copy in the engine's dtype) and that copy's dtype."""
+    from tangram.engine.dtype import compute_dtype
+    from tangram.store import read_index
+
+    r = httpx.get(url + "/admin/deployments", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
+    r.raise_for_status()
+    path = next(d["resolved_checkpoint"] for d in r.json()["deployments"] if d["name"] == MODEL_NAME)
+    dtype = compute_dtype(e.torch_dtype for e in read_index(path).tensors.values())
+    return {"resolved_checkpoint": path, "served_dtype": str(dtype).removeprefix("torch.")}
+
+
+def vllm_served(log_text: str) -> dict[str, str | None]:
+    """The dtype vLLM's log says it runs in."""
+    m = re.search(r"dtype=torch\.(\w+)", log_text)
+    return {"served_dtype": m.group(1) if m else None}
 
 
 def vllm_server(python: str, hf_dir: Path, dtype: str | None, workdir: Path,
