@@ -27,11 +27,13 @@ ABSENT = VllmFound(None, None, "vLLM was not found: --vllm-python /x/python cann
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
+    """A tiny chat-capable model directory (random weights), shared by this module's server tests."""
     return chat_model_dir(tmp_path_factory.mktemp("bench-serve") / "tiny")
 
 
 def row(system: str, dtype: str, n: int, tps: float, *, kind: str = "concurrent", wall: float = 1.0,
         ttfts: list[float] | None = None, failed: int = 0, lost: int = 0) -> dict:
+    """A hand-made per-run row with the keys `summarize` reads."""
     return {"system": system, "dtype": dtype, "kind": kind, "n": n, "tokens_per_s": tps, "wall_s": wall,
             "ttfts": ttfts or [0.1], "failed": failed, "lost": lost}
 
@@ -80,7 +82,8 @@ def test_summary_without_vllm_has_null_ratios():
 
 
 def test_run_row_counts_failed_and_lost():
-    def req(tokens, finish="length", error=None, ttft=0.1):
+    def req(tokens: int | None, finish: str | None = "length", error: str | None = None,
+            ttft: float | None = 0.1) -> dict:
         return {"max_tokens": 4, "ttft_s": ttft, "total_s": 1.0, "completion_tokens": tokens, "chunks": tokens or 0,
                 "finish_reason": finish, "error": error}
 
