@@ -7,7 +7,9 @@ from models import COLDSTART_SMALL, coldstart_models
 from rich.console import Console
 
 from tangram.bench.coldstart import run_coldstart_bench
-from tangram.bench.coldstart_workload import CONFIGS, QUICK, configurations, make_models, summarize, trace_spec
+from tangram.bench.coldstart_workload import (
+    CONFIGS, QUICK, configurations, make_models, pool_hit_vs_warm, summarize, trace_spec,
+)
 from tangram.bench.kv_workload import make_trace
 from tangram.bench.overlap_probe import overlap_bound
 from tangram.workload import coefficient_of_variation
@@ -54,6 +56,20 @@ def test_summary_from_hand_made_results():
     assert s["pool_hit_ratio"] == 2 / 4 and abs(s["load_speedup_vs_sllm"] - 1.5 / 0.01) < 1e-6
     assert s["ttft_p50"]["sllm"] == 1.0 and s["ttft_p95"]["sllm"] == pytest.approx(1.9)  # linear interpolation
     assert s["bytes_loaded"] == {"sllm": 300, "tangram": 0}
+    # tangram's pool hits: a at 0.3 / 0.2 and b at 0.5 / 0.3; sllm had none
+    assert s["pool_hit_vs_warm_ttft"]["tangram"] == pytest.approx((1.5 + 0.5 / 0.3) / 2)
+    assert s["pool_hit_vs_warm_ttft"]["sllm"] is None
+
+
+def test_pool_hit_vs_warm_is_the_median_ratio_over_successful_pool_hits_of_measured_models():
+    results = [{"model": "a", "ttft_s": 0.22, "start": "pool-hit"}, {"model": "a", "ttft_s": 0.4, "start": "pool-hit"},
+               {"model": "a", "ttft_s": 0.3, "start": "pool-hit"}, {"model": "a", "ttft_s": 9.0, "start": "cold"},
+               {"model": "a", "ttft_s": 0.2, "start": "warm"},
+               {"model": "a", "ttft_s": 5.0, "start": "pool-hit", "error": "502"},
+               {"model": "c", "ttft_s": 7.0, "start": "pool-hit"}]  # c has no warm TTFT: left out
+    assert pool_hit_vs_warm(results, {"a": 0.2}) == pytest.approx(1.5)
+    assert pool_hit_vs_warm(results[3:5], {"a": 0.2}) is None
+    assert pool_hit_vs_warm(results, {"a": 0.2, "c": 0.0}) == pytest.approx(1.5)  # no division by a zero warm
 
 
 def test_unknown_model_size_is_refused():
@@ -72,7 +88,8 @@ def test_small_run_end_to_end(tmp_path):
                                  console=Console(quiet=True), progress=False, sizes=COLDSTART_SMALL,
                                  models=coldstart_models(), template_repeats=1, template_prompt=16)
     s = result["summary"]
-    for key in ("ttft_p50", "ttft_p95", "ttft_p99", "overhead_p50", "overhead_p95", "bytes_loaded", "failed"):
+    for key in ("ttft_p50", "ttft_p95", "ttft_p99", "overhead_p50", "overhead_p95", "bytes_loaded", "failed",
+                "pool_hit_vs_warm_ttft"):
         assert set(s[key]) == set(CONFIGS), key
     assert all(v == 0 for v in s["failed"].values())
     assert set(s["overhead_reduction_vs_sllm"]) == {"p50", "p95"} and "ttft_reduction_vs_sllm" in s

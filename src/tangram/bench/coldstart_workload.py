@@ -9,6 +9,7 @@ requests find no running instance.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 from tangram.bench.kv_workload import TraceRequest
@@ -85,13 +86,21 @@ def overheads(results: list[dict], warm_ttft: dict[str, float]) -> list[float]:
             and r["model"] in warm_ttft]
 
 
+def pool_hit_vs_warm(results: list[dict], warm_ttft: dict[str, float]) -> float | None:
+    """Median over the successful pool-hit starts of TTFT / their model's warm TTFT (None without any)."""
+    ratios = [r["ttft_s"] / warm_ttft[r["model"]] for r in results
+              if r.get("start") == "pool-hit" and r.get("ttft_s") is not None and not r.get("error")
+              and warm_ttft.get(r["model"])]
+    return statistics.median(ratios) if ratios else None
+
+
 def summarize(per_config: dict[str, dict]) -> dict:
     """docs/benchmarks.md summary keys from each configuration's request results and warm TTFTs.
 
     Percentiles are `tangram.workload.percentile` (linear interpolation, numpy's default).
     """
     s: dict = {k: {} for k in ("ttft_p50", "ttft_p95", "ttft_p99", "overhead_p50", "overhead_p95",
-                               "bytes_loaded", "failed", "starts")}
+                               "bytes_loaded", "failed", "starts", "pool_hit_vs_warm_ttft")}
     for name, run in per_config.items():
         ok = [r for r in run["results"] if r.get("ttft_s") is not None and not r.get("error")]
         ttft = [r["ttft_s"] for r in ok]
@@ -103,6 +112,7 @@ def summarize(per_config: dict[str, dict]) -> dict:
         s["bytes_loaded"][name] = run["bytes_loaded"]
         s["failed"][name] = len(run["results"]) - len(ok)
         s["starts"][name] = {t: sum(1 for r in ok if r.get("start") == t) for t in START_TYPES}
+        s["pool_hit_vs_warm_ttft"][name] = pool_hit_vs_warm(ok, run["warm_ttft"])
     if "tangram" in per_config and "sllm" in per_config:
         def reduction(key: str, q: int) -> float | None:
             t, b = s[f"{key}_p{q}"]["tangram"], s[f"{key}_p{q}"]["sllm"]
@@ -121,4 +131,4 @@ def summarize(per_config: dict[str, dict]) -> dict:
 
 
 __all__ = ["CONFIGS", "Configuration", "FULL", "QUICK", "Sizes", "TraceRequest", "configurations",
-           "make_models", "overheads", "percentile", "summarize", "trace_spec"]
+           "make_models", "overheads", "percentile", "pool_hit_vs_warm", "summarize", "trace_spec"]
