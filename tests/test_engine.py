@@ -8,6 +8,7 @@ import torch
 from conftest import ENGINE_ARCHS, engine_checkpoint, engine_model, reference_greedy
 from greedy import assert_greedy_within_ties
 from tangram.engine import EngineConfig, Instance, OutputQueue, RequestError, SamplingParams
+from tangram.engine.batch import SeqWork, StepPlan
 from tangram.pool import DevicePool
 
 PROMPTS = [[5, 17, 33, 9, 60, 7, 101], [40, 41], [3, 200, 150, 90, 12, 11, 10, 9, 8, 77, 78, 79]]
@@ -146,7 +147,7 @@ def test_stop_token_ids_and_eos(llama):
         assert out.finish_reason == "stop" and out.completion_tokens == first + 1
         assert out.output_ids == ref[:first + 1]
         assert out.text == inst.engine.tokenizer.decode(ref[:first], skip_special_tokens=True)  # not the stop token
-        inst.engine.eos = {stop_tok}
+        inst.engine.output.eos = {stop_tok}
         out = inst.engine.generate([PROMPTS[0]], SamplingParams(max_tokens=20))[0]
         assert out.finish_reason == "stop" and out.completion_tokens == first + 1
         out = inst.engine.generate([PROMPTS[0]], SamplingParams(max_tokens=20, ignore_eos=True))[0]
@@ -273,14 +274,13 @@ def test_batched_prefill_of_different_lengths_equals_one_prefill_each(arch, tmp_
     with start(engine_checkpoint(engine_model(arch), tmp_path)) as inst:
         runner, kv = inst.engine.runner, inst.kv
         blocks = [kv.allocate(kv.spec.blocks_for(len(p))) for p in PROMPTS]
-        offsets = [[kv.offset(b) for b in bl] for bl in blocks]
-        batched = runner.prefill_batch(PROMPTS, offsets)
-        stored = [kv.elements[o[0]:o[0] + kv.spec.block_bytes // kv.spec.dtype.itemsize].clone() for o in offsets]
-        for i, (p, o) in enumerate(zip(PROMPTS, offsets)):
-            alone = runner.prefill(p, o)
+        batched = runner.run(StepPlan([SeqWork(None, 0, p, True, bl) for p, bl in zip(PROMPTS, blocks)]))
+        stored = [kv.elements[b[0]:b[0] + kv.spec.block_bytes // kv.spec.dtype.itemsize].clone() for b in blocks]
+        for i, (p, b) in enumerate(zip(PROMPTS, blocks)):
+            alone = runner.prefill(p, b)
             torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-4, atol=1e-4)
             assert int(batched[i].argmax()) == int(alone[0].argmax())
-            block = kv.elements[o[0]:o[0] + kv.spec.block_bytes // kv.spec.dtype.itemsize]
+            block = kv.elements[b[0]:b[0] + kv.spec.block_bytes // kv.spec.dtype.itemsize]
             torch.testing.assert_close(stored[i], block, rtol=1e-4, atol=1e-4)  # same KV as a prefill alone
         for bl in blocks:
             kv.free(bl)

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import engine_checkpoint, engine_model, reference_greedy
 from tangram.engine import EngineConfig, Instance, OutputQueue, SamplingParams
-from tangram.engine import engine as engine_module
+from tangram.engine import sampling as sampling_module
 from tangram.engine.loop import EngineLoop
 from tangram.pool import DevicePool
 
@@ -69,7 +69,7 @@ def test_a_request_whose_sampling_raises_fails_alone_and_the_rest_of_its_batch_c
 
 def test_a_sampler_that_raises_mid_decode_for_one_request_fails_it_alone(llama, monkeypatch):
     model, ckpt = llama
-    real, steps = engine_module.sample, {"n": 0}
+    real, steps = sampling_module.sample, {"n": 0}
     poisoned = SamplingParams(max_tokens=6, ignore_eos=True, temperature=1.0, seed=4242)
 
     def sample(logits, params, generators=None):  # the public seam the engine samples through
@@ -78,7 +78,7 @@ def test_a_sampler_that_raises_mid_decode_for_one_request_fails_it_alone(llama, 
             raise RuntimeError("sampler exploded")
         return real(logits, params, generators)
 
-    monkeypatch.setattr(engine_module, "sample", sample)
+    monkeypatch.setattr(sampling_module, "sample", sample)
     with start(ckpt) as inst:
         (_, a), (_, b) = submit(inst, PROMPTS[0]), submit(inst, PROMPTS[1], poisoned)
         inst.engine.run_until_idle()
@@ -171,23 +171,23 @@ def test_a_failing_decode_in_the_engine_loop_fails_its_requests_and_serves_later
     model, ckpt = llama
     with start(ckpt) as inst:
         eng = inst.engine
-        real, calls = eng.runner.decode, []
+        real, calls = eng.runner.run, []
 
-        def decode(last, slots):
-            calls.append(len(last))
-            if len(calls) == 2:
+        def run(plan):
+            calls.append(plan.num_tokens)
+            if len(calls) == 2:  # the first decode step (after the prefill)
                 raise RuntimeError("kernel fault")
-            return real(last, slots)
+            return real(plan)
 
-        monkeypatch.setattr(eng.runner, "decode", decode)
+        monkeypatch.setattr(eng.runner, "run", run)
         loop = EngineLoop(eng).start()
         try:
             out = final(submit(inst, PROMPTS[0])[1])
-            assert out.finish_reason == "error" and "decode failed" in out.error and "kernel fault" in out.error
+            assert out.finish_reason == "error" and "step failed" in out.error and "kernel fault" in out.error
             assert_kv_free(inst)
             later = final(submit(inst, PROMPTS[1])[1])
             assert later.output_ids == reference_greedy(model, PROMPTS[1], GREEDY.max_tokens)
-            assert len(calls) == 2 + GREEDY.max_tokens - 1  # the failed step was not retried
+            assert len(calls) == 2 + GREEDY.max_tokens  # the failed step was not retried
         finally:
             loop.stop()
         assert_kv_free(inst)

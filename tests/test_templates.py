@@ -12,7 +12,7 @@ import torch
 
 from conftest import engine_checkpoint, engine_model, reference_greedy
 from tangram.engine import EngineConfig, Instance, OutputQueue, SamplingParams
-from tangram.kv import SeqSlot
+from tangram.engine.batch import SeqWork, StepPlan
 from tangram.pool import DevicePool
 from tangram.store import Loader, read_index
 from tangram.templates import load_template
@@ -106,18 +106,18 @@ def test_execute_while_load_gives_identical_logits(model_ckpt):
         assert runner.waits is not None
         waits = runner.waits
         blocks = inst.kv.allocate(2)
-        logits = runner.prefill(PROMPT, [inst.kv.offset(b) for b in blocks])
+        logits = runner.prefill(PROMPT, blocks)
         assert waits.waits > 0  # modules really waited for their weights
         waits.loading.wait(10)
         assert waits.loading.done()
-        runner.decode([0], [SeqSlot([inst.kv.offset(b) for b in blocks], len(PROMPT))])
+        runner.run(StepPlan([SeqWork(None, len(PROMPT), [0], True, blocks)]))
         inst.kv.free(blocks)
         # hooks come off at the first forward after the load is over (the last weight can land while the
         # load job still books its stats, so that may be the forward after the first)
         assert runner.waits is None
     with Instance(ckpt, DevicePool(64 << 20), EngineConfig(block_tokens=4, templates=False)) as plain:
         blocks = plain.kv.allocate(2)
-        ref = plain.engine.runner.prefill(PROMPT, [plain.kv.offset(b) for b in blocks])  # loaded first, then run
+        ref = plain.engine.runner.prefill(PROMPT, blocks)  # loaded first, then run
         plain.kv.free(blocks)
     assert torch.equal(logits, ref)
 

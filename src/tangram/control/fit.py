@@ -66,7 +66,7 @@ def min_kv_bytes(spec: KVSpec, engine: EngineConfig, context: int | None, alignm
     if engine.kv_mode is not KVMode.RESERVE:
         return block
     lengths = [x for x in (context, engine.max_model_len) if x is not None]
-    tokens = engine.reserve_tokens or (engine.max_batch * min(lengths) if lengths else spec.block_tokens)
+    tokens = engine.reserve_tokens or (engine.reserve_batch() * min(lengths) if lengths else spec.block_tokens)
     return spec.blocks_for(tokens) * block
 
 

@@ -1,16 +1,17 @@
 """Continuous-batching generation for one model instance: `step()` is schedule, run, postprocess.
 
-Each step admits waiting requests (FIFO) whose KV blocks the allocator can
-give, prefills them together in one forward (prompts left-padded to the
-longest), then runs one batched decode step over every running sequence;
-new requests join between decode steps. When a running sequence needs a
-block and none is left, the most recently admitted one is preempted
-(its blocks freed, recomputed later); when nothing can be admitted the
-requests wait (back-pressure). Outputs are pushed to each request's sink.
+The scheduler (`step_scheduler.py`) plans each step: every running sequence's
+next token plus prompt chunks within a per-step token budget (chunked
+prefill), its KV blocks grown or other sequences preempted; the model runner
+(`runner.py`) runs the step's tokens in one forward; the output processor
+(`output.py`) samples, detokenizes, applies stops and emits to each
+request's sink. Requests join between steps; when nothing can be admitted
+for lack of KV blocks the requests wait (back-pressure).
 
-A step that raises fails exactly the requests it worked on (finish_reason
-"error", KV freed); what no request can be blamed for fails all queued ones
-(`step_or_fail`): a failing step is never retried on the same requests.
+A step whose forward raises fails exactly the requests it worked on (finish
+reason "error", KV freed); what no request can be blamed for fails all
+queued ones (`step_or_fail`): a failing step is never retried on the same
+requests.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from tangram.engine import scheduler
+from tangram.engine.batch import StepPlan
+from tangram.engine.block_manager import BlockManager
 from tangram.engine.detok import TextStream
 from tangram.engine.errors import RequestError
+from tangram.engine.output import OutputProcessor
 from tangram.engine.request import OutputQueue, Request, RequestOutput, Status
 from tangram.engine.runner import ModelRunner
-from tangram.engine.sampling import SamplingParams, make_generator, sample
-from tangram.engine.stages import StartCost, Totals
-from tangram.kv import SeqSlot
+from tangram.engine.sampling import SamplingParams, make_generator
+from tangram.engine.stages import Totals
+from tangram.engine.step_scheduler import StepScheduler
 from tangram.pool.loading import LoadFailed
 
 log = logging.getLogger(__name__)
@@ -40,26 +43,40 @@ class Engine:
     """Generation engine of one instance. `add_request`/`abort` are thread-safe; `step` runs on one thread."""
 
     def __init__(self, runner: ModelRunner, tokenizer, *, max_model_len: int, eos_token_ids: Iterable[int] = (),
-                 max_batch: int = 16, max_prefill_tokens: int = 4096, max_kv_blocks: int | None = None,
-                 start_cost: StartCost | None = None, ready_at: float | None = None,
+                 max_batch: int = 16, max_step_tokens: int = 2048, max_kv_blocks: int | None = None,
+                 ready_at: float | None = None, on_first_token: Callable[[Request], None] | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.runner, self.kv, self.tokenizer = runner, runner.kv, tokenizer
-        self.max_model_len, self.max_batch, self.max_prefill_tokens = max_model_len, max_batch, max_prefill_tokens
-        self.max_kv_blocks = max_kv_blocks
-        self.eos = set(eos_token_ids)
-        self.start_cost, self.clock = start_cost, clock
-        self.finalize_start: Callable[[], None] | None = None
+        self.max_model_len, self.max_kv_blocks = max_model_len, max_kv_blocks
+        self.clock = clock
         self.ready_at = clock() if ready_at is None else ready_at
         self.totals = Totals()
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # in admission order
+        self.scheduler = StepScheduler(BlockManager(self.kv), max_batch=max_batch, max_step_tokens=max_step_tokens,
+                                       totals=self.totals)
+        self.output = OutputProcessor(eos_token_ids=eos_token_ids, max_model_len=max_model_len, emit=self._emit,
+                                      finish=self.finish, on_first_token=on_first_token)
+        self.vocab = runner.model.config.get_text_config().vocab_size
         self.work = threading.Condition()  # notified on new requests and aborts
         self._incoming: deque[Request] = deque()
         self._aborts: set[str] = set()
         self._live: set[str] = set()
         self.stalled = False  # the last step could not admit or grow for lack of KV blocks
         self.failed: str | None = None  # why the instance can serve nothing more (its weights failed to load)
-        self._phase: list[Request] = []  # the requests the running prefill/decode works on (a failure is theirs)
+
+    @property
+    def max_batch(self) -> int:
+        """Sequences one step runs at most."""
+        return self.scheduler.max_batch
+
+    @property
+    def running(self) -> list[Request]:
+        """Requests holding KV, in admission order."""
+        return self.scheduler.running
+
+    @property
+    def waiting(self) -> deque[Request]:
+        """Requests waiting for admission, FIFO."""
+        return self.scheduler.waiting
 
     # ------------------------------------------------------------------ requests in
 
@@ -100,9 +117,8 @@ class Engine:
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise RequestError("the prompt is empty")
-        vocab = self.runner.model.config.get_text_config().vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if min(ids) < 0 or max(ids) >= self.vocab:
+            raise RequestError(f"prompt token ids must be in [0, {self.vocab})")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "
                                "and at least one token must be generated")
@@ -122,7 +138,7 @@ class Engine:
 
     def has_work(self) -> bool:
         """Whether any request is queued or running."""
-        return bool(self._incoming or self.waiting or self.running or self._aborts)
+        return bool(self._incoming or self._aborts or self.scheduler.has_work())
 
     # ------------------------------------------------------------------ step
 
@@ -130,12 +146,44 @@ class Engine:
         """One engine iteration; False when nothing could progress (idle, or waiting for KV blocks)."""
         self._drain()
         if self.failed is not None:
-            for req in [*self.waiting, *self.running]:
-                self._finish(req, "error", error=self.failed, instance_failed=True)
+            for req in self.scheduler.requests():
+                self.finish(req, "error", error=self.failed, instance_failed=True)
             return False
-        self.stalled = False
-        progressed = self._guarded("prefill", self._prefill)
-        return self._guarded("decode", self._decode) or progressed
+        t0 = self.clock()
+        plan = self.scheduler.schedule()
+        self.stalled = plan.stalled
+        if not plan.work:
+            return False
+        t1 = self.clock()
+        for w in plan.work:
+            req = w.request
+            if req.prefill_began is None:
+                req.prefill_began = t1
+                req.stages.queue_s = max(0.0, t0 - max(req.arrival, self.ready_at))
+                req.stages.kv_s = t1 - t0
+        try:
+            logits = self.runner.run(plan)
+        except Exception as exc:  # noqa: BLE001 - a bad batch must not stop the engine
+            self._fail_step(plan, exc)
+            return True
+        for w in plan.work:
+            self.scheduler.advance(w)
+        self.totals.decode_steps += 1
+        self.totals.decode_s += self.clock() - t1
+        self.output.process(plan.sampled, logits, self.clock())
+        return True
+
+    def _fail_step(self, plan: StepPlan, exc: Exception) -> None:
+        """Fail the requests of a step whose forward raised (when the weights failed to load, every request)."""
+        batch = [w.request for w in plan.work if w.request.status is not Status.FINISHED]
+        log.exception("step of %s failed", [r.id for r in batch], exc_info=exc)
+        if isinstance(exc, LoadFailed):
+            self.failed = str(exc)
+            batch += [r for r in self.scheduler.requests() if r not in batch]
+        for req in batch:
+            if req.status is not Status.FINISHED:
+                self.finish(req, "error", error=f"step failed: {type(exc).__name__}: {exc}",
+                            instance_failed=self.failed is not None)
 
     def step_or_fail(self) -> bool:
         """`step`, but an exception escaping it fails every queued and running request instead of leaving
@@ -150,15 +198,16 @@ class Engine:
     def fail_all(self, error: str) -> None:
         """Fail every queued and running request with `error` (their KV freed). Never raises."""
         with self.work:  # those not drained yet too: the step may have failed before draining them
-            self.waiting.extend(self._incoming)
+            for req in self._incoming:
+                self.scheduler.add(req)
             self._incoming.clear()
             self._aborts.clear()  # every live request is failed now
-        for req in [*self.waiting, *self.running]:
+        for req in self.scheduler.requests():
             try:
-                self._finish(req, "error", error=error)
+                self.finish(req, "error", error=error)
             except Exception:  # noqa: BLE001 - drop it by force: it must not stay to be stepped again
                 log.exception("could not finish %s cleanly; dropping it", req.id)
-                for queue in (self.running, self.waiting):
+                for queue in (self.scheduler.running, self.scheduler.waiting):
                     if req in queue:
                         queue.remove(req)
                 req.status = Status.FINISHED
@@ -166,183 +215,23 @@ class Engine:
                     self._live.discard(req.id)
                 self._emit(req, RequestOutput(req.id, "", [], req.text.text, True, "error", error))
 
-    def _guarded(self, what: str, phase: Callable[[], bool]) -> bool:
-        """Run a prefill or decode phase; if it raises, fail the requests it was working on (when the weights
-        failed to load, every request, now and later)."""
-        self._phase = []
-        try:
-            return phase()
-        except Exception as exc:  # noqa: BLE001 - a bad batch must not stop the engine
-            batch = [r for r in self._phase if r.status is not Status.FINISHED]
-            if not batch:
-                raise
-            log.exception("%s of %s failed", what, [r.id for r in batch])
-            if isinstance(exc, LoadFailed):
-                self.failed = str(exc)
-                failing = {id(r) for r in batch}
-                batch += [r for r in (*self.running, *self.waiting) if id(r) not in failing]
-            for req in batch:
-                if req.status is not Status.FINISHED:
-                    self._finish(req, "error", error=f"{what} failed: {type(exc).__name__}: {exc}",
-                                 instance_failed=self.failed is not None)
-            return True
-        finally:
-            self._phase = []
-
     def _drain(self) -> None:
         with self.work:
-            self.waiting.extend(self._incoming)
+            for req in self._incoming:
+                self.scheduler.add(req)
             self._incoming.clear()
             aborts, self._aborts = self._aborts, set()
-        for req in [r for r in (*self.waiting, *self.running) if r.id in aborts]:
-            self._finish(req, "abort")
+        if aborts:
+            for req in [r for r in self.scheduler.requests() if r.id in aborts]:
+                self.finish(req, "abort")
 
-    def _prefill(self) -> bool:
-        """Admit waiting requests (FIFO) whose KV blocks can be had and prefill them in one forward."""
-        n = scheduler.admit([len(r.ids) for r in self.waiting], len(self.running), self.max_batch,
-                            self.max_prefill_tokens)
-        t0 = self.clock()
-        batch: list[Request] = []
-        for _ in range(n):
-            req = self.waiting[0]
-            self._phase.append(req)
-            blocks = self.kv.allocate(self.kv.spec.blocks_for(len(req.ids)))
-            if blocks is None:
-                self._phase.pop()
-                self.stalled = True
-                self.totals.kv_waits += 1
-                break
-            self.waiting.popleft()
-            req.blocks, req.status = blocks, Status.RUNNING
-            self.running.append(req)
-            batch.append(req)
-        if not batch:
-            return False
-        t1 = self.clock()
-        logits = self.runner.prefill_batch([r.ids for r in batch], [self._offsets(r) for r in batch])
-        t2 = self.clock()
-        for req in batch:
-            req.cached = len(req.ids)
-            if req.first_token_at is None:
-                st = req.stages
-                st.queue_s = max(0.0, t0 - max(req.arrival, self.ready_at))
-                st.kv_s, st.prefill_s = t1 - t0, t2 - t1
-                st.prefill_interval = (t1 - req.arrival, t2 - req.arrival)
-        self._postprocess(batch, logits)
-        return True
+    # ------------------------------------------------------------------ finishing
 
-    def _decode(self) -> bool:
-        batch: list[Request] = []
-        for req in list(self.running):
-            if req.status is not Status.RUNNING:
-                continue  # preempted below while growing an earlier sequence
-            self._phase.append(req)
-            if self._grow(req):
-                batch.append(req)
-        batch = [r for r in batch if r.status is Status.RUNNING]
-        self._phase = list(batch)
-        if not batch:
-            return False
-        t0 = self.clock()
-        logits = self.runner.decode([r.ids[-1] for r in batch], [self._slot(r) for r in batch])
-        for r in batch:
-            r.cached += 1
-        self.totals.decode_steps += 1
-        self.totals.decode_s += self.clock() - t0
-        self._postprocess(batch, logits)
-        return True
-
-    def _grow(self, req: Request) -> bool:
-        """Give `req` the block its next token needs, preempting newer sequences if the pool has none."""
-        while short := scheduler.blocks_short(req.cached, len(req.blocks), self.kv.spec.block_tokens):
-            got = self.kv.allocate(short)
-            if got is not None:
-                req.blocks.extend(got)
-                return True
-            self.stalled = True
-            victim = next(r for r in self.running if r.id == scheduler.victim([r.id for r in self.running]))
-            self._preempt(victim)
-            if victim is req:
-                return False
-        return True
-
-    def _preempt(self, req: Request) -> None:
-        self.kv.free(req.blocks)
-        req.blocks, req.cached, req.status = [], 0, Status.WAITING
-        self.running.remove(req)
-        self.waiting.appendleft(req)
-        self.totals.preemptions += 1
-        log.debug("preempted %s (recomputed when blocks come back)", req.id)
-
-    # ------------------------------------------------------------------ postprocess
-
-    def _postprocess(self, batch: list[Request], logits) -> None:
-        now = self.clock()
-        for req, tok in zip(batch, self._sample(batch, logits)):
-            if tok is None:
-                continue  # its sampling failed: it is finished with the error
-            try:
-                self._advance(req, tok, now)
-            except Exception as exc:  # noqa: BLE001 - detokenizing or stop checks of one request failed
-                log.exception("postprocessing %s failed", req.id)
-                if req.status is not Status.FINISHED:
-                    self._finish(req, "error", error=f"postprocess failed: {type(exc).__name__}: {exc}")
-
-    def _sample(self, batch: list[Request], logits) -> list[int | None]:
-        """Next token per request; when the batch's sampling raises, each request alone, failing those whose
-        own sampling raises (one request's parameters must not fail the others of its batch)."""
-        try:
-            return sample(logits, [r.params for r in batch], [r.generator for r in batch]).tolist()
-        except Exception:  # noqa: BLE001
-            log.warning("batched sampling of %s failed; sampling each alone", [r.id for r in batch], exc_info=True)
-        tokens: list[int | None] = []
-        for i, req in enumerate(batch):
-            try:
-                tokens.append(int(sample(logits[i:i + 1], [req.params], [req.generator])[0]))
-            except Exception as exc:  # noqa: BLE001
-                tokens.append(None)
-                self._finish(req, "error", error=f"sampling failed: {type(exc).__name__}: {exc}")
-        return tokens
-
-    def _advance(self, req: Request, tok: int, now: float) -> None:
-        """Append a sampled token to `req`, then stream it or finish the request."""
-        req.output_ids.append(tok)
-        if req.first_token_at is None:
-            req.first_token_at = now
-            req.stages.ttft_s = now - req.arrival
-            if self.start_cost is not None:
-                if self.finalize_start is not None:
-                    self.finalize_start()  # a background load is over once a forward has used every weight
-                if req.arrival <= self.ready_at:
-                    req.stages.charge_start(self.start_cost)  # this request waited for the start
-        p = req.params
-        reason = None
-        if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
-            reason = "stop"
-            delta = req.text.push(req.output_ids[:-1])  # the stop token is not part of the text
-        else:
-            delta = req.text.push(req.output_ids)
-            if req.text.stopped:
-                reason = "stop"
-            elif len(req.output_ids) >= p.max_tokens or len(req.ids) >= self.max_model_len:
-                reason = "length"
-        if reason is None:
-            self._emit(req, RequestOutput(req.id, delta, [tok], req.text.text, prompt_tokens=len(req.prompt_ids),
-                                          completion_tokens=len(req.output_ids), stages=req.stages))
-        else:
-            self._finish(req, reason, delta=delta, new=[tok])
-
-    def _finish(self, req: Request, reason: str, *, delta: str = "", new: list[int] | None = None,
-                error: str | None = None, instance_failed: bool = False) -> None:
-        if reason == "length":
-            delta += req.text.flush(req.output_ids)
-        self.kv.free(req.blocks)
-        req.blocks, req.finish_reason = [], reason
-        if req.status is Status.RUNNING:
-            self.running.remove(req)
-        elif req in self.waiting:
-            self.waiting.remove(req)
-        req.status = Status.FINISHED
+    def finish(self, req: Request, reason: str, *, delta: str = "", new: list[int] | None = None,
+               error: str | None = None, instance_failed: bool = False) -> None:
+        """End a request: free its KV, drop it from the queues, send its final output."""
+        self.scheduler.finish(req)
+        req.finish_reason = reason
         with self.work:
             self._live.discard(req.id)
         if req.first_token_at is not None:
@@ -358,12 +247,6 @@ class Engine:
             log.warning("output sink of %s failed; aborting it", req.id, exc_info=True)
             if not out.finished:
                 self.abort(req.id)
-
-    def _offsets(self, req: Request) -> list[int]:
-        return [self.kv.offset(b) for b in req.blocks]
-
-    def _slot(self, req: Request) -> SeqSlot:
-        return SeqSlot(self._offsets(req), req.cached)
 
     # ------------------------------------------------------------------ synchronous use
 
@@ -391,5 +274,5 @@ class Engine:
     def shutdown(self) -> None:
         """Abort everything and free its KV blocks."""
         self._drain()
-        for req in [*self.waiting, *self.running]:
-            self._finish(req, "abort")
+        for req in self.scheduler.requests():
+            self.finish(req, "abort")

@@ -22,9 +22,11 @@ from transformers import GenerationConfig
 from tangram.engine.dtype import DTYPES, DtypeSetting, compute_dtype
 from tangram.engine.engine import Engine
 from tangram.engine.errors import EngineError
+from tangram.engine.request import Request
 from tangram.engine.runner import ModelRunner
 from tangram.engine.skeleton import RUNTIME
 from tangram.engine.stages import StartCost
+from tangram.engine.step_policy import derived_max_batch
 from tangram.kv import KVAllocator, KVMode, KVSpec
 from tangram.pool import DevicePool
 from tangram.store import Checkpoint, LoadStats
@@ -33,6 +35,7 @@ from tangram.templates import (
 )
 
 log = logging.getLogger(__name__)
+RESERVE_BATCH = 16  # the batch a KV reservation is sized for unless max_batch says otherwise
 
 
 class EngineConfig(BaseModel):
@@ -42,9 +45,11 @@ class EngineConfig(BaseModel):
 
     kv_mode: KVMode = KVMode.ELASTIC
     block_tokens: int = Field(16, ge=1, le=4096)
-    max_batch: int = Field(16, ge=1, le=4096)
+    max_batch: int | None = Field(None, ge=1, le=4096, description="sequences one step runs at most. Default: "
+                                  "elastic KV: derived from the KV that fits (engine/step_policy.py); reserve: 16")
     max_model_len: int | None = Field(None, ge=2, description="default: the model's context length")
-    max_prefill_tokens: int = Field(4096, ge=1)
+    max_step_tokens: int = Field(2048, ge=1, description="tokens one step runs at most: every decode, then "
+                                 "prompt chunks (chunked prefill) up to this budget")
     reserve_tokens: int | None = Field(None, ge=1, description="reserve mode: KV tokens to take at start "
                                        "(default max_batch x max_model_len)")
     overlap: Literal["auto", "on", "off"] = Field(
@@ -56,6 +61,10 @@ class EngineConfig(BaseModel):
         "auto", description="compute dtype. auto: the checkpoint's own on CUDA; on a CPU a 16-bit checkpoint "
         "computes in the CPU's fastest dtype (bfloat16 where it has native bf16, else float32) and a float32 one "
         "stays float32. A dtype other than the checkpoint's loads a converted copy, made once at deploy")
+
+    def reserve_batch(self) -> int:
+        """The batch size a KV reservation is sized for (reserve mode)."""
+        return self.max_batch or RESERVE_BATCH
 
     def overlaps(self, device: torch.device | str) -> bool:
         """Whether execute-while-load is on for `device`."""
@@ -113,8 +122,8 @@ class Instance:
                               bytes_reused=b.bytes_reused, load_begin=t0 - self.arrival, load_end=t1 - self.arrival)
         self._finalized = False
         self._cost_lock = threading.Lock()
-        self.engine.start_cost, self.engine.ready_at = self.cost, t2
-        self.engine.finalize_start = self.finalize_cost
+        self.engine.ready_at = t2
+        self.engine.output.on_first_token = self._first_token
         if b.loading.done():
             self.finalize_cost()
 
@@ -139,6 +148,13 @@ class Instance:
         log.info("started %s on %s: %s, load %.3f s (%d B loaded, %d B reused), init %.3f s%s", self.name,
                  self.pool.device, self.cost.start, self.cost.load_s, b.bytes_loaded, b.bytes_reused,
                  self.cost.init_s, " (template: overlapped)" if self.template else "")
+
+    def _first_token(self, req: Request) -> None:
+        """A request's first token: a background load is over once a forward has used every weight; a request
+        that waited for this start is charged with its cost."""
+        self.finalize_cost()
+        if req.arrival <= self.engine.ready_at:
+            req.stages.charge_start(self.cost)
 
     def load_stats(self) -> LoadStats | None:
         """What this start's load read, from where (waits for a background load)."""
@@ -172,12 +188,14 @@ class Instance:
         spec = KVSpec.from_config(model.config, dtype, cfg.block_tokens)
         weights = self.pool.footprint(self.binding)
         if cfg.kv_mode is KVMode.RESERVE:
-            reserve = spec.blocks_for(cfg.reserve_tokens or cfg.max_batch * max_len)
+            reserve = spec.blocks_for(cfg.reserve_tokens or cfg.reserve_batch() * max_len)
             self.kv = KVAllocator(self.pool, spec, KVMode.RESERVE, reserve)
             limit = reserve
+            max_batch = cfg.reserve_batch()
         else:
             self.kv = KVAllocator(self.pool, spec, KVMode.ELASTIC)
             limit = max(0, self.pool.capacity - weights) // self.kv.block_size
+            max_batch = cfg.max_batch or derived_max_batch(limit)
         runner = ModelRunner(model, self.kv)
         landing = not self.binding.loading.all_landed()
         if self.template is not None and landing:  # this start's load, or another's of tensors both share
@@ -187,7 +205,7 @@ class Instance:
             runner.recorder = Recorder(model, names_by_param(model, self.binding.tensors))
             runner.on_recorded = lambda rec, tokens: self._save_template(rec, tokens, model)
         return Engine(runner, tokenizer, max_model_len=max_len, eos_token_ids=_eos_ids(path, tokenizer),
-                      max_batch=cfg.max_batch, max_prefill_tokens=cfg.max_prefill_tokens, max_kv_blocks=limit)
+                      max_batch=max_batch, max_step_tokens=cfg.max_step_tokens, max_kv_blocks=limit)
 
     def _save_template(self, rec: Recorder, tokens: int, model) -> None:
         names = list(self.checkpoint.index.tensors)

@@ -45,7 +45,7 @@ class RequestOutput:
 
 @dataclass
 class Request:
-    """Engine-side state of one request. `cached` tokens of `ids` have their KV in `blocks`."""
+    """Engine-side state of one request. `cached` tokens of `ids` have their KV in `blocks` (its block table)."""
 
     id: str
     prompt_ids: list[int]
@@ -55,17 +55,23 @@ class Request:
     text: TextStream
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
-    blocks: list = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # prompt and generated ids (kept, not rebuilt per step)
+    blocks: list[int] = field(default_factory=list)
     cached: int = 0
     status: Status = Status.WAITING
     stages: Stages = field(default_factory=Stages)
     finish_reason: FinishReason | None = None
+    prefill_began: float | None = None  # when its first prompt chunk ran
     first_token_at: float | None = None
 
-    @property
-    def ids(self) -> list[int]:
-        """Prompt and generated ids."""
-        return self.prompt_ids + self.output_ids
+    def __post_init__(self) -> None:
+        if not self.ids:
+            self.ids = self.prompt_ids + self.output_ids
+
+    def append(self, token: int) -> None:
+        """Add a generated token."""
+        self.output_ids.append(token)
+        self.ids.append(token)
 
 
 class OutputQueue:

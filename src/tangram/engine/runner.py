@@ -1,4 +1,10 @@
-"""Runs a transformers causal LM over KV held in pool blocks: prefill a batch of prompts, decode a batch."""
+"""Runs a transformers causal LM over KV held in pool blocks: one forward per step, logits of sampled rows out.
+
+The packed path (`attention.py`) runs every sequence of the step in one
+forward with no padding. Models whose attention does not go through
+transformers' attention interface run through `kv.PagedCache` instead: the
+decodes padded together in one forward, each prompt chunk in its own.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel
 
+from tangram.engine.attention import NAME, ChunkMeta, PackedStep, supports_packed, use_packed
+from tangram.engine.batch import SeqWork, StepPlan
 from tangram.kv import KVAllocator, PagedCache, SeqSlot
 
 
@@ -19,18 +27,136 @@ def cache_argument(model: PreTrainedModel) -> str:
 
 
 class ModelRunner:
-    """Forward passes of one model; inputs on the model's device, logits of the last position back."""
+    """Forward passes of one model over its KV blocks; inputs on the model's device, [rows, vocab] logits back."""
 
-    def __init__(self, model: PreTrainedModel, kv: KVAllocator) -> None:
+    def __init__(self, model: PreTrainedModel, kv: KVAllocator, *, packed: bool | None = None) -> None:
         self.model, self.kv = model, kv
         self.device = kv.device()
+        self.packed = supports_packed(model) if packed is None else packed
+        if self.packed:
+            use_packed(model)
+        elif model.config._attn_implementation == NAME:  # a kept skeleton a packed runner used before
+            model.set_attn_implementation("sdpa")
         self.cache_kwarg = cache_argument(model)
+        spec = kv.spec
+        w = spec.row_elems
+        n = kv.elements.numel()
+        self._rows = kv.elements.as_strided((n - w + 1, w), (1, 1))  # row i = elements[i : i + w], reads only
+        self._cols = torch.arange(w, device=self.device)
         self.waits = None  # templates.WaitForWeights while a background load runs (execute-while-load)
-        self.recorder = None  # templates.Recorder for the first prefill, when no template exists yet
+        self.recorder = None  # templates.Recorder for the first forward, when no template exists yet
         self.on_recorded: Callable[[object, int], None] | None = None
 
     @torch.inference_mode()
-    def forward(self, tokens: list[list[int]], slots: list[SeqSlot]) -> torch.Tensor:
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        """Run a step's tokens; logits [len(plan.sampled), vocab] of the sampled sequences, in plan order."""
+        if self.packed:
+            logits = self._packed(plan.work)
+        else:
+            logits = self._padded(plan.work)
+        if self.waits is not None and self.waits.finished:
+            self.waits.remove()  # between forwards, on the engine thread
+            self.waits = None
+        return logits
+
+    def prefill(self, ids: list[int], blocks: list[int]) -> torch.Tensor:
+        """Logits [1, vocab] after the whole sequence `ids`, its KV written to `blocks` (none cached before)."""
+        return self.run(StepPlan([SeqWork(None, 0, list(ids), True, blocks)]))
+
+    def _call(self, kwargs: dict, tokens: int) -> torch.Tensor:
+        recorder, self.recorder = self.recorder, None
+        if recorder is None:
+            return self.model(**kwargs).logits
+        with recorder:
+            out = self.model(**kwargs).logits
+        if self.on_recorded is not None:
+            self.on_recorded(recorder, tokens)
+        return out
+
+    # ------------------------------------------------------------------ packed
+
+    def _packed(self, work: list[SeqWork]) -> torch.Tensor:
+        dev, spec = self.device, self.kv.spec
+        bt, w = spec.block_tokens, spec.row_elems
+        ids: list[int] = []
+        positions: list[int] = []
+        write: list[torch.Tensor] = []
+        keep: list[int] = []
+        chunks: list[ChunkMeta] = []
+        decodes: list[SeqWork] = []
+        decode_rows: list[int] = []
+        for item in work:
+            begin = len(ids)
+            ids.extend(item.tokens)
+            positions.extend(range(item.start, item.end))
+            write.append(self._row_offsets(item.blocks, item.start, item.end))
+            if item.sample:
+                keep.append(len(ids) - 1)
+            if len(item.tokens) == 1 and item.start > 0:
+                decodes.append(item)
+                decode_rows.append(begin)
+            else:
+                read = None if item.start == 0 else self._row_offsets(item.blocks, 0, item.end)
+                chunks.append(ChunkMeta(begin, len(ids), item.start, read))
+        rows = torch.cat(write)
+        step = PackedStep(
+            elements=self.kv.elements, rows=self._rows, layer_elems=spec.layer_elems, kv_heads=spec.kv_heads,
+            head_dim=spec.head_dim, write=(rows.unsqueeze(1) + self._cols).reshape(-1),
+            decode_rows=None, decode_read=None, decode_bias=None, decode_lens=None, chunks=chunks,
+            all_decode=not chunks)
+        if decodes:
+            step.decode_read, step.decode_bias, step.decode_lens = self._decode_tables(decodes, bt, w)
+            if chunks:
+                step.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=dev)
+        kwargs = {"input_ids": torch.tensor([ids], dtype=torch.int64, device=dev),
+                  "position_ids": torch.tensor([positions], dtype=torch.int64, device=dev),
+                  "use_cache": False, "logits_to_keep": torch.tensor(keep, dtype=torch.int64, device=dev),
+                  "tangram_step": step}
+        return self._call(kwargs, len(ids))[0]
+
+    def _row_offsets(self, blocks: list[int], start: int, stop: int) -> torch.Tensor:
+        """Element offsets (layer 0) of the KV rows of positions [start, stop) of a sequence with `blocks`."""
+        spec = self.kv.spec
+        bt, w = spec.block_tokens, spec.row_elems
+        if stop - start == 1:
+            return torch.tensor([blocks[start // bt] + (start % bt) * w], dtype=torch.int64, device=self.device)
+        table = torch.tensor(blocks[start // bt: (stop - 1) // bt + 1], dtype=torch.int64, device=self.device)
+        pos = torch.arange(start, stop, device=self.device)
+        return table[pos // bt - start // bt] + (pos % bt) * w
+
+    def _decode_tables(self, decodes: list[SeqWork], bt: int, w: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row offsets [B, longest] of each decode's K/V (its new token included), the padding bias, lengths."""
+        dev = self.device
+        lens = [item.end for item in decodes]
+        longest = max(lens)
+        width = -(-longest // bt)
+        table = torch.tensor([d.blocks[:width] + [d.blocks[0]] * (width - len(d.blocks[:width]))
+                              for d in decodes], dtype=torch.int64, device=dev)
+        pos = torch.arange(longest, device=dev)
+        read = table[:, pos // bt] + (pos % bt) * w
+        lengths = torch.tensor(lens, dtype=torch.int64, device=dev)
+        bias = torch.zeros(len(decodes), 1, 1, longest, dtype=torch.float32, device=dev)
+        bias.masked_fill_((pos.unsqueeze(0) >= lengths.unsqueeze(1))[:, None, None, :], float("-inf"))
+        return read, bias, lengths
+
+    # ------------------------------------------------------------------ padded (models outside the interface)
+
+    def _padded(self, work: list[SeqWork]) -> torch.Tensor:
+        decodes = [x for x in work if len(x.tokens) == 1 and x.start > 0]
+        groups = ([decodes] if decodes else []) + [[x] for x in work if not (len(x.tokens) == 1 and x.start > 0)]
+        rows: dict[int, torch.Tensor] = {}
+        for group in groups:
+            logits = self.forward_padded([x.tokens for x in group],
+                                         [SeqSlot([self.kv.offset(b) for b in x.blocks], x.start)
+                                          for x in group])
+            for i, x in enumerate(group):
+                rows[id(x)] = logits[i]
+        sampled = [rows[id(x)] for x in work if x.sample]
+        return torch.stack(sampled) if sampled else torch.empty(0, device=self.device)
+
+    @torch.inference_mode()
+    def forward_padded(self, tokens: list[list[int]], slots: list[SeqSlot]) -> torch.Tensor:
         """Next-token logits [B, vocab] for sequences that each add `tokens[i]` (left-padded to the longest)."""
         news = [len(x) for x in tokens]
         t = max(news)
@@ -42,27 +168,4 @@ class ModelRunner:
         positions = (past + torch.arange(t, device=self.device) - pad).clamp_min(0)
         kwargs = {"input_ids": ids, "attention_mask": cache.attention_mask(lengths), "position_ids": positions,
                   self.cache_kwarg: cache, "use_cache": True, "logits_to_keep": 1}
-        recorder, self.recorder = self.recorder, None
-        if recorder is not None:
-            with recorder:
-                out = self.model(**kwargs)
-            if self.on_recorded is not None:
-                self.on_recorded(recorder, t)
-        else:
-            out = self.model(**kwargs)
-        if self.waits is not None and self.waits.finished:
-            self.waits.remove()  # between forwards, on the engine thread
-            self.waits = None
-        return out.logits[:, -1, :]
-
-    def prefill(self, ids: list[int], offsets: list[int]) -> torch.Tensor:
-        """Logits [1, vocab] after the whole sequence `ids` (no KV cached yet)."""
-        return self.forward([ids], [SeqSlot(offsets, 0)])
-
-    def prefill_batch(self, ids: list[list[int]], offsets: list[list[int]]) -> torch.Tensor:
-        """Logits [B, vocab] after each whole sequence (no KV cached yet), in one forward."""
-        return self.forward(ids, [SeqSlot(o, 0) for o in offsets])
-
-    def decode(self, last: list[int], slots: list[SeqSlot]) -> torch.Tensor:
-        """Logits [B, vocab] after one new token per sequence."""
-        return self.forward([[t] for t in last], slots)
+        return self._call(kwargs, t)[:, -1, :]

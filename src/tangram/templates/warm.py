@@ -36,7 +36,8 @@ def warm(config: PretrainedConfig, template: Template, dtype: torch.dtype, devic
         cfg.layer_types = cfg.layer_types[:1]
     cfg.vocab_size = min(cfg.vocab_size, 512)
     with torch.device("meta"):
-        tiny = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        # the engine's packed attention needs its step's metadata: the warm-up runs transformers' SDPA instead
+        tiny = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     tiny = tiny.to_empty(device=device).eval()
     with torch.no_grad():
         for t in (*tiny.parameters(), *tiny.buffers()):
