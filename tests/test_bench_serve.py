@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 from serving import chat_model_dir, serving
 from typer.testing import CliRunner
 
 from tangram.bench.serve import (
-    DTYPE_ROWS, ServeSizes, Weights, client_runs, run_row, run_serve_bench, summarize,
+    DTYPE_ROWS, FULL, QUICK, ServeSizes, Weights, client_runs, default_twin, run_row, run_serve_bench, summarize,
 )
 from tangram.bench.serve_client import play
 from tangram.bench.serve_peer import VLLM_ENV, ServerProcess, VllmFound, find_vllm_python, group_alive
@@ -103,9 +104,43 @@ def test_client_runs_repeat_major_with_the_burst_in_the_default_row_only():
     runs = client_runs(sizes, "float32")
     assert [(r["repeat"], r["n"]) for r in runs] == [(0, 1), (0, 4), (1, 1), (1, 4)]
     assert {r["max_tokens"] for r in runs} == {5}
+    assert {r["dtype"] for r in runs} == {"float32"}
     burst = client_runs(sizes, "default")[-1]
-    assert burst == {"kind": "burst", "repeat": 0, "n": 7, "max_tokens": 2}
+    assert burst == {"kind": "burst", "dtype": "default", "repeat": 0, "n": 7, "max_tokens": 2}
     assert client_runs(ServeSizes(burst=0), "default")[-1]["kind"] == "concurrent"
+    twin = client_runs(sizes, "bfloat16", burst=True)  # the default measured as the bfloat16 row
+    assert twin[-1]["dtype"] == "default" and {r["dtype"] for r in twin[:-1]} == {"bfloat16"}
+
+
+def test_modes():
+    assert QUICK.concurrency == FULL.concurrency == (1, 16, 32) and QUICK.max_tokens == FULL.max_tokens == 64
+    assert QUICK.repeats == 1 and FULL.repeats == 3 and FULL.burst == 1000 and FULL.burst_tokens == 8
+    assert QUICK.reuse_identical_default and not FULL.reuse_identical_default  # full mode measures every row
+
+
+def test_default_twin_is_an_identical_explicit_row_only(tmp_path):
+    a, b = Weights(tmp_path / "a", tmp_path / "a-hf"), Weights(tmp_path / "b", tmp_path / "b-hf")
+    weights = {"float32": a, "bfloat16": b, "default": a}
+    assert default_twin("tangram", weights, torch.float32, "cpu") == "float32"  # auto keeps a float32 model
+    assert default_twin("vllm", weights, torch.float32, "cpu") is None  # vLLM's auto runs it in float16
+    weights["default"] = b
+    assert default_twin("vllm", weights, torch.bfloat16, "cpu") == "bfloat16"
+    assert default_twin("tangram", weights, torch.bfloat16, "cuda") == "bfloat16"  # auto: the stored dtype
+    weights["default"] = Weights(tmp_path / "c", tmp_path / "c-hf")  # other weights: never a twin
+    assert default_twin("tangram", weights, torch.bfloat16, "cuda") is None
+    assert default_twin("vllm", weights, torch.bfloat16, "cpu") is None
+    assert default_twin("tangram", {"float32": a}, torch.float32, "cpu") is None  # no default row
+
+
+def test_summary_of_a_default_measured_as_its_twin():
+    rows = [row(s, d, n, 10.0 * n if d == "bfloat16" else 1.0) for s in ("tangram", "vllm")
+            for d in ("float32", "bfloat16") for n in (1, 16, 32)]
+    rows += [row("tangram", "default", 100, 5.0, kind="burst", wall=4.0),
+             row("vllm", "default", 100, 5.0, kind="burst", wall=2.0)]
+    s = summarize(rows, {}, SIZES, FOUND, {"tangram": "bfloat16", "vllm": None})
+    assert s["tokens_per_s"]["tangram"]["default"] == s["tokens_per_s"]["tangram"]["bfloat16"]
+    assert s["tokens_per_s"]["vllm"]["default"] == {"1": None, "16": None, "32": None}  # not measured, not copied
+    assert s["burst_wall_vs_vllm"] == 2.0 and s["default_measured_as"] == {"tangram": "bfloat16", "vllm": None}
 
 
 # --------------------------------------------------------------------------- processes and peers
@@ -162,21 +197,31 @@ def test_client_streams_exact_token_counts_from_a_real_server(model_dir):
 
 @pytest.mark.slow
 def test_small_run_end_to_end_without_vllm(model_dir, tmp_path):
+    from tangram.store import convert
+
+    ckpt = tmp_path / "ckpt"
+    convert(model_dir, ckpt)  # float32: Tangram's default (auto) is the float32 row, measured once as it
     sizes = ServeSizes(concurrency=(1, 3), max_tokens=6, repeats=1, burst=5, burst_tokens=2, warmup_tokens=2,
-                       max_batch=4)
+                       max_batch=4, reuse_identical_default=True)
+    w = Weights(ckpt, model_dir)
     result = run_serve_bench(quick=True, json_path=tmp_path / "s.json", console=Console(quiet=True), progress=False,
-                             sizes=sizes, weights={"default": Weights(model_dir, model_dir)}, use_vllm=False,
+                             sizes=sizes, weights={"float32": w, "default": w}, use_vllm=False,
                              workdir=tmp_path / "work")
     assert (tmp_path / "s.json").is_file() and result["bench"] == "serve"
     s = result["summary"]
-    assert s["failed"] == 0 and s["lost"] == 0
-    assert [(r["kind"], r["n"], r["tokens"]) for r in result["rows"]] == [("concurrent", 1, 6), ("concurrent", 3, 18),
-                                                                          ("burst", 5, 10)]
-    assert s["tokens_per_s"]["tangram"]["default"]["3"] > 0 and s["tokens_per_s"]["tangram"]["float32"]["3"] is None
+    assert s["failed"] == 0 and s["lost"] == 0 and s["server_errors"] == []
+    assert [(r["dtype"], r["kind"], r["n"], r["tokens"]) for r in result["rows"]] == [
+        ("float32", "concurrent", 1, 6), ("float32", "concurrent", 3, 18), ("default", "burst", 5, 10)]
+    assert s["default_measured_as"] == {"tangram": "float32", "vllm": None}
+    assert list(result["config"]["servers"]) == ["tangram/float32"]  # one server for both rows
+    assert result["config"]["servers"]["tangram/float32"]["served_dtype"] == "float32"
+    assert s["tokens_per_s"]["tangram"]["float32"]["3"] > 0
+    assert s["tokens_per_s"]["tangram"]["default"] == s["tokens_per_s"]["tangram"]["float32"]
+    assert s["tokens_per_s"]["tangram"]["bfloat16"]["3"] is None
     assert s["throughput_vs_vllm"]["float32"] == {"3": None} and s["burst_wall_vs_vllm"] is None
     assert s["tangram_process_start_s"] > 0 and s["vllm_found"] is False
     assert s["ttft_p50"]["tangram"]["default"]["5"] > 0
-    assert os.path.isfile(result["config"]["servers"]["tangram/default"]["log"])
+    assert os.path.isfile(result["config"]["servers"]["tangram/float32"]["log"])
 
 
 def test_cli_lists_bench_serve():

@@ -7,7 +7,9 @@ loads the Hugging Face directory beside it, the same weights), warmed with one
 chat, then a client process (serve_client) plays N concurrent streaming chats
 of `max_tokens` tokens each (ignore_eos, temperature 0) for every N, and in the
 default row a burst of many short chats. Never two servers at once; per row
-the system that goes first alternates. vLLM is optional (serve_peer).
+the system that goes first alternates. vLLM is optional (serve_peer). In quick
+mode a system's default that is identical to an explicit row here (the same
+weights, the same dtype in effect) is measured once, as that row.
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ class ServeSizes:
     burst_tokens: int = 8
     warmup_tokens: int = 8
     max_batch: int = 128  # Tangram's engine batch: vLLM's default max_num_seqs on a CPU
+    reuse_identical_default: bool = False  # a default identical to an explicit row is measured once, as that row
 
 
-QUICK = ServeSizes()
+QUICK = ServeSizes(reuse_identical_default=True)
 FULL = ServeSizes(repeats=3, burst=1000)
 
 
@@ -79,12 +82,53 @@ def demo_weights(rows: tuple[str, ...] = DTYPE_ROWS) -> dict[str, Weights]:
     return out
 
 
-def client_runs(sizes: ServeSizes, row: str) -> list[dict[str, Any]]:
-    """The client's runs for one dtype row: repeat-major over the concurrency levels, then the burst (default row)."""
-    runs = [{"kind": "concurrent", "repeat": rep, "n": n, "max_tokens": sizes.max_tokens}
+def stored_dtype(checkpoint: Path) -> torch.dtype | None:
+    """The dtype a Tangram checkpoint is stored in (None when it is not one: a Hugging Face directory)."""
+    from tangram.engine.dtype import compute_dtype
+    from tangram.store import read_index
+    from tangram.store.errors import CheckpointError
+
+    try:
+        return compute_dtype(e.torch_dtype for e in read_index(checkpoint).tensors.values())
+    except (CheckpointError, OSError):
+        return None
+
+
+def default_twin(system: str, weights: dict[str, Weights], stored: torch.dtype | None,
+                 device: torch.device | str) -> str | None:
+    """The explicit dtype row whose configuration `system`'s default is identical to here (the same weights, the
+    same dtype in effect, no other flag differs), or None. `stored`: the default weights' dtype.
+
+    Tangram's `auto` is `choose_dtype`'s rule; vLLM's (no --dtype) runs a BF16 model in BF16 and others in FP16,
+    which no explicit row is.
+    """
+    default = weights.get("default")
+    if default is None or stored is None:
+        return None
+    if system == "tangram":
+        from tangram.engine.dtype import choose_dtype
+
+        effective: torch.dtype | None = choose_dtype("auto", stored, device)
+    else:
+        effective = torch.bfloat16 if stored == torch.bfloat16 else None
+    for row in SAME_DTYPE_ROWS:
+        w = weights.get(row)
+        if w is None or effective != getattr(torch, row):
+            continue
+        mine, theirs = (w.checkpoint, default.checkpoint) if system == "tangram" else (w.hf_dir, default.hf_dir)
+        if Path(mine).resolve() == Path(theirs).resolve():
+            return row
+    return None
+
+
+def client_runs(sizes: ServeSizes, row: str, burst: bool | None = None) -> list[dict[str, Any]]:
+    """The client's runs on one dtype row's server: repeat-major over the concurrency levels, then the burst
+    (by default in the default row only); each run says the dtype row it counts for (the burst: `default`)."""
+    runs = [{"kind": "concurrent", "dtype": row, "repeat": rep, "n": n, "max_tokens": sizes.max_tokens}
             for rep in range(sizes.repeats) for n in sizes.concurrency]
-    if sizes.burst and row == "default":
-        runs.append({"kind": "burst", "repeat": 0, "n": sizes.burst, "max_tokens": sizes.burst_tokens})
+    if sizes.burst and (row == "default" if burst is None else burst):
+        runs.append({"kind": "burst", "dtype": "default", "repeat": 0, "n": sizes.burst,
+                     "max_tokens": sizes.burst_tokens})
     return runs
 
 
@@ -101,7 +145,7 @@ def run_row(system: str, dtype: str, run: dict[str, Any], result: dict[str, Any]
     tokens = sum(r["completion_tokens"] or 0 for r in reqs if not r["error"])
     ttfts = [r["ttft_s"] for r in reqs if r["ttft_s"] is not None and not r["error"]]
     wall = result["wall_s"]
-    return {"system": system, "dtype": dtype, "kind": run["kind"], "repeat": run["repeat"], "n": result["n"],
+    return {"system": system, "dtype": run.get("dtype", dtype), "kind": run["kind"], "repeat": run["repeat"], "n": result["n"],
             "max_tokens": result["max_tokens"], "wall_s": wall, "tokens": tokens,
             "tokens_per_s": tokens / wall if wall > 0 else None, "chunks": sum(r["chunks"] for r in reqs),
             "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99), "failed": failed, "lost": lost,
@@ -110,11 +154,17 @@ def run_row(system: str, dtype: str, run: dict[str, Any], result: dict[str, Any]
 
 
 def summarize(rows: list[dict[str, Any]], starts: dict[str, dict[str, float]], sizes: ServeSizes,
-              vllm: VllmFound) -> dict[str, Any]:
-    """The headline numbers from per-run rows and process start times (pure; vLLM's are null when absent)."""
+              vllm: VllmFound, twins: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """The headline numbers from per-run rows and process start times (pure; vLLM's are null when absent).
+
+    `twins`: per system, the explicit row its default was measured as (`default_twin`), if any.
+    """
     levels = [str(n) for n in sizes.concurrency]
+    twins = twins or {}
 
     def runs(system: str, dtype: str, kind: str, n: str | None = None) -> list[dict[str, Any]]:
+        if dtype == "default" and kind == "concurrent" and twins.get(system):
+            dtype = twins[system] or dtype
         return [r for r in rows if r["system"] == system and r["dtype"] == dtype and r["kind"] == kind
                 and (n is None or str(r["n"]) == n)]
 
@@ -151,6 +201,7 @@ def summarize(rows: list[dict[str, Any]], starts: dict[str, dict[str, float]], s
         "tangram_process_start_s": start["tangram"],
         "vllm_process_start_s": start["vllm"],
         "process_start_s": {s: dict(starts.get(s, {})) for s in SYSTEMS},
+        "default_measured_as": {s: twins.get(s) for s in SYSTEMS},
         "vllm_found": vllm.python is not None,
         "vllm_note": vllm.note,
     }
@@ -167,9 +218,10 @@ def _play(server: ServerProcess, runs: list[dict[str, Any]], sizes: ServeSizes, 
     return json.loads(out_path.read_text())
 
 
-def measure(system: str, row: str, weights: Weights, sizes: ServeSizes, vllm: VllmFound,
-            workdir: Path) -> tuple[float, list[dict[str, Any]], dict[str, Any]]:
-    """Start one system's server for one dtype row, warm it, play the runs, stop it: start time, rows, facts."""
+def measure(system: str, row: str, weights: Weights, sizes: ServeSizes, vllm: VllmFound, workdir: Path,
+            burst: bool | None = None) -> tuple[float, list[dict[str, Any]], dict[str, Any]]:
+    """Start one system's server for one dtype row, warm it, play the runs (`burst`: as `client_runs`), stop it:
+    start time, rows, facts."""
     if system == "tangram":
         server = tangram_server(weights.checkpoint, "auto" if row == "default" else row, workdir, sizes.max_batch,
                                 label=row)
@@ -179,7 +231,7 @@ def measure(system: str, row: str, weights: Weights, sizes: ServeSizes, vllm: Vl
             raise RuntimeError(f"{weights.hf_dir}: no Hugging Face directory beside {weights.checkpoint} for vLLM "
                                "(tangram.demo.fetch_demo(force=True) rebuilds both)")
         server = vllm_server(vllm.python, weights.hf_dir, None if row == "default" else row, workdir)
-    runs = client_runs(sizes, row)
+    runs = client_runs(sizes, row, burst)
     facts: dict[str, Any] = {"log": str(server.log_path),
                              "weights": str(weights.checkpoint if system == "tangram" else weights.hf_dir)}
     with server:
@@ -216,30 +268,37 @@ def run_serve_bench(*, quick: bool, json_path: Path | None, vllm_python: str | N
     workdir = Path(workdir) if workdir is not None else data_dir() / "bench" / "serve"
     workdir.mkdir(parents=True, exist_ok=True)
     systems = [s for s in SYSTEMS if s == "tangram" or vllm.python is not None]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    twins: dict[str, str | None] = {}
+    if sizes.reuse_identical_default and "default" in weights:
+        stored = stored_dtype(weights["default"].checkpoint)
+        twins = {s: default_twin(s, weights, stored, device) for s in systems}
+    sessions = [(row, s) for i, row in enumerate(weights) for s in (systems if i % 2 == 0 else systems[::-1])
+                if not (row == "default" and twins.get(s))]
     rows: list[dict[str, Any]] = []
     starts: dict[str, dict[str, float]] = {}
     facts: dict[str, dict[str, Any]] = {}
     server_errors: list[str] = []
-    with step_progress(console, len(weights) * len(systems), "bench serve", progress) as bar:
-        for i, (row, w) in enumerate(weights.items()):
-            for system in systems if i % 2 == 0 else systems[::-1]:
-                bar.describe(f"{system} {row}")
-                try:
-                    start_s, run_rows, facts[f"{system}/{row}"] = measure(system, row, w, sizes, vllm, workdir)
-                except (RuntimeError, OSError, subprocess.SubprocessError, httpx.HTTPError) as exc:
-                    # a server that does not start, or a client that dies: that row is missing, the rest runs
-                    log.error("%s %s: %s", system, row, exc)
-                    facts[f"{system}/{row}"] = {"error": str(exc)[-2000:]}
-                    server_errors.append(f"{system}/{row}: {str(exc).splitlines()[0][:300]}")
-                else:
-                    starts.setdefault(system, {})[row] = start_s
-                    rows += run_rows
-                bar.advance()
-    summary = {**summarize(rows, starts, sizes, vllm), "server_errors": server_errors}
+    with step_progress(console, len(sessions), "bench serve", progress) as bar:
+        for row, system in sessions:
+            bar.describe(f"{system} {row}")
+            burst = row == "default" or twins.get(system) == row
+            try:
+                start_s, run_rows, facts[f"{system}/{row}"] = measure(system, row, weights[row], sizes, vllm,
+                                                                      workdir, burst)
+            except (RuntimeError, OSError, subprocess.SubprocessError, httpx.HTTPError) as exc:
+                # a server that does not start, or a client that dies: that row is missing, the rest runs
+                log.error("%s %s: %s", system, row, exc)
+                facts[f"{system}/{row}"] = {"error": str(exc)[-2000:]}
+                server_errors.append(f"{system}/{row}: {str(exc).splitlines()[0][:300]}")
+            else:
+                starts.setdefault(system, {})[row] = start_s
+                rows += run_rows
+            bar.advance()
+    summary = {**summarize(rows, starts, sizes, vllm, twins), "server_errors": server_errors}
     config = {"mode": "quick" if quick else "full", "sizes": asdict(sizes), "prompt": PROMPT,
               "systems": systems, "dtype_rows": list(weights), "vllm": asdict(vllm),
               "vllm_kv_cache_bytes": KV_CACHE_BYTES, "servers": facts, "seconds": time.perf_counter() - started}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     result = result_doc("serve", device, config, rows, summary)
     _report(console, rows, summary, sizes)
     if json_path:
@@ -265,5 +324,5 @@ def _report(console: Console, rows: list[dict[str, Any]], summary: dict[str, Any
         Column("p50", "TTFT p50 s", fmt_num(3)), Column("p99", "TTFT p99 s", fmt_num(3)),
         Column("failed", "failed"), Column("lost", "lost")], table)
     keep = ("throughput_vs_vllm", "burst_wall_s", "burst_wall_vs_vllm", "failed", "lost", "tangram_process_start_s",
-            "vllm_process_start_s", "vllm_note", "server_errors")
+            "vllm_process_start_s", "default_measured_as", "vllm_note", "server_errors")
     print_summary(console, "bench serve summary", {k: summary[k] for k in keep})
