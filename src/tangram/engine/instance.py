@@ -22,6 +22,8 @@ from transformers import GenerationConfig
 from tangram.engine.dtype import DTYPES, DtypeSetting, compute_dtype
 from tangram.engine.engine import Engine
 from tangram.engine.errors import EngineError
+from tangram.engine.prepack import PACKED, prepack, unpack
+from tangram.engine.prepack import available as prepack_available
 from tangram.engine.request import Request
 from tangram.engine.runner import ModelRunner
 from tangram.engine.skeleton import RUNTIME
@@ -55,6 +57,9 @@ class EngineConfig(BaseModel):
     overlap: Literal["auto", "on", "off"] = Field(
         "auto", description="with a template, run the first prefill while loading (execute-while-load); auto: on "
         "CUDA devices only, since on CPUs measured starts were slower with it (docs/templates.md)")
+    prepack: Literal["auto", "on", "off"] = Field(
+        "auto", description="run Linear layers through weights packed once in oneDNN's layout (CPU only; a copy "
+        "outside the pool, cached by tensor identity: engine/prepack.py). auto: on where PyTorch has oneDNN")
     templates: bool = Field(True, description="record a start-up template on the first run; with one, load in "
                             "first-use order and execute while loading")
     dtype: DtypeSetting = Field(
@@ -98,6 +103,7 @@ class Instance:
         self.checkpoint, self.path = ckpt, ckpt.path
         self.name = name or ckpt.path.name
         self.model = None
+        self.packed: list[str] = []  # identities of the packed weights this instance holds
         self.waits: WaitForWeights | None = None
         t0 = time.perf_counter()
         self.arrival = t0 if arrival is None else arrival
@@ -169,6 +175,8 @@ class Instance:
         if self.waits is not None:  # a load that never finished (or failed) leaves its hooks: never on a kept skeleton
             self.waits.remove()
             self.waits = None
+        PACKED.release(self.packed)
+        self.packed = []
         if self.model is not None:
             RUNTIME.release(self.model)
             self.model = None
@@ -196,8 +204,14 @@ class Instance:
             self.kv = KVAllocator(self.pool, spec, KVMode.ELASTIC)
             limit = max(0, self.pool.capacity - weights) // self.kv.block_size
             max_batch = cfg.max_batch or derived_max_batch(limit)
-        runner = ModelRunner(model, self.kv)
         landing = not self.binding.loading.all_landed()
+        if cfg.prepack != "off" and not landing and prepack_available(self.pool.device):
+            index = self.checkpoint.index
+            idents = {t.data_ptr(): index.entry(n).key for n, t in self.binding.tensors.items()}
+            self.packed = prepack(model, idents, hint=min(max_batch, 64))
+        else:
+            unpack(model)
+        runner = ModelRunner(model, self.kv)
         if self.template is not None and landing:  # this start's load, or another's of tensors both share
             self.waits = runner.waits = WaitForWeights(model, self.binding.loading)
             warm(model.config, self.template, dtype, self.pool.device)
