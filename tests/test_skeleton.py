@@ -57,3 +57,36 @@ def test_a_skeleton_bound_from_a_meta_model_without_grad_flags_gets_them(ckpt):
     assert all(p.requires_grad for p in model.parameters())
     cache.release(model)
     pool.release(binding)
+
+
+def test_a_rebind_goes_through_the_learnt_slots_and_keeps_ties(tmp_path):
+    from conftest import engine_model as make
+
+    ckpt = engine_checkpoint(make("qwen2"), tmp_path)  # tied embeddings: one tensor, two parameters
+    pool = DevicePool(64 << 20)
+    binding = pool.acquire(ckpt)
+    cache = RuntimeCache()
+    model = cache.model(ckpt, binding.tensors)
+    with torch.inference_mode():
+        want = model(input_ids=torch.arange(3, 11).unsqueeze(0), use_cache=False).logits
+    cache.release(model)
+    assert all(p.is_meta for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the meta stand-ins stay tied
+    calls = []
+    real = type(model).load_state_dict
+    type(model).load_state_dict = lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+    try:
+        assert cache.model(ckpt, binding.tensors) is model
+    finally:
+        type(model).load_state_dict = real
+    assert not calls  # the slots, not a module walk
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    views = {t.data_ptr() for t in binding.tensors.values()}
+    assert all(p.data_ptr() in views for p in model.parameters())  # the pool's bytes, no copy
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=torch.arange(3, 11).unsqueeze(0), use_cache=False).logits, want)
+    cache.release(model)
+    fewer = {k: v for k, v in binding.tensors.items() if k != "model.norm.weight"}
+    with pytest.raises(Exception, match="lacks"):  # tensors that do not fit the slots: a full bind, its errors
+        cache.model(ckpt, fewer)
+    pool.release(binding)

@@ -78,10 +78,73 @@ def unbind(model: PreTrainedModel) -> None:
                                                               requires_grad=p.requires_grad)
 
 
+class Slots:
+    """Where each bound tensor sits in one skeleton, learnt from a full `bind`: a re-bind of the same checkpoint
+    assigns through it (no module walk, no `load_state_dict`: about 0.5 ms instead of 6 ms for SmolLM2) and an
+    unbind puts back meta stand-ins made once, tied parameters staying tied."""
+
+    def __init__(self, model: PreTrainedModel, tensors: Mapping[str, torch.Tensor]) -> None:
+        name_of: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if name in tensors:
+                name_of.setdefault(id(p), name)
+        groups: dict[str, tuple[list[tuple[torch.nn.Module, str]], torch.nn.Parameter]] = {}
+        self.complete = True  # every parameter came from a named tensor (else: no fast path)
+        for module in model.modules():
+            for pname, p in module._parameters.items():
+                if p is None:
+                    continue
+                name = name_of.get(id(p))
+                if name is None:
+                    self.complete = False
+                    continue
+                if name not in groups:
+                    meta = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                              requires_grad=p.requires_grad)
+                    groups[name] = ([], meta)
+                groups[name][0].append((module, pname))
+        self.names = frozenset(tensors)
+        self.groups = [(name, places, meta) for name, (places, meta) in groups.items()]
+
+    def rebind(self, tensors: Mapping[str, torch.Tensor]) -> bool:
+        """Assign `tensors` through the slots; False (nothing changed) when they do not match the learnt ones."""
+        if not self.complete or tensors.keys() != self.names:
+            return False
+        if any(tensors[n].shape != m.shape or tensors[n].dtype != m.dtype for n, _, m in self.groups):
+            return False
+        for name, places, _ in self.groups:
+            t = tensors[name]
+            p = torch.nn.Parameter(t, requires_grad=t.is_floating_point())  # as `bind` leaves them
+            for module, pname in places:
+                module._parameters[pname] = p
+        return True
+
+    def unbind(self) -> None:
+        """Put the meta stand-ins back (what `unbind` does, without allocating)."""
+        for _, places, meta in self.groups:
+            for module, pname in places:
+                module._parameters[pname] = meta
+
+
 @dataclass
 class _Entry:
     model: PreTrainedModel
     users: int = 0
+    slots: Slots | None = None  # learnt at the first bind
+
+    def bind(self, tensors: Mapping[str, torch.Tensor], path: Path) -> PreTrainedModel:
+        """Bind through the slots when they fit `tensors`, else fully (and learn the slots)."""
+        if self.slots is None or not self.slots.rebind(tensors):
+            bind(self.model, tensors, path)
+            self.slots = Slots(self.model, tensors)
+        return self.model
+
+    def unbind(self) -> None:
+        """Strip the bound tensors: the skeleton keeps no pool memory alive."""
+        if self.slots is not None:
+            self.slots.unbind()
+        else:
+            unbind(self.model)
 
 
 class RuntimeCache:
@@ -120,14 +183,14 @@ class RuntimeCache:
                 idle.users = 1
         if idle is not None:
             try:
-                return bind(idle.model, tensors, path)
+                return idle.bind(tensors, path)
             except BaseException:
                 with self._lock:
                     entries.remove(idle)
                 raise
         model = build_causal_lm(path, tensors)
         with self._lock:
-            self._models.setdefault(key, []).append(_Entry(model, 1))
+            self._models.setdefault(key, []).append(_Entry(model, 1, Slots(model, tensors)))
         return model
 
     def prepare(self, path: Path, device: torch.device | str, dtype: torch.dtype) -> PreTrainedModel:
@@ -158,7 +221,7 @@ class RuntimeCache:
                     if e.model is model:
                         e.users -= 1
                         if e.users == 0:
-                            unbind(model)
+                            e.unbind()
                         self._trim()
                         return
 
