@@ -125,8 +125,8 @@ class DevicePool:
             missing = [k for k in by_key if k not in reused_set]
             for k in reused:
                 self._pin(self._tensors[k], model, now)
-            try:
-                placed = self._allocate([(k, by_key[k][1].nbytes) for k in missing], model)
+            try:  # a pool hit places nothing: no extents to compute
+                placed = self._allocate([(k, by_key[k][1].nbytes) for k in missing], model) if missing else {}
             except PoolFullError:
                 for k in reused:
                     self._unpin(self._tensors[k])
