@@ -53,6 +53,8 @@ def test_demo_answers_from_loaded_weights(demo_ckpt):
 
 
 def test_engine_greedy_is_token_exact_with_transformers_on_smollm2(demo_ckpt):
+    from transformers import AutoModelForCausalLM
+
     from tangram.engine import EngineConfig, Instance, SamplingParams
     from tangram.pool import DevicePool
 
@@ -61,18 +63,19 @@ def test_engine_greedy_is_token_exact_with_transformers_on_smollm2(demo_ckpt):
         eng = inst.engine
         ids = [eng.encode(p, chat=True) for p in prompts]
         outs = eng.generate(ids, SamplingParams(max_tokens=24))  # batched: three lengths at once
-        model = eng.runner.model  # the same pooled weights in the same dtype, run by transformers
+        dtype = next(eng.runner.model.parameters()).dtype  # the same weights in the same dtype, run by transformers
+        model = AutoModelForCausalLM.from_pretrained(demo_ckpt.parent / f"{demo_ckpt.name}-hf", dtype=dtype).eval()
         agreed = []
         for p, o in zip(ids, outs):
             with torch.inference_mode():
                 ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                      max_new_tokens=24, do_sample=False)[0, len(p):].tolist()
-            agreed.append(assert_greedy_within_ties(model, p, o.output_ids, ref))  # bf16: a padded batch may
-            if agreed[-1] == len(o.output_ids):  # order an exact tie otherwise; with none, token-exact
-                assert o.finish_reason == "length" or ref[len(o.output_ids) - 1] in eng.eos
-            alone = eng.generate([p], SamplingParams(max_tokens=24))[0]  # one sequence: no padding, no tie order
-            assert alone.output_ids == ref[:len(alone.output_ids)]
-        assert sum(agreed) >= 12, agreed
+            agreed.append(assert_greedy_within_ties(model, p, o.output_ids, ref))  # bf16: another summation
+            if agreed[-1] == len(o.output_ids):  # order (packed weights, a batch) may order an exact tie otherwise
+                assert o.finish_reason == "length" or ref[len(o.output_ids) - 1] in eng.output.eos
+            alone = eng.generate([p], SamplingParams(max_tokens=24))[0]  # one sequence alone: the same rule
+            agreed.append(assert_greedy_within_ties(model, p, alone.output_ids, ref))
+        assert sum(agreed) >= 24, agreed  # mostly token-exact, not a string of ties
     assert "Paris" in outs[0].text and outs[0].finish_reason == "stop"
 
 

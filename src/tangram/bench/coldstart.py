@@ -149,7 +149,7 @@ def run_coldstart_bench(*, quick: bool, json_path: Path | None, plot_dir: Path |
             unique[e.key] = e.nbytes
     sizes_of = {m.name: read_index(paths[m.name].ckpt).total_bytes for m in models}
     kv = engine_config(configurations()["sllm"])
-    reserve = max(m.kv_bytes_per_token() for m in models) * kv.max_batch * kv.max_model_len  # what reserve holds
+    reserve = max(m.kv_bytes_per_token() for m in models) * kv.reserve_batch() * kv.max_model_len  # what reserve holds
     # smaller than all the models together, but any one model fits with its reserved KV
     capacity = max(int(sum(unique.values()) * sizes.pool_fraction), int(1.1 * (max(sizes_of.values()) + reserve)))
     biggest = max(models, key=lambda m: sizes_of[m.name])

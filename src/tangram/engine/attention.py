@@ -6,8 +6,9 @@ and calls this for the attention itself. A packed step has no padding: the
 linear layers run once over all the step's tokens, prompt chunks and decodes
 together. Per layer, the function stores the step's new K/V rows in the
 sequences' blocks, then attends:
-- decodes (one new token each) together: each sequence's K/V rows gathered
-  once into a [seqs, longest, ...] view, a key mask for the shorter ones, and
+- decodes (one new token each) together: each sequence's blocks gathered
+  once (one index per block, not per token) into [seqs, longest, ...], a key
+  mask for the shorter ones and the unused tail of the last block, and
   grouped-query attention as two batched matmuls (no repeat of K/V per query
   head; measured on CPU the fastest of SDPA, SDPA on contiguous copies and
   this);
@@ -44,13 +45,14 @@ class PackedStep:
 
     elements: torch.Tensor  # the KV region's elements (the whole arena, typed)
     rows: torch.Tensor  # overlapping [n, row_elems] view of `elements`: row i = elements[i : i + row_elems]
+    blocks: torch.Tensor  # overlapping [n, layer_elems] view: one layer of the block at element offset i
     layer_elems: int
     kv_heads: int
     head_dim: int
     write: torch.Tensor  # [T * row_elems] element index of every new K/V element, layer 0
     decode_rows: torch.Tensor | None  # [B] step rows of the decodes (None: no decodes; all rows when `all_decode`)
-    decode_read: torch.Tensor | None  # [B, longest] row offsets of each decode's K/V (padding: a valid row)
-    decode_bias: torch.Tensor | None  # [B, 1, 1, longest] float32, 0 where attended, -inf on padding
+    decode_blocks: torch.Tensor | None  # [B, blocks] block offsets of each decode's K/V (padding: a valid block)
+    decode_bias: torch.Tensor | None  # [B, 1, 1, blocks x block_tokens] float32: 0 where attended, else -inf
     decode_lens: torch.Tensor | None  # [B] tokens each decode attends to (for sliding windows)
     chunks: list[ChunkMeta]
     all_decode: bool
@@ -110,7 +112,7 @@ def _decode(m: PackedStep, q: torch.Tensor, shift: int, scale: float, window: in
     """Attention of one query token per sequence: q [B, Hq, D] -> [B, Hq, D]."""
     b, hq, d = q.shape
     h = m.kv_heads
-    g = m.rows.index_select(0, (m.decode_read + shift).reshape(-1)).view(b, -1, 2, h, d)
+    g = m.blocks.index_select(0, (m.decode_blocks + shift).reshape(-1)).view(b, -1, 2, h, d)  # whole blocks
     keys = g[:, :, 0].permute(0, 2, 3, 1)  # [B, H, D, L]
     values = g[:, :, 1].transpose(1, 2)  # [B, H, L, D]
     scores = torch.matmul(q.view(b, h, hq // h, d), keys.to(q.dtype)).float().mul_(scale) + m.decode_bias

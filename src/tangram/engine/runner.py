@@ -42,6 +42,8 @@ class ModelRunner:
         w = spec.row_elems
         n = kv.elements.numel()
         self._rows = kv.elements.as_strided((n - w + 1, w), (1, 1))  # row i = elements[i : i + w], reads only
+        le = spec.layer_elems
+        self._blocks = kv.elements.as_strided((n - le + 1, le), (1, 1))  # one layer of the block at i, reads only
         self._cols = torch.arange(w, device=self.device)
         self.waits = None  # templates.WaitForWeights while a background load runs (execute-while-load)
         self.recorder = None  # templates.Recorder for the first forward, when no template exists yet
@@ -77,7 +79,7 @@ class ModelRunner:
 
     def _packed(self, work: list[SeqWork]) -> torch.Tensor:
         dev, spec = self.device, self.kv.spec
-        bt, w = spec.block_tokens, spec.row_elems
+        bt = spec.block_tokens
         ids: list[int] = []
         positions: list[int] = []
         write: list[torch.Tensor] = []
@@ -100,12 +102,12 @@ class ModelRunner:
                 chunks.append(ChunkMeta(begin, len(ids), item.start, read))
         rows = torch.cat(write)
         step = PackedStep(
-            elements=self.kv.elements, rows=self._rows, layer_elems=spec.layer_elems, kv_heads=spec.kv_heads,
+            elements=self.kv.elements, rows=self._rows, blocks=self._blocks, layer_elems=spec.layer_elems, kv_heads=spec.kv_heads,
             head_dim=spec.head_dim, write=(rows.unsqueeze(1) + self._cols).reshape(-1),
-            decode_rows=None, decode_read=None, decode_bias=None, decode_lens=None, chunks=chunks,
+            decode_rows=None, decode_blocks=None, decode_bias=None, decode_lens=None, chunks=chunks,
             all_decode=not chunks)
         if decodes:
-            step.decode_read, step.decode_bias, step.decode_lens = self._decode_tables(decodes, bt, w)
+            step.decode_blocks, step.decode_bias, step.decode_lens = self._decode_tables(decodes, bt)
             if chunks:
                 step.decode_rows = torch.tensor(decode_rows, dtype=torch.int64, device=dev)
         kwargs = {"input_ids": torch.tensor([ids], dtype=torch.int64, device=dev),
@@ -124,21 +126,19 @@ class ModelRunner:
         pos = torch.arange(start, stop, device=self.device)
         return table[pos // bt - start // bt] + (pos % bt) * w
 
-    def _decode_tables(self, decodes: list[SeqWork], bt: int, w: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Row offsets [B, longest] of each decode's K/V (its new token included), the padding bias, lengths."""
+    def _decode_tables(self, decodes: list[SeqWork], bt: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block offsets [B, blocks] of each decode's K/V (its new token included; short tables padded with a
+        valid block), the bias [B, 1, 1, blocks x block_tokens] masking what is not its own, lengths [B]."""
         dev = self.device
         lens = [item.end for item in decodes]
-        longest = max(lens)
-        width = -(-longest // bt)
-        table = torch.tensor([d.blocks[:width] + [d.blocks[0]] * (width - len(d.blocks[:width]))
-                              for d in decodes], dtype=torch.int64, device=dev)
-        pos = torch.arange(longest, device=dev)
-        read = table[:, pos // bt] + (pos % bt) * w
+        width = -(-max(lens) // bt)
+        table = torch.tensor([d.blocks[:width] + [d.blocks[0]] * (width - len(d.blocks[:width])) for d in decodes],
+                             dtype=torch.int64, device=dev)
         lengths = torch.tensor(lens, dtype=torch.int64, device=dev)
-        bias = torch.zeros(len(decodes), 1, 1, longest, dtype=torch.float32, device=dev)
+        pos = torch.arange(width * bt, device=dev)
+        bias = torch.zeros(len(decodes), 1, 1, width * bt, dtype=torch.float32, device=dev)
         bias.masked_fill_((pos.unsqueeze(0) >= lengths.unsqueeze(1))[:, None, None, :], float("-inf"))
-        return read, bias, lengths
+        return table, bias, lengths
 
     # ------------------------------------------------------------------ padded (models outside the interface)
 
