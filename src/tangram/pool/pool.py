@@ -141,7 +141,11 @@ class DevicePool:
         ready: dict[str, threading.Event] = {}
         for name, entry in index.tensors.items():
             r = self._tensors[keys[name]]
-            views[name] = typed_view(self.arena.view(r.block, entry.nbytes), entry.torch_dtype, entry.shape)
+            shape = (entry.torch_dtype, tuple(entry.shape))
+            view = r.views.get(shape)  # a pool hit binds the views made by the tensor's first binding
+            if view is None:
+                view = r.views[shape] = typed_view(self.arena.view(r.block, entry.nbytes), *shape)
+            views[name] = view
             ready[name] = r.ready
         for alias, target in index.aliases.items():
             views[alias], ready[alias] = views[target], ready[target]

@@ -31,6 +31,7 @@ class Resident(Holding):
     nbytes: int
     ready: threading.Event = field(default_factory=threading.Event)
     failed: bool = False
+    views: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)  # typed views by (dtype, shape)
 
 
 @dataclass
