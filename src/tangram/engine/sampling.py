@@ -88,7 +88,9 @@ def sample(
     """
     if logits.dim() != 2 or logits.shape[0] != len(params):
         raise ValueError(f"logits {tuple(logits.shape)} do not match {len(params)} parameter sets")
-    out = torch.argmax(logits, dim=-1)
+    # argmax over 16-bit logits runs a scalar loop on CPUs (5 ms for 32 x 49,152 bf16 here, 1 ms after an exact
+    # upcast): compare in float32, which picks the same (first) maximum
+    out = torch.argmax(logits.float() if logits.element_size() < 4 else logits, dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return out
