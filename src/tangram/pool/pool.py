@@ -73,6 +73,7 @@ class DevicePool:
         self._tensors: dict[str, Resident] = {}
         self._models: dict[str, ModelStats] = {}
         self._kv: dict[str, Placement] = {}
+        self._kv_bytes = 0  # arena bytes of every KV placement (in use or idle in a region)
         self._kv_at: dict[int, str] = {}
         self._regions: set[KVRegion] = set()
         self._kv_ids = itertools.count()
@@ -330,6 +331,7 @@ class DevicePool:
                      else self._allocate([(key, size)], None, each=True)[key])
             self._kv[key] = block
             self._kv_at[block.offset] = key
+            self._kv_bytes += block.size
             return block.offset
 
     def _kv_place_run(self, block_size: int, blocks: int) -> list[int]:
@@ -346,6 +348,7 @@ class DevicePool:
                 self._kv[key] = block
                 self._kv_at[block.offset] = key
                 out.append(block.offset)
+            self._kv_bytes += block_size * blocks
             self.arena.touched(block)
             return out
 
@@ -353,7 +356,7 @@ class DevicePool:
         with self._lock:
             key = self._kv_at.pop(offset, None)
             if key is not None:
-                del self._kv[key]
+                self._kv_bytes -= self._kv.pop(key).size
                 self.arena.free(offset)
                 self._space.notify_all()
 
@@ -370,10 +373,14 @@ class DevicePool:
                                  policy=self.policy.value)
 
     def totals(self) -> dict[str, int]:
-        """Bytes per state (active, retained, free): what placement reads, without the per-tensor listing."""
+        """Bytes per state (free, retained, active) from running sums and the registry: no extents, no gains."""
         with self._lock:
-            ext = self.extents()
-        return {s.value: sum(e.size for e in ext if e.state is s) for s in State}
+            for region in list(self._regions):
+                region.reclaim()  # idle KV blocks are free bytes, as in `extents`
+            active = sum(r.block.size for r in self._tensors.values() if r.refs)
+            retained = sum(r.block.size for r in self._tensors.values()) - active
+            return {State.FREE.value: self.capacity - self.arena.ledger.used, State.RETAINED.value: retained,
+                    State.ACTIVE.value: active + self._kv_bytes}
 
     def snapshot(self) -> dict:
         """Per tensor state, bytes, models and gain; totals per state; KV bytes; largest free block; fragmentation."""
