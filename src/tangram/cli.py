@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-import sys
+from tangram.threads import single_threaded_by_default
+
+single_threaded_by_default()  # before torch is imported: only the threads that step models compute in parallel
+
+import logging  # noqa: E402 - the lines below import torch
+import sys  # noqa: E402
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Optional

@@ -82,7 +82,9 @@ def resolve_api_key(config: ServeConfig) -> str | None:
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port; OSError (naming the address) when it is taken or not allowed."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY on accepted connections only for sockets that say they are TCP;
+    # with protocol 0 Nagle held every streamed chunk for the client's delayed ACK (~40 ms on the first one)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
