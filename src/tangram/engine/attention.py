@@ -68,8 +68,9 @@ def supports_packed(model) -> bool:
 
 
 def use_packed(model) -> None:
-    """Route `model`'s attention (every sub-config) to `tangram_paged`."""
-    model.set_attn_implementation(NAME)
+    """Route `model`'s attention (every sub-config) to `tangram_paged` (a kept skeleton often already is)."""
+    if model.config._attn_implementation != NAME:
+        model.set_attn_implementation(NAME)
 
 
 def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,

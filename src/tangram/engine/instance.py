@@ -142,7 +142,7 @@ class Instance:
         if self._finalized:
             return
         b = self.binding
-        if b.loading.span()[0]:
+        if b.bytes_loaded and b.loading.span()[0]:  # a pool hit loads nothing: its acquire stays in load_s
             b.loading.wait()
             began, ended = b.loading.span()
             self.cost.load_s = ended - began
