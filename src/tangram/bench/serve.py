@@ -55,7 +55,7 @@ class ServeSizes:
     burst: int = 100  # concurrent short chats in the default row (0: none)
     burst_tokens: int = 8
     warmup_tokens: int = 8
-    max_batch: int = 128  # Tangram's engine batch: vLLM's default max_num_seqs on a CPU
+    max_batch: int | None = None  # Tangram's engine batch; None: its default (derived from the KV that fits)
     reuse_identical_default: bool = False  # a default identical to an explicit row is measured once, as that row
 
 

@@ -189,12 +189,12 @@ class ServerProcess:
         self.stop()
 
 
-def tangram_server(checkpoint: Path, dtype: str, workdir: Path, max_batch: int,
+def tangram_server(checkpoint: Path, dtype: str, workdir: Path, max_batch: int | None,
                    label: str | None = None) -> ServerProcess:
     """`tangram serve` in its own process with one deployment of `checkpoint` (engine dtype `dtype`, "auto" for
     the default), one instance started at once and kept (ready = that instance is up); `label` names its files."""
     port = free_port()
-    engine = {"dtype": dtype, "max_batch": max_batch}
+    engine: dict = {"dtype": dtype} if max_batch is None else {"dtype": dtype, "max_batch": max_batch}
     dep = {"name": MODEL_NAME, "checkpoint": str(checkpoint), "keep_alive_s": 3600.0, "min_instances": 1,
            "engine": engine}
     label = label or dtype
