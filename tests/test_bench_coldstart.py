@@ -57,8 +57,8 @@ def test_summary_from_hand_made_results():
     assert s["ttft_p50"]["sllm"] == 1.0 and s["ttft_p95"]["sllm"] == pytest.approx(1.9)  # linear interpolation
     assert s["bytes_loaded"] == {"sllm": 300, "tangram": 0}
     # tangram's pool hits: a at 0.3 / 0.2 and b at 0.5 / 0.3; sllm had none
-    assert s["pool_hit_vs_warm_ttft"]["tangram"] == pytest.approx((1.5 + 0.5 / 0.3) / 2)
-    assert s["pool_hit_vs_warm_ttft"]["sllm"] is None
+    assert s["trace_pool_hit_vs_warm_ttft"]["tangram"] == pytest.approx((1.5 + 0.5 / 0.3) / 2)
+    assert s["trace_pool_hit_vs_warm_ttft"]["sllm"] is None
 
 
 def test_pool_hit_vs_warm_is_the_median_ratio_over_successful_pool_hits_of_measured_models():
@@ -89,8 +89,12 @@ def test_small_run_end_to_end(tmp_path):
                                  models=coldstart_models(), template_repeats=1, template_prompt=16)
     s = result["summary"]
     for key in ("ttft_p50", "ttft_p95", "ttft_p99", "overhead_p50", "overhead_p95", "bytes_loaded", "failed",
-                "pool_hit_vs_warm_ttft"):
+                "trace_pool_hit_vs_warm_ttft"):
         assert set(s[key]) == set(CONFIGS), key
+    hits = [r for r in result["rows"] if r["section"] == "pool-hit"]
+    assert len(hits) == 2 and s["pool_hit_starts"] == sum(r["start"] == "pool-hit" for r in hits) >= 1
+    assert all(r["bytes_loaded"] == 0 for r in hits if r["start"] == "pool-hit")
+    assert s["pool_hit_vs_warm_ttft"] > 0
     assert all(v == 0 for v in s["failed"].values())
     assert set(s["overhead_reduction_vs_sllm"]) == {"p50", "p95"} and "ttft_reduction_vs_sllm" in s
     assert s["template_speedup"] > 0 and s["template_token_identical"] is True

@@ -29,6 +29,7 @@ import torch
 from rich.console import Console
 
 from tangram.bench.coldstart_client import one
+from tangram.bench.coldstart_poolhit import pool_hit_section
 from tangram.bench.coldstart_replay import engine_config, run_config
 from tangram.bench.coldstart_workload import (
     CONFIGS, FULL, QUICK, Sizes, configurations, make_models, summarize, trace_spec,
@@ -155,7 +156,7 @@ def run_coldstart_bench(*, quick: bool, json_path: Path | None, plot_dir: Path |
     biggest = max(models, key=lambda m: sizes_of[m.name])
     t_repeats = template_repeats or (3 if quick else 5)
     per_config: dict[str, dict] = {}
-    with step_progress(console, 2 + len(configs) + 2 * t_repeats, "bench coldstart", progress) as bar:
+    with step_progress(console, 3 + len(configs) + 2 * t_repeats, "bench coldstart", progress) as bar:
         bar.describe("recording templates")
         record_templates(paths, sizes, bar)
         for name in configs:
@@ -164,9 +165,11 @@ def run_coldstart_bench(*, quick: bool, json_path: Path | None, plot_dir: Path |
             bar.advance()
         t_rows, t_summary = template_section(paths[biggest.name].ckpt, biggest.vocab,
                                              template_prompt, t_repeats, bar, device=str(dev))
-    summary = {**summarize(per_config), **t_summary}
+        p_rows, p_summary = pool_hit_section(paths[biggest.name].ckpt, biggest.vocab, template_prompt,
+                                             2 * t_repeats, bar)
+    summary = {**summarize(per_config), **t_summary, **p_summary}
     rows = [{"section": "replay", "config": n, **r} for n, run in per_config.items() for r in run["results"]]
-    rows += t_rows
+    rows += t_rows + p_rows
     rows += [{"section": "pool", "config": n, **s} for n, run in per_config.items() for s in run["samples"]]
     config = {"mode": sizes.models, "seed": seed, "configs": {n: vars(configurations()[n]) for n in configs},
               "pool_capacity": capacity, "unique_bytes": sum(unique.values()), "keep_alive_s": sizes.keep_alive_s,

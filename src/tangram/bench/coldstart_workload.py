@@ -100,7 +100,7 @@ def summarize(per_config: dict[str, dict]) -> dict:
     Percentiles are `tangram.workload.percentile` (linear interpolation, numpy's default).
     """
     s: dict = {k: {} for k in ("ttft_p50", "ttft_p95", "ttft_p99", "overhead_p50", "overhead_p95",
-                               "bytes_loaded", "failed", "starts", "pool_hit_vs_warm_ttft")}
+                               "bytes_loaded", "failed", "starts", "trace_pool_hit_vs_warm_ttft")}
     for name, run in per_config.items():
         ok = [r for r in run["results"] if r.get("ttft_s") is not None and not r.get("error")]
         ttft = [r["ttft_s"] for r in ok]
@@ -112,7 +112,7 @@ def summarize(per_config: dict[str, dict]) -> dict:
         s["bytes_loaded"][name] = run["bytes_loaded"]
         s["failed"][name] = len(run["results"]) - len(ok)
         s["starts"][name] = {t: sum(1 for r in ok if r.get("start") == t) for t in START_TYPES}
-        s["pool_hit_vs_warm_ttft"][name] = pool_hit_vs_warm(ok, run["warm_ttft"])
+        s["trace_pool_hit_vs_warm_ttft"][name] = pool_hit_vs_warm(ok, run["warm_ttft"])
     if "tangram" in per_config and "sllm" in per_config:
         def reduction(key: str, q: int) -> float | None:
             t, b = s[f"{key}_p{q}"]["tangram"], s[f"{key}_p{q}"]["sllm"]

@@ -9,6 +9,7 @@ weights to the pool, where they stay retained for the next start.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -77,15 +78,27 @@ class EngineConfig(BaseModel):
 
 
 def _eos_ids(path: Path, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    try:
-        eos = GenerationConfig.from_pretrained(path).eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    except OSError:
-        pass
+    ids = set(_generation_eos(path, _mtime(path / "generation_config.json")))
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+@functools.lru_cache(maxsize=256)
+def _generation_eos(path: Path, mtime: int) -> tuple[int, ...]:
+    """The generation config's eos ids, read once per file version (a pool-hit start reads no JSON)."""
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:
+        return ()
+    return tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
 class Instance:

@@ -1,4 +1,5 @@
-"""Runs an engine's steps on a background thread: event-driven, idle while there is no work."""
+"""Runs an engine's steps on a background thread (a parked one when there is: `steppers.py`): event-driven,
+idle while there is no work."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 from collections.abc import Callable
 
 from tangram.engine.engine import Engine
+from tangram.engine.steppers import STEPPERS
 from tangram.threads import use_compute_threads
 
 log = logging.getLogger(__name__)
@@ -21,11 +23,12 @@ class EngineLoop:
         self.engine = engine
         self._wait_for_space = wait_for_space or engine.kv.wait_for_space
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._name = name
+        self._done: threading.Event | None = None
 
     def start(self) -> EngineLoop:
-        """Start the thread."""
-        self._thread.start()
+        """Start stepping, on a parked stepper thread or a new one."""
+        self._done = STEPPERS.run(self._run, self._name)
         return self
 
     def stop(self, timeout: float | None = 10.0) -> None:
@@ -33,7 +36,8 @@ class EngineLoop:
         with self.engine.work:
             self._stop = True
             self.engine.work.notify_all()
-        self._thread.join(timeout)
+        if self._done is not None:
+            self._done.wait(timeout)
         self.engine.shutdown()
 
     def _run(self) -> None:
