@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from tangram.threads import single_threaded_by_default
+from tangram.threads import single_threaded_by_default, use_compute_threads
 
 single_threaded_by_default()  # before torch is imported: only the threads that step models compute in parallel
+# (`tangram serve`'s engine threads; other commands' main thread, set in `main` below)
 
 import logging  # noqa: E402 - the lines below import torch
 import sys  # noqa: E402
@@ -33,10 +34,13 @@ def _gb(n: int | float) -> str:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
 ) -> None:
     """Tangram command line."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if ctx.invoked_subcommand != "serve":
+        use_compute_threads()  # a command that computes on its main thread (run, load, bench) keeps every CPU
 
 
 @app.command()

@@ -10,7 +10,11 @@ ran with one thread). Serving makes many such threads (executor threads that
 build instances, loader threads, the event loop), so the `tangram` command
 starts with `OMP_NUM_THREADS=1` unless the user set it: every thread computes
 on one thread by default, and only the threads that run model steps take
-`compute_threads()` (`use_compute_threads`).
+`compute_threads()` (`use_compute_threads`): the engine threads of `tangram
+serve`, and the main thread of the other commands (`run`, `load`, `bench`).
+Two processes that both compute on every CPU slow each other down far more
+than by half (measured: a 16-row matmul 50 us alone, 6-12 ms with a second
+such process running): on a shared machine set `TANGRAM_COMPUTE_THREADS`.
 """
 
 from __future__ import annotations
