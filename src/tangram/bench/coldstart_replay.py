@@ -32,12 +32,15 @@ from tangram.store.io import evict_from_page_cache
 log = logging.getLogger(__name__)
 TOKEN = "bench-coldstart"
 MAX_MODEL_LEN = 256  # the reserve configurations hold max_batch x this many tokens of KV per instance
+MAX_BATCH = 16  # every configuration's batch: the replay compares starts and memory, not batch sizes
 WARM_REPEATS = 3
 
 
 def engine_config(cfg: Configuration) -> EngineConfig:
-    """The engine of every deployment: the defaults (max_batch 16), a 256-token context, the config's KV mode."""
-    return EngineConfig(kv_mode=cfg.kv_mode, templates=cfg.templates, max_model_len=MAX_MODEL_LEN)
+    """The engine of every deployment: max_batch 16 (what the defaults were when the protocol was set; elastic KV
+    now derives a larger one), a 256-token context, the config's KV mode."""
+    return EngineConfig(kv_mode=cfg.kv_mode, templates=cfg.templates, max_model_len=MAX_MODEL_LEN,
+                        max_batch=MAX_BATCH)
 
 
 def pool_config(cfg: Configuration, paths: dict[str, ModelPaths]) -> PoolConfig:
