@@ -24,6 +24,7 @@ from tangram.engine.dtype import compute_dtype
 from tangram.engine.skeleton import RUNTIME
 from tangram.pool import ArenaMap, DevicePool, Eviction, PoolConfig
 from tangram.store import Checkpoint, CheckpointIndex, Loader
+from tangram.store.format import INDEX_FILE
 from tangram.templates import load_template, warm
 from tangram.worker.handle import PlacementState
 
@@ -109,6 +110,7 @@ class Worker:
         self.pool = DevicePool(capacity, device, pool, loader=loader or Loader(), on_evict=self._evictions.append)
         self.replicas: dict[str, Replica] = {}
         self._lock = threading.Lock()
+        self._checkpoints: dict[Path, tuple[tuple[int, int, int], Checkpoint]] = {}
 
     @property
     def name(self) -> str:
@@ -118,11 +120,28 @@ class Worker:
     def start(self, deployment: str, checkpoint: Path, config: EngineConfig, arrival: float,
               backend: str = "builtin") -> Replica:
         """Start an instance with engine `backend` (blocking: load + init, then its engine runs)."""
-        engine = start_backend(backend, Checkpoint(checkpoint), self.pool, config, name=deployment, arrival=arrival)
+        engine = start_backend(backend, self._checkpoint(checkpoint), self.pool, config, name=deployment,
+                               arrival=arrival)
         replica = Replica(f"{deployment}-{next(_ids)}", deployment, engine)
         with self._lock:
             self.replicas[replica.id] = replica
         return replica
+
+    def _checkpoint(self, path: Path) -> Checkpoint:
+        """The checkpoint at `path`, its index parsed once per version of the index file (a restart parses none)."""
+        try:
+            st = (Path(path) / INDEX_FILE).stat()
+        except OSError:
+            return Checkpoint(path)  # it raises the clear error
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            hit = self._checkpoints.get(Path(path))
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        ckpt = Checkpoint(path)
+        with self._lock:
+            self._checkpoints[Path(path)] = (stamp, ckpt)
+        return ckpt
 
     def warm(self, checkpoint: Path) -> float:
         """Warm this worker for a model expected on it, before traffic: its skeleton and tokenizer, and the
