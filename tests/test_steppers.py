@@ -18,14 +18,16 @@ def test_a_finished_job_parks_its_thread_and_the_next_job_reuses_it():
 
 def test_busy_threads_are_not_shared_and_a_failing_job_still_parks():
     pool = Steppers()
-    release = threading.Event()
+    release, running = threading.Event(), threading.Event()
     names: list[str] = []
 
     def long_job() -> None:
         names.append(threading.current_thread().name)
+        running.set()
         release.wait(5)
 
     first = pool.run(long_job, "engine-a")
+    assert running.wait(5)
     second = pool.run(lambda: names.append(threading.current_thread().name), "engine-b")
     assert second.wait(5) and not first.is_set()  # the second job did not wait for the first's thread
     assert pool.idle() == 1 and names == ["engine-a", "engine-b"]
