@@ -1,4 +1,4 @@
-"""Where Tangram keeps its data (converted checkpoints, measured machine facts)."""
+"""Where Tangram keeps its data (converted checkpoints, measured machine facts), and how a file's version is told."""
 
 from __future__ import annotations
 
@@ -18,3 +18,13 @@ def data_dir(override: str | os.PathLike[str] | None = None) -> Path:
         path = Path.home() / ".cache" / "tangram"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def file_version(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime in ns) of a file: what changes when it is rewritten; None when it cannot be read.
+    Caches of what was parsed from a file key their entries by it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns

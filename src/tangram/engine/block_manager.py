@@ -1,4 +1,4 @@
-"""Block tables of an engine's sequences over its KV allocator: grow, free, and where each token's KV lives.
+"""Block tables of an engine's sequences over its KV allocator: grow them, free them.
 
 A block is an element offset into the KV region (`KVAllocator`); a sequence's
 table is `request.blocks`, in token order. Growing takes blocks all or none
@@ -20,10 +20,6 @@ class BlockManager:
         self.kv = kv
         self.block_tokens = kv.spec.block_tokens
 
-    def blocks_for(self, tokens: int) -> int:
-        """Blocks that hold `tokens` tokens."""
-        return self.kv.spec.blocks_for(tokens)
-
     def grow(self, req: Request, tokens: int) -> bool:
         """Make `req`'s table hold `tokens` tokens; False (nothing taken) when the pool has no room now."""
         short = blocks_short(0, len(req.blocks), self.block_tokens, tokens)
@@ -39,8 +35,3 @@ class BlockManager:
         """Give all of `req`'s blocks back (a finished, aborted or preempted request)."""
         blocks, req.blocks = req.blocks, []
         self.kv.free(blocks)
-
-    def row_offsets(self, req: Request, start: int, stop: int) -> list[int]:
-        """Element offset (layer 0) of the KV row of each token position in [start, stop) of `req`."""
-        bt, w, blocks = self.block_tokens, self.kv.spec.row_elems, req.blocks
-        return [blocks[p // bt] + (p % bt) * w for p in range(start, stop)]

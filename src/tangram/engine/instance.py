@@ -31,6 +31,7 @@ from tangram.engine.skeleton import RUNTIME
 from tangram.engine.stages import StartCost
 from tangram.engine.step_policy import derived_max_batch
 from tangram.kv import KVAllocator, KVMode, KVSpec
+from tangram.paths import file_version
 from tangram.pool import DevicePool
 from tangram.store import Checkpoint, LoadStats
 from tangram.templates import (
@@ -78,21 +79,14 @@ class EngineConfig(BaseModel):
 
 
 def _eos_ids(path: Path, tokenizer) -> set[int]:
-    ids = set(_generation_eos(path, _mtime(path / "generation_config.json")))
+    ids = set(_generation_eos(path, file_version(path / "generation_config.json")))
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
 
 
-def _mtime(path: Path) -> int:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return 0
-
-
 @functools.lru_cache(maxsize=256)
-def _generation_eos(path: Path, mtime: int) -> tuple[int, ...]:
+def _generation_eos(path: Path, version: tuple[int, int, int] | None) -> tuple[int, ...]:
     """The generation config's eos ids, read once per file version (a pool-hit start reads no JSON)."""
     try:
         eos = GenerationConfig.from_pretrained(path).eos_token_id

@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 from tangram.engine.engine import Engine
 from tangram.engine.steppers import STEPPERS
-from tangram.threads import use_compute_threads
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,6 @@ class EngineLoop:
         self.engine.shutdown()
 
     def _run(self) -> None:
-        use_compute_threads()  # the one thread of this instance that computes in parallel (tangram/threads.py)
         eng = self.engine
         while True:
             with eng.work:

@@ -31,7 +31,7 @@ class _Stepper:
         self._jobs.put((job, name, done))
 
     def _serve(self) -> None:
-        use_compute_threads()
+        use_compute_threads()  # the threads that step models are the ones that compute in parallel (threads.py)
         while True:
             job, name, done = self._jobs.get()
             threading.current_thread().name = name

@@ -19,7 +19,7 @@ import xxhash
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tangram import __version__
-from tangram.paths import data_dir
+from tangram.paths import data_dir, file_version
 from tangram.store.format import INDEX_FILE
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,8 @@ _read: dict[Path, tuple[tuple, Template]] = {}
 
 
 def _stamp(path: Path, checkpoint: Path) -> tuple | None:
-    try:
-        a, b = path.stat(), (checkpoint / INDEX_FILE).stat()
-    except OSError:
-        return None
-    return a.st_ino, a.st_mtime_ns, a.st_size, b.st_ino, b.st_mtime_ns, b.st_size
+    a, b = file_version(path), file_version(checkpoint / INDEX_FILE)
+    return None if a is None or b is None else (a, b)
 
 
 def save_template(checkpoint: Path, template: Template) -> Path:

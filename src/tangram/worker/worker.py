@@ -24,6 +24,7 @@ from tangram.engine.dtype import compute_dtype
 from tangram.engine.skeleton import RUNTIME
 from tangram.pool import ArenaMap, DevicePool, Eviction, PoolConfig
 from tangram.store import Checkpoint, CheckpointIndex, Loader
+from tangram.paths import file_version
 from tangram.store.format import INDEX_FILE
 from tangram.templates import load_template, warm
 from tangram.worker.handle import PlacementState
@@ -110,7 +111,7 @@ class Worker:
         self.pool = DevicePool(capacity, device, pool, loader=loader or Loader(), on_evict=self._evictions.append)
         self.replicas: dict[str, Replica] = {}
         self._lock = threading.Lock()
-        self._checkpoints: dict[Path, tuple[tuple[int, int, int], Checkpoint]] = {}
+        self._checkpoints: dict[Path, tuple[tuple[int, int, int], Checkpoint]] = {}  # by index file version
 
     @property
     def name(self) -> str:
@@ -129,11 +130,9 @@ class Worker:
 
     def _checkpoint(self, path: Path) -> Checkpoint:
         """The checkpoint at `path`, its index parsed once per version of the index file (a restart parses none)."""
-        try:
-            st = (Path(path) / INDEX_FILE).stat()
-        except OSError:
+        stamp = file_version(Path(path) / INDEX_FILE)
+        if stamp is None:
             return Checkpoint(path)  # it raises the clear error
-        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         with self._lock:
             hit = self._checkpoints.get(Path(path))
         if hit is not None and hit[0] == stamp:
