@@ -23,10 +23,12 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
+
+from tangram.engine.fuse import FusedPart, FusedProjection, groups
 
 log = logging.getLogger(__name__)
 PACKABLE = (torch.float32, torch.bfloat16)
@@ -49,13 +51,15 @@ class PackedCache:
         self._holds: dict[str, int] = {}
         self.bytes = 0
 
-    def acquire(self, ident: str, weight: torch.Tensor, hint: int) -> None:
-        """Hold the packed copy of `weight` (packing it unless cached)."""
+    def acquire(self, ident: str, weight: torch.Tensor | Callable[[], torch.Tensor], hint: int) -> None:
+        """Hold the packed copy of `weight` (packing it unless cached; a callable builds it only then)."""
         with self._lock:
             if ident in self._entries:
                 self._entries.move_to_end(ident)
                 self._holds[ident] = self._holds.get(ident, 0) + 1
                 return
+        if callable(weight):
+            weight = weight()
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), hint)  # outside the lock: it copies
         size = weight.numel() * weight.element_size()
         with self._lock:
@@ -107,21 +111,28 @@ class PackedLinear:
 
 
 def prepack(model: torch.nn.Module, identities: Mapping[int, str], *, hint: int,
-            cache: PackedCache = PACKED) -> list[str]:
-    """Route every CPU `nn.Linear` of `model` whose weight has an identity (by `data_ptr`) through its packed
-    copy; returns the identities held (give them to `cache.release` when the instance stops)."""
+            cache: PackedCache = PACKED, fuse: bool = True) -> list[str]:
+    """Route every CPU `nn.Linear` of `model` whose weight has an identity (by `data_ptr`) through a packed
+    copy: sibling projections (`fuse.py`) through one packed concatenation, when `fuse`; returns the
+    identities held (give them to `cache.release` when the instance stops)."""
+    unpack(model)
     held: list[str] = []
+    for group in groups(model, identities, PACKABLE) if fuse else []:
+        cache.acquire(group.ident, group.weight, hint)
+        held.append(group.ident)
+        fused = FusedProjection(group, cache, group.bias())
+        for i, member in enumerate(group.members):
+            member.forward = fused.part(i)  # an instance attribute: nn.Module calls it
     for module in model.modules():
-        if type(module) is not torch.nn.Linear:
+        if type(module) is not torch.nn.Linear or "forward" in module.__dict__:
             continue
         w = module.weight
         ident = identities.get(w.data_ptr()) if w.device.type == "cpu" and w.dtype in PACKABLE else None
         if ident is None:
-            module.__dict__.pop("forward", None)
             continue
         cache.acquire(ident, w, hint)
         held.append(ident)
-        module.forward = PackedLinear(module, ident, cache)  # an instance attribute: nn.Module calls it
+        module.forward = PackedLinear(module, ident, cache)
     log.debug("packed %d linear weights (%d MiB cached)", len(held), cache.bytes >> 20)
     return held
 
@@ -129,5 +140,5 @@ def prepack(model: torch.nn.Module, identities: Mapping[int, str], *, hint: int,
 def unpack(model: torch.nn.Module) -> None:
     """Route every `nn.Linear` of `model` back through the plain `linear` (a kept skeleton packed before)."""
     for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), PackedLinear):
+        if isinstance(module.__dict__.get("forward"), (PackedLinear, FusedPart)):
             del module.forward
