@@ -112,7 +112,8 @@ def test_prompt_logprobs_under_chunked_prefill(llama, path, max_tokens):
     seq = outs[0]
     got = seq[0].prompt_logprobs
     assert all(o.prompt_logprobs is None for o in seq[1:])  # sent once
-    assert got[0] is None and len(got) == len(prompt)
+    assert (got[0].token_id, got[0].token, got[0].logprob, got[0].top) == (prompt[0], "w8", None, [])
+    assert len(got) == len(prompt)
     lp = torch.log_softmax(raw_logits(model, prompt), -1)
     for j in range(1, len(prompt)):
         assert got[j].token_id == prompt[j]

@@ -23,11 +23,12 @@ class Candidate:
 
 @dataclass
 class TokenLogprob:
-    """A chosen (or prompt) token, its logprob, and the `top` most likely tokens at its position."""
+    """A chosen (or prompt) token, its logprob (None for a prompt's first token), and the `top` most likely
+    tokens at its position."""
 
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None
     top: list[Candidate] = field(default_factory=list)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from tangram.engine import logprobs, sampling
 from tangram.engine.batch import SeqWork
-from tangram.engine.logprobs import Decoder
+from tangram.engine.logprobs import Decoder, TokenLogprob
 from tangram.engine.request import Request, RequestOutput, Status
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class OutputProcessor:
 
     def _prompt_logprobs(self, scored: list[tuple[Request, int, int, int]], logits: torch.Tensor) -> None:
         """Logprobs of the prompt tokens these rows predict (row j of a chunk at `start`: position start + j + 1),
-        stored by position (a recomputed prompt overwrites)."""
+        stored by position (entry 0, the first token, has none; a recomputed prompt overwrites)."""
         def run(sel: list[int]) -> None:
             rows: list[int] = []
             targets: list[int] = []
@@ -109,7 +109,9 @@ class OutputProcessor:
             tok = iter(targets)
             for req, start, valid in spans:
                 dec = self._decoder(req)
-                del req.prompt_logprobs[start:]
+                if start == 0:  # the first token has no context: no logprob
+                    req.prompt_logprobs = [TokenLogprob(req.prompt_ids[0], dec(req.prompt_ids[0]), None)]
+                del req.prompt_logprobs[start + 1:]
                 req.prompt_logprobs += [dec.entry(next(tok), next(out)) for _ in range(valid)]
 
         self._each([s[0] for s in scored], "prompt logprobs", run)

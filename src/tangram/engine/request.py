@@ -46,7 +46,8 @@ class RequestOutput:
     # the last sequence only, `finish_reason` on each sequence's last output; completion_tokens counts all
     index: int = 0
     logprobs: list[TokenLogprob] | None = None  # of `token_ids`, when the request asked for them
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # once (first output); entry 0 (no context): None
+    prompt_logprobs: list[TokenLogprob] | None = None  # once (first output); entry 0 has logprob None
+    prompt_text: str | None = None  # the decoded prompt, with its logprobs
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Request:
     group: SeqGroup | None = None  # the n > 1 sequences of one request
     forks: list[Request] = field(default_factory=list)  # the other n - 1 sequences, until the prompt is in
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not streamed yet
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of prompt positions 1, 2, ...
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # by prompt position
     prompt_logprobs_sent: bool = False
 
     def __post_init__(self) -> None:
@@ -83,7 +84,7 @@ class Request:
     def wants_prompt_logits(self) -> bool:
         """Whether the prompt chunks it runs must return every position's logits (prompt logprobs not done)."""
         return (self.params.prompt_logprobs is not None and self.index == 0 and not self.prompt_logprobs_sent
-                and len(self.prompt_logprobs) < len(self.prompt_ids) - 1)
+                and len(self.prompt_logprobs) < len(self.prompt_ids))
 
     def take_extras(self) -> dict:
         """The logprobs an output carries (those not streamed yet), as RequestOutput keyword arguments."""
@@ -91,7 +92,8 @@ class Request:
         if self.params.logprobs is not None:
             extras["logprobs"], self.pending_logprobs = self.pending_logprobs, []
         if self.params.prompt_logprobs is not None and not self.prompt_logprobs_sent and self.index == 0:
-            extras["prompt_logprobs"] = [None, *self.prompt_logprobs]
+            extras["prompt_logprobs"] = list(self.prompt_logprobs)
+            extras["prompt_text"] = self.text.tokenizer.decode(self.prompt_ids)  # echo of a token-id prompt
             self.prompt_logprobs_sent = True
         return extras
 
