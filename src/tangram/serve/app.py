@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tangram.control import Controller, Deployment, DeploymentUnavailable, UnknownDeployment
 from tangram.engine import RequestError, RequestOutput, SamplingParams
-from tangram.serve import choices, dashboard, schemas
+from tangram.serve import choices, dashboard, extras, schemas
 from tangram.serve.auth import APIKeyMiddleware
 from tangram.serve.errors import APIError, ErrorGuard, validation_message
 from tangram.serve.metrics import Metrics
@@ -234,6 +234,7 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
         return await controller.status_now()
 
     dashboard.mount(app, controller, admin)  # GET /dashboard (page) and /admin/pool-map (its data)
+    extras.mount(app, controller)  # GET /v1/models/{id}, POST /tokenize, /detokenize, GET /version (vLLM's)
 
     return app
 

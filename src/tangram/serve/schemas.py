@@ -246,3 +246,28 @@ def completion_body(rid: str, model: str, created: int, choices: list[tuple[str,
             "choices": [{"index": i, "text": text, "logprobs": None if lp is None else lp.body(),
                          "finish_reason": reason_of(reason)} for i, (text, lp, reason) in enumerate(choices)],
             "usage": usage(final), "tangram": extension(final)}
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize: a prompt (`add_special_tokens` default true) or chat messages rendered through the
+    model's chat template (`add_generation_prompt` default true, `add_special_tokens` default false)."""
+
+    model: Text = Field(min_length=1)
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize."""
+
+    model: Text = Field(min_length=1)
+    tokens: list[TokenId] = Field(max_length=1_000_000)
