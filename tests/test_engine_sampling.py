@@ -195,3 +195,35 @@ def test_an_n_request_aborted_before_its_prompt_ran_ends_every_sequence(llama):
         outs = list(sink.q.queue)
         assert inst.kv.in_use == 0
     assert sorted(o.index for o in outs) == [0, 1, 2] and outs[-1].finished
+
+
+def test_n_sequences_complete_when_the_pool_cannot_hold_them_all(llama):
+    """Four sequences of 13 tokens in 4 blocks of 4: the last fork finds no block for its copy (it recomputes
+    the prompt once admitted) and growth preempts; every sequence still ends with the greedy tokens."""
+    model, ckpt = llama
+    with start(ckpt) as probe:
+        block, weights = probe.kv.block_size, probe.pool.snapshot()["totals"]["active"]
+    with Instance(ckpt, DevicePool(weights + 4 * block), EngineConfig(block_tokens=4)) as inst:
+        sink = OutputQueue()
+        inst.engine.add_request(PROMPT, SamplingParams(n=4, max_tokens=6, ignore_eos=True), sink=sink)
+        inst.engine.run_until_idle()
+        outs = list(sink.q.queue)
+        assert inst.kv.in_use == 0 and inst.engine.scheduler.blocks.holders == {}
+        assert inst.engine.totals.preemptions > 0 and inst.engine.totals.kv_waits > 0
+    ref = reference_greedy(model, PROMPT, 6)
+    finals = sorted((o for o in outs if o.finish_reason), key=lambda o: o.index)
+    assert [o.index for o in finals] == [0, 1, 2, 3] and all(o.output_ids == ref for o in finals)
+
+
+def test_n_with_prompt_logprobs_scores_the_prompt_once(llama):
+    model, ckpt = llama
+    with start(ckpt) as inst:
+        tokens = counted_tokens(inst)
+        outs = run(inst, [PROMPT], [SamplingParams(n=2, max_tokens=3, ignore_eos=True, prompt_logprobs=1,
+                                                   logprobs=1)])[0]
+    assert tokens[0] == len(PROMPT) and sum(tokens) == len(PROMPT) + 2 * 2
+    scored = [o for o in outs if o.prompt_logprobs is not None]
+    assert len(scored) == 1 and scored[0].index == 0 and len(scored[0].prompt_logprobs) == len(PROMPT)
+    assert scored[0].prompt_text == "w5 w17 w33 w9 w60 w7 w101"
+    for i in range(2):
+        assert len([e for o in outs if o.index == i for e in o.logprobs]) == 3
