@@ -132,3 +132,17 @@ def test_out_of_range_values_are_rejected(bad):
 def test_logit_bias_ids_are_checked_against_the_vocabulary():
     assert SamplingParams(logit_bias={5: 1.0}).vocab_errors(256) is None
     assert "logit_bias" in SamplingParams(logit_bias={5: 1.0, 300: 1.0}).vocab_errors(256)
+
+
+def test_logprob_scoring_in_slices_equals_one_log_softmax(monkeypatch):
+    from tangram.engine import logprobs
+
+    logits = logits_for(7, seed=9).to(torch.bfloat16)
+    targets, ks = [3, 1, 0, 11, 5, 5, 2], [0, 2, 5, 1, 0, 3, 12]
+    whole = logprobs.score(logits, targets, ks)
+    monkeypatch.setattr(logprobs, "SCORE_ROWS", 3)
+    assert logprobs.score(logits, targets, ks) == whole
+    lp = torch.log_softmax(logits.float(), -1)
+    for i, (chosen, ids, vals) in enumerate(whole):
+        assert chosen == lp[i, targets[i]].item()
+        assert ids == lp[i].topk(ks[i]).indices.tolist() if ks[i] else ids == []

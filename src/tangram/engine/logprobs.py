@@ -32,21 +32,26 @@ class TokenLogprob:
     top: list[Candidate] = field(default_factory=list)
 
 
+SCORE_ROWS = 512  # rows log-softmaxed at once: a 2,048-token prompt chunk of a 150k vocabulary stays ~300 MB
+
+
 def score(logits: torch.Tensor, targets: Sequence[int], ks: Sequence[int]) -> list[tuple[float, list[int],
                                                                                            list[float]]]:
     """Per row of raw `logits` [rows, vocab]: the logprob of `targets[i]` and the ids and logprobs of its
-    `ks[i]` most likely tokens (one log-softmax and one top-k for the whole batch)."""
-    if logits.shape[0] == 0:
-        return []
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = lp.gather(1, torch.tensor(list(targets), dtype=torch.int64, device=lp.device).unsqueeze(1))
-    chosen_l = chosen.squeeze(1).tolist()
-    k = max(ks)
-    if k == 0:
-        return [(c, [], []) for c in chosen_l]
-    vals, ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
-    vals_l, ids_l = vals.tolist(), ids.tolist()
-    return [(c, i[:n], v[:n]) for c, i, v, n in zip(chosen_l, ids_l, vals_l, ks)]
+    `ks[i]` most likely tokens (one log-softmax and one top-k per slice of SCORE_ROWS rows)."""
+    out: list[tuple[float, list[int], list[float]]] = []
+    for lo in range(0, logits.shape[0], SCORE_ROWS):
+        hi = min(lo + SCORE_ROWS, logits.shape[0])
+        lp = torch.log_softmax(logits[lo:hi].float(), dim=-1)
+        tgt = torch.tensor(list(targets[lo:hi]), dtype=torch.int64, device=lp.device).unsqueeze(1)
+        chosen = lp.gather(1, tgt).squeeze(1).tolist()
+        k = min(max(ks[lo:hi]), lp.shape[-1])
+        if k == 0:
+            out += [(c, [], []) for c in chosen]
+            continue
+        vals, ids = lp.topk(k, dim=-1)
+        out += [(c, i[:n], v[:n]) for c, i, v, n in zip(chosen, ids.tolist(), vals.tolist(), ks[lo:hi])]
+    return out
 
 
 class Decoder:
