@@ -7,18 +7,22 @@ that do (`processed(params)`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # sampling.py imports this module
+    from tangram.engine.sampling import SamplingParams
 
 History = tuple[Sequence[int], Sequence[int]]  # (prompt ids, output ids) of one row
 
 
-def penalized(p) -> bool:
+def penalized(p: SamplingParams) -> bool:
     """Whether a request's rows need the repetition / frequency / presence penalties."""
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
-def processed(p) -> bool:
+def processed(p: SamplingParams) -> bool:
     """Whether a request's logits are changed before sampling (bias or penalties): greedy rows included."""
     return bool(p.logit_bias) or penalized(p)
 
@@ -38,7 +42,8 @@ def _counts(seqs: list[Sequence[int]], vocab: int, device: torch.device) -> torc
     return counts[:, :vocab]
 
 
-def apply(logits: torch.Tensor, rows: list[int], params: Sequence, histories: Sequence[History]) -> None:
+def apply(logits: torch.Tensor, rows: list[int], params: Sequence[SamplingParams],
+          histories: Sequence[History]) -> None:
     """Bias and penalize `rows` of float32 `logits` [batch, vocab] in place; `params[j]` and `histories[j]`
     belong to `rows[j]`."""
     if not rows:

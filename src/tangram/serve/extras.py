@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def tokenize(tokenizer: Any, body: TokenizeRequest) -> list[int]:
     return list(tokenizer(text, add_special_tokens=bool(body.add_special_tokens))["input_ids"])
 
 
-async def _off_loop(fn, *args) -> Any:
+async def _off_loop(fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
 
 
