@@ -227,3 +227,14 @@ def test_n_with_prompt_logprobs_scores_the_prompt_once(llama):
     assert scored[0].prompt_text == "w5 w17 w33 w9 w60 w7 w101"
     for i in range(2):
         assert len([e for o in outs if o.index == i for e in o.logprobs]) == 3
+
+
+def test_outputs_with_logprobs_cross_a_process_boundary(llama):
+    """Cluster mode ships each RequestOutput to the head as a Ray object (pickled)."""
+    import pickle
+
+    with start(llama[1]) as inst:
+        seq = run(inst, [PROMPT], [SamplingParams(max_tokens=2, logprobs=2, prompt_logprobs=1, n=2)])[0]
+    for out in seq:
+        again = pickle.loads(pickle.dumps(out))
+        assert (again.logprobs, again.prompt_logprobs, again.index) == (out.logprobs, out.prompt_logprobs, out.index)
