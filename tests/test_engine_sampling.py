@@ -238,3 +238,31 @@ def test_outputs_with_logprobs_cross_a_process_boundary(llama):
     for out in seq:
         again = pickle.loads(pickle.dumps(out))
         assert (again.logprobs, again.prompt_logprobs, again.index) == (out.logprobs, out.prompt_logprobs, out.index)
+
+
+def test_requests_using_none_of_the_features_touch_none_of_their_code(llama, monkeypatch):
+    from tangram.engine import logprobs as logprobs_module
+    from tangram.engine import penalties
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a plain step ran feature code")
+
+    for module, name in [(penalties, "apply"), (penalties, "min_p_filter"), (logprobs_module, "score")]:
+        monkeypatch.setattr(module, name, boom)
+    model, ckpt = llama
+    with start(ckpt, max_step_tokens=5) as inst:
+        real = inst.engine.runner.run
+        shapes: list[tuple[int, int]] = []
+
+        def one_row_each(plan):  # the runner keeps only the sampled rows' logits, as before
+            out = real(plan)
+            shapes.append((out.shape[0], len(plan.sampled)))
+            return out
+
+        inst.engine.runner.run = one_row_each
+        outs = run(inst, [PROMPT, PROMPT8], [SamplingParams(max_tokens=5, ignore_eos=True),
+                                            SamplingParams(max_tokens=5, ignore_eos=True, temperature=0.7, seed=2,
+                                                           top_p=0.9)])
+    assert outs[0][-1].output_ids == reference_greedy(model, PROMPT, 5)
+    assert all(o.logprobs is None and o.prompt_logprobs is None for seq in outs for o in seq)
+    assert shapes and all(got == want for got, want in shapes)
