@@ -72,11 +72,11 @@ def test_a_sampler_that_raises_mid_decode_for_one_request_fails_it_alone(llama, 
     real, steps = sampling_module.sample, {"n": 0}
     poisoned = SamplingParams(max_tokens=6, ignore_eos=True, temperature=1.0, seed=4242)
 
-    def sample(logits, params, generators=None):  # the public seam the engine samples through
+    def sample(logits, params, generators=None, histories=None):  # the public seam the engine samples through
         steps["n"] += 1
         if steps["n"] > 2 and poisoned in params:  # after the prefill and one decode step
             raise RuntimeError("sampler exploded")
-        return real(logits, params, generators)
+        return real(logits, params, generators, histories)
 
     monkeypatch.setattr(sampling_module, "sample", sample)
     with start(ckpt) as inst:

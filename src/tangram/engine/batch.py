@@ -10,13 +10,20 @@ from tangram.engine.request import Request
 @dataclass
 class SeqWork:
     """One sequence's share of a step: run `tokens` (ids at positions `start`, `start + 1`, ...) whose KV goes
-    to `blocks` (the sequence's block table); `sample`: this step produces the sequence's next token."""
+    to `blocks` (the sequence's block table); `sample`: this step produces the sequence's next token;
+    `all_logits`: the runner returns the logits of every position it runs (prompt logprobs), not only the last."""
 
     request: Request | None  # None for a bare forward (ModelRunner.prefill)
     start: int
     tokens: list[int]
     sample: bool
     blocks: list[int]
+    all_logits: bool = False
+
+    @property
+    def logit_rows(self) -> int:
+        """Rows of logits the runner returns for this sequence: every position's, its last, or none."""
+        return len(self.tokens) if self.all_logits else int(self.sample)
 
     @property
     def end(self) -> int:

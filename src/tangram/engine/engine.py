@@ -28,7 +28,7 @@ from tangram.engine.block_manager import BlockManager
 from tangram.engine.detok import TextStream
 from tangram.engine.errors import RequestError
 from tangram.engine.output import OutputProcessor
-from tangram.engine.request import OutputQueue, Request, RequestOutput, Status
+from tangram.engine.request import OutputQueue, Request, RequestOutput, Status, fork_sequences
 from tangram.engine.runner import ModelRunner
 from tangram.engine.sampling import SamplingParams, make_generator
 from tangram.engine.stages import Totals
@@ -106,6 +106,8 @@ class Engine:
         rid = request_id or f"req-{next(_ids)}"
         req = Request(rid, ids, params, self.clock() if arrival is None else arrival, sink or OutputQueue(),
                       TextStream(self.tokenizer, list(params.stop)), make_generator(params, self.kv.device()))
+        if params.n > 1:
+            fork_sequences(req, self.kv.device())
         with self.work:
             if rid in self._live:
                 raise RequestError(f"request id {rid!r} is already in use")
@@ -119,6 +121,8 @@ class Engine:
             raise RequestError("the prompt is empty")
         if min(ids) < 0 or max(ids) >= self.vocab:
             raise RequestError(f"prompt token ids must be in [0, {self.vocab})")
+        if (why := params.vocab_errors(self.vocab)) is not None:
+            raise RequestError(why)
         if len(ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "
                                "and at least one token must be generated")
@@ -170,7 +174,7 @@ class Engine:
             self.scheduler.advance(w)
         self.totals.decode_steps += 1
         self.totals.decode_s += self.clock() - t1
-        self.output.process(plan.sampled, logits, self.clock())
+        self.output.process(plan.work, logits, self.clock())
         return True
 
     def _fail_step(self, plan: StepPlan, exc: Exception) -> None:
@@ -232,13 +236,17 @@ class Engine:
         """End a request: free its KV, drop it from the queues, send its final output."""
         self.scheduler.finish(req)
         req.finish_reason = reason
-        with self.work:
-            self._live.discard(req.id)
+        if req.group is None or req.group.leave():
+            with self.work:
+                self._live.discard(req.id)
         if req.first_token_at is not None:
             self.totals.add(req.stages, len(req.prompt_ids), len(req.output_ids))
         self._emit(req, RequestOutput(req.id, delta, new or [], req.text.text, True, reason, error,
                                       len(req.prompt_ids), len(req.output_ids), req.stages, list(req.output_ids),
-                                      instance_failed))
+                                      instance_failed, **req.take_extras()))
+        forks, req.forks = req.forks, []  # sequences of n > 1 that never got the prompt's KV end with it
+        for seq in forks:
+            self.finish(seq, reason, error=error, instance_failed=instance_failed)
 
     def _emit(self, req: Request, out: RequestOutput) -> None:
         try:

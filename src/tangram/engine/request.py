@@ -11,7 +11,8 @@ from typing import Literal
 import torch
 
 from tangram.engine.detok import TextStream
-from tangram.engine.sampling import SamplingParams
+from tangram.engine.logprobs import TokenLogprob
+from tangram.engine.sampling import SEED_LIMIT, SamplingParams, make_generator
 from tangram.engine.stages import Stages
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -41,6 +42,12 @@ class RequestOutput:
     stages: Stages | None = None
     output_ids: list[int] | None = None  # every generated id, on the final output only
     instance_failed: bool = False  # the instance can serve nothing more (its weights failed to load)
+    # a request of n > 1 sequences: which sequence this output is of; `finished` is set on the last output of
+    # the last sequence only, `finish_reason` on each sequence's last output; completion_tokens counts all
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None  # of `token_ids`, when the request asked for them
+    prompt_logprobs: list[TokenLogprob] | None = None  # once (first output); entry 0 has logprob None
+    prompt_text: str | None = None  # the decoded prompt, with its logprobs
 
 
 @dataclass
@@ -63,15 +70,79 @@ class Request:
     finish_reason: FinishReason | None = None
     prefill_began: float | None = None  # when its first prompt chunk ran
     first_token_at: float | None = None
+    index: int = 0  # which of its request's n sequences
+    group: SeqGroup | None = None  # the n > 1 sequences of one request
+    forks: list[Request] = field(default_factory=list)  # the other n - 1 sequences, until the prompt is in
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not streamed yet
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # by prompt position
+    prompt_logprobs_sent: bool = False
 
     def __post_init__(self) -> None:
         if not self.ids:
             self.ids = self.prompt_ids + self.output_ids
 
+    def wants_prompt_logits(self) -> bool:
+        """Whether the prompt chunks it runs must return every position's logits (prompt logprobs not done)."""
+        return (self.params.prompt_logprobs is not None and self.index == 0 and not self.prompt_logprobs_sent
+                and len(self.prompt_logprobs) < len(self.prompt_ids))
+
+    def take_extras(self) -> dict:
+        """The logprobs an output carries (those not streamed yet), as RequestOutput keyword arguments."""
+        extras: dict = {"index": self.index}
+        if self.params.logprobs is not None:
+            extras["logprobs"], self.pending_logprobs = self.pending_logprobs, []
+        if self.params.prompt_logprobs is not None and not self.prompt_logprobs_sent and self.index == 0:
+            extras["prompt_logprobs"] = list(self.prompt_logprobs)
+            extras["prompt_text"] = self.text.tokenizer.decode(self.prompt_ids)  # echo of a token-id prompt
+            self.prompt_logprobs_sent = True
+        return extras
+
     def append(self, token: int) -> None:
         """Add a generated token."""
         self.output_ids.append(token)
         self.ids.append(token)
+
+
+class SeqGroup:
+    """The n sequences of one request (all with its id): one stream to the request's sink, finished once.
+
+    Each sequence's outputs carry its `index`; a sequence's last output has its finish reason but is
+    `finished` only when it is the last sequence to end; `completion_tokens` is the sum over sequences.
+    """
+
+    def __init__(self, n: int, sink: Callable[[RequestOutput], None]) -> None:
+        self.live, self.sink = n, sink
+        self.tokens = [0] * n
+
+    def leave(self) -> bool:
+        """A sequence ended; True when it was the last one."""
+        self.live -= 1
+        return self.live == 0
+
+    def sink_of(self, index: int) -> Callable[[RequestOutput], None]:
+        """The sink of sequence `index`."""
+        def emit(out: RequestOutput) -> None:
+            self.tokens[index] = out.completion_tokens
+            out.index, out.completion_tokens = index, sum(self.tokens)
+            if out.finished and self.live > 0:
+                out.finished = False  # its finish_reason says this sequence ended; others still run
+            self.sink(out)
+        return emit
+
+
+def fork_sequences(req: Request, device: torch.device) -> None:
+    """Make `req` the first of its `params.n` sequences: the others wait in `req.forks` until its prompt is in
+    KV, then share its blocks. Sequence i of a seeded request draws from seed + i."""
+    n = req.params.n
+    group = SeqGroup(n, req.sink)
+    req.group, req.sink = group, group.sink_of(0)
+    for i in range(1, n):
+        params = req.params
+        if params.seed is not None:
+            params = params.model_copy(update={"seed": (params.seed + i) % SEED_LIMIT})
+        req.forks.append(Request(req.id, req.prompt_ids, params, req.arrival, group.sink_of(i),
+                                 TextStream(req.text.tokenizer, list(params.stop)), make_generator(params, device),
+                                 index=i, group=group))
 
 
 class OutputQueue:

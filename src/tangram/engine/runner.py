@@ -51,7 +51,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor:
-        """Run a step's tokens; logits [len(plan.sampled), vocab] of the sampled sequences, in plan order."""
+        """Run a step's tokens; logits [sum of `logit_rows`, vocab] in plan order: the last position of each
+        sampled sequence, every position of one with `all_logits` (prompt logprobs)."""
         if self.packed:
             logits = self._packed(plan.work)
         else:
@@ -92,7 +93,9 @@ class ModelRunner:
             ids.extend(item.tokens)
             positions.extend(range(item.start, item.end))
             write.append(self._row_offsets(item.blocks, item.start, item.end))
-            if item.sample:
+            if item.all_logits:
+                keep.extend(range(begin, len(ids)))
+            elif item.sample:
                 keep.append(len(ids) - 1)
             if len(item.tokens) == 1 and item.start > 0:
                 decodes.append(item)
@@ -147,17 +150,19 @@ class ModelRunner:
         groups = ([decodes] if decodes else []) + [[x] for x in work if not (len(x.tokens) == 1 and x.start > 0)]
         rows: dict[int, torch.Tensor] = {}
         for group in groups:
+            every = len(group) == 1 and group[0].all_logits  # a prompt chunk runs alone
             logits = self.forward_padded([x.tokens for x in group],
                                          [SeqSlot([self.kv.offset(b) for b in x.blocks], x.start)
-                                          for x in group])
+                                          for x in group], every=every)
             for i, x in enumerate(group):
-                rows[id(x)] = logits[i]
-        sampled = [rows[id(x)] for x in work if x.sample]
-        return torch.stack(sampled) if sampled else torch.empty(0, device=self.device)
+                rows[id(x)] = logits if every else logits[i:i + 1]
+        sampled = [rows[id(x)] for x in work if x.logit_rows]
+        return torch.cat(sampled) if sampled else torch.empty(0, device=self.device)
 
     @torch.inference_mode()
-    def forward_padded(self, tokens: list[list[int]], slots: list[SeqSlot]) -> torch.Tensor:
-        """Next-token logits [B, vocab] for sequences that each add `tokens[i]` (left-padded to the longest)."""
+    def forward_padded(self, tokens: list[list[int]], slots: list[SeqSlot], every: bool = False) -> torch.Tensor:
+        """Next-token logits [B, vocab] for sequences that each add `tokens[i]` (left-padded to the longest);
+        `every`: one sequence's logits of each of its positions, [len(tokens[0]), vocab]."""
         news = [len(x) for x in tokens]
         t = max(news)
         cache = PagedCache(self.kv.spec, self.kv.elements, slots, news)
@@ -167,5 +172,6 @@ class ModelRunner:
         pad = torch.tensor([t - n for n in news], dtype=torch.int64, device=self.device).unsqueeze(1)
         positions = (past + torch.arange(t, device=self.device) - pad).clamp_min(0)
         kwargs = {"input_ids": ids, "attention_mask": cache.attention_mask(lengths), "position_ids": positions,
-                  self.cache_kwarg: cache, "use_cache": True, "logits_to_keep": 1}
-        return self._call(kwargs, t)[:, -1, :]
+                  self.cache_kwarg: cache, "use_cache": True, "logits_to_keep": 0 if every else 1}
+        out = self._call(kwargs, t)
+        return out[0] if every else out[:, -1, :]

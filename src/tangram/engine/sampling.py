@@ -1,4 +1,5 @@
-"""Sampling parameters and batched next-token selection (greedy, temperature, top-k, top-p, seed).
+"""Sampling parameters and batched next-token selection (greedy, temperature, top-k, top-p, min-p, seed;
+logit bias and penalties through `penalties.py`).
 
 Pure functions over a [batch, vocab] logits tensor with one parameter set per
 row, so a continuous-batching engine can mix greedy and sampled requests in
@@ -8,7 +9,9 @@ one decode step.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tangram.engine import penalties
 
 # Bounds of the engine's contract: within them `sample()` never overflows a tensor and a seed always fits
 # torch.Generator.manual_seed; the API validates the same bounds before a request reaches an engine.
@@ -16,6 +19,8 @@ MAX_TOKENS_LIMIT = 1_000_000
 TOP_K_LIMIT = 2**31 - 1
 SEED_LIMIT = 2**64  # exclusive
 TOKEN_ID_LIMIT = 2**31  # exclusive; the engine also checks ids against the vocabulary
+MAX_LOGPROBS = 20  # top logprobs per position at most (OpenAI's and vLLM's default limit)
+MAX_N = 128  # sequences per request at most
 
 
 class SamplingParams(BaseModel):
@@ -23,7 +28,8 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT, description="tokens to generate at most")
+    max_tokens: int = Field(16, ge=0, le=MAX_TOKENS_LIMIT,
+                            description="tokens to generate at most (0 only with prompt_logprobs: score the prompt)")
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus: smallest set with this probability mass")
     top_k: int = Field(0, ge=0, le=TOP_K_LIMIT, description="keep the k most likely tokens (0 = all)")
@@ -31,6 +37,19 @@ class SamplingParams(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=16, description="stop strings (not returned)")
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted once from seen output tokens")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted per occurrence in the output")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0,
+                                      description="divides positive / multiplies negative logits of prompt and "
+                                      "output tokens (1 = off)")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="drop tokens below min_p x the top token's probability")
+    logit_bias: dict[int, float] = Field(default_factory=dict, max_length=4096,
+                                         description="token id -> bias added to its logit, in [-100, 100]")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="logprob of each sampled token and of the top k (None = off)")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                        description="logprob of each prompt token and of the top k (None = off)")
+    n: int = Field(1, ge=1, le=MAX_N, description="sequences sampled for the prompt (they share its KV blocks)")
 
     @field_validator("stop")
     @classmethod
@@ -45,6 +64,29 @@ class SamplingParams(BaseModel):
         if any(not 0 <= t < TOKEN_ID_LIMIT for t in value):
             raise ValueError(f"stop token ids must be in [0, {TOKEN_ID_LIMIT})")
         return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bounded_bias(cls, value: dict[int, float]) -> dict[int, float]:
+        for tok, bias in value.items():
+            if not 0 <= tok < TOKEN_ID_LIMIT:
+                raise ValueError(f"logit_bias token ids must be in [0, {TOKEN_ID_LIMIT}) (got {tok})")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100] (token {tok}: {bias})")
+        return value
+
+    @model_validator(mode="after")
+    def _zero_tokens_scores_the_prompt(self) -> SamplingParams:
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise ValueError("max_tokens must be at least 1 (0 only when the prompt's logprobs are asked for)")
+        return self
+
+    def vocab_errors(self, vocab: int) -> str | None:
+        """Why this request's token ids do not fit a vocabulary of `vocab` ids, or None."""
+        bad = sorted(t for t in self.logit_bias if t >= vocab)
+        if bad:
+            return f"logit_bias: token id {bad[0]} is not in the vocabulary [0, {vocab})"
+        return None
 
     @property
     def greedy(self) -> bool:
@@ -79,25 +121,37 @@ def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None] | None = None,
+    histories: list[penalties.History] | None = None,
 ) -> torch.Tensor:
     """Next token per row of `logits` [batch, vocab] under each row's parameters; returns [batch] int64.
 
-    Sampled rows draw by the exponential race: argmax(probs / E) with E ~ Exponential(1) per token picks
-    token i with probability probs[i]. A row with a generator draws its noise from that generator only,
-    so a seed reproduces its tokens whatever else shares the batch.
+    Rows with a logit bias or penalties are processed first (greedy ones too; `histories[i]`: row i's
+    prompt and output ids, needed only then); `logits` itself is never changed. Sampled rows draw by the
+    exponential race: argmax(probs / E) with E ~ Exponential(1) per token picks token i with probability
+    probs[i]. A row with a generator draws its noise from that generator only, so a seed reproduces its
+    tokens whatever else shares the batch.
     """
     if logits.dim() != 2 or logits.shape[0] != len(params):
         raise ValueError(f"logits {tuple(logits.shape)} do not match {len(params)} parameter sets")
     # argmax over 16-bit logits runs a scalar loop on CPUs (5 ms for 32 x 49,152 bf16 here, 1 ms after an exact
     # upcast): compare in float32, which picks the same (first) maximum
-    out = torch.argmax(logits.float() if logits.element_size() < 4 else logits, dim=-1)
+    work = logits.float() if logits.element_size() < 4 else logits
+    changed = [i for i, p in enumerate(params) if penalties.processed(p)]
+    if changed:
+        if histories is None:
+            raise ValueError("penalized rows need their token histories")
+        work = work.clone() if work is logits else work
+        penalties.apply(work, changed, [params[i] for i in changed], [histories[i] for i in changed])
+    out = torch.argmax(work, dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return out
     dev = logits.device
     idx = torch.tensor(rows, device=dev)
     temps = torch.tensor([params[i].temperature for i in rows], device=dev).unsqueeze(-1)
-    sub = logits.index_select(0, idx).float() / temps
+    sub = work.index_select(0, idx).float() / temps
+    if any(params[i].min_p > 0.0 for i in rows):
+        sub = penalties.min_p_filter(sub, torch.tensor([params[i].min_p for i in rows], device=dev))
     if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):  # else no sort is needed
         top_k = torch.tensor([params[i].top_k for i in rows], device=dev)
         top_p = torch.tensor([params[i].top_p for i in rows], device=dev)

@@ -9,6 +9,9 @@ token budget (`step_policy.prefill_chunks`). Admission takes the blocks of a
 request's whole prompt at once, so a half-prefilled prompt never waits for
 memory (two of them can never hold each other's blocks), and decoding
 sequences grow block by block, preempting the newest when the pool is dry.
+The n sequences of one request prefill its prompt once: the first runs it,
+the others then share its full blocks and copy its partly filled last one
+(`BlockManager.fork`).
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ class StepScheduler:
                 req.status = Status.RUNNING
                 self.running.append(req)
             end = req.cached + n
-            plan.work.append(SeqWork(req, req.cached, req.ids[req.cached:end], end == len(req.ids), req.blocks))
+            plan.work.append(SeqWork(req, req.cached, req.ids[req.cached:end], end == len(req.ids), req.blocks,
+                                     req.wants_prompt_logits()))
         return plan
 
     def _make_room(self, req: Request, tokens: int, plan: StepPlan) -> bool:
@@ -102,8 +106,21 @@ class StepScheduler:
     # ------------------------------------------------------------------ after the forward
 
     def advance(self, work: SeqWork) -> None:
-        """Record that `work`'s tokens now have their KV stored."""
-        work.request.cached = work.end
+        """Record that `work`'s tokens now have their KV stored; once a prompt of n > 1 sequences is in, the
+        others share its blocks (they sample their first token from its logits, this step)."""
+        req = work.request
+        req.cached = work.end
+        if req.forks and work.sample:
+            for seq in req.forks:
+                self._fork(req, seq)
+
+    def _fork(self, parent: Request, seq: Request) -> None:
+        if self.blocks.fork(parent, seq):
+            seq.cached, seq.status = parent.cached, Status.RUNNING
+            self.running.append(seq)
+        else:  # no block for its copy of the prompt's last block: it recomputes the prompt when admitted
+            self.waiting.appendleft(seq)
+            self.totals.kv_waits += 1
 
     def finish(self, req: Request) -> None:
         """Drop a request from the queues and free its KV (idempotent)."""

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tangram.control import Controller, Deployment, DeploymentUnavailable, UnknownDeployment
 from tangram.engine import RequestError, RequestOutput, SamplingParams
-from tangram.serve import dashboard, schemas
+from tangram.serve import choices, dashboard, extras, schemas
 from tangram.serve.auth import APIKeyMiddleware
 from tangram.serve.errors import APIError, ErrorGuard, validation_message
 from tangram.serve.metrics import Metrics
@@ -88,18 +88,20 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
         except TemplateError as exc:  # e.g. raise_exception("roles must alternate"): the messages' fault
             raise APIError(400, f"the model's chat template rejects these messages: {exc}", param="messages") from None
 
-    def sampling(body: schemas.SamplingFields, max_tokens: int) -> SamplingParams:
+    def sampling(body: schemas.ChatCompletionRequest | schemas.CompletionRequest) -> SamplingParams:
         try:
-            return body.sampling(max_tokens)
+            return body.engine_params()
         except ValidationError as exc:
             message, param = validation_message(exc.errors())
             raise APIError(400, message, param=param) from None
 
-    async def respond(request: Request, body: schemas.SamplingFields, prompt, max_tokens: int, chat: bool):
+    async def respond(request: Request, body: schemas.ChatCompletionRequest | schemas.CompletionRequest, prompt,
+                      chat: bool):
         started = time.perf_counter()
         name = body.model
         label = request.state.deployment = metrics.label(name)  # the guard counts the response under it
-        first, agen = await open_stream(name, prompt, sampling(body, max_tokens), chat)
+        params = sampling(body)
+        first, agen = await open_stream(name, prompt, params, chat)
         first_at = time.perf_counter()
         metrics.first_token(label, first)
 
@@ -109,19 +111,30 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
                              final.completion_tokens - first.completion_tokens)
 
         rid, created = schemas.new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+        top = (body.top_logprobs or 0) if chat and body.logprobs else None  # chat: top logprobs per token
+        text_lps = not chat and body.logprobs is not None  # completions: the logprobs object
+        echo = "" if chat or not body.echo else choices.prompt_text(first, prompt)
         if not body.stream:
             outs = [first] + [o async for o in agen]
             final = outs[-1]
-            if final.finish_reason == "error":
-                raise APIError(500, f"the request failed after {final.completion_tokens} tokens: {final.error}",
+            failed = next((o for o in outs if o.finish_reason == "error"), None)
+            if failed is not None:
+                raise APIError(500, f"the request failed after {final.completion_tokens} tokens: {failed.error}",
                                "server_error")
-            text = "".join(o.delta for o in outs)
             done(final)
+            seqs = choices.collect(outs, params.n)
             if chat:
-                payload = schemas.chat_body(rid, name, text, final)
+                payload = schemas.chat_body(rid, name, seqs, final, top)
             else:
-                payload = schemas.completion_chunk(rid, name, created, text, schemas.finish(final),
-                                                   usage=schemas.usage(final), tangram=schemas.extension(final))
+                items = []
+                for c in seqs:
+                    lp = None
+                    if text_lps:
+                        lp = choices.TextLogprobs()
+                        lp.add((first.prompt_logprobs or []) if body.echo else [])
+                        lp.add(c.entries)
+                    items.append((echo + c.text, lp, c.finish_reason))
+                payload = schemas.completion_body(rid, name, created, items, final)
             headers = {"x-tangram-start": first.stages.start, "x-tangram-ttft": f"{first.stages.ttft_s:.6f}"}
             return JSONResponse(payload, headers=headers)
 
@@ -129,18 +142,28 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
 
         async def events() -> AsyncIterator[str]:
             out = first
+            lps = [choices.TextLogprobs() for _ in range(params.n)] if text_lps else None
             try:
-                if chat:
-                    yield _sse(schemas.chat_chunk(rid, name, created, {"role": "assistant", "content": ""}))
+                for i in range(params.n):
+                    if chat:
+                        yield _sse(schemas.chat_chunk(rid, name, created, {"role": "assistant", "content": ""},
+                                                      index=i))
+                    elif body.echo:
+                        part = lps[i].add(first.prompt_logprobs or []).body() if lps else None
+                        yield _sse(schemas.completion_chunk(rid, name, created, echo, index=i, logprobs=part))
                 while True:
-                    if out.delta or out.finished:
-                        reason = schemas.finish(out) if out.finished else None
+                    if out.delta or out.finish_reason is not None or out.logprobs:
+                        reason = schemas.finish(out)
                         extra = {"tangram": schemas.extension(out)} if out.finished else {}
                         if chat:
                             delta = {"content": out.delta} if out.delta else {}
-                            yield _sse(schemas.chat_chunk(rid, name, created, delta, reason, **extra))
+                            lp = choices.chat_logprobs(out.logprobs, top) if top is not None else None
+                            yield _sse(schemas.chat_chunk(rid, name, created, delta, reason, index=out.index,
+                                                          logprobs=lp, **extra))
                         else:
-                            yield _sse(schemas.completion_chunk(rid, name, created, out.delta, reason, **extra))
+                            lp = lps[out.index].add(out.logprobs or []).body() if lps else None
+                            yield _sse(schemas.completion_chunk(rid, name, created, out.delta, reason,
+                                                                index=out.index, logprobs=lp, **extra))
                     if out.finished:
                         break
                     out = await agen.__anext__()
@@ -159,11 +182,11 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: schemas.ChatCompletionRequest, request: Request):
         messages = [m.template_message() for m in body.messages]
-        return await respond(request, body, messages, body.limit(), chat=True)
+        return await respond(request, body, messages, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: schemas.CompletionRequest, request: Request):
-        return await respond(request, body, body.prompt, body.max_tokens, chat=False)
+        return await respond(request, body, body.prompt, chat=False)
 
     @app.get("/v1/models")
     async def models():
@@ -211,6 +234,7 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
         return await controller.status_now()
 
     dashboard.mount(app, controller, admin)  # GET /dashboard (page) and /admin/pool-map (its data)
+    extras.mount(app, controller)  # GET /v1/models/{id}, POST /tokenize, /detokenize, GET /version (vLLM's)
 
     return app
 
