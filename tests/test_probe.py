@@ -140,7 +140,7 @@ def test_a_load_does_not_wait_for_a_probe_in_progress(big_file, monkeypatch, tmp
 def test_scoring_rotates_the_order_and_remeasures_disturbed_candidates(big_file, monkeypatch):
     order: list[tuple[str, str]] = []
 
-    def fake_read(path, buf, cfg, state):
+    def fake_read(path, buf, cfg, state, pieces=None):
         order.append((cfg.label, state))
         n = sum(1 for label, s in order if label == cfg.label and s == state)
         if cfg.label == "auto/2x16MiB" and state == "warm" and n <= 3:
@@ -157,7 +157,7 @@ def test_scoring_rotates_the_order_and_remeasures_disturbed_candidates(big_file,
 
     order.clear()
 
-    def once_disturbed(path, buf, cfg, state):
+    def once_disturbed(path, buf, cfg, state, pieces=None):
         order.append((cfg.label, state))
         first = sum(1 for label, s in order if label == cfg.label and s == state) == 1
         if cfg.label == "auto/2x16MiB" and state == "warm" and first:

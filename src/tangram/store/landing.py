@@ -58,18 +58,41 @@ class Landing:
         using it on a device). Raises HashMismatchError when the last byte of a
         verified piece arrives and its digest differs from the index.
         """
-        key = id(piece)
         n = data.numel() if data is not None else 0
-        hasher = self._hashers.get(key)
+        hasher = self.hold(piece, start)
         if hasher is not None:
             assert data is not None, "a verified piece needs its bytes"
+            if n:
+                hasher.update(memoryview(data.numpy()))  # only this thread is at this position of the piece
+        return self.release(piece, n, event)
+
+    def hold(self, piece: Piece, start: int) -> Any | None:
+        """Wait until the bytes of `piece` before `start` are hashed; return its hasher (None: not verified).
+
+        The caller alone then feeds the hasher the piece's next bytes, in order, and
+        calls `release` with how many it fed (`arrived` does both for one part).
+        """
+        hasher = self._hashers.get(id(piece))
+        if hasher is not None:
             with self._cond:
-                while self._pos[key] != start and not self._aborted:
+                while self._pos[id(piece)] != start and not self._aborted:
                     self._cond.wait()
                 if self._aborted:
                     raise Aborted()
-            if n:
-                hasher.update(memoryview(data.numpy()))  # only this thread is at this position of the piece
+        return hasher
+
+    def ready(self, piece: Piece, start: int) -> bool:
+        """Whether `hold(piece, start)` would return at once (the bytes before `start` are hashed, or none need)."""
+        key = id(piece)
+        if key not in self._hashers:
+            return True
+        with self._cond:
+            return self._pos[key] == start
+
+    def release(self, piece: Piece, n: int, event: Any = None) -> list[Any] | None:
+        """`n` more bytes of `piece` are in (fed to its hasher since `hold`); returns as `arrived` does."""
+        key = id(piece)
+        if key in self._hashers:
             with self._cond:
                 self._pos[key] += n
                 self._cond.notify_all()
