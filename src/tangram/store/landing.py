@@ -40,6 +40,7 @@ class Landing:
         self._pos: dict[int, int] = {}
         self._hashers: dict[int, Any] = {}
         self._events: dict[int, list[Any]] = {}
+        self._waiting: dict[int, int] = {}  # threads waiting in `hold`, per piece
         for p in pieces:
             if id(p) in self._left:
                 continue
@@ -74,9 +75,14 @@ class Landing:
         """
         hasher = self._hashers.get(id(piece))
         if hasher is not None:
+            key = id(piece)
             with self._cond:
-                while self._pos[id(piece)] != start and not self._aborted:
-                    self._cond.wait()
+                while self._pos[key] != start and not self._aborted:
+                    self._waiting[key] = self._waiting.get(key, 0) + 1
+                    try:
+                        self._cond.wait()
+                    finally:
+                        self._waiting[key] -= 1
                 if self._aborted:
                     raise Aborted()
         return hasher
@@ -95,7 +101,8 @@ class Landing:
         if key in self._hashers:
             with self._cond:
                 self._pos[key] += n
-                self._cond.notify_all()
+                if self._waiting.get(key):  # one condition serves every piece: wake threads only for this one
+                    self._cond.notify_all()
         return self._count(piece, n, event)
 
     def arrived_unhashed(self, piece: Piece, nbytes: int, event: Any = None) -> list[Any] | None:

@@ -56,6 +56,8 @@ LARGE_FINALISTS = 3
 LARGE_REPEATS = 2
 MIN_PROBE_BYTES = 8 << 20  # smaller files say nothing useful about bandwidth
 PROBE_PIECE_BYTES = 32 << 20  # a probe read is verified in pieces of a large layer weight's size
+# Stored answers of another version are measured again: 2 = reads verified as loads are (1 measured them unchecked).
+PROBE_VERSION = 2
 REPEATS = 3
 SPREAD = 1.5  # samples of one candidate and state further apart than this ratio are re-measured
 MAX_EXTRA = 2
@@ -199,8 +201,8 @@ def remembered(path: Path) -> ReadConfig | None:
     with _lock:
         if dev in _memo:
             return _memo[dev]
-        stored = _read_cached().get(str(dev))
-        cfg = _from_label(stored.get("config", "")) if isinstance(stored, dict) else None
+        stored = _current(_read_cached().get(str(dev)))
+        cfg = _from_label(stored.get("config", "")) if stored else None
         if cfg is not None:
             _memo[dev] = cfg
         return cfg
@@ -211,8 +213,8 @@ def remembered_large(path: Path) -> ReadConfig | None:
     dev = os.stat(path).st_dev
     with _lock:
         if dev not in _memo_large:
-            stored = _read_cached().get(str(dev))
-            large = stored.get("large") if isinstance(stored, dict) else None
+            stored = _current(_read_cached().get(str(dev)))
+            large = stored.get("large") if stored else None
             _memo_large[dev] = _from_label(large.get("config", "")) if isinstance(large, dict) else None
         return _memo_large[dev]
 
@@ -256,7 +258,7 @@ def measure(path: Path, progress: Progress | None = None, nbytes: int = PROBE_BY
                  {k: {s: round(g, 2) for s, g in v.items()} for k, v in gbps.items()})
         with _lock:
             data = _read_cached()
-            data[str(dev)] = {"config": cfg.label, "gbps": gbps, "samples": samples, "measured_on": str(path),
+            data[str(dev)] = {"version": PROBE_VERSION, "config": cfg.label, "gbps": gbps, "samples": samples, "measured_on": str(path),
                               "at": time.time(), "seconds": round(seconds, 2)}
             if large is not None:
                 data[str(dev)]["large"] = large
@@ -265,6 +267,11 @@ def measure(path: Path, progress: Progress | None = None, nbytes: int = PROBE_BY
             _memo_large[dev] = _from_label(large["config"]) if large is not None else None
     return ProbeResult(dev, cfg, gbps, str(path), seconds,
                        _from_label(large["config"]) if large is not None else None, large["gbps"] if large else None)
+
+
+def _current(stored: object) -> dict | None:
+    """A stored measurement if it was made by this version of the probe, else None (it is measured again)."""
+    return stored if isinstance(stored, dict) and stored.get("version") == PROBE_VERSION else None
 
 
 def _from_label(label: str) -> ReadConfig | None:
