@@ -152,3 +152,63 @@ def test_a_piece_split_over_chains_lands_whole(tmp_path, parts, threads):
         got = Loader(method="pread", threads=threads, chunk_bytes=8 * A).load(tmp_path / "c")
         assert all(_same_bytes(got[n], t) for n, t in state.items())
     assert parts["runs"]
+
+
+def _three_parts(bad_hash: bool = False):
+    buf = make_tensor((3 * A,), torch.uint8, seed=5)
+    piece = Piece("p", 0, 0, buf.numel(), buf, "0" * 32 if bad_hash else hash_bytes(buf))
+    return buf, piece, Landing([piece], lambda f: f"file{f}", defer=True)
+
+
+def test_deferred_parts_are_hashed_by_the_thread_that_reaches_them():
+    buf, piece, tracker = _three_parts()
+    returned: list[object] = []
+    later = threading.Thread(target=lambda: returned.extend(
+        [tracker.arrived(piece, 2 * A, buf[2 * A :]), tracker.arrived(piece, A, buf[A : 2 * A])]))
+    later.start()
+    later.join(10)
+    assert not later.is_alive() and returned == [None, None]  # set aside: no wait for the first part
+    assert tracker.incomplete() == ["p"]
+    assert tracker.arrived(piece, 0, buf[:A]) == []  # this thread hashes all three, in order: whole, matched
+    assert tracker.incomplete() == []
+
+
+def test_a_mismatch_of_deferred_parts_is_raised_by_the_thread_that_hashes_the_last():
+    buf, piece, tracker = _three_parts(bad_hash=True)
+    assert tracker.arrived(piece, A, buf[A : 2 * A]) is None
+    assert tracker.arrived(piece, 2 * A, buf[2 * A :]) is None
+    with pytest.raises(HashMismatchError, match="'p'"):
+        tracker.arrived(piece, 0, buf[:A])
+
+
+def test_a_deferred_part_after_an_abort_raises():
+    buf, piece, tracker = _three_parts()
+    tracker.abort()
+    with pytest.raises(Aborted):
+        tracker.arrived(piece, A, buf[A : 2 * A])
+
+
+@pytest.mark.parametrize("method", ["pread", "odirect", "auto"])
+def test_a_piece_over_several_chains_is_reported_once_and_its_late_corruption_found(tmp_path, parts, method):
+    state = {"big": make_tensor((200 * A + 3,), torch.uint8, seed=2), "tail": make_tensor((5 * A,), torch.uint8)}
+    save(state, tmp_path / "c")
+    if method == "odirect":
+        from conftest import skip_if_no_odirect
+
+        skip_if_no_odirect(method, next((tmp_path / "c").glob("data-*.bin")))
+    for p in (tmp_path / "c").glob("data-*.bin"):
+        store_io.populate_page_cache(p)
+    landed: list[str] = []
+    dests = {n: torch.empty(t.numel(), dtype=torch.uint8) for n, t in state.items()}
+    Loader(method=method, threads=3, chunk_bytes=8 * A).load_into(tmp_path / "c", dests, landed=landed.append)
+    assert sorted(landed) == ["big", "tail"]  # each once
+    assert all(_same_bytes(dests[n], t) for n, t in state.items())
+    index = read_index(tmp_path / "c")
+    data = tmp_path / "c" / index.files[0].name
+    raw = bytearray(data.read_bytes())
+    raw[index.tensors["big"].offset + 190 * A] ^= 0x1  # in the last chain of `big`
+    data.write_bytes(bytes(raw))
+    landed.clear()
+    with pytest.raises(HashMismatchError, match="'big'"):
+        Loader(method=method, threads=3, chunk_bytes=8 * A).load_into(tmp_path / "c", dests, landed=landed.append)
+    assert "big" not in landed

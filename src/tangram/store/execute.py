@@ -40,6 +40,8 @@ HASH_STAGE = True  # CPU, O_DIRECT chunks: hashed on a per-reader hashing thread
 # the CPU cache (0: the whole chunk is read, then hashed from memory). A warm load is bound by memory bandwidth;
 # hashing a chunk after the copy read every byte from DRAM a second time.
 HOT_PART = 1 << 20  # the L2 cache of one core of the development VM
+DEFER_HASH = True  # CPU: a part that arrives before the bytes ahead of it were hashed is hashed later, by the
+# thread that gets there, instead of its reader waiting (False: it waits, to compare)
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,8 @@ def execute(
     bounces_lock = threading.Lock()
     local = threading.local()
     pieces = [s.piece for r in runs if isinstance(r, ReadRun) for s in r.segments if s.piece is not None]
-    tracker = Landing([*pieces, *(r.piece for r in runs if isinstance(r, CopyRun))], lambda f: paths[f])
+    tracker = Landing([*pieces, *(r.piece for r in runs if isinstance(r, CopyRun))], lambda f: paths[f],
+                      defer=DEFER_HASH and device.type == "cpu")  # CPU: hashed from destinations, which stay put
 
     def bounce() -> torch.Tensor:
         if not hasattr(local, "bounce"):
@@ -265,6 +268,8 @@ def execute(
             errors += stage.close()
         if errors:
             raise next((e for e in errors if not isinstance(e, Aborted)), errors[0])
+        if missing := tracker.incomplete():  # every byte was read: a piece still open is a bug, never short data
+            raise RuntimeError(f"load ended with {len(missing)} tensors not whole (first {missing[0]!r})")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
