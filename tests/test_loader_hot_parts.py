@@ -140,10 +140,12 @@ def test_probe_reads_are_verified_in_pieces(tmp_path):
         probe.read_gbps(data, buf, cfg, "warm", wrong)
 
 
+@pytest.mark.parametrize("defer", [False, True])
 @pytest.mark.parametrize("threads", [2, 3])
-def test_a_piece_split_over_chains_lands_whole(tmp_path, parts, threads):
+def test_a_piece_split_over_chains_lands_whole(tmp_path, parts, monkeypatch, threads, defer):
     """A piece larger than a chain continues on other threads: a run that starts where another thread still
     holds the piece's hash is read whole first, then hashed in order; either way every byte is checked."""
+    monkeypatch.setattr(store_execute, "DEFER_HASH", defer)
     state = {"big": make_tensor((160 * A + 9,), torch.uint8, seed=1), "small": make_tensor((300,), torch.uint8)}
     save(state, tmp_path / "c")
     for p in (tmp_path / "c").glob("data-*.bin"):
@@ -188,8 +190,11 @@ def test_a_deferred_part_after_an_abort_raises():
         tracker.arrived(piece, A, buf[A : 2 * A])
 
 
+@pytest.mark.parametrize("defer", [False, True])
 @pytest.mark.parametrize("method", ["pread", "odirect", "auto"])
-def test_a_piece_over_several_chains_is_reported_once_and_its_late_corruption_found(tmp_path, parts, method):
+def test_a_piece_over_several_chains_is_reported_once_and_its_late_corruption_found(tmp_path, parts, monkeypatch,
+                                                                                    method, defer):
+    monkeypatch.setattr(store_execute, "DEFER_HASH", defer)
     state = {"big": make_tensor((200 * A + 3,), torch.uint8, seed=2), "tail": make_tensor((5 * A,), torch.uint8)}
     save(state, tmp_path / "c")
     if method == "odirect":

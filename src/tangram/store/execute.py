@@ -40,8 +40,11 @@ HASH_STAGE = True  # CPU, O_DIRECT chunks: hashed on a per-reader hashing thread
 # the CPU cache (0: the whole chunk is read, then hashed from memory). A warm load is bound by memory bandwidth;
 # hashing a chunk after the copy read every byte from DRAM a second time.
 HOT_PART = 1 << 20  # the L2 cache of one core of the development VM
-DEFER_HASH = True  # CPU: a part that arrives before the bytes ahead of it were hashed is hashed later, by the
-# thread that gets there, instead of its reader waiting (False: it waits, to compare)
+# CPU: a part that arrives before the bytes ahead of it were hashed is hashed later, by the thread that gets there,
+# instead of its reader waiting. Off: on the 2-core VM it measured no gain (three interleaved A/Bs, warm 0.33 and
+# 1 GB) and hashes continuation chains from DRAM instead of from the CPU cache; with more cores than reader threads
+# it lets every reader copy while one hashes (to be measured there).
+DEFER_HASH = False
 
 
 @dataclass(frozen=True)
