@@ -140,7 +140,7 @@ def test_a_load_does_not_wait_for_a_probe_in_progress(big_file, monkeypatch, tmp
 def test_scoring_rotates_the_order_and_remeasures_disturbed_candidates(big_file, monkeypatch):
     order: list[tuple[str, str]] = []
 
-    def fake_read(path, buf, cfg, state):
+    def fake_read(path, buf, cfg, state, pieces=None):
         order.append((cfg.label, state))
         n = sum(1 for label, s in order if label == cfg.label and s == state)
         if cfg.label == "auto/2x16MiB" and state == "warm" and n <= 3:
@@ -157,7 +157,7 @@ def test_scoring_rotates_the_order_and_remeasures_disturbed_candidates(big_file,
 
     order.clear()
 
-    def once_disturbed(path, buf, cfg, state):
+    def once_disturbed(path, buf, cfg, state, pieces=None):
         order.append((cfg.label, state))
         first = sum(1 for label, s in order if label == cfg.label and s == state) == 1
         if cfg.label == "auto/2x16MiB" and state == "warm" and first:
@@ -193,3 +193,15 @@ def test_loader_uses_remembered_method(tmp_path, big_file, fake_measure):
     stats = Loader().load_into(tmp_path / "c", dests)
     assert stats.method == "mmap"
     assert torch.equal(dests["w"], state["w"].view(torch.uint8))
+
+
+def test_an_answer_of_an_older_probe_version_is_measured_again(big_file, fake_measure):
+    probe.measure(big_file)
+    stored = json.loads(probe._cache_file().read_text())
+    dev = str(os.stat(big_file).st_dev)
+    assert stored[dev]["version"] == probe.PROBE_VERSION
+    stored[dev].pop("version")  # as the probe stored it before it verified its reads
+    probe._cache_file().write_text(json.dumps(stored))
+    probe.forget_memo()
+    assert probe.remembered(big_file) is None and probe.choose_config(big_file) == probe.DEFAULT
+    assert probe_auto.pending([big_file])  # so the next automatic run measures it again

@@ -30,12 +30,21 @@ from tangram.store import io
 from tangram.store.io import ReadMethod
 from tangram.store.format import ALIGNMENT, align_up
 from tangram.store.landing import Aborted, Landing
-from tangram.store.stages import BouncePool, HashStage
+from tangram.store.stages import BouncePool, HashStage, read_hashed
 from tangram.store.plan import CopyRun, Piece, ReadRun, Segment, task_chains
 
 
 AUTO_CACHED = 0.5  # AUTO reads a chunk through the page cache when at least this much of it is there
 HASH_STAGE = True  # CPU, O_DIRECT chunks: hashed on a per-reader hashing thread (False: on the reader, to compare)
+# CPU, buffered chunks that are verified: read and hashed in parts of this size, each hashed while it is still in
+# the CPU cache (0: the whole chunk is read, then hashed from memory). A warm load is bound by memory bandwidth;
+# hashing a chunk after the copy read every byte from DRAM a second time.
+HOT_PART = 1 << 20  # the L2 cache of one core of the development VM
+# CPU: a part that arrives before the bytes ahead of it were hashed is hashed later, by the thread that gets there,
+# instead of its reader waiting. Off: on the 2-core VM it measured no gain (three interleaved A/Bs, warm 0.33 and
+# 1 GB) and hashes continuation chains from DRAM instead of from the CPU cache; with more cores than reader threads
+# it lets every reader copy while one hashes (to be measured there).
+DEFER_HASH = False
 
 
 @dataclass(frozen=True)
@@ -105,7 +114,8 @@ def execute(
     bounces_lock = threading.Lock()
     local = threading.local()
     pieces = [s.piece for r in runs if isinstance(r, ReadRun) for s in r.segments if s.piece is not None]
-    tracker = Landing([*pieces, *(r.piece for r in runs if isinstance(r, CopyRun))], lambda f: paths[f])
+    tracker = Landing([*pieces, *(r.piece for r in runs if isinstance(r, CopyRun))], lambda f: paths[f],
+                      defer=DEFER_HASH and device.type == "cpu")  # CPU: hashed from destinations, which stay put
 
     def bounce() -> torch.Tensor:
         if not hasattr(local, "bounce"):
@@ -119,22 +129,21 @@ def execute(
             local.stream = torch.cuda.Stream(device)
         return local.stream
 
-    def read(run: ReadRun, need: int) -> bool:
-        """Read `run` (its first `need` bytes must exist) with the configured method; True if with O_DIRECT."""
+    def buffered(run: ReadRun, need: int) -> bool:
+        """Whether `run` is read through the page cache (PREAD, MMAP, AUTO on a resident chunk)."""
+        if method is ReadMethod.AUTO:  # resident: memory speed; else from the disk, past the page cache
+            return residency[run.file].fraction(run.offset, need) >= AUTO_CACHED
+        return method is not ReadMethod.ODIRECT
+
+    def read(run: ReadRun, need: int, cached: bool) -> None:
+        """Read `run` (its first `need` bytes must exist): through the page cache if `cached`, else O_DIRECT."""
         path = paths[run.file]
-        if method is ReadMethod.PREAD:
-            io.read_scatter(fds[run.file], run, path)
+        if not cached:
+            io.read_direct(dfds[run.file], run, bounce(), path, need)
         elif method is ReadMethod.MMAP:
             io.read_mmap(fds[run.file], run, path)
-        elif method is ReadMethod.ODIRECT:
-            io.read_direct(dfds[run.file], run, bounce(), path, need)
-            return True
-        elif residency[run.file].fraction(run.offset, need) >= AUTO_CACHED:  # AUTO, warm: memory speed
+        else:
             io.read_scatter(fds[run.file], ReadRun(run.file, run.offset, _trim(run.segments, need)), path)
-        else:  # AUTO, cold: from the disk, past the page cache
-            io.read_direct(dfds[run.file], run, bounce(), path, need)
-            return True
-        return False
 
     def report(done: list[tuple[Piece, list]]) -> None:
         for piece, events in done:
@@ -151,7 +160,7 @@ def execute(
         done: list[tuple[Piece, list]] = []
         event = None
         try:
-            read(ReadRun(run.file, run.offset, [Segment(length, buf, 0)]), run.length)
+            read(ReadRun(run.file, run.offset, [Segment(length, buf, 0)]), run.length, buffered(run, run.length))
             with torch.cuda.stream(stream()):
                 io.scatter_from(buf, run, non_blocking=True)
                 event = torch.cuda.Event()
@@ -186,20 +195,28 @@ def execute(
         if progress:
             progress(run.payload)
 
-    hashing = HASH_STAGE and device.type == "cpu" and any(p.hash is not None for p in pieces)
-    stage = HashStage(land_counted, tracker) if hashing else None
+    verified = device.type == "cpu" and any(p.hash is not None for p in pieces)
+    stage = HashStage(land_counted, tracker) if HASH_STAGE and verified else None
+    hot_parts = HOT_PART if verified and 0 < HOT_PART < config.chunk_bytes else 0
 
     def cpu_work(run: ReadRun) -> None:
-        if stage is None:
-            read(run, run.length)
-            land_counted(run)
-            return
-        if stage.failed.is_set():
+        if stage is not None and stage.failed.is_set():
             raise Aborted()
-        if read(run, run.length):
+        cached = buffered(run, run.length)
+        if cached and hot_parts and method is not ReadMethod.MMAP and _starts_ready(run, tracker):
+            done: list[tuple[Piece, list]] = []
+            try:  # from memory: each part hashed right after its copy, still in the CPU cache
+                read_hashed(fds[run.file], run, paths[run.file], tracker, hot_parts, done)
+            finally:
+                report(done)
+            if progress:
+                progress(run.payload)
+            return
+        read(run, run.length, cached)
+        if not cached and stage is not None:
             stage.submit(run)  # from the disk: hashed on this reader's hashing thread while the next read runs
         else:
-            land_counted(run)  # from memory: both cores are busy copying already; a handoff only adds a switch
+            land_counted(run)  # from memory: the cores are busy copying already; a handoff only adds a switch
 
     def copy_work(c: CopyRun) -> None:
         dst = c.piece.dest[c.start : c.start + c.length]
@@ -254,6 +271,8 @@ def execute(
             errors += stage.close()
         if errors:
             raise next((e for e in errors if not isinstance(e, Aborted)), errors[0])
+        if missing := tracker.incomplete():  # every byte was read: a piece still open is a bug, never short data
+            raise RuntimeError(f"load ended with {len(missing)} tensors not whole (first {missing[0]!r})")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
@@ -284,6 +303,13 @@ def _tasks(runs: Sequence[ReadRun | CopyRun], config: ReadConfig) -> list[list[R
         if r is not None:
             out.append(r)
     return out
+
+
+def _starts_ready(run: ReadRun, tracker: Landing) -> bool:
+    """Whether the piece `run` starts with can be hashed at once: else another thread holds its earlier bytes,
+    and the run is read whole first (its copy overlaps that wait) and hashed after."""
+    first = run.segments[0].piece if run.segments else None
+    return first is None or tracker.ready(first, run.segments[0].dest_start)
 
 
 def _trim(segments: list[Segment], need: int) -> list[Segment]:

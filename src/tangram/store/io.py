@@ -82,7 +82,8 @@ def host_buffer(nbytes: int, *, pin: bool = False, touch: bool = True) -> torch.
     return buf
 
 
-def _views(run: ReadRun) -> list[memoryview]:
+def segment_views(run: ReadRun) -> list[memoryview]:
+    """One writable view per segment of `run`: its destination bytes, or scratch for padding."""
     out: list[memoryview] = []
     for seg in run.segments:
         if seg.dest is None:
@@ -164,7 +165,7 @@ class Residency:
             vec = (ctypes.c_ubyte * pages)()
             if _libc.mincore(ctypes.c_void_p(self._base + at), ctypes.c_size_t(n), vec) != 0:
                 return 0.0
-            resident += sum(b & 1 for b in vec)
+            resident += int(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1))  # bit 0: resident
             total += pages
         return resident / total
 
@@ -224,7 +225,7 @@ def read_direct(fd: int, run: ReadRun, bounce: torch.Tensor, path: Path, need: i
 
 def read_scatter(fd: int, run: ReadRun, path: Path) -> None:
     """Buffered read of `run` straight into its CPU destinations (one preadv per run)."""
-    views = _views(run)
+    views = segment_views(run)
     preadv_full(fd, views, run.offset, path, run)
 
 

@@ -2,7 +2,8 @@
 
 The candidates are the loader's own configurations (read method x reader
 threads x chunk size), run through the loader's own executor over a real data
-file, once cold (evicted from the page cache) and once warm (in it). The
+file, once cold (evicted from the page cache) and once warm (in it), verifying
+the bytes against their hashes as a load does (in tensor-sized pieces). The
 winner has the least cold + warm time: a cold start finds the checkpoint in
 either state. What wins depends on the machine, so it is measured.
 
@@ -42,8 +43,9 @@ from tangram.paths import data_dir
 from tangram.store import io
 from tangram.store.execute import ReadConfig, execute
 from tangram.store.format import ALIGNMENT
+from tangram.store.hashing import hash_bytes
 from tangram.store.io import ReadMethod
-from tangram.store.plan import Piece, plan_reads
+from tangram.store.plan import Piece, ReadRun, plan_reads
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,9 @@ LARGE_PROBE_BYTES = 1 << 30  # the leaders at 256 MiB are measured again over th
 LARGE_FINALISTS = 3
 LARGE_REPEATS = 2
 MIN_PROBE_BYTES = 8 << 20  # smaller files say nothing useful about bandwidth
+PROBE_PIECE_BYTES = 32 << 20  # a probe read is verified in pieces of a large layer weight's size
+# Stored answers of another version are measured again: 2 = reads verified as loads are (1 measured them unchecked).
+PROBE_VERSION = 2
 REPEATS = 3
 SPREAD = 1.5  # samples of one candidate and state further apart than this ratio are re-measured
 MAX_EXTRA = 2
@@ -126,13 +131,14 @@ def measure_samples(path: Path, nbytes: int = PROBE_BYTES, repeats: int = REPEAT
     usable = [c for c in candidates or CANDIDATES if odirect or c.method not in (ReadMethod.ODIRECT, ReadMethod.AUTO)]
     samples: dict[str, dict[str, list[float]]] = {c.label: {s: [] for s in STATES} for c in usable}
     planned, done = repeats * len(usable), 0
+    pieces = probe_pieces(path, buf)  # loads verify every tensor they read: so do the measured reads
 
     def one(cfg: ReadConfig) -> None:
         nonlocal done
         if progress:
             progress(done, planned, cfg.label)
         for state in STATES:
-            samples[cfg.label][state].append(read_gbps(path, buf, cfg, state))
+            samples[cfg.label][state].append(read_gbps(path, buf, cfg, state, pieces))
         done += 1
 
     for rep in range(repeats):  # repeat-major, rotated: drift and disturbances hit different candidates
@@ -150,10 +156,25 @@ def measure_samples(path: Path, nbytes: int = PROBE_BYTES, repeats: int = REPEAT
     return samples
 
 
-def read_gbps(path: Path, buf: torch.Tensor, cfg: ReadConfig, state: str) -> float:
-    """GB/s of one read of the first `buf.numel()` bytes of `path` into `buf` with `cfg`, the file `state`."""
+def probe_pieces(path: Path, buf: torch.Tensor, piece_bytes: int = PROBE_PIECE_BYTES) -> list[Piece]:
+    """The first `buf.numel()` bytes of `path` as tensor-sized pieces into `buf`, each with the xxh3-128 of its
+    bytes (read and hashed here, untimed), so a probe read verifies them as a load verifies its tensors."""
+    fd = io.open_data_file(path, direct=False)
+    try:
+        io.preadv_full(fd, [memoryview(buf.numpy())], 0, path, ReadRun(0, 0))
+    finally:
+        os.close(fd)
+    return [Piece(f"probe@{at}", 0, at, min(piece_bytes, buf.numel() - at), buf[at : at + piece_bytes],
+                  hash_bytes(buf[at : at + piece_bytes])) for at in range(0, buf.numel(), piece_bytes)]
+
+
+def read_gbps(path: Path, buf: torch.Tensor, cfg: ReadConfig, state: str,
+              pieces: list[Piece] | None = None) -> float:
+    """GB/s of one read of the first `buf.numel()` bytes of `path` into `buf` with `cfg`, the file `state`;
+    verified against their hashes when `pieces` (probe_pieces) are given."""
     (io.evict_from_page_cache if state == "cold" else io.populate_page_cache)(path)
-    runs = plan_reads([Piece("probe", 0, 0, buf.numel(), buf)], chunk_bytes=cfg.chunk_bytes)
+    runs = plan_reads(pieces or [Piece("probe", 0, 0, buf.numel(), buf)], chunk_bytes=cfg.chunk_bytes,
+                      piece_cuts=True)
     t0 = time.perf_counter()
     execute(runs, {0: path}, cfg, torch.device("cpu"))
     return buf.numel() / (time.perf_counter() - t0) / 1e9
@@ -180,8 +201,8 @@ def remembered(path: Path) -> ReadConfig | None:
     with _lock:
         if dev in _memo:
             return _memo[dev]
-        stored = _read_cached().get(str(dev))
-        cfg = _from_label(stored.get("config", "")) if isinstance(stored, dict) else None
+        stored = _current(_read_cached().get(str(dev)))
+        cfg = _from_label(stored.get("config", "")) if stored else None
         if cfg is not None:
             _memo[dev] = cfg
         return cfg
@@ -192,8 +213,8 @@ def remembered_large(path: Path) -> ReadConfig | None:
     dev = os.stat(path).st_dev
     with _lock:
         if dev not in _memo_large:
-            stored = _read_cached().get(str(dev))
-            large = stored.get("large") if isinstance(stored, dict) else None
+            stored = _current(_read_cached().get(str(dev)))
+            large = stored.get("large") if stored else None
             _memo_large[dev] = _from_label(large.get("config", "")) if isinstance(large, dict) else None
         return _memo_large[dev]
 
@@ -237,7 +258,7 @@ def measure(path: Path, progress: Progress | None = None, nbytes: int = PROBE_BY
                  {k: {s: round(g, 2) for s, g in v.items()} for k, v in gbps.items()})
         with _lock:
             data = _read_cached()
-            data[str(dev)] = {"config": cfg.label, "gbps": gbps, "samples": samples, "measured_on": str(path),
+            data[str(dev)] = {"version": PROBE_VERSION, "config": cfg.label, "gbps": gbps, "samples": samples, "measured_on": str(path),
                               "at": time.time(), "seconds": round(seconds, 2)}
             if large is not None:
                 data[str(dev)]["large"] = large
@@ -246,6 +267,11 @@ def measure(path: Path, progress: Progress | None = None, nbytes: int = PROBE_BY
             _memo_large[dev] = _from_label(large["config"]) if large is not None else None
     return ProbeResult(dev, cfg, gbps, str(path), seconds,
                        _from_label(large["config"]) if large is not None else None, large["gbps"] if large else None)
+
+
+def _current(stored: object) -> dict | None:
+    """A stored measurement if it was made by this version of the probe, else None (it is measured again)."""
+    return stored if isinstance(stored, dict) and stored.get("version") == PROBE_VERSION else None
 
 
 def _from_label(label: str) -> ReadConfig | None:

@@ -1,16 +1,56 @@
-"""Pipeline parts of the executor: the hashing stage and the bounce buffers kept across loads."""
+"""Pipeline parts of the executor: the hashing stage, hashed buffered reads, the bounce buffers kept across loads."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from tangram.store import io
 from tangram.store.landing import Aborted, Landing
-from tangram.store.plan import ReadRun
+from tangram.store.plan import Piece, ReadRun
+
+
+def read_hashed(fd: int, run: ReadRun, path: Path, tracker: Landing, part_bytes: int,
+                done: list[tuple[Piece, list]]) -> None:
+    """Buffered read of `run` into its CPU destinations in parts of `part_bytes`, each part hashed right after
+    its copy, while it is still in the CPU cache; appends each piece it completes, with its copy events, to
+    `done` (also those completed before a failure).
+
+    A warm load is bound by memory bandwidth: hashing a whole chunk after its copy read
+    every byte from DRAM again. Each piece's hash position is held (`Landing.hold`) for
+    the whole run: only its first piece can continue a chunk another thread holds,
+    which is planned earlier and never waits for this one.
+    """
+    views = io.segment_views(run)
+    hashers: list[Any] = [tracker.hold(s.piece, s.dest_start) if s.piece is not None else None
+                          for s in run.segments]
+    bounds, at = [], 0
+    for seg in run.segments:
+        bounds.append((at, at + seg.length))
+        at += seg.length
+    first = 0  # the first segment not yet wholly read
+    for lo in range(0, at, part_bytes):
+        hi = min(at, lo + part_bytes)
+        touched = []
+        i = first
+        while i < len(bounds) and bounds[i][0] < hi:
+            b, e = bounds[i]
+            touched.append((i, views[i][max(lo, b) - b : min(hi, e) - b]))
+            i += 1
+        io.preadv_full(fd, [v for _, v in touched], run.offset + lo, path, run)
+        for i, view in touched:
+            if hashers[i] is not None:
+                hashers[i].update(view)
+            seg = run.segments[i]
+            if bounds[i][1] <= hi:
+                first = i + 1
+                if seg.piece is not None and (events := tracker.release(seg.piece, seg.length)) is not None:
+                    done.append((seg.piece, events))
 
 
 class BouncePool:
