@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from tangram.engine import sampling
+from tangram.engine import constrain, sampling
 from tangram.engine.batch import SeqWork
 from tangram.engine.request import Request, RequestOutput, Status
 
@@ -34,8 +34,16 @@ class OutputProcessor:
     def process(self, sampled: list[SeqWork], logits: torch.Tensor, now: float) -> None:
         """Sample a token for each of `sampled` (rows of `logits`, in order) and advance its request."""
         reqs = [w.request for w in sampled]
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        if rows:  # structured output: constrained rows sample within their grammar's mask
+            try:
+                constrain.apply_masks(rows, [reqs[i].grammar for i in rows], logits)
+            except Exception as exc:  # noqa: BLE001 - fails the constrained rows only
+                log.exception("structured-output masks of %s failed", [reqs[i].id for i in rows])
+                for i in rows:
+                    self.finish(reqs[i], "error", error=f"structured output failed: {type(exc).__name__}: {exc}")
         for req, tok in zip(reqs, self.sample(reqs, logits)):
-            if tok is None:
+            if tok is None or req.status is Status.FINISHED:
                 continue  # its sampling failed: it is finished with the error
             try:
                 self.advance(req, tok, now)
@@ -74,12 +82,18 @@ class OutputProcessor:
                 self.on_first_token(req)
         p = req.params
         reason = None
+        if req.grammar is not None and not req.grammar.accept(tok):
+            self.finish(req, "error", error=f"structured output: the grammar rejected token {tok}: {req.grammar.error}")
+            return
         if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
             reason, delta = "stop", req.text.flush()  # the stop token is not part of the text
         else:
             delta = req.text.push([tok])
             if req.text.stopped:
                 reason = "stop"
+            elif req.grammar is not None and req.grammar.done:  # the structured output is complete
+                reason = "stop"
+                delta += req.text.flush()
             elif len(req.output_ids) >= p.max_tokens or len(req.ids) >= self.max_model_len:
                 reason = "length"
                 delta += req.text.flush()

