@@ -29,7 +29,7 @@ from tangram.engine.constrain import GrammarCompiler
 from tangram.engine.detok import TextStream
 from tangram.engine.errors import RequestError
 from tangram.engine.output import OutputProcessor
-from tangram.engine.prompt import ChatPrompt
+from tangram.engine.prompt import ChatPrompt, Prompt
 from tangram.engine.request import OutputQueue, Request, RequestOutput, Status
 from tangram.engine.runner import ModelRunner
 from tangram.engine.sampling import SamplingParams, make_generator
@@ -83,7 +83,7 @@ class Engine:
 
     # ------------------------------------------------------------------ requests in
 
-    def encode(self, prompt: str | list[int] | list[dict] | ChatPrompt, chat: bool = False) -> list[int]:
+    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         """Prompt ids from text (chat: through the checkpoint's chat template), messages (with tools), or ids."""
         tools = None
         if isinstance(prompt, ChatPrompt):
@@ -104,7 +104,7 @@ class Engine:
             return list(enc["input_ids"])
         return list(self.tokenizer(prompt)["input_ids"])
 
-    def add_request(self, prompt: str | list[int] | list[dict] | ChatPrompt, params: SamplingParams | None = None, *,
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, *,
                     request_id: str | None = None, sink: Callable[[RequestOutput], None] | None = None,
                     arrival: float | None = None, chat: bool = False) -> Request:
         """Queue a request; outputs go to `sink` (default: an OutputQueue at `request.sink`). Raises RequestError."""

@@ -11,3 +11,6 @@ class ChatPrompt:
 
     messages: list[dict]
     tools: list[dict] | None = None
+
+
+Prompt = str | list[int] | list[dict] | ChatPrompt  # text, token ids, chat messages, or messages with tools

@@ -17,7 +17,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tangram.control import Controller, Deployment, DeploymentUnavailable, UnknownDeployment
 from tangram.engine import RequestError, RequestOutput, SamplingParams
-from tangram.serve import dashboard, schemas
+from tangram.engine.prompt import ChatPrompt
+from tangram.engine.structured import StructuredOutput
+from tangram.serve import dashboard, schemas, tools
 from tangram.serve.auth import APIKeyMiddleware
 from tangram.serve.errors import APIError, ErrorGuard, validation_message
 from tangram.serve.metrics import Metrics
@@ -95,11 +97,22 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
             message, param = validation_message(exc.errors())
             raise APIError(400, message, param=param) from None
 
-    async def respond(request: Request, body: schemas.SamplingFields, prompt, max_tokens: int, chat: bool):
+    def constraint(body: schemas.SamplingFields) -> StructuredOutput | None:
+        try:
+            return tools.constraint(body.response_format, getattr(body, "tools", None),
+                                    getattr(body, "tool_choice", None), getattr(body, "parallel_tool_calls", True))
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=str(exc).split(":")[0]) from None
+
+    async def respond(request: Request, body: schemas.SamplingFields, prompt, max_tokens: int, chat: bool,
+                      parse_tools: bool = False):
         started = time.perf_counter()
         name = body.model
         label = request.state.deployment = metrics.label(name)  # the guard counts the response under it
-        first, agen = await open_stream(name, prompt, sampling(body, max_tokens), chat)
+        params, structured = sampling(body, max_tokens), constraint(body)
+        if structured is not None:
+            params = params.model_copy(update={"structured": structured})
+        first, agen = await open_stream(name, prompt, params, chat)
         first_at = time.perf_counter()
         metrics.first_token(label, first)
 
@@ -119,6 +132,8 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
             done(final)
             if chat:
                 payload = schemas.chat_body(rid, name, text, final)
+                if parse_tools:
+                    tools.answer_with_calls(payload["choices"][0], text)
             else:
                 payload = schemas.completion_chunk(rid, name, created, text, schemas.finish(final),
                                                    usage=schemas.usage(final), tangram=schemas.extension(final))
@@ -129,6 +144,7 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
 
         async def events() -> AsyncIterator[str]:
             out = first
+            calls = tools.ToolCallStream() if parse_tools else None
             try:
                 if chat:
                     yield _sse(schemas.chat_chunk(rid, name, created, {"role": "assistant", "content": ""}))
@@ -136,7 +152,11 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
                     if out.delta or out.finished:
                         reason = schemas.finish(out) if out.finished else None
                         extra = {"tangram": schemas.extension(out)} if out.finished else {}
-                        if chat:
+                        if calls is not None:
+                            delta, reason = calls.delta(out.delta, reason)
+                            if delta or out.finished:
+                                yield _sse(schemas.chat_chunk(rid, name, created, delta, reason, **extra))
+                        elif chat:
                             delta = {"content": out.delta} if out.delta else {}
                             yield _sse(schemas.chat_chunk(rid, name, created, delta, reason, **extra))
                         else:
@@ -159,7 +179,9 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: schemas.ChatCompletionRequest, request: Request):
         messages = [m.template_message() for m in body.messages]
-        return await respond(request, body, messages, body.limit(), chat=True)
+        prompt = ChatPrompt(messages, [t.model_dump(exclude_none=True) for t in body.tools]) if body.tools else messages
+        return await respond(request, body, prompt, body.limit(), chat=True,
+                             parse_tools=bool(body.tools) and body.tool_choice != "none")
 
     @app.post("/v1/completions")
     async def completions(body: schemas.CompletionRequest, request: Request):

@@ -1,0 +1,84 @@
+"""Tool-call parsing and the API's structured-output rules, pure (no server, no model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tangram.serve.tools import (NamedToolChoice, ResponseFormat, Tool, ToolCallStream, constraint,
+                                 split_tool_calls)
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+WEATHER = Tool.model_validate({"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}})
+ADD = Tool.model_validate({"type": "function", "function": {"name": "add"}})
+
+
+def test_a_whole_answer_splits_into_content_and_calls():
+    content, calls = split_tool_calls("Let me check.\n" + CALL + "\n" + CALL.replace("Paris", "Oslo"))
+    assert content == "Let me check."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}),
+                                                                  ("get_weather", {"city": "Oslo"})]
+    assert calls[0].id != calls[1].id and calls[0].id.startswith("call_")
+    only, one = split_tool_calls(CALL)
+    assert only is None and [c.name for c in one] == ["get_weather"]
+
+
+def test_text_without_calls_is_all_content():
+    assert split_tool_calls("just text <tool") == ("just text <tool", [])
+    assert split_tool_calls("  spaced  ") == ("  spaced  ", [])
+
+
+def test_a_tag_around_no_call_object_stays_content():
+    text = "<tool_call>\nnot json\n</tool_call>"
+    assert split_tool_calls(text) == (text, [])
+
+
+def test_an_unterminated_call_is_content():
+    content, calls = split_tool_calls('<tool_call>\n{"name": "get_weather", "argu')
+    assert calls == [] and content == '<tool_call>\n{"name": "get_weather", "argu'
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 1000])
+def test_streamed_deltas_give_the_whole_answer_whatever_the_split(step):
+    text = "Sure." + "\n" + CALL + "\n" + CALL.replace("Paris", "Rome")
+    stream, content, calls = ToolCallStream(), "", []
+    pieces = [text[i:i + step] for i in range(0, len(text), step)]
+    for k, piece in enumerate(pieces):
+        delta, reason = stream.delta(piece, "stop" if k == len(pieces) - 1 else None)
+        content += delta.get("content", "")
+        calls += delta.get("tool_calls", [])
+        assert "<tool" not in delta.get("content", "")
+    assert reason == "tool_calls"
+    assert content.strip() == "Sure."
+    assert [c["index"] for c in calls] == [0, 1]
+    assert [json.loads(c["function"]["arguments"])["city"] for c in calls] == ["Paris", "Rome"]
+
+
+def test_a_stream_without_calls_keeps_its_finish_reason_and_text():
+    stream = ToolCallStream()
+    first, _ = stream.delta("hello <tool", None)
+    last, reason = stream.delta(" x ", "length")
+    assert first["content"] + last["content"] == "hello <tool x " and reason == "length"
+
+
+def test_forcing_choices_build_a_call_schema_and_bad_combinations_are_named():
+    named = constraint(None, [WEATHER, ADD], NamedToolChoice.model_validate(
+        {"type": "function", "function": {"name": "add"}}))
+    assert named.kind == "tool_calls" and not named.multiple
+    assert json.loads(named.schema_text)["properties"]["name"] == {"const": "add"}
+    required = constraint(None, [WEATHER, ADD], "required", parallel_tool_calls=False)
+    assert [s["properties"]["name"]["const"] for s in json.loads(required.schema_text)["anyOf"]] == ["get_weather", "add"]
+    assert constraint(None, [WEATHER], "auto") is None and constraint(None, [WEATHER], "none") is None
+    fmt = ResponseFormat.model_validate({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
+    assert constraint(fmt, [WEATHER], "auto").kind == "json_schema"
+    assert constraint(ResponseFormat(type="text"), None, None) is None
+    with pytest.raises(ValueError, match="^tool_choice: forcing"):
+        constraint(None, None, "required")
+    with pytest.raises(ValueError, match="^tool_choice: no tool named 'nope'"):
+        constraint(None, [WEATHER], NamedToolChoice.model_validate({"type": "function", "function": {"name": "nope"}}))
+    with pytest.raises(ValueError, match="^response_format: cannot be combined"):
+        constraint(fmt, [WEATHER], "required")
+    with pytest.raises(ValueError, match="^response_format: type json_schema needs"):
+        constraint(ResponseFormat(type="json_schema"), None, None)
