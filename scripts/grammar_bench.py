@@ -1,6 +1,8 @@
 """Per-token cost of a JSON-schema token mask on the CPU for the grammar libraries Tangram could use.
 
 Usage: python scripts/grammar_bench.py TOKENIZER_DIR [TOKENIZER_DIR ...]
+(llguidance is a dependency; `pip install "torch==2.13.0" xgrammar outlines-core` to compare the others: a
+library that is missing is reported as failed.)
 
 For each tokenizer and library: the one-off cost (tokenizer preparation, grammar compile), then a
 generation replayed token by token (a valid instance of the schema, tokenized by the tokenizer itself):
@@ -64,7 +66,8 @@ def bench_llguidance(tok, ids: list[int], vocab: int) -> None:
         assert ok, (m.get_error(), t)
         fill.append(b - a)
         step.append(c - b)
-    print(f"  llguidance   tokenizer {1e3 * (t1 - t0):8.1f} ms  compile {1e3 * (t2 - t1):8.1f} ms  accepting={m.is_accepting()}")
+    print(f"  llguidance   tokenizer {1e3 * (t1 - t0):8.1f} ms  compile {1e3 * (t2 - t1):8.1f} ms  "
+          f"accepting={m.is_accepting()}")
     print(f"    mask:    {stats(fill)}\n    advance: {stats(step)}")
 
 

@@ -42,7 +42,8 @@ def constrained(schema: dict | None, max_tokens: int = 200, **kw) -> SamplingPar
 
 
 def test_random_weights_under_a_schema_give_valid_json(inst):
-    params = [constrained(PERSON), constrained(PERSON, temperature=1.0, seed=3), constrained(PERSON, temperature=0.7, seed=9)]
+    params = [constrained(PERSON), constrained(PERSON, temperature=1.0, seed=3),
+              constrained(PERSON, temperature=0.7, seed=9)]
     outs = inst.engine.generate(["hello"] * 3, params)
     for out in outs:
         assert out.finish_reason == "stop", out.text
@@ -63,7 +64,8 @@ def test_unconstrained_requests_batched_with_constrained_ones_are_unchanged(inst
                                                                                ignore_eos=True)]
     alone = inst.engine.generate(["the quick", "brown fox"], plain)
     mixed = inst.engine.generate(["the quick", "hello", "brown fox", "hi"],
-                                 [plain[0], constrained(PERSON), plain[1], constrained(PERSON, temperature=1.0, seed=1)])
+                                 [plain[0], constrained(PERSON), plain[1],
+                                  constrained(PERSON, temperature=1.0, seed=1)])
     assert [o.output_ids for o in (mixed[0], mixed[2])] == [o.output_ids for o in alone]
     for out in (mixed[1], mixed[3]):
         jsonschema.validate(json.loads(out.text), PERSON)
@@ -116,10 +118,27 @@ def test_smollm2_answers_in_the_schema(tmp_path_factory):
               "required": ["city", "country", "population_millions"], "additionalProperties": False}
     ask = [{"role": "user", "content": "Give the capital of France as JSON with city, country and population."}]
     with Instance(demo, DevicePool(600 << 20), EngineConfig()) as smol:
-        outs = smol.engine.generate([ask, ask, ask], [constrained(schema, 80), SamplingParams(max_tokens=16),
-                                                      constrained(schema, 80, temperature=0.8, seed=2)])
+        outs = smol.engine.generate([ask] * 4, [constrained(schema, 80), SamplingParams(max_tokens=16),
+                                                constrained(schema, 80, temperature=0.8, seed=2), constrained(None, 80)])
     for out in (outs[0], outs[2]):
         assert out.finish_reason == "stop", out.text
-        value = json.loads(out.text)
-        jsonschema.validate(value, schema)
+        jsonschema.validate(json.loads(out.text), schema)
     assert "Paris" in outs[0].text
+    assert outs[3].finish_reason == "stop" and isinstance(json.loads(outs[3].text), dict)
+
+
+def test_preempted_constrained_requests_resume_in_their_grammar(ckpt):
+    prompts = ["hello", "hi there", "the quick brown", "fox"]
+    params = [constrained(PERSON, 60), constrained(PERSON, 60, temperature=1.0, seed=4), constrained(PERSON, 60),
+              constrained(PERSON, 60, temperature=0.8, seed=8)]
+    with Instance(ckpt, DevicePool(64 << 20), EngineConfig(block_tokens=4)) as roomy:
+        block, weights = roomy.kv.block_size, roomy.pool.snapshot()["totals"]["active"]
+        refs = roomy.engine.generate(prompts, params)
+    assert all(r.finish_reason == "stop" for r in refs) and sum(len(r.output_ids) for r in refs) > 4 * 20
+    # 20 blocks (80 tokens) for four sequences of 20-60 tokens: they cannot all run to the end together
+    with Instance(ckpt, DevicePool(weights + 20 * block), EngineConfig(block_tokens=4, max_step_tokens=8)) as tight:
+        outs = tight.engine.generate(prompts, params)
+        assert tight.engine.totals.preemptions > 0
+    assert [o.output_ids for o in outs] == [r.output_ids for r in refs]
+    for out in outs:
+        jsonschema.validate(json.loads(out.text), PERSON)

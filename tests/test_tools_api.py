@@ -105,7 +105,8 @@ def test_required_tool_choice_answers_with_valid_calls_whole_and_streamed(server
         chunks = [ch for ch in c.chat.completions.create(**kw, stream=True) if ch.choices]
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
         deltas = [tc for ch in chunks for tc in ch.choices[0].delta.tool_calls or []]
-        assert [d.function.arguments for d in deltas] == [t.function.arguments for t in whole.choices[0].message.tool_calls]
+        whole_calls = whole.choices[0].message.tool_calls
+        assert [d.function.arguments for d in deltas] == [t.function.arguments for t in whole_calls]
         assert [d.index for d in deltas] == list(range(len(deltas)))
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == ""
 

@@ -153,8 +153,9 @@ class GrammarCompiler:
 @torch.inference_mode()  # the runner's logits are inference tensors
 def apply_masks(rows: list[int], states: list[GrammarState], logits: torch.Tensor) -> None:
     """Set to -inf, in place, the logits of `rows` outside their states' masks."""
-    bits = torch.cat([s.next_mask() for s in states])  # [n, words]
-    allowed = ((bits.unsqueeze(-1) >> _SHIFTS) & 1).flatten(1)[:, :logits.shape[-1]].bool()
-    idx = torch.tensor(rows, device=logits.device)
-    sub = logits.index_select(0, idx).masked_fill_(~allowed.to(logits.device), float("-inf"))
+    dev = logits.device
+    bits = torch.cat([s.next_mask() for s in states]).to(dev)  # [n, words]: what crosses to a GPU is 1 bit a token
+    allowed = ((bits.unsqueeze(-1) >> _SHIFTS.to(dev)) & 1).flatten(1)[:, :logits.shape[-1]].bool()
+    idx = torch.tensor(rows, device=dev)
+    sub = logits.index_select(0, idx).masked_fill_(~allowed, float("-inf"))
     logits.index_copy_(0, idx, sub)

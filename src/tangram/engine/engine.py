@@ -97,7 +97,7 @@ class Engine:
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise RequestError("this model has no chat template; send a plain prompt")
-            if tools and "tools" not in self.tokenizer.chat_template:
+            if tools and "tools" not in str(self.tokenizer.chat_template):
                 raise RequestError("tools: this model's chat template does not render tools")
             enc = self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
                                                      tokenize=True, return_dict=True)
