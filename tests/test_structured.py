@@ -142,3 +142,30 @@ def test_preempted_constrained_requests_resume_in_their_grammar(ckpt):
     assert [o.output_ids for o in outs] == [r.output_ids for r in refs]
     for out in outs:
         jsonschema.validate(json.loads(out.text), PERSON)
+
+
+def test_a_call_schema_with_nested_model_references_compiles_and_holds(inst):
+    from pydantic import BaseModel, ConfigDict, Field
+
+    from tangram.serve.tools import Tool, constraint
+
+    class City(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        code: str = Field(max_length=3)
+
+    class Trip(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        start: City
+        end: City
+
+    tools = [Tool.model_validate({"type": "function", "function": {"name": n, "parameters": Trip.model_json_schema()}})
+             for n in ("trip", "tour")]
+    spec = constraint(None, tools, "required", parallel_tool_calls=False)
+    outs = inst.engine.generate(["go"] * 2, [SamplingParams(max_tokens=200, structured=spec, temperature=1.0, seed=s)
+                                            for s in (1, 2)])
+    for out in outs:
+        assert out.finish_reason == "stop", out.text
+        body = json.loads(out.text[len(TOOL_CALL_OPEN):-len(TOOL_CALL_CLOSE)])
+        assert list(body) == ["name", "arguments"] and list(body["arguments"]) == ["start", "end"]  # schema order
+        Trip.model_validate(body["arguments"])
+        jsonschema.validate(body, json.loads(spec.schema_text))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import pytest
+from pydantic import BaseModel
 
 from tangram.serve.tools import (NamedToolChoice, ResponseFormat, Tool, ToolCallStream, constraint,
                                  split_tool_calls)
@@ -84,3 +86,22 @@ def test_forcing_choices_build_a_call_schema_and_bad_combinations_are_named():
         constraint(fmt, [WEATHER], "required")
     with pytest.raises(ValueError, match="^response_format: type json_schema needs"):
         constraint(ResponseFormat(type="json_schema"), None, None)
+
+
+def test_references_of_nested_models_point_into_the_call_schema():
+    class City(BaseModel):
+        name: str
+
+    class Trip(BaseModel):
+        start: City
+        end: City
+
+    tool = Tool.model_validate({"type": "function",
+                                "function": {"name": "trip", "parameters": Trip.model_json_schema()}})
+    for tools, at in (([tool], "#"), ([WEATHER, tool], "#/anyOf/1")):
+        schema = json.loads(constraint(None, tools, "required").schema_text)
+        args = (schema["anyOf"][1] if len(tools) > 1 else schema)["properties"]["arguments"]
+        assert args["properties"]["start"]["$ref"] == f"{at}/properties/arguments/$defs/City"
+        jsonschema.validate({"name": "trip", "arguments": {"start": {"name": "a"}, "end": {"name": "b"}}}, schema)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"name": "trip", "arguments": {"start": {"name": 1}, "end": {"name": "b"}}}, schema)

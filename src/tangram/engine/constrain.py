@@ -104,7 +104,13 @@ class GrammarCompiler:
         """A fresh matcher for `spec` (its first mask being filled); RequestError naming the parameter when
         the schema cannot be compiled."""
         lltok = _lltokenizer(self.tokenizer, self.vocab, self.eos)
-        text = self.grammar_text(spec, lltok)
+        param = "tools" if spec.kind == "tool_calls" else "response_format"
+        try:
+            text = self.grammar_text(spec, lltok)
+        except RequestError:
+            raise
+        except ValueError as exc:  # llguidance's own check of the schema
+            raise RequestError(f"{param}: the schema cannot be used for structured output: {exc}") from None
         with self._lock:
             pristine = self._cache.get(text)
             if pristine is not None:
@@ -112,7 +118,6 @@ class GrammarCompiler:
         if pristine is None:
             pristine = llguidance.LLMatcher(lltok, text, log_level=0)  # drops the GIL while it compiles
             if pristine.is_error():
-                param = "tools" if spec.kind == "tool_calls" else "response_format"
                 raise RequestError(f"{param}: the schema cannot be used for structured output: "
                                    f"{pristine.get_error().splitlines()[0]}")
             with self._lock:

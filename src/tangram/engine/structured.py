@@ -29,9 +29,9 @@ class StructuredOutput(BaseModel):
     @classmethod
     def json_schema(cls, schema: dict) -> StructuredOutput:
         """Output that is one JSON value valid against `schema`."""
-        return cls(kind="json_schema", schema_text=json.dumps(schema, sort_keys=True))
+        return cls(kind="json_schema", schema_text=json.dumps(schema))
 
     @classmethod
     def tool_calls(cls, call_schema: dict, *, multiple: bool) -> StructuredOutput:
         """Output that is one (or, with `multiple`, one or more) tool calls whose objects match `call_schema`."""
-        return cls(kind="tool_calls", schema_text=json.dumps(call_schema, sort_keys=True), multiple=multiple)
+        return cls(kind="tool_calls", schema_text=json.dumps(call_schema), multiple=multiple)

@@ -105,11 +105,26 @@ class MessageToolCall(_Body):
     function: CalledFunction
 
 
-def call_schema(tool: Tool) -> dict[str, Any]:
-    """The JSON schema of one call object of `tool`: `{"name": <its name>, "arguments": <its parameters>}`."""
-    return {"type": "object", "properties": {"name": {"const": tool.function.name},
-                                             "arguments": tool.function.parameters or {"type": "object"}},
+def call_schema(tool: Tool, at: str = "#") -> dict[str, Any]:
+    """The JSON schema of one call object of `tool`: `{"name": <its name>, "arguments": <its parameters>}`.
+    `at`: where the call schema will sit (a JSON pointer), for the references of the parameters."""
+    params = _moved(tool.function.parameters or {"type": "object"}, f"{at}/properties/arguments")
+    return {"type": "object", "properties": {"name": {"const": tool.function.name}, "arguments": params},
             "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def _moved(schema: Any, to: str) -> Any:
+    """`schema` with its local `$ref`s (`#...`, as pydantic writes them for nested models: `#/$defs/X`) rewritten
+    for the schema sitting at JSON pointer `to` instead of at a document's root."""
+    if isinstance(schema, list):
+        return [_moved(v, to) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _moved(v, to) for k, v in schema.items()}
+    ref = out.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        out["$ref"] = to + ref[1:]
+    return out
 
 
 def constraint(response_format: ResponseFormat | None, tools: list[Tool] | None, tool_choice: ToolChoice | None,
@@ -127,9 +142,9 @@ def constraint(response_format: ResponseFormat | None, tools: list[Tool] | None,
             raise ValueError(f"tool_choice: no tool named {tool_choice.function.name!r} in tools")
         return StructuredOutput.tool_calls(call_schema(named[0]), multiple=False)
     if tool_choice == "required":
-        schemas = [call_schema(t) for t in tools or []]
-        return StructuredOutput.tool_calls(schemas[0] if len(schemas) == 1 else {"anyOf": schemas},
-                                           multiple=parallel_tool_calls)
+        many = len(tools or []) > 1
+        schemas = [call_schema(t, f"#/anyOf/{i}" if many else "#") for i, t in enumerate(tools or [])]
+        return StructuredOutput.tool_calls({"anyOf": schemas} if many else schemas[0], multiple=parallel_tool_calls)
     return response_format.constraint() if response_format is not None else None
 
 
