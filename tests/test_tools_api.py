@@ -206,7 +206,7 @@ def test_langchain_bind_tools_round_trip(server):
     from langchain_core.messages import HumanMessage, ToolMessage
 
     llm = langchain_model(server, max_tokens=120)
-    ai = llm.bind_tools([GetWeather], tool_choice="GetWeather").invoke([HumanMessage("Weather in Paris?")])
+    ai = llm.bind_tools([GetWeather], tool_choice="GetWeather", strict=True).invoke([HumanMessage("Weather in Paris?")])
     assert [c["name"] for c in ai.tool_calls] == ["GetWeather"]
     GetWeather.model_validate(ai.tool_calls[0]["args"])
     result = ToolMessage("sunny", tool_call_id=ai.tool_calls[0]["id"])
