@@ -69,7 +69,17 @@ def test_unconstrained_requests_batched_with_constrained_ones_are_unchanged(inst
     assert [o.output_ids for o in (mixed[0], mixed[2])] == [o.output_ids for o in alone]
     for out in (mixed[1], mixed[3]):
         jsonschema.validate(json.loads(out.text), PERSON)
-    assert inst.engine.grammars.cache_size >= len(inst.engine.grammars._cache) == 2  # PERSON and json_object
+
+
+
+def test_a_schema_compiles_once_for_all_its_requests(inst):
+    grammars = inst.engine.grammars
+    before = grammars.cached
+    schema = {**PERSON, "required": ["name"]}
+    outs = inst.engine.generate(["a", "b", "c"], [constrained(schema, 100, temperature=1.0, seed=s) for s in range(3)])
+    assert grammars.cached == before + 1
+    for out in outs:
+        jsonschema.validate(json.loads(out.text), schema)
 
 
 def test_without_a_grammar_the_model_does_not_write_this_json(inst):
@@ -169,3 +179,24 @@ def test_a_call_schema_with_nested_model_references_compiles_and_holds(inst):
         assert list(body) == ["name", "arguments"] and list(body["arguments"]) == ["start", "end"]  # schema order
         Trip.model_validate(body["arguments"])
         jsonschema.validate(body, json.loads(spec.schema_text))
+
+
+def test_a_failing_matcher_fails_only_its_request(inst, monkeypatch):
+    from tangram.engine.constrain import GrammarState
+
+    real = GrammarState.next_mask
+
+    def broken(self):
+        if getattr(self, "broken", False):
+            raise RuntimeError("matcher broke")
+        return real(self)
+
+    monkeypatch.setattr(GrammarState, "next_mask", broken)
+    sinks = [[], [], []]
+    reqs = [inst.engine.add_request("hello", p, sink=sink.append) for p, sink in
+            zip([constrained(PERSON), constrained(PERSON), SamplingParams(max_tokens=8, ignore_eos=True)], sinks)]
+    reqs[0].grammar.broken = True
+    inst.engine.run_until_idle()
+    assert sinks[0][-1].finish_reason == "error" and "matcher broke" in sinks[0][-1].error
+    jsonschema.validate(json.loads(sinks[1][-1].text), PERSON)
+    assert sinks[2][-1].finish_reason == "length" and sinks[2][-1].completion_tokens == 8

@@ -100,6 +100,11 @@ class GrammarCompiler:
         self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
 
+    @property
+    def cached(self) -> int:
+        """Compiled grammars held."""
+        return len(self._cache)
+
     def compile(self, spec: StructuredOutput) -> GrammarState:
         """A fresh matcher for `spec` (its first mask being filled); RequestError naming the parameter when
         the schema cannot be compiled."""
@@ -156,10 +161,25 @@ class GrammarCompiler:
 
 
 @torch.inference_mode()  # the runner's logits are inference tensors
-def apply_masks(rows: list[int], states: list[GrammarState], logits: torch.Tensor) -> None:
-    """Set to -inf, in place, the logits of `rows` outside their states' masks."""
+def apply_masks(rows: list[int], states: list[GrammarState], logits: torch.Tensor) -> dict[int, str]:
+    """Set to -inf, in place, the logits of `rows` outside their states' masks; the rows whose mask could not be
+    computed, with why (those rows are left as they are: their requests must fail)."""
+    failed: dict[int, str] = {}
+    masks: list[torch.Tensor] = []
+    for row, state in zip(rows, states):
+        try:
+            masks.append(state.next_mask())
+        except Exception as exc:  # noqa: BLE001 - one request's matcher failing fails only that request
+            failed[row] = f"{type(exc).__name__}: {exc}"
+    rows = [r for r in rows if r not in failed]
+    if rows:
+        _mask_rows(rows, masks, logits)
+    return failed
+
+
+def _mask_rows(rows: list[int], masks: list[torch.Tensor], logits: torch.Tensor) -> None:
     dev = logits.device
-    bits = torch.cat([s.next_mask() for s in states]).to(dev)  # [n, words]: what crosses to a GPU is 1 bit a token
+    bits = torch.cat(masks).to(dev)  # [n, words]: what crosses to a GPU is one bit a token
     allowed = ((bits.unsqueeze(-1) >> _SHIFTS.to(dev)) & 1).flatten(1)[:, :logits.shape[-1]].bool()
     idx = torch.tensor(rows, device=dev)
     sub = logits.index_select(0, idx).masked_fill_(~allowed, float("-inf"))

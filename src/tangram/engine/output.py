@@ -37,11 +37,12 @@ class OutputProcessor:
         rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
         if rows:  # structured output: constrained rows sample within their grammar's mask
             try:
-                constrain.apply_masks(rows, [reqs[i].grammar for i in rows], logits)
+                failed = constrain.apply_masks(rows, [reqs[i].grammar for i in rows], logits)
             except Exception as exc:  # noqa: BLE001 - fails the constrained rows only
                 log.exception("structured-output masks of %s failed", [reqs[i].id for i in rows])
-                for i in rows:
-                    self.finish(reqs[i], "error", error=f"structured output failed: {type(exc).__name__}: {exc}")
+                failed = {i: f"{type(exc).__name__}: {exc}" for i in rows}
+            for i, why in failed.items():
+                self.finish(reqs[i], "error", error=f"structured output failed: {why}")
         for req, tok in zip(reqs, self.sample(reqs, logits)):
             if tok is None or req.status is Status.FINISHED:
                 continue  # its sampling failed: it is finished with the error

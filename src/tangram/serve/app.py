@@ -99,8 +99,7 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
 
     def constraint(body: schemas.SamplingFields) -> StructuredOutput | None:
         try:
-            return tools.constraint(body.response_format, getattr(body, "tools", None),
-                                    getattr(body, "tool_choice", None), getattr(body, "parallel_tool_calls", True))
+            return body.constraint()
         except ValueError as exc:
             raise APIError(400, str(exc), param=str(exc).split(":")[0]) from None
 

@@ -10,7 +10,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 
 from tangram.engine import RequestOutput, SamplingParams
 from tangram.engine.sampling import MAX_TOKENS_LIMIT, SEED_LIMIT, TOKEN_ID_LIMIT, TOP_K_LIMIT
-from tangram.serve.tools import MessageToolCall, ResponseFormat, Tool, ToolChoice
+from tangram.engine.structured import StructuredOutput
+from tangram.serve.tools import MessageToolCall, ResponseFormat, Tool, ToolChoice, constraint
 
 DEFAULT_CHAT_MAX_TOKENS = 512
 
@@ -106,6 +107,7 @@ class SamplingFields(_Strict):
     user: Text | None = None
     ignore_eos: bool = Field(False, description="extension")
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64, description="extension")
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -121,6 +123,10 @@ class SamplingFields(_Strict):
         if value is not None and info.data.get("stream") is not True:  # as OpenAI does
             raise ValueError("stream_options is only allowed when stream is true")
         return value
+
+    def constraint(self) -> StructuredOutput | None:
+        """What the output must match (ValueError naming the parameter for what cannot be served)."""
+        return constraint(self.response_format, None, None)
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         """Engine sampling parameters (raises pydantic.ValidationError on bad combinations)."""
@@ -138,10 +144,13 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: Literal[False] | None = None
-    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
+
+    def constraint(self) -> StructuredOutput | None:
+        """What the output must match: `response_format`, or the tool call a `tool_choice` forces."""
+        return constraint(self.response_format, self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def limit(self) -> int:
         """Tokens to generate at most."""
@@ -156,7 +165,6 @@ class CompletionRequest(SamplingFields):
     echo: Literal[False] = False
     logprobs: None = None
     suffix: None = None
-    response_format: ResponseFormat | None = None
 
     @field_validator("prompt")
     @classmethod
