@@ -45,22 +45,40 @@ def test_an_unterminated_call_is_content():
 @pytest.mark.parametrize("step", [1, 2, 3, 7, 1000])
 def test_streamed_deltas_give_the_whole_answer_whatever_the_split(step):
     text = "Sure." + "\n" + CALL + "\n" + CALL.replace("Paris", "Rome")
-    stream, content, calls = ToolCallStream(), "", []
+    stream, content, calls, fragments = ToolCallStream(), "", {}, 0
     pieces = [text[i:i + step] for i in range(0, len(text), step)]
     for k, piece in enumerate(pieces):
         delta, reason = stream.delta(piece, "stop" if k == len(pieces) - 1 else None)
         content += delta.get("content", "")
-        calls += delta.get("tool_calls", [])
+        for entry in delta.get("tool_calls", []):  # as a client accumulates them
+            if "id" in entry:
+                assert entry["index"] not in calls and entry["function"]["name"] == "get_weather"
+                calls[entry["index"]] = {"id": entry["id"], "arguments": ""}
+            calls[entry["index"]]["arguments"] += entry["function"]["arguments"]
+            fragments += "id" not in entry
         assert "<tool" not in delta.get("content", "")
     assert reason == "tool_calls"
     assert content.strip() == "Sure."
-    assert [c["index"] for c in calls] == [0, 1]
-    assert [json.loads(c["function"]["arguments"])["city"] for c in calls] == ["Paris", "Rome"]
+    assert list(calls) == [0, 1]
+    assert [c["arguments"] for c in calls.values()] == ['{"city": "Paris"}', '{"city": "Rome"}']
+    assert [c.arguments for c in split_tool_calls(text)[1]] == ['{"city": "Paris"}', '{"city": "Rome"}']
+    if step <= 3:  # short deltas stream each call's arguments in pieces, as OpenAI does
+        assert fragments > 2 * len(calls)
+
+
+def test_a_call_written_in_another_order_comes_whole_at_its_end():
+    text = '<tool_call>\n{"arguments": {"x": 1}, "name": "f"}\n</tool_call>'
+    stream = ToolCallStream()
+    first, _ = stream.delta(text[:-3], None)
+    assert first == {}
+    last, reason = stream.delta(text[-3:], "stop")
+    assert last["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"x": 1}'} and reason == "tool_calls"
 
 
 def test_a_stream_without_calls_keeps_its_finish_reason_and_text():
     stream = ToolCallStream()
     first, _ = stream.delta("hello <tool", None)
+    assert first["content"] == "hello "
     last, reason = stream.delta(" x ", "length")
     assert first["content"] + last["content"] == "hello <tool x " and reason == "length"
 

@@ -104,10 +104,15 @@ def test_required_tool_choice_answers_with_valid_calls_whole_and_streamed(server
         check_calls(whole.choices[0].message.tool_calls, [WEATHER, ADD])
         chunks = [ch for ch in c.chat.completions.create(**kw, stream=True) if ch.choices]
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
-        deltas = [tc for ch in chunks for tc in ch.choices[0].delta.tool_calls or []]
+        streamed: dict[int, list[str]] = {}  # index -> [name, arguments], accumulated as a client does
+        for d in (tc for ch in chunks for tc in ch.choices[0].delta.tool_calls or []):
+            if d.id is not None:
+                streamed[d.index] = [d.function.name, ""]
+            streamed[d.index][1] += d.function.arguments
         whole_calls = whole.choices[0].message.tool_calls
-        assert [d.function.arguments for d in deltas] == [t.function.arguments for t in whole_calls]
-        assert [d.index for d in deltas] == list(range(len(deltas)))
+        assert list(streamed.values()) == [[t.function.name, t.function.arguments] for t in whole_calls]
+        assert list(streamed) == list(range(len(whole_calls)))
+        assert sum(len(ch.choices[0].delta.tool_calls or []) for ch in chunks) > len(whole_calls)  # in pieces
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == ""
 
 

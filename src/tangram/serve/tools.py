@@ -9,6 +9,7 @@ forcing `tool_choice` (`required`, a named function) into the engine's `Structur
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -175,6 +176,14 @@ def parse_call(text: str) -> ToolCall | None:
     return ToolCall(value["name"], args if isinstance(args, str) else json.dumps(args))
 
 
+def _unquoted(text: str) -> str:
+    """A JSON string's content unescaped (as it is, if its escapes are not JSON's)."""
+    try:
+        return json.loads(f'"{text}"')
+    except ValueError:
+        return text
+
+
 def _held(text: str, tag: str) -> int:
     """Length of the longest suffix of `text` that could begin `tag`."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
@@ -183,20 +192,28 @@ def _held(text: str, tag: str) -> int:
     return 0
 
 
+# a call's opening as a model writes it (and as the tool-call grammar forces it): the name, then the arguments
+_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+_TAIL = re.compile(r"\s*\}?\s*$")  # what may still close the call object after its arguments
+
+
 class ToolCallStream:
-    """Splits generated text, fed in deltas, into content and tool calls. Text that could still begin a tag is
-    held back; blank content around calls is dropped; a tag whose body is no call object stays content."""
+    """Splits generated text, fed in deltas, into content and tool calls, as OpenAI streams them: a call's id
+    and name once its opening is generated, then its arguments' text in pieces. Text that could still begin a
+    tag is held back; blank content around calls is dropped; a tag around no call object stays content."""
 
     def __init__(self) -> None:
         self.calls: list[ToolCall] = []
         self._buf = ""
         self._blank = ""  # whitespace content held until something that is not whitespace follows
         self._inside = False
+        self._open: ToolCall | None = None  # the call whose arguments are streaming
+        self._args_at = 0  # where its arguments begin in the buffer
 
-    def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
-        """Content to send now and the calls completed by `delta`."""
+    def feed(self, delta: str) -> tuple[str, list[dict[str, Any]]]:
+        """Content to send now and the `tool_calls` delta entries (OpenAI's shape, with `index`) of `delta`."""
         self._buf += delta
-        content, new = "", []
+        content, entries = "", []
         while True:
             if not self._inside:
                 i = self._buf.find(TOOL_CALL_OPEN)
@@ -207,35 +224,55 @@ class ToolCallStream:
                     break
                 content += self._buf[:i]
                 self._buf, self._inside = self._buf[i + len(TOOL_CALL_OPEN):], True
+                continue
+            j = self._buf.find(TOOL_CALL_CLOSE)
+            body = self._buf if j < 0 else self._buf[:j]
+            if self._open is None and (m := _HEADER.match(body)) is not None:
+                self._open, self._args_at = ToolCall(_unquoted(m.group(1)), ""), m.end()
+                self.calls.append(self._open)
+                entries.append({"index": len(self.calls) - 1, "id": self._open.id, "type": "function",
+                                "function": {"name": self._open.name, "arguments": ""}})
+            if j < 0:
+                if self._open is not None:  # stream the arguments but what may be the call's end
+                    entries += self._arguments(body[:len(body) - _held(body, TOOL_CALL_CLOSE)])
+                break
+            self._buf, self._inside = self._buf[j + len(TOOL_CALL_CLOSE):], False
+            if self._open is not None:
+                entries += self._arguments(body)
+                self._open = None
+            elif (call := parse_call(body)) is not None:  # a call written in another order: whole, at its end
+                self.calls.append(call)
+                entries.append(call.body(len(self.calls) - 1))
             else:
-                j = self._buf.find(TOOL_CALL_CLOSE)
-                if j < 0:
-                    break
-                body, self._buf, self._inside = self._buf[:j], self._buf[j + len(TOOL_CALL_CLOSE):], False
-                call = parse_call(body)
-                if call is None:
-                    content += TOOL_CALL_OPEN + body + TOOL_CALL_CLOSE
-                else:
-                    new.append(call)
-        self.calls += new
-        return self._content(content), new
+                content += TOOL_CALL_OPEN + body + TOOL_CALL_CLOSE
+        return self._content(content), entries
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """What is left at the end: held text, and an unterminated call (cut by max_tokens) as content."""
-        rest = (TOOL_CALL_OPEN if self._inside else "") + self._buf
-        self._buf, self._inside = "", False
-        return self._content(rest, final=True), []
+    def _arguments(self, body: str) -> list[dict[str, Any]]:
+        """The open call's arguments text so far (`body`: the call's text), as a delta entry of what is new."""
+        assert self._open is not None
+        args = body[self._args_at:].lstrip()  # the blank after "arguments": may come in a later delta
+        args = args[:_TAIL.search(args).start()]
+        if len(args) <= len(self._open.arguments):
+            return []
+        new, self._open.arguments = args[len(self._open.arguments):], args
+        return [{"index": self.calls.index(self._open), "function": {"arguments": new}}]
+
+    def finish(self) -> str:
+        """Content left at the end: held text, and an unterminated call (cut by max_tokens) unless it is one whose
+        arguments were streaming."""
+        rest = "" if self._open is not None else (TOOL_CALL_OPEN if self._inside else "") + self._buf
+        self._buf, self._inside, self._open = "", False, None
+        return self._content(rest, final=True)
 
     def delta(self, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
         """A stream chunk's delta for the new `text` (and, once `reason` is set, what was held back), and its
         finish reason: `tool_calls` when the answer made calls and stopped."""
-        content, new = self.feed(text)
+        content, entries = self.feed(text)
         if reason is not None:
-            content += self.finish()[0]
-        first = len(self.calls) - len(new)
+            content += self.finish()
         delta: dict[str, Any] = {"content": content} if content else {}
-        if new:
-            delta["tool_calls"] = [c.body(first + k) for k, c in enumerate(new)]
+        if entries:
+            delta["tool_calls"] = entries
         return delta, "tool_calls" if reason == "stop" and self.calls else reason
 
     def _content(self, text: str, final: bool = False) -> str:
@@ -250,10 +287,10 @@ class ToolCallStream:
 def split_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
     """A whole answer's content (None when it is only tool calls) and its calls."""
     stream = ToolCallStream()
-    content, calls = stream.feed(text)
-    rest, _ = stream.finish()
-    content = (content + rest).strip() if calls else content + rest
-    return (content or None) if calls else content, calls
+    content = stream.feed(text)[0] + stream.finish()
+    if stream.calls:
+        return content.strip() or None, stream.calls
+    return content, []
 
 
 def answer_with_calls(choice: dict[str, Any], text: str) -> None:
