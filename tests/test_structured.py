@@ -200,3 +200,15 @@ def test_a_failing_matcher_fails_only_its_request(inst, monkeypatch):
     assert sinks[0][-1].finish_reason == "error" and "matcher broke" in sinks[0][-1].error
     jsonschema.validate(json.loads(sinks[1][-1].text), PERSON)
     assert sinks[2][-1].finish_reason == "length" and sinks[2][-1].completion_tokens == 8
+
+
+def test_constraints_and_chat_prompts_cross_processes_intact():
+    import pickle
+
+    from tangram.engine.prompt import ChatPrompt
+
+    params = constrained(PERSON, temperature=0.5, seed=1)
+    prompt = ChatPrompt([{"role": "user", "content": "x"}], [{"type": "function", "function": {"name": "f"}}])
+    assert pickle.loads(pickle.dumps(params)) == params  # Ray pickles what a remote worker's engine gets
+    assert pickle.loads(pickle.dumps(prompt)) == prompt
+    assert json.loads(params.structured.schema_text) == PERSON

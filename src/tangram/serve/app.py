@@ -152,7 +152,7 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
                         reason = schemas.finish(out) if out.finished else None
                         extra = {"tangram": schemas.extension(out)} if out.finished else {}
                         if calls is not None:
-                            delta, reason = calls.delta(out.delta, reason)
+                            delta, reason = calls.delta(out.delta, reason, final=out.finished)
                             if delta or out.finished:
                                 yield _sse(schemas.chat_chunk(rid, name, created, delta, reason, **extra))
                         elif chat:

@@ -264,11 +264,11 @@ class ToolCallStream:
         self._buf, self._inside, self._open = "", False, None
         return self._content(rest, final=True)
 
-    def delta(self, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
-        """A stream chunk's delta for the new `text` (and, once `reason` is set, what was held back), and its
-        finish reason: `tool_calls` when the answer made calls and stopped."""
+    def delta(self, text: str, reason: str | None, final: bool | None = None) -> tuple[dict[str, Any], str | None]:
+        """A stream chunk's delta for the new `text` (and, at the `final` one, by default the one with a `reason`,
+        what was held back), and its finish reason: `tool_calls` when the answer made calls and stopped."""
         content, entries = self.feed(text)
-        if reason is not None:
+        if reason is not None if final is None else final:
             content += self.finish()
         delta: dict[str, Any] = {"content": content} if content else {}
         if entries:
