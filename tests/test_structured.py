@@ -129,7 +129,8 @@ def test_smollm2_answers_in_the_schema(tmp_path_factory):
     ask = [{"role": "user", "content": "Give the capital of France as JSON with city, country and population."}]
     with Instance(demo, DevicePool(600 << 20), EngineConfig()) as smol:
         outs = smol.engine.generate([ask] * 4, [constrained(schema, 80), SamplingParams(max_tokens=16),
-                                                constrained(schema, 80, temperature=0.8, seed=2), constrained(None, 80)])
+                                                constrained(schema, 80, temperature=0.8, seed=2),
+                                                constrained(None, 80)])
     for out in (outs[0], outs[2]):
         assert out.finish_reason == "stop", out.text
         jsonschema.validate(json.loads(out.text), schema)
