@@ -215,6 +215,11 @@ def test_langchain_bind_tools_round_trip(server):
     ai = llm.bind_tools([GetWeather], tool_choice="GetWeather", strict=True).invoke([HumanMessage("Weather in Paris?")])
     assert [c["name"] for c in ai.tool_calls] == ["GetWeather"]
     GetWeather.model_validate(ai.tool_calls[0]["args"])
+    forced = llm.bind_tools([GetWeather], tool_choice="GetWeather", strict=True)
+    streamed = None
+    for chunk in forced.stream([HumanMessage("Weather in Paris?")]):  # tool_call_chunks, merged as LangChain does
+        streamed = chunk if streamed is None else streamed + chunk
+    assert [(c["name"], c["args"]) for c in streamed.tool_calls] == [(c["name"], c["args"]) for c in ai.tool_calls]
     result = ToolMessage("sunny", tool_call_id=ai.tool_calls[0]["id"])
     answer = langchain_model(server, max_tokens=8).bind_tools([GetWeather]).invoke(
         [HumanMessage("Weather in Paris?"), ai, result])
