@@ -33,7 +33,10 @@ from tangram.engine.structured import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Structure
 
 log = logging.getLogger(__name__)
 
-_SHIFTS = torch.arange(32, dtype=torch.int32)
+# byte value -> the additive mask of its 8 tokens (0 allowed, -inf not): adding a gathered bias is several times
+# faster than a boolean masked_fill on CPU (16 x 49,152 bf16: 0.33 ms against 3.4 ms with the bits unpacked)
+_BYTE_BITS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).bool()
+_biases: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 # JSON is written as Python's json.dumps and chat templates' tojson write it: a fixed ", " and ": ", no other
 # whitespace (flexible whitespace lets a model emit blanks until max_tokens, which a random-weight one does)
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -178,9 +181,13 @@ def apply_masks(rows: list[int], states: list[GrammarState], logits: torch.Tenso
 
 
 def _mask_rows(rows: list[int], masks: list[torch.Tensor], logits: torch.Tensor) -> None:
-    dev = logits.device
-    bits = torch.cat(masks).to(dev)  # [n, words]: what crosses to a GPU is one bit a token
-    allowed = ((bits.unsqueeze(-1) >> _SHIFTS.to(dev)) & 1).flatten(1)[:, :logits.shape[-1]].bool()
+    dev, vocab = logits.device, logits.shape[-1]
+    key = (logits.dtype, dev)
+    if key not in _biases:
+        _biases[key] = torch.zeros(256, 8, dtype=logits.dtype).masked_fill_(~_BYTE_BITS, float("-inf")).to(dev)
+    # [n, words] int32 -> bytes (little-endian: byte k of a word holds its tokens 8k..8k+7); one bit a token
+    # crosses to a GPU
+    raw = torch.cat(masks).to(dev).view(torch.uint8)
+    bias = _biases[key].index_select(0, raw.flatten().int()).view(len(rows), -1)[:, :vocab]
     idx = torch.tensor(rows, device=dev)
-    sub = logits.index_select(0, idx).masked_fill_(~allowed, float("-inf"))
-    logits.index_copy_(0, idx, sub)
+    logits.index_copy_(0, idx, logits.index_select(0, idx).add_(bias))
