@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
+from tangram.engine.prompt import Prompt
 from tangram.engine.request import RequestOutput
 from tangram.engine.sampling import SamplingParams
 from tangram.engine.stages import StartCost
@@ -36,9 +37,10 @@ class EngineBackend(Protocol):
         """What the start cost so far (a background load may still be running: see `final_cost`)."""
         ...
 
-    def submit(self, prompt: str | list[int] | list[dict], params: SamplingParams, sink: Sink, *, arrival: float,
+    def submit(self, prompt: Prompt, params: SamplingParams, sink: Sink, *, arrival: float,
                chat: bool = False) -> str:
-        """Validate and queue a request (CPU work: tokenizing; call it off an event loop); its id.
+        """Validate and queue a request (CPU work: tokenizing, compiling a structured-output grammar; call it off
+        an event loop); its id. A `ChatPrompt` carries the tools its chat template renders.
         Raises `RequestError` for a prompt or parameters the instance cannot serve."""
         ...
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from tangram.engine.backend import Sink
 from tangram.engine.instance import EngineConfig, Instance
 from tangram.engine.loop import EngineLoop
+from tangram.engine.prompt import Prompt
 from tangram.engine.sampling import SamplingParams
 from tangram.engine.stages import StartCost
 from tangram.pool import DevicePool
@@ -26,7 +27,7 @@ class BuiltinBackend:
         """What the start cost so far."""
         return self.instance.cost
 
-    def submit(self, prompt, params: SamplingParams, sink: Sink, *, arrival: float, chat: bool = False) -> str:
+    def submit(self, prompt: Prompt, params: SamplingParams, sink: Sink, *, arrival: float, chat: bool = False) -> str:
         """Tokenize, validate and queue a request on the engine; its id."""
         return self.instance.engine.add_request(prompt, params, sink=sink, arrival=arrival, chat=chat).id
 

@@ -25,9 +25,11 @@ from collections.abc import Callable, Iterable
 
 from tangram.engine.batch import StepPlan
 from tangram.engine.block_manager import BlockManager
+from tangram.engine.constrain import GrammarCompiler, GrammarState
 from tangram.engine.detok import TextStream
 from tangram.engine.errors import RequestError
 from tangram.engine.output import OutputProcessor
+from tangram.engine.prompt import ChatPrompt, Prompt
 from tangram.engine.request import OutputQueue, Request, RequestOutput, Status, fork_sequences
 from tangram.engine.runner import ModelRunner
 from tangram.engine.sampling import SamplingParams, make_generator
@@ -56,6 +58,7 @@ class Engine:
         self.output = OutputProcessor(eos_token_ids=eos_token_ids, max_model_len=max_model_len, emit=self._emit,
                                       finish=self.finish, on_first_token=on_first_token)
         self.vocab = runner.model.config.get_text_config().vocab_size
+        self.grammars = GrammarCompiler(tokenizer, vocab=self.vocab, eos_token_ids=eos_token_ids)  # compiles lazily
         self.work = threading.Condition()  # notified on new requests and aborts
         self._incoming: deque[Request] = deque()
         self._aborts: set[str] = set()
@@ -80,9 +83,12 @@ class Engine:
 
     # ------------------------------------------------------------------ requests in
 
-    def encode(self, prompt: str | list[int] | list[dict], chat: bool = False) -> list[int]:
-        """Prompt ids from text (chat: through the checkpoint's chat template), messages, or ids."""
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
+        """Prompt ids from text (chat: through the checkpoint's chat template), messages (with tools), or ids."""
+        tools = None
+        if isinstance(prompt, ChatPrompt):
+            chat, messages, tools = True, prompt.messages, prompt.tools
+        elif isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             chat, messages = True, prompt
         elif isinstance(prompt, str):
             messages = [{"role": "user", "content": prompt}]
@@ -91,12 +97,14 @@ class Engine:
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise RequestError("this model has no chat template; send a plain prompt")
-            enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)
+            if tools and "tools" not in str(self.tokenizer.chat_template):
+                raise RequestError("tools: this model's chat template does not render tools")
+            enc = self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
+                                                     tokenize=True, return_dict=True)
             return list(enc["input_ids"])
         return list(self.tokenizer(prompt)["input_ids"])
 
-    def add_request(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, *,
                     request_id: str | None = None, sink: Callable[[RequestOutput], None] | None = None,
                     arrival: float | None = None, chat: bool = False) -> Request:
         """Queue a request; outputs go to `sink` (default: an OutputQueue at `request.sink`). Raises RequestError."""
@@ -105,9 +113,10 @@ class Engine:
         self._validate(ids, params)
         rid = request_id or f"req-{next(_ids)}"
         req = Request(rid, ids, params, self.clock() if arrival is None else arrival, sink or OutputQueue(),
-                      TextStream(self.tokenizer, list(params.stop)), make_generator(params, self.kv.device()))
+                      TextStream(self.tokenizer, list(params.stop)), make_generator(params, self.kv.device()),
+                      grammar=self._grammar(params))
         if params.n > 1:
-            fork_sequences(req, self.kv.device())
+            fork_sequences(req, self.kv.device(), grammar=self._grammar)
         with self.work:
             if rid in self._live:
                 raise RequestError(f"request id {rid!r} is already in use")
@@ -115,6 +124,10 @@ class Engine:
             self._incoming.append(req)
             self.work.notify_all()
         return req
+
+    def _grammar(self, params: SamplingParams) -> GrammarState | None:
+        """A fresh structured-output matcher for a request (one per sequence of an n > 1 request), or None."""
+        return self.grammars.compile(params.structured) if params.structured else None
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from tangram.engine import logprobs, sampling
+from tangram.engine import constrain, logprobs, sampling
 from tangram.engine.batch import SeqWork
 from tangram.engine.logprobs import Decoder, TokenLogprob
 from tangram.engine.request import Request, RequestOutput, Status
@@ -59,8 +59,9 @@ class OutputProcessor:
         if len(live) < len(reqs):
             reqs = [reqs[i] for i in live]
             logits = logits.index_select(0, torch.tensor(live, dtype=torch.int64, device=logits.device))
+        raw = self._constrain(reqs, logits)
         tokens = self.sample(reqs, logits)
-        self._logprobs(reqs, logits, tokens)
+        self._logprobs(reqs, raw, tokens)
         for req, tok in zip(reqs, tokens):
             if tok is None or req.status is Status.FINISHED:
                 continue  # its sampling failed: it is finished with the error
@@ -70,6 +71,22 @@ class OutputProcessor:
                 log.exception("postprocessing %s failed", req.id)
                 if req.status is not Status.FINISHED:
                     self.finish(req, "error", error=f"postprocess failed: {type(exc).__name__}: {exc}")
+
+    def _constrain(self, reqs: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """Mask, in place, the rows of constrained requests to their grammar (structured output); the logits as
+        they were, for logprobs (a copy only when a constrained request also asks for logprobs)."""
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        if not rows:
+            return logits
+        raw = logits.clone() if any(reqs[i].params.logprobs is not None for i in rows) else logits
+        try:
+            failed = constrain.apply_masks(rows, [reqs[i].grammar for i in rows], logits)
+        except Exception as exc:  # noqa: BLE001 - fails the constrained rows only
+            log.exception("structured-output masks of %s failed", [reqs[i].id for i in rows])
+            failed = {i: f"{type(exc).__name__}: {exc}" for i in rows}
+        for i, why in failed.items():
+            self.finish(reqs[i], "error", error=f"structured output failed: {why}")
+        return raw
 
     def _decoder(self, req: Request) -> Decoder:
         if self.decoder is None:  # every request of an engine has its tokenizer
@@ -169,12 +186,19 @@ class OutputProcessor:
         reason = None
         if p.max_tokens == 0:
             reason, delta = "length", ""
+        elif req.grammar is not None and not req.grammar.accept(tok):
+            self.finish(req, "error",
+                        error=f"structured output: the grammar rejected token {tok}: {req.grammar.error}")
+            return
         elif (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
             reason, delta = "stop", req.text.flush()  # the stop token is not part of the text
         else:
             delta = req.text.push([tok])
             if req.text.stopped:
                 reason = "stop"
+            elif req.grammar is not None and req.grammar.done:  # the structured output is complete
+                reason = "stop"
+                delta += req.text.flush()
             elif len(req.output_ids) >= p.max_tokens or len(req.ids) >= self.max_model_len:
                 reason = "length"
                 delta += req.text.flush()

@@ -6,7 +6,7 @@ import enum
 import queue
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -14,6 +14,9 @@ from tangram.engine.detok import TextStream
 from tangram.engine.logprobs import TokenLogprob
 from tangram.engine.sampling import SEED_LIMIT, SamplingParams, make_generator
 from tangram.engine.stages import Stages
+
+if TYPE_CHECKING:
+    from tangram.engine.constrain import GrammarState
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -76,6 +79,7 @@ class Request:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not streamed yet
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # by prompt position
     prompt_logprobs_sent: bool = False
+    grammar: GrammarState | None = None  # its structured-output matcher, when it has a constraint
 
     def __post_init__(self) -> None:
         if not self.ids:
@@ -130,9 +134,11 @@ class SeqGroup:
         return emit
 
 
-def fork_sequences(req: Request, device: torch.device) -> None:
+def fork_sequences(req: Request, device: torch.device,
+                   grammar: Callable[[SamplingParams], GrammarState | None] | None = None) -> None:
     """Make `req` the first of its `params.n` sequences: the others wait in `req.forks` until its prompt is in
-    KV, then share its blocks. Sequence i of a seeded request draws from seed + i."""
+    KV, then share its blocks. Sequence i of a seeded request draws from seed + i; each has its own matcher
+    from `grammar` (a structured output's state is per sequence)."""
     n = req.params.n
     group = SeqGroup(n, req.sink)
     req.group, req.sink = group, group.sink_of(0)
@@ -142,7 +148,7 @@ def fork_sequences(req: Request, device: torch.device) -> None:
             params = params.model_copy(update={"seed": (params.seed + i) % SEED_LIMIT})
         req.forks.append(Request(req.id, req.prompt_ids, params, req.arrival, group.sink_of(i),
                                  TextStream(req.text.tokenizer, list(params.stop)), make_generator(params, device),
-                                 index=i, group=group))
+                                 index=i, group=group, grammar=grammar(params) if grammar else None))
 
 
 class OutputQueue:

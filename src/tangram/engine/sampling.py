@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tangram.engine import penalties
 
+from tangram.engine.structured import StructuredOutput
+
 # Bounds of the engine's contract: within them `sample()` never overflows a tensor and a seed always fits
 # torch.Generator.manual_seed; the API validates the same bounds before a request reaches an engine.
 MAX_TOKENS_LIMIT = 1_000_000
@@ -50,6 +52,7 @@ class SamplingParams(BaseModel):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                         description="logprob of each prompt token and of the top k (None = off)")
     n: int = Field(1, ge=1, le=MAX_N, description="sequences sampled for the prompt (they share its KV blocks)")
+    structured: StructuredOutput | None = Field(None, description="what the output must match (constrain.py)")
 
     @field_validator("stop")
     @classmethod

@@ -17,7 +17,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tangram.control import Controller, Deployment, DeploymentUnavailable, UnknownDeployment
 from tangram.engine import RequestError, RequestOutput, SamplingParams
-from tangram.serve import choices, dashboard, extras, schemas
+from tangram.engine.prompt import ChatPrompt
+from tangram.engine.structured import StructuredOutput
+from tangram.serve import choices, dashboard, extras, schemas, tools
 from tangram.serve.auth import APIKeyMiddleware
 from tangram.serve.errors import APIError, ErrorGuard, validation_message
 from tangram.serve.metrics import Metrics
@@ -95,12 +97,20 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
             message, param = validation_message(exc.errors())
             raise APIError(400, message, param=param) from None
 
+    def constraint(body: schemas.SamplingFields) -> StructuredOutput | None:
+        try:
+            return body.constraint()
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=str(exc).split(":")[0]) from None
+
     async def respond(request: Request, body: schemas.ChatCompletionRequest | schemas.CompletionRequest, prompt,
-                      chat: bool):
+                      chat: bool, parse_tools: bool = False):
         started = time.perf_counter()
         name = body.model
         label = request.state.deployment = metrics.label(name)  # the guard counts the response under it
-        params = sampling(body)
+        params, structured = sampling(body), constraint(body)
+        if structured is not None:
+            params = params.model_copy(update={"structured": structured})
         first, agen = await open_stream(name, prompt, params, chat)
         first_at = time.perf_counter()
         metrics.first_token(label, first)
@@ -125,6 +135,9 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
             seqs = choices.collect(outs, params.n)
             if chat:
                 payload = schemas.chat_body(rid, name, seqs, final, top)
+                if parse_tools:
+                    for choice, seq in zip(payload["choices"], seqs):
+                        tools.answer_with_calls(choice, seq.text)
             else:
                 items = []
                 for c in seqs:
@@ -143,6 +156,7 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
         async def events() -> AsyncIterator[str]:
             out = first
             lps = [choices.TextLogprobs() for _ in range(params.n)] if text_lps else None
+            calls = [tools.ToolCallStream() for _ in range(params.n)] if parse_tools else None
             try:
                 for i in range(params.n):
                     if chat:
@@ -155,7 +169,12 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
                     if out.delta or out.finish_reason is not None or out.logprobs:
                         reason = schemas.finish(out)
                         extra = {"tangram": schemas.extension(out)} if out.finished else {}
-                        if chat:
+                        if calls is not None:
+                            delta, reason = calls[out.index].delta(out.delta, reason, final=out.finish_reason is not None)
+                            if delta or out.finish_reason is not None:
+                                yield _sse(schemas.chat_chunk(rid, name, created, delta, reason, index=out.index,
+                                                              **extra))
+                        elif chat:
                             delta = {"content": out.delta} if out.delta else {}
                             lp = choices.chat_logprobs(out.logprobs, top) if top is not None else None
                             yield _sse(schemas.chat_chunk(rid, name, created, delta, reason, index=out.index,
@@ -182,7 +201,8 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: schemas.ChatCompletionRequest, request: Request):
         messages = [m.template_message() for m in body.messages]
-        return await respond(request, body, messages, chat=True)
+        prompt = ChatPrompt(messages, [t.model_dump(exclude_none=True) for t in body.tools]) if body.tools else messages
+        return await respond(request, body, prompt, chat=True, parse_tools=bool(body.tools) and body.tool_choice != "none")
 
     @app.post("/v1/completions")
     async def completions(body: schemas.CompletionRequest, request: Request):

@@ -11,6 +11,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from tangram.engine import RequestOutput, SamplingParams
 from tangram.engine.sampling import MAX_LOGPROBS, MAX_N, MAX_TOKENS_LIMIT, SEED_LIMIT, TOKEN_ID_LIMIT, TOP_K_LIMIT
 from tangram.serve.choices import Choice, TextLogprobs, chat_logprobs
+from tangram.engine.structured import StructuredOutput
+from tangram.serve.tools import MessageToolCall, ResponseFormat, Tool, ToolChoice, constraint
 
 DEFAULT_CHAT_MAX_TOKENS = 512
 
@@ -41,21 +43,45 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    """One chat message."""
+    """One chat message; an assistant message may carry `tool_calls` (then `content` may be null), a `tool`
+    message answers the call named by `tool_call_id`."""
 
-    role: Literal["system", "user", "assistant", "developer"]
-    content: Text | list[TextPart]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Text | list[TextPart] | None = None
     name: Text | None = Field(None, min_length=1)
+    tool_calls: list[MessageToolCall] | None = Field(None, max_length=128)
+    tool_call_id: Text | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content (only an assistant message with tool_calls "
+                             "may have none)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id")
+        for call in self.tool_calls or []:
+            call.function.arguments_object()  # ValueError: not an object
+        return self
 
     def text(self) -> str:
         """The content as one string."""
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
-    def template_message(self) -> dict[str, str]:
-        """The message as the chat template sees it (`developer` is a system message; `name` when given)."""
-        msg = {"role": self.role if self.role != "developer" else "system", "content": self.text()}
+    def template_message(self) -> dict:
+        """The message as the chat template sees it (`developer` is a system message; `name`, `tool_calls` with
+        their arguments as objects, and `tool_call_id` when given)."""
+        msg: dict = {"role": self.role if self.role != "developer" else "system", "content": self.text()}
         if self.name is not None:
             msg["name"] = self.name
+        if self.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": c.function.arguments_object()}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
         return msg
 
 
@@ -85,6 +111,7 @@ class SamplingFields(_Strict):
     user: Text | None = None
     ignore_eos: bool = Field(False, description="extension")
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64, description="extension")
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -115,6 +142,10 @@ class SamplingFields(_Strict):
             raise ValueError("stream_options is only allowed when stream is true")
         return value
 
+    def constraint(self) -> StructuredOutput | None:
+        """What the output must match (ValueError naming the parameter for what cannot be served)."""
+        return constraint(self.response_format, None, None)
+
     def sampling(self, max_tokens: int, **extra) -> SamplingParams:
         """Engine sampling parameters (raises pydantic.ValidationError on bad combinations); `extra`: the
         endpoint's own (logprobs)."""
@@ -144,6 +175,13 @@ class ChatCompletionRequest(SamplingFields):
         if value is not None and info.data.get("logprobs") is not True:  # as OpenAI does
             raise ValueError("top_logprobs needs logprobs: true")
         return value
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    def constraint(self) -> StructuredOutput | None:
+        """What the output must match: `response_format`, or the tool call a `tool_choice` forces."""
+        return constraint(self.response_format, self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def limit(self) -> int:
         """Tokens to generate at most."""
