@@ -213,3 +213,16 @@ def test_constraints_and_chat_prompts_cross_processes_intact():
     assert pickle.loads(pickle.dumps(params)) == params  # Ray pickles what a remote worker's engine gets
     assert pickle.loads(pickle.dumps(prompt)) == prompt
     assert json.loads(params.structured.schema_text) == PERSON
+
+
+def test_each_of_n_sequences_samples_in_its_own_grammar(inst):
+    outs: list = []
+    inst.engine.add_request("hello", constrained(PERSON, n=3, temperature=1.0, seed=11), sink=outs.append)
+    inst.engine.run_until_idle()
+    texts: dict[int, str] = {}
+    for out in outs:
+        texts[out.index] = texts.get(out.index, "") + out.delta
+    assert sorted(texts) == [0, 1, 2] and outs[-1].finished
+    for text in texts.values():
+        jsonschema.validate(json.loads(text), PERSON)  # a shared matcher would have advanced by every sequence
+    assert len(set(texts.values())) > 1
