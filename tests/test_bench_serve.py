@@ -51,6 +51,7 @@ def test_summary_from_hand_made_runs():
                 rows.append(row("vllm", dtype, n, v * n * jitter, ttfts=[0.2 * (k + 1)]))
     rows += [row("tangram", "default", 100, 800.0, kind="burst", wall=3.0, ttfts=[1.0, 2.0], failed=2, lost=1),
              row("vllm", "default", 100, 800.0, kind="burst", wall=2.0, ttfts=[0.5], lost=3)]
+    rows += [row("tangram", "default", 16, tps, kind="structured") for tps in (300.0, 400.0, 700.0)]
     starts = {"tangram": {"float32": 4.0, "bfloat16": 5.0, "default": 6.0}, "vllm": {"float32": 20.0,
                                                                                     "default": 30.0}}
     s = summarize(rows, starts, SIZES, FOUND)
@@ -59,6 +60,7 @@ def test_summary_from_hand_made_runs():
     assert set(s["tokens_per_s"]["vllm"]) == set(DTYPE_ROWS)
     assert s["throughput_vs_vllm"] == {"float32": {"16": 0.5, "32": 0.5}, "bfloat16": {"16": 2.0, "32": 2.0}}
     assert s["burst_wall_s"] == {"tangram": 3.0, "vllm": 2.0} and s["burst_wall_vs_vllm"] == 1.5
+    assert s["structured_tokens_per_s"] == 400.0 and s["structured_tokens_per_s_vs_plain"] == 0.5  # of 50 x 16
     assert s["ttft_p50"]["tangram"]["float32"]["16"] == pytest.approx(0.2)  # pooled over the repeats
     assert s["ttft_p99"]["vllm"]["default"]["1"] == pytest.approx(0.4 + 0.2 * 0.98)  # linear interpolation
     assert s["ttft_p50"]["tangram"]["default"]["100"] == 1.5  # the burst, under its N
@@ -76,6 +78,7 @@ def test_summary_without_vllm_has_null_ratios():
     assert all(v is None for d in DTYPE_ROWS for v in s["tokens_per_s"]["vllm"][d].values())
     assert s["throughput_vs_vllm"] == {"float32": {"16": None, "32": None}, "bfloat16": {"16": None, "32": None}}
     assert s["burst_wall_vs_vllm"] is None and s["burst_wall_s"] == {"tangram": 4.0, "vllm": None}
+    assert s["structured_tokens_per_s_vs_plain"] is None  # no structured run
     assert s["ttft_p50"]["vllm"]["default"]["16"] is None
     assert s["vllm_process_start_s"] is None and s["tangram_process_start_s"] == 3.0
     assert s["vllm_found"] is False and "not found" in s["vllm_note"]
@@ -99,17 +102,28 @@ def test_run_row_counts_failed_and_lost():
     assert len(r["ttfts"]) == 5 and r["errors"] == ["APIConnectionError: reset"]
 
 
-def test_client_runs_repeat_major_with_the_burst_in_the_default_row_only():
-    sizes = ServeSizes(concurrency=(1, 4), max_tokens=5, repeats=2, burst=7, burst_tokens=2)
+def test_client_runs_repeat_major_with_the_burst_and_structured_chats_in_the_default_row_only():
+    sizes = ServeSizes(concurrency=(1, 4), max_tokens=5, repeats=2, burst=7, burst_tokens=2, structured=3)
     runs = client_runs(sizes, "float32")
     assert [(r["repeat"], r["n"]) for r in runs] == [(0, 1), (0, 4), (1, 1), (1, 4)]
     assert {r["max_tokens"] for r in runs} == {5}
     assert {r["dtype"] for r in runs} == {"float32"}
-    burst = client_runs(sizes, "default")[-1]
-    assert burst == {"kind": "burst", "dtype": "default", "repeat": 0, "n": 7, "max_tokens": 2}
-    assert client_runs(ServeSizes(burst=0), "default")[-1]["kind"] == "concurrent"
+    default = client_runs(sizes, "default")
+    assert default[-1] == {"kind": "burst", "dtype": "default", "repeat": 0, "n": 7, "max_tokens": 2}
+    structured = [r for r in default if r["kind"] == "structured"]
+    assert [(r["repeat"], r["n"], r["max_tokens"]) for r in structured] == [(0, 3, 5), (1, 3, 5)]
+    assert structured[0]["response_format"]["type"] == "json_schema"
+    assert not [r for r in client_runs(sizes, "default", system="vllm") if r["kind"] == "structured"]
+    assert client_runs(ServeSizes(burst=0, structured=0), "default")[-1]["kind"] == "concurrent"
     twin = client_runs(sizes, "bfloat16", burst=True)  # the default measured as the bfloat16 row
-    assert twin[-1]["dtype"] == "default" and {r["dtype"] for r in twin[:-1]} == {"bfloat16"}
+    assert twin[-1]["dtype"] == "default" and {r["dtype"] for r in twin if r["kind"] == "concurrent"} == {"bfloat16"}
+
+
+def test_the_structured_schema_outlasts_every_answer():
+    from tangram.bench.serve import STRUCTURED_SCHEMA
+
+    items = STRUCTURED_SCHEMA["properties"]["lines"]
+    assert items["minItems"] * items["items"]["minLength"] > 8 * FULL.max_tokens  # > 8 characters a token
 
 
 def test_modes():
@@ -202,7 +216,7 @@ def test_small_run_end_to_end_without_vllm(model_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
     convert(model_dir, ckpt)  # float32: Tangram's default (auto) is the float32 row, measured once as it
     sizes = ServeSizes(concurrency=(1, 3), max_tokens=6, repeats=1, burst=5, burst_tokens=2, warmup_tokens=2,
-                       max_batch=4, reuse_identical_default=True)
+                       max_batch=4, reuse_identical_default=True, structured=0)
     w = Weights(ckpt, model_dir)
     result = run_serve_bench(quick=True, json_path=tmp_path / "s.json", console=Console(quiet=True), progress=False,
                              sizes=sizes, weights={"float32": w, "default": w}, use_vllm=False,

@@ -226,3 +226,14 @@ def test_each_of_n_sequences_samples_in_its_own_grammar(inst):
     for text in texts.values():
         jsonschema.validate(json.loads(text), PERSON)  # a shared matcher would have advanced by every sequence
     assert len(set(texts.values())) > 1
+
+
+def test_a_tokenizer_llguidance_cannot_read_is_a_request_error(tmp_path):
+    from conftest import engine_checkpoint, engine_model
+
+    # the tests' word-level tokenizer has no decoder: llguidance cannot map its tokens to bytes
+    with Instance(engine_checkpoint(engine_model("llama"), tmp_path), DevicePool(64 << 20),
+                  EngineConfig(block_tokens=4)) as instance:
+        with pytest.raises(RequestError, match="tokenizer cannot be used for structured output"):
+            instance.engine.add_request([5, 6, 7], constrained(PERSON))
+        assert instance.engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))[0].output_ids

@@ -56,11 +56,18 @@ class ServeSizes:
     burst_tokens: int = 8
     warmup_tokens: int = 8
     max_batch: int | None = None  # Tangram's engine batch; None: its default (derived from the KV that fits)
+    structured: int = 16  # concurrent chats under `STRUCTURED_SCHEMA` on Tangram, beside the burst (0: none)
     reuse_identical_default: bool = False  # a default identical to an explicit row is measured once, as that row
 
 
 QUICK = ServeSizes(reuse_identical_default=True)
 FULL = ServeSizes(repeats=3, burst=1000)
+# A JSON schema that no answer of `max_tokens` tokens completes, so each structured chat streams exactly as many
+# tokens as a plain one (`response_format` json_schema; compared with plain chats on the same server)
+STRUCTURED_SCHEMA = {"type": "object", "properties": {"lines": {
+    "type": "array", "minItems": 40, "items": {"type": "string", "minLength": 40}}},
+    "required": ["lines"], "additionalProperties": False}
+RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "lines", "schema": STRUCTURED_SCHEMA}}
 
 
 @dataclass(frozen=True)
@@ -121,12 +128,20 @@ def default_twin(system: str, weights: dict[str, Weights], stored: torch.dtype |
     return None
 
 
-def client_runs(sizes: ServeSizes, row: str, burst: bool | None = None) -> list[dict[str, Any]]:
-    """The client's runs on one dtype row's server: repeat-major over the concurrency levels, then the burst
-    (by default in the default row only); each run says the dtype row it counts for (the burst: `default`)."""
-    runs = [{"kind": "concurrent", "dtype": row, "repeat": rep, "n": n, "max_tokens": sizes.max_tokens}
-            for rep in range(sizes.repeats) for n in sizes.concurrency]
-    if sizes.burst and (row == "default" if burst is None else burst):
+def client_runs(sizes: ServeSizes, row: str, burst: bool | None = None,
+                system: str = "tangram") -> list[dict[str, Any]]:
+    """The client's runs on one dtype row's server: repeat-major over the concurrency levels (on Tangram each
+    repeat also plays `sizes.structured` chats under a JSON schema), then the burst (by default in the default
+    row only); each run says the dtype row it counts for (the burst and the structured runs: `default`)."""
+    default = row == "default" if burst is None else burst
+    runs = []
+    for rep in range(sizes.repeats):
+        runs += [{"kind": "concurrent", "dtype": row, "repeat": rep, "n": n, "max_tokens": sizes.max_tokens}
+                 for n in sizes.concurrency]
+        if default and sizes.structured and system == "tangram":
+            runs.append({"kind": "structured", "dtype": "default", "repeat": rep, "n": sizes.structured,
+                         "max_tokens": sizes.max_tokens, "response_format": RESPONSE_FORMAT})
+    if sizes.burst and default:
         runs.append({"kind": "burst", "dtype": "default", "repeat": 0, "n": sizes.burst,
                      "max_tokens": sizes.burst_tokens})
     return runs
@@ -185,6 +200,8 @@ def summarize(rows: list[dict[str, Any]], starts: dict[str, dict[str, float]], s
 
     tokens_per_s = nested(tps)
     burst_wall = {s: median([r["wall_s"] for r in runs(s, "default", "burst")]) for s in SYSTEMS}
+    structured = tps(runs("tangram", "default", "structured"))
+    plain = tokens_per_s["tangram"]["default"].get(str(sizes.structured))
     start = {s: median(list(starts.get(s, {}).values())) for s in SYSTEMS}
     return {
         "tokens_per_s": tokens_per_s,
@@ -192,6 +209,8 @@ def summarize(rows: list[dict[str, Any]], starts: dict[str, dict[str, float]], s
                                    for n in levels if n != "1"} for d in SAME_DTYPE_ROWS},
         "burst_wall_s": burst_wall,
         "burst_wall_vs_vllm": ratio(burst_wall["tangram"], burst_wall["vllm"]),
+        "structured_tokens_per_s": structured,
+        "structured_tokens_per_s_vs_plain": ratio(structured, plain),
         "ttft_p50": ttft(50),
         "ttft_p99": ttft(99),
         "failed": sum(r["failed"] for r in rows),
@@ -210,7 +229,7 @@ def summarize(rows: list[dict[str, Any]], starts: dict[str, dict[str, float]], s
 def _play(server: ServerProcess, runs: list[dict[str, Any]], sizes: ServeSizes, workdir: Path,
           tag: str) -> dict[str, Any]:
     spec = {"url": server.url, "model": MODEL_NAME, "prompt": PROMPT, "warmup_tokens": sizes.warmup_tokens,
-            "runs": [{"n": r["n"], "max_tokens": r["max_tokens"]} for r in runs]}
+            "runs": [{k: r[k] for k in ("n", "max_tokens", "response_format") if k in r} for r in runs]}
     spec_path, out_path = workdir / f"client-{tag}.json", workdir / f"client-{tag}.out.json"
     spec_path.write_text(json.dumps(spec))
     subprocess.run([sys.executable, "-m", "tangram.bench.serve_client", str(spec_path), str(out_path)], check=True,
@@ -231,7 +250,7 @@ def measure(system: str, row: str, weights: Weights, sizes: ServeSizes, vllm: Vl
             raise RuntimeError(f"{weights.hf_dir}: no Hugging Face directory beside {weights.checkpoint} for vLLM "
                                "(tangram.demo.fetch_demo(force=True) rebuilds both)")
         server = vllm_server(vllm.python, weights.hf_dir, None if row == "default" else row, workdir)
-    runs = client_runs(sizes, row, burst)
+    runs = client_runs(sizes, row, burst, system)
     facts: dict[str, Any] = {"log": str(server.log_path),
                              "weights": str(weights.checkpoint if system == "tangram" else weights.hf_dir)}
     with server:
@@ -309,11 +328,11 @@ def run_serve_bench(*, quick: bool, json_path: Path | None, vllm_python: str | N
 def _report(console: Console, rows: list[dict[str, Any]], summary: dict[str, Any], sizes: ServeSizes) -> None:
     table = []
     keys = sorted({(r["system"], r["dtype"], r["kind"], r["n"]) for r in rows},
-                  key=lambda k: (DTYPE_ROWS.index(k[1]), k[2] == "burst", k[3], k[0]))
+                  key=lambda k: (DTYPE_ROWS.index(k[1]), k[2], k[3], k[0]))
     for system, dtype, kind, n in keys:
         rs = [r for r in rows if (r["system"], r["dtype"], r["kind"], r["n"]) == (system, dtype, kind, n)]
         ttfts = [t for r in rs for t in r["ttfts"]]
-        table.append({"system": system, "dtype": dtype, "n": f"{n}{' burst' if kind == 'burst' else ''}",
+        table.append({"system": system, "dtype": dtype, "n": f"{n}{'' if kind == 'concurrent' else ' ' + kind}",
                       "tokens": rs[0]["max_tokens"], "tps": median([r["tokens_per_s"] for r in rs]),
                       "wall": median([r["wall_s"] for r in rs]), "p50": percentile(ttfts, 50),
                       "p99": percentile(ttfts, 99), "failed": sum(r["failed"] for r in rs),
@@ -323,6 +342,6 @@ def _report(console: Console, rows: list[dict[str, Any]], summary: dict[str, Any
         Column("tokens", "tokens/req"), Column("tps", "tokens/s", fmt_num(1)), Column("wall", "wall s", fmt_num(2)),
         Column("p50", "TTFT p50 s", fmt_num(3)), Column("p99", "TTFT p99 s", fmt_num(3)),
         Column("failed", "failed"), Column("lost", "lost")], table)
-    keep = ("throughput_vs_vllm", "burst_wall_s", "burst_wall_vs_vllm", "failed", "lost", "tangram_process_start_s",
+    keep = ("throughput_vs_vllm", "burst_wall_s", "burst_wall_vs_vllm", "structured_tokens_per_s_vs_plain", "failed", "lost", "tangram_process_start_s",
             "vllm_process_start_s", "default_measured_as", "vllm_note", "server_errors")
     print_summary(console, "bench serve summary", {k: summary[k] for k in keep})

@@ -41,14 +41,17 @@ class RequestRecord:
     error: str | None = None
 
 
-async def one_chat(client: Any, model: str, prompt: str, max_tokens: int) -> RequestRecord:
-    """Stream one chat answer of exactly `max_tokens` tokens (ignore_eos); never raises (errors are recorded)."""
+async def one_chat(client: Any, model: str, prompt: str, max_tokens: int,
+                   response_format: dict[str, Any] | None = None) -> RequestRecord:
+    """Stream one chat answer of exactly `max_tokens` tokens (ignore_eos; `response_format`: under it); never
+    raises (errors are recorded)."""
     rec = RequestRecord(max_tokens=max_tokens)
     t0 = time.perf_counter()
     try:
         stream = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+            **({"response_format": response_format} if response_format else {}))
         async for chunk in stream:
             if chunk.usage is not None:
                 rec.completion_tokens = chunk.usage.completion_tokens
@@ -65,10 +68,11 @@ async def one_chat(client: Any, model: str, prompt: str, max_tokens: int) -> Req
     return rec
 
 
-async def concurrent_run(client: Any, model: str, prompts: list[str], max_tokens: int) -> dict[str, Any]:
+async def concurrent_run(client: Any, model: str, prompts: list[str], max_tokens: int,
+                         response_format: dict[str, Any] | None = None) -> dict[str, Any]:
     """All `prompts` at once; the run's wall time and every request's record."""
     t0 = time.perf_counter()
-    records = await asyncio.gather(*(one_chat(client, model, p, max_tokens) for p in prompts))
+    records = await asyncio.gather(*(one_chat(client, model, p, max_tokens, response_format) for p in prompts))
     wall = time.perf_counter() - t0
     return {"n": len(prompts), "max_tokens": max_tokens, "wall_s": wall, "requests": [asdict(r) for r in records]}
 
@@ -99,7 +103,8 @@ async def play(spec: dict[str, Any]) -> dict[str, Any]:
 
     async with client:
         warm = await one_chat(client, spec["model"], prompts(1)[0], spec.get("warmup_tokens", 8))
-        results = [await concurrent_run(client, spec["model"], prompts(r["n"]), r["max_tokens"]) for r in runs]
+        results = [await concurrent_run(client, spec["model"], prompts(r["n"]), r["max_tokens"], r.get("response_format"))
+                   for r in runs]
     return {"warmup": asdict(warm), "runs": results}
 
 

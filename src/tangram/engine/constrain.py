@@ -111,8 +111,12 @@ class GrammarCompiler:
     def compile(self, spec: StructuredOutput) -> GrammarState:
         """A fresh matcher for `spec` (its first mask being filled); RequestError naming the parameter when
         the schema cannot be compiled."""
-        lltok = _lltokenizer(self.tokenizer, self.vocab, self.eos)
         param = "tools" if spec.kind == "tool_calls" else "response_format"
+        try:
+            lltok = _lltokenizer(self.tokenizer, self.vocab, self.eos)
+        except (ValueError, TypeError, AttributeError) as exc:  # llguidance cannot read this tokenizer
+            raise RequestError(f"{param}: this model's tokenizer cannot be used for structured output "
+                               f"({type(exc).__name__}: {exc})") from None
         try:
             text = self.grammar_text(spec, lltok)
         except RequestError:
