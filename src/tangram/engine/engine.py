@@ -27,6 +27,7 @@ from tangram.engine.batch import StepPlan
 from tangram.engine.block_manager import BlockManager
 from tangram.engine.detok import TextStream
 from tangram.engine.errors import RequestError
+from tangram.engine.lora import AdapterSet
 from tangram.engine.output import OutputProcessor
 from tangram.engine.request import OutputQueue, Request, RequestOutput, Status
 from tangram.engine.runner import ModelRunner
@@ -34,6 +35,7 @@ from tangram.engine.sampling import SamplingParams, make_generator
 from tangram.engine.stages import Totals
 from tangram.engine.step_scheduler import StepScheduler
 from tangram.pool.loading import LoadFailed
+from tangram.store.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -45,8 +47,9 @@ class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, *, max_model_len: int, eos_token_ids: Iterable[int] = (),
                  max_batch: int = 16, max_step_tokens: int = 2048, max_kv_blocks: int | None = None,
                  ready_at: float | None = None, on_first_token: Callable[[Request], None] | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, adapters: AdapterSet | None = None) -> None:
         self.runner, self.kv, self.tokenizer = runner, runner.kv, tokenizer
+        self.adapters = adapters  # the LoRA adapters requests may name (None: none)
         self.max_model_len, self.max_kv_blocks = max_model_len, max_kv_blocks
         self.clock = clock
         self.ready_at = clock() if ready_at is None else ready_at
@@ -98,16 +101,26 @@ class Engine:
 
     def add_request(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
                     request_id: str | None = None, sink: Callable[[RequestOutput], None] | None = None,
-                    arrival: float | None = None, chat: bool = False) -> Request:
-        """Queue a request; outputs go to `sink` (default: an OutputQueue at `request.sink`). Raises RequestError."""
+                    arrival: float | None = None, chat: bool = False, adapter: str | None = None) -> Request:
+        """Queue a request; outputs go to `sink` (default: an OutputQueue at `request.sink`). `adapter`: the path
+        of a converted LoRA adapter of this model its tokens run with (bound from the pool now). Raises
+        RequestError."""
         params = params or SamplingParams()
         ids = self.encode(prompt, chat)
         self._validate(ids, params)
         rid = request_id or f"req-{next(_ids)}"
         req = Request(rid, ids, params, self.clock() if arrival is None else arrival, sink or OutputQueue(),
                       TextStream(self.tokenizer, list(params.stop)), make_generator(params, self.kv.device()))
+        if adapter is not None:
+            if self.adapters is None:
+                raise RequestError("this instance serves no LoRA adapters")
+            try:
+                req.adapter = self.adapters.acquire(adapter)
+            except CheckpointError as exc:
+                raise RequestError(f"the LoRA adapter cannot be used: {exc}") from None
         with self.work:
             if rid in self._live:
+                self._unbind(req)
                 raise RequestError(f"request id {rid!r} is already in use")
             self._live.add(rid)
             self._incoming.append(req)
@@ -211,6 +224,7 @@ class Engine:
                     if req in queue:
                         queue.remove(req)
                 req.status = Status.FINISHED
+                self._unbind(req)
                 with self.work:
                     self._live.discard(req.id)
                 self._emit(req, RequestOutput(req.id, "", [], req.text.text, True, "error", error))
@@ -229,8 +243,9 @@ class Engine:
 
     def finish(self, req: Request, reason: str, *, delta: str = "", new: list[int] | None = None,
                error: str | None = None, instance_failed: bool = False) -> None:
-        """End a request: free its KV, drop it from the queues, send its final output."""
+        """End a request: free its KV, drop it from the queues, unbind its adapter, send its final output."""
         self.scheduler.finish(req)
+        self._unbind(req)
         req.finish_reason = reason
         with self.work:
             self._live.discard(req.id)
@@ -239,6 +254,11 @@ class Engine:
         self._emit(req, RequestOutput(req.id, delta, new or [], req.text.text, True, reason, error,
                                       len(req.prompt_ids), len(req.output_ids), req.stages, list(req.output_ids),
                                       instance_failed))
+
+    def _unbind(self, req: Request) -> None:
+        if req.adapter is not None and self.adapters is not None:
+            adapter, req.adapter = req.adapter, None
+            self.adapters.release(adapter)
 
     def _emit(self, req: Request, out: RequestOutput) -> None:
         try:

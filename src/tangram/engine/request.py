@@ -6,13 +6,16 @@ import enum
 import queue
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from tangram.engine.detok import TextStream
 from tangram.engine.sampling import SamplingParams
 from tangram.engine.stages import Stages
+
+if TYPE_CHECKING:
+    from tangram.engine.lora import Adapter
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -63,6 +66,7 @@ class Request:
     finish_reason: FinishReason | None = None
     prefill_began: float | None = None  # when its first prompt chunk ran
     first_token_at: float | None = None
+    adapter: Adapter | None = None  # the LoRA adapter its tokens run with (engine/lora.py), None: the base
 
     def __post_init__(self) -> None:
         if not self.ids:

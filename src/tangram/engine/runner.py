@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from tangram.engine.attention import NAME, ChunkMeta, PackedStep, supports_packed, use_packed
 from tangram.engine.batch import SeqWork, StepPlan
+from tangram.engine.lora import active, plan
 from tangram.kv import KVAllocator, PagedCache, SeqSlot
 
 
@@ -24,6 +25,11 @@ def cache_argument(model: PreTrainedModel) -> str:
     deprecated and warns on every call), `past_key_values` before."""
     params = inspect.signature(model.forward).parameters  # follows the deprecation wrapper to the real forward
     return "cache" if "cache" in params else "past_key_values"
+
+
+def _adapter(item: SeqWork):
+    """The LoRA adapter a sequence's tokens run with (None: the base alone)."""
+    return None if item.request is None else item.request.adapter
 
 
 class ModelRunner:
@@ -87,9 +93,11 @@ class ModelRunner:
         chunks: list[ChunkMeta] = []
         decodes: list[SeqWork] = []
         decode_rows: list[int] = []
+        spans = []  # (begin, end, adapter) of each sequence's tokens: the step's LoRA groups
         for item in work:
             begin = len(ids)
             ids.extend(item.tokens)
+            spans.append((begin, len(ids), _adapter(item)))
             positions.extend(range(item.start, item.end))
             write.append(self._row_offsets(item.blocks, item.start, item.end))
             if item.sample:
@@ -114,7 +122,8 @@ class ModelRunner:
                   "position_ids": torch.tensor([positions], dtype=torch.int64, device=dev),
                   "use_cache": False, "logits_to_keep": torch.tensor(keep, dtype=torch.int64, device=dev),
                   "tangram_step": step}
-        return self._call(kwargs, len(ids))[0]
+        with active(plan(spans, dev)):
+            return self._call(kwargs, len(ids))[0]
 
     def _row_offsets(self, blocks: list[int], start: int, stop: int) -> torch.Tensor:
         """Element offsets (layer 0) of the KV rows of positions [start, stop) of a sequence with `blocks`."""
@@ -147,9 +156,11 @@ class ModelRunner:
         groups = ([decodes] if decodes else []) + [[x] for x in work if not (len(x.tokens) == 1 and x.start > 0)]
         rows: dict[int, torch.Tensor] = {}
         for group in groups:
-            logits = self.forward_padded([x.tokens for x in group],
-                                         [SeqSlot([self.kv.offset(b) for b in x.blocks], x.start)
-                                          for x in group])
+            width = max(len(x.tokens) for x in group)  # rows of [len(group), width] tokens, left-padded
+            with active(plan([(i * width, (i + 1) * width, _adapter(x)) for i, x in enumerate(group)], self.device)):
+                logits = self.forward_padded([x.tokens for x in group],
+                                             [SeqSlot([self.kv.offset(b) for b in x.blocks], x.start)
+                                              for x in group])
             for i, x in enumerate(group):
                 rows[id(x)] = logits[i]
         sampled = [rows[id(x)] for x in work if x.sample]

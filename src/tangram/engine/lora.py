@@ -1,0 +1,245 @@
+"""LoRA adapters applied per token inside one packed step (each sequence its own adapter or none).
+
+Each target module of the base is *wrapped*, whatever `nn.Module` it is (a
+plain, packed or fused linear): a forward hook adds, for the step's tokens of
+each adapter a, `scaling_a * B_a(A_a(x))` to the module's output, as PEFT's
+`lora.Linear` does (x cast to the adapter's dtype, the sum cast back to the
+output's). The base weights are never read or changed, nothing is merged, and
+there is one forward per step whatever the mix of adapters: the tokens of an
+adapter are one slice of the packed step (a prompt chunk) or gathered rows
+(decodes), grouped once per step (`plan`) and shared by every module, the
+segmented idea of punica's SGMV.
+
+The runner sets the step's groups in a context (`active`) around its forward;
+outside one, or for a module no adapter of the step targets, a hook returns
+at once, and a module no bound adapter targets has no hook at all, so a step
+without adapters computes exactly what it computed before.
+
+Adapters are bound from the device pool (`AdapterSet`): the first request for
+one acquires its tensors through the pool (content hash, loader, DRAM tier);
+the binding is released when its last request ends and the tensors stay
+retained, so the next use is a re-bind (a pool hit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tangram.pool import Binding, DevicePool
+from tangram.store import Checkpoint
+from tangram.store.adapter import AdapterError, AdapterInfo, check_adapter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One module's update: A [r, in] and B [out, r], views of the pool arena."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+@dataclass(eq=False)
+class Adapter:
+    """An adapter bound on one instance: its pooled tensors by base module, and its scaling."""
+
+    key: str  # the adapter checkpoint's path
+    name: str
+    scaling: float
+    modules: dict[str, LoraPair]
+    binding: Binding
+    users: int = 0
+
+
+@dataclass(frozen=True)
+class Group:
+    """The tokens of one adapter in a step: a slice of the flattened step, or their row indices."""
+
+    adapter: Adapter
+    rows: slice | torch.Tensor
+
+
+@dataclass(frozen=True)
+class LoraStep:
+    """The adapters of one step's tokens (tokens of no adapter are in no group)."""
+
+    groups: list[Group] = field(default_factory=list)
+
+
+_ACTIVE: ContextVar[LoraStep | None] = ContextVar("tangram_lora_step", default=None)
+
+
+@contextlib.contextmanager
+def active(step: LoraStep | None) -> Iterator[None]:
+    """Apply `step`'s adapters to the forwards run inside (on this thread); None: no adapter."""
+    token = _ACTIVE.set(step)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def plan(segments: Iterable[tuple[int, int, Adapter | None]], device: torch.device) -> LoraStep | None:
+    """Group a step's token ranges [begin, end) by adapter; None when no token has one."""
+    ranges: dict[int, tuple[Adapter, list[tuple[int, int]]]] = {}
+    for begin, end, adapter in segments:
+        if adapter is None or end <= begin:
+            continue
+        spans = ranges.setdefault(id(adapter), (adapter, []))[1]
+        if spans and spans[-1][1] == begin:
+            spans[-1] = (spans[-1][0], end)
+        else:
+            spans.append((begin, end))
+    if not ranges:
+        return None
+    groups = []
+    for adapter, spans in ranges.values():
+        if len(spans) == 1:
+            rows: slice | torch.Tensor = slice(*spans[0])
+        else:
+            rows = torch.cat([torch.arange(b, e) for b, e in spans]).to(device)
+        groups.append(Group(adapter, rows))
+    return LoraStep(groups)
+
+
+def _hook(name: str):
+    def apply(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        step = _ACTIVE.get()
+        if step is None:
+            return None
+        pairs = [(g, g.adapter.modules.get(name)) for g in step.groups]
+        pairs = [(g, p) for g, p in pairs if p is not None]
+        if not pairs:
+            return None
+        x = args[0]
+        flat = x.reshape(-1, x.shape[-1])
+        out = output if output.is_contiguous() else output.contiguous()
+        rows = out.view(-1, out.shape[-1])
+        for group, pair in pairs:
+            xs = flat[group.rows]
+            delta = F.linear(F.linear(xs.to(pair.a.dtype), pair.a), pair.b) * group.adapter.scaling
+            if isinstance(group.rows, slice):
+                rows[group.rows] = rows[group.rows] + delta  # promoted as in PEFT, cast back on assignment
+            else:
+                rows.index_copy_(0, group.rows, (rows.index_select(0, group.rows) + delta).to(rows.dtype))
+        return out
+
+    return apply
+
+
+class _Wrapped:
+    """The hooks on one model's modules, counted by the adapters bound that target each module (instances
+    sharing a skeleton share its hooks). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hooks: dict[tuple[int, str], tuple[torch.utils.hooks.RemovableHandle, int]] = {}
+
+    def hold(self, model: torch.nn.Module, names: Iterable[str]) -> None:
+        """Wrap the named modules of `model` (once per module, counted)."""
+        with self._lock:
+            for name in names:
+                key = (id(model), name)
+                handle, users = self._hooks.get(key, (None, 0))
+                if handle is None:
+                    handle = model.get_submodule(name).register_forward_hook(_hook(name))
+                self._hooks[key] = (handle, users + 1)
+
+    def drop(self, model: torch.nn.Module, names: Iterable[str]) -> None:
+        """Undo one `hold`; a module no bound adapter targets any more loses its hook."""
+        with self._lock:
+            for name in names:
+                key = (id(model), name)
+                handle, users = self._hooks[key]
+                if users <= 1:
+                    handle.remove()
+                    del self._hooks[key]
+                else:
+                    self._hooks[key] = (handle, users - 1)
+
+    def wrapped(self, model: torch.nn.Module) -> list[str]:
+        """Names of the modules of `model` that carry a hook."""
+        with self._lock:
+            return sorted(name for mid, name in self._hooks if mid == id(model))
+
+
+WRAPPED = _Wrapped()
+
+
+class AdapterSet:
+    """The adapters one instance serves, bound from its pool on first use and released when unused."""
+
+    def __init__(self, pool: DevicePool, model: torch.nn.Module, base: Checkpoint, *, owner: str) -> None:
+        self.pool, self.model, self.base, self.owner = pool, model, base, owner
+        self._lock = threading.Lock()
+        self._bound: dict[str, Adapter] = {}
+        self._checked: dict[str, tuple[Checkpoint, AdapterInfo]] = {}
+        self._device = next(model.parameters()).device
+
+    def acquire(self, path: str | Path, name: str | None = None) -> Adapter:
+        """The adapter at `path` bound for one more request (acquired from the pool unless bound already)."""
+        key = str(path)
+        with self._lock:
+            adapter = self._bound.get(key)
+            if adapter is not None:
+                adapter.users += 1
+                return adapter
+            ckpt, info = self._checked.get(key) or self._check(key)
+            binding = self.pool.acquire(ckpt, model=name or key)
+            try:
+                modules = {}
+                for module in info.modules:
+                    a, b = (binding.tensors[n] for n in AdapterInfo.tensor_names(module))
+                    if a.device != self._device:
+                        raise AdapterError(ckpt.path, f"adapter tensors are on {a.device}, the model on {self._device}")
+                    modules[module] = LoraPair(a, b)
+                WRAPPED.hold(self.model, modules)
+            except BaseException:
+                self.pool.release(binding)
+                raise
+            adapter = Adapter(key, name or Path(key).name, info.scaling, modules, binding, users=1)
+            self._bound[key] = adapter
+            log.debug("bound adapter %s on %s (%d B loaded, %d B reused)", adapter.name, self.owner,
+                      binding.bytes_loaded, binding.bytes_reused)
+            return adapter
+
+    def _check(self, key: str) -> tuple[Checkpoint, AdapterInfo]:
+        ckpt = Checkpoint(key)
+        info = check_adapter(ckpt.index, self.base.index, ckpt.path)
+        self._checked[key] = (ckpt, info)
+        return ckpt, info
+
+    def release(self, adapter: Adapter) -> None:
+        """One request of `adapter` ended; the last one unbinds it (its tensors stay retained in the pool)."""
+        with self._lock:
+            adapter.users -= 1
+            if adapter.users > 0 or self._bound.get(adapter.key) is not adapter:
+                return
+            del self._bound[adapter.key]
+        self._unbind(adapter)
+
+    def _unbind(self, adapter: Adapter) -> None:
+        WRAPPED.drop(self.model, adapter.modules)
+        self.pool.release(adapter.binding)
+
+    def bound(self) -> list[str]:
+        """Names of the adapters bound now."""
+        with self._lock:
+            return sorted(a.name for a in self._bound.values())
+
+    def close(self) -> None:
+        """Unbind every adapter (the instance stops)."""
+        with self._lock:
+            adapters, self._bound = list(self._bound.values()), {}
+        for adapter in adapters:
+            self._unbind(adapter)
