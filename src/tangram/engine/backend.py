@@ -37,8 +37,9 @@ class EngineBackend(Protocol):
         ...
 
     def submit(self, prompt: str | list[int] | list[dict], params: SamplingParams, sink: Sink, *, arrival: float,
-               chat: bool = False) -> str:
-        """Validate and queue a request (CPU work: tokenizing; call it off an event loop); its id.
+               chat: bool = False, adapter: str | None = None) -> str:
+        """Validate and queue a request (CPU work: tokenizing; call it off an event loop); its id. `adapter`:
+        the path of a converted LoRA adapter of this model the request runs with.
         Raises `RequestError` for a prompt or parameters the instance cannot serve."""
         ...
 

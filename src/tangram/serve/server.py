@@ -143,7 +143,7 @@ class Server:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: FastAPI):
-        for spec in self.config.deployments or [DEMO]:
+        for spec in sorted(self.config.deployments or [DEMO], key=lambda d: d.adapter is not None):  # bases first
             try:
                 await self.controller.deploy(spec)
             except Exception:  # noqa: BLE001 - one bad deployment must not keep the others down

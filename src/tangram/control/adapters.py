@@ -1,0 +1,115 @@
+"""Adapter deployments: LoRA adapters served on the instances of a base deployment.
+
+An adapter deployment names its adapter (a PEFT directory, converted once into
+the data dir, or a converted adapter) and its base deployment; the adapter is
+checked against the base's checkpoint at deploy (modules and shapes) and
+refused with a clear error when it does not fit. A request naming the adapter
+in `model` is routed to an instance of the base with the adapter's path; the
+engine binds the adapter from the device pool for it. The base's instances
+count adapter requests as their own, so a base stays while any of its
+adapters has traffic; an adapter unused on an instance is unbound there (its
+tensors stay retained in the pool: the next use is a pool hit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from tangram.control.deployments import Deployment
+from tangram.resolve import converted_path
+from tangram.store import Checkpoint
+from tangram.store.adapter import AdapterInfo, check_adapter, convert_adapter, is_peft_adapter
+from tangram.store.errors import CheckpointError, MissingFileError
+from tangram.store.format import INDEX_FILE
+
+log = logging.getLogger(__name__)
+
+
+class AdapterDeployError(ValueError):
+    """An adapter deployment that cannot be made; `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class AdapterState:
+    """What the controller keeps of one adapter deployment."""
+
+    spec: Deployment
+    path: Path  # the converted adapter checkpoint
+    info: AdapterInfo
+    bytes: int
+    inflight: int = 0  # its requests now (on the base's instances)
+
+    @property
+    def base(self) -> str:
+        """The base deployment's name."""
+        assert self.spec.base is not None
+        return self.spec.base
+
+
+def resolve_adapter(source: str | Path, base: Path) -> tuple[Path, AdapterInfo, int]:
+    """The converted adapter for `source` (a PEFT directory is converted once, into the data dir), checked
+    against the base checkpoint `base`: (path, info, bytes). Blocking; raises CheckpointError subclasses."""
+    path = Path(source)
+    base_index = Checkpoint(base).index
+    if (path / INDEX_FILE).is_file():
+        resolved = path
+    elif is_peft_adapter(path):
+        resolved = converted_path(path)
+        if not (resolved / INDEX_FILE).is_file():
+            log.info("converting adapter %s to %s", path, resolved)
+            convert_adapter(path, resolved, base_index, overwrite=True)
+    elif not path.exists():
+        raise MissingFileError(path, "no such adapter: give a PEFT adapter directory or a converted adapter")
+    else:
+        raise CheckpointError(path, "not a LoRA adapter (no adapter_config.json, no Tangram index)")
+    index = Checkpoint(resolved).index
+    return resolved, check_adapter(index, base_index, resolved), index.total_bytes
+
+
+class Adapters:
+    """The adapter deployments of a controller, by name."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, AdapterState] = {}
+
+    async def deploy(self, spec: Deployment, base_checkpoint: Path) -> AdapterState:
+        """Convert (once) and check the adapter against its base off the event loop, then register it."""
+        assert spec.adapter is not None
+        loop = asyncio.get_running_loop()
+        path, info, size = await loop.run_in_executor(None, functools.partial(
+            resolve_adapter, spec.adapter, base_checkpoint))
+        state = self._states[spec.name] = AdapterState(spec, path, info, size)
+        return state
+
+    def get(self, name: str) -> AdapterState | None:
+        """The adapter deployment `name`, or None."""
+        return self._states.get(name)
+
+    def names(self) -> list[str]:
+        """Adapter deployment names."""
+        return sorted(self._states)
+
+    def of_base(self, base: str) -> list[str]:
+        """The adapters served on the base deployment `base`."""
+        return sorted(n for n, s in self._states.items() if s.base == base)
+
+    def remove(self, name: str) -> AdapterState:
+        """Forget an adapter deployment (instances unbind it when its requests end)."""
+        return self._states.pop(name)
+
+    def describe(self, name: str, base: dict) -> dict:
+        """An adapter deployment's settings, with its base's live state (`base`: the base's description)."""
+        s = self._states[name]
+        shared = {k: base[k] for k in ("instances", "starting", "queued", "last_error")}  # the base's instances
+        return {**s.spec.model_dump(mode="json"), "resolved_checkpoint": str(s.path), "bytes": s.bytes,
+                "parent": s.base, "rank": s.info.r, "scaling": s.info.scaling, "modules": len(s.info.modules),
+                **shared, "inflight": s.inflight, "pool_bytes_needed": s.bytes,
+                "starts": {"pool-hit": 0, "dram": 0, "cold": 0}, "bytes_loaded": 0, "bytes_reused": 0}
