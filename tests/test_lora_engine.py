@@ -10,7 +10,7 @@ import torch
 from conftest import engine_checkpoint, engine_model, reference_greedy
 from lora_util import LLAMA_TARGETS, make_adapter, peft_greedy
 from tangram.engine import EngineConfig, Instance, OutputQueue, RequestError, SamplingParams
-from tangram.engine.lora import WRAPPED
+from tangram.engine.lora import WRAPPED, Adapter, plan
 from tangram.pool import DevicePool
 from tangram.store import Checkpoint
 from tangram.store.adapter import AdapterInfo, convert_adapter
@@ -32,7 +32,8 @@ def setup(request, tmp_path_factory):
     ckpt = engine_checkpoint(base, tmp)
     index = Checkpoint(ckpt).index
     kinds = [dict(r=4, alpha=8), dict(r=8, alpha=4, targets=LLAMA_TARGETS), dict(r=2, alpha=16, targets=["o_proj"]),
-             dict(r=4, alpha=4, use_rslora=True, targets=["k_proj", "up_proj", "gate_proj"])]
+             dict(r=4, alpha=4, use_rslora=True, targets=["k_proj", "up_proj", "gate_proj"]),
+             dict(r=4, alpha=2), dict(r=4, alpha=8)]  # 4, 5: adapter 0's targets and rank (a batched decode)
     peft_dirs, adapters = [], []
     for i, kind in enumerate(kinds):
         src = make_adapter(base, tmp / f"peft-{i}", seed=100 + i, **kind)
@@ -72,7 +73,10 @@ def test_mixed_batch_matches_peft(setup):
         assert sorted(inst.adapters.bound()) == sorted({f"adapter-{a}" for a in rows if a is not None})
         inst.engine.run_until_idle()
         got = [list(s.q.queue)[-1].output_ids for s in sinks]
-        assert inst.adapters.bound() == [] and WRAPPED.wrapped(inst.model) == []  # unbound once unused
+        assert inst.adapters.bound() == []  # unbound once unused (retained in the pool)
+        model = inst.model
+        assert WRAPPED.wrapped(model)  # the hooks stay while the instance lives
+    assert WRAPPED.wrapped(model) == []  # and go with it
     assert got == refs
 
 
@@ -134,3 +138,25 @@ def test_adapter_dtype_follows_peft(setup):
         inst.engine.run_until_idle()
         tuned = list(sink.q.queue)[-1].output_ids
     assert tuned != got  # the float32 update is applied to the bfloat16 rows
+
+
+def test_batched_decodes_match_peft(setup):
+    """Decodes of adapters with the same targets and rank run as one batch (two bmms per module), groups of
+    different sizes padded, different scalings per group."""
+    base, ckpt, peft_dirs, adapters = setup
+    rows = [0, 4, 4, 5, None, 5, 5]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(rows))]
+    a, b = (Adapter(n, n, s, {}, None) for n, s in (("a", 0.5), ("b", 2.0)))
+    step = plan([(0, 1, a), (1, 2, b), (2, 3, b), (3, 9, None)], torch.device("cpu"))
+    assert step.batched is not None and step.batched.width == 2 and step.batched.valid.tolist() == [0, 2, 3]
+    assert step.batched.gather.tolist() == [0, 0, 1, 2] and step.batched.rows.tolist() == [0, 1, 2]
+    refs = [peft_greedy(base, None if a is None else peft_dirs[a], p, TOKENS) for a, p in zip(rows, prompts)]
+    with start(ckpt) as inst:
+        sinks = []
+        for a, p in zip(rows, prompts):
+            sink = OutputQueue()
+            inst.engine.add_request(p, GREEDY, sink=sink, adapter=None if a is None else adapters[a])
+            sinks.append(sink)
+        inst.engine.run_until_idle()
+        got = [list(s.q.queue)[-1].output_ids for s in sinks]
+    assert got == refs

@@ -270,8 +270,11 @@ def run_lora_bench(*, quick: bool, json_path: Path | None, console: Console | No
     capacity = base.index.total_bytes + 8 * Checkpoint(pairs[0][1]).index.total_bytes + (512 << 20)
     with Instance(base.path, DevicePool(capacity, "cpu"), EngineConfig(templates=False, max_batch=sizes.requests)
                   ) as inst:
+        console.print(f"loads: {sizes.timed} adapters of rank {sizes.rank}" + (f", one of rank {sizes.big_rank}"
+                                                                              if big else ""))
         rows = load_rows(inst, peft_model, pairs[:sizes.timed], sizes, f"r{sizes.rank}")
         rows += load_rows(inst, peft_model, big, sizes, f"r{sizes.big_rank}")
+        console.print(f"mixed batch: {sizes.requests} requests over {sizes.batch_adapters} adapters, and on the base")
         mixed = mixed_batch(inst, [c for _, c in pairs[:sizes.batch_adapters]], sizes)
     largest = [r for r in rows if r["rank"] == max(r["rank"] for r in rows)]
     ours_cold = statistics.median(r["tangram_cold_s"] for r in largest)
