@@ -160,3 +160,23 @@ def test_batched_decodes_match_peft(setup):
         inst.engine.run_until_idle()
         got = [list(s.q.queue)[-1].output_ids for s in sinks]
     assert got == refs
+
+
+def test_padded_path_matches_peft(setup, monkeypatch):
+    """Models outside transformers' attention interface run padded forwards: adapters apply per padded row."""
+    import tangram.engine.runner as runner
+
+    base, ckpt, peft_dirs, adapters = setup
+    monkeypatch.setattr(runner, "supports_packed", lambda model: False)
+    rows = [0, 1, None, 4, 5]
+    refs = [peft_greedy(base, None if a is None else peft_dirs[a], p, TOKENS) for a, p in zip(rows, PROMPTS)]
+    with start(ckpt, prepack="off") as inst:
+        assert not inst.engine.runner.packed
+        sinks = []
+        for a, p in zip(rows, PROMPTS):
+            sink = OutputQueue()
+            inst.engine.add_request(p, GREEDY, sink=sink, adapter=None if a is None else adapters[a])
+            sinks.append(sink)
+        inst.engine.run_until_idle()
+        got = [list(s.q.queue)[-1].output_ids for s in sinks]
+    assert got == refs

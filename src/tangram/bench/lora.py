@@ -192,6 +192,16 @@ def _peft_states(peft_model, src: Path, name: str) -> dict[str, float]:
     return times
 
 
+def raw_read_s(path: Path) -> float:
+    """Seconds to read `path` with plain reads after dropping it from the page cache: the disk's floor."""
+    evict_from_page_cache(path)
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as fh:
+        while fh.read(16 << 20):
+            pass
+    return time.perf_counter() - t0
+
+
 def load_rows(inst: Instance, peft_model, pairs: list[tuple[Path, Path]], sizes: Sizes, label: str) -> list[dict]:
     """One row per timed adapter: every state of both systems, and the equality check."""
     loader = Loader(cache=HostCache(2 * Checkpoint(pairs[0][1]).index.total_bytes + (64 << 20))) if pairs else None
@@ -209,7 +219,8 @@ def load_rows(inst: Instance, peft_model, pairs: list[tuple[Path, Path]], sizes:
                      "modules": modules, "equal": True, "tangram_cold_s": ours["cold"], "tangram_dram_s": ours["dram"],
                      "tangram_pool_ms": ours["pool"] * 1e3, "peft_cold_s": peer["cold"],
                      "peft_cold_lowmem_s": peer["cold-lowmem"], "peft_dram_s": peer["dram"],
-                     "peft_dram_lowmem_s": peer["dram-lowmem"], "speedup_cold": ratio(peer_cold, ours["cold"])})
+                     "peft_dram_lowmem_s": peer["dram-lowmem"], "speedup_cold": ratio(peer_cold, ours["cold"]),
+                     "raw_read_cold_s": raw_read_s(src / "adapter_model.safetensors")})
     return rows
 
 
@@ -292,7 +303,8 @@ def run_lora_bench(*, quick: bool, json_path: Path | None, console: Console | No
             Column("tangram_cold_s", "tangram cold s", fmt_num(4)), Column("tangram_dram_s", "dram s", fmt_num(4)),
             Column("tangram_pool_ms", "pool ms", fmt_num(3)), Column("peft_cold_s", "peft cold s", fmt_num(4)),
             Column("peft_cold_lowmem_s", "peft cold lowmem s", fmt_num(4)),
-            Column("peft_dram_s", "peft dram s", fmt_num(4)), Column("speedup_cold", "speedup", fmt_num(2))]
+            Column("peft_dram_s", "peft dram s", fmt_num(4)), Column("speedup_cold", "speedup", fmt_num(2)),
+            Column("raw_read_cold_s", "raw read s", fmt_num(4))]
     print_table(console, "adapter loads (every bound adapter equal to PEFT's)", cols, rows)
     console.print(f"mixed batch: {mixed}")
     print_summary(console, "bench lora summary", summary)

@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from tangram.control.deployments import Deployment
+from tangram.control.events import Activity
 from tangram.resolve import converted_path
 from tangram.store import Checkpoint
 from tangram.store.adapter import AdapterInfo, check_adapter, convert_adapter, is_peft_adapter
@@ -80,13 +82,20 @@ class Adapters:
     def __init__(self) -> None:
         self._states: dict[str, AdapterState] = {}
 
-    async def deploy(self, spec: Deployment, base_checkpoint: Path) -> AdapterState:
-        """Convert (once) and check the adapter against its base off the event loop, then register it."""
-        assert spec.adapter is not None
+    async def deploy(self, spec: Deployment, bases: Mapping[str, Path], activity: Activity) -> AdapterState:
+        """Convert (once) and check the adapter against its base off the event loop, then register it.
+        `bases`: the base deployments' checkpoints. AdapterDeployError for a name or base that does not fit."""
+        if spec.adapter is None or spec.name in bases:
+            kind = "an adapter" if spec.adapter is None else "a base model"
+            raise AdapterDeployError(f"{spec.name!r} is already deployed as {kind}; remove it first", "name")
+        if spec.base not in bases:
+            raise AdapterDeployError(f"base deployment {spec.base!r} does not exist", "base")
         loop = asyncio.get_running_loop()
         path, info, size = await loop.run_in_executor(None, functools.partial(
-            resolve_adapter, spec.adapter, base_checkpoint))
+            resolve_adapter, spec.adapter, bases[spec.base]))
         state = self._states[spec.name] = AdapterState(spec, path, info, size)
+        activity.record("deploy", f"deployed adapter {spec.name} (rank {info.r}, {size / 1e6:.1f} MB) on "
+                        f"{spec.base}", spec.name)
         return state
 
     def get(self, name: str) -> AdapterState | None:

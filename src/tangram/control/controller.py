@@ -22,7 +22,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from tangram.control.adapters import AdapterDeployError, Adapters
+from tangram.control.adapters import Adapters
 from tangram.control.autoscale import drain_victim, idle_victim, least_loaded, pick_instance, should_scale_down
 from tangram.control.deployments import Deployment
 from tangram.control.events import Activity
@@ -63,15 +63,8 @@ class Controller:
         """Register (or replace the settings of) a deployment; a Hugging Face directory is converted now and,
         with templates on, every worker warms for the model (skeleton, tokenizer, operators) before it returns.
         An adapter is converted (once) and checked against its base deployment's checkpoint."""
-        if (spec.adapter is None) != (self.adapters.get(spec.name) is None) and spec.name in self.names():
-            raise AdapterDeployError(f"{spec.name!r} is already deployed as a{'' if spec.adapter else 'n'} "
-                                     f"{'base model' if spec.adapter else 'adapter'}; remove it first", "name")
-        if spec.adapter is not None:
-            if spec.base not in self._states:
-                raise AdapterDeployError(f"base deployment {spec.base!r} does not exist", "base")
-            state = await self.adapters.deploy(spec, self._states[spec.base].checkpoint)
-            self.activity.record("deploy", f"deployed adapter {spec.name} (rank {state.info.r}, {state.bytes / 1e6:.1f} "
-                                 f"MB) on {spec.base}", spec.name)
+        if spec.adapter is not None or self.adapters.get(spec.name) is not None:
+            await self.adapters.deploy(spec, {n: s.checkpoint for n, s in self._states.items()}, self.activity)
             return self.describe(spec.name)
         loop = asyncio.get_running_loop()
         path = await loop.run_in_executor(None, functools.partial(  # its copy in the engine's dtype, made once

@@ -39,7 +39,7 @@ from tangram.store import Checkpoint
 from tangram.store.adapter import AdapterError, AdapterInfo, check_adapter
 
 log = logging.getLogger(__name__)
-BATCH_ROWS = 512  # a step with several adapters batches their updates when groups x longest group fit this
+BATCH_ROWS = 512  # a step batches its adapters' updates when groups x longest group fit this
 
 
 @dataclass(frozen=True)
@@ -130,9 +130,10 @@ def plan(segments: Iterable[tuple[int, int, Adapter | None]], device: torch.devi
 
 
 def _batched(ranges: list[tuple[Adapter, list[tuple[int, int]]]], device: torch.device) -> Batched | None:
-    """The batched form of a step with several adapters and few tokens each (decodes), else None."""
-    if len(ranges) < 2:
-        return None
+    """The batched form of a step whose adapters' tokens are gathered rows (decodes; not one prompt chunk
+    alone) and few, else None."""
+    if len(ranges) == 1 and len(ranges[0][1]) == 1:
+        return None  # one contiguous slice: the per-group path reads it in place
     members = [[i for b, e in spans for i in range(b, e)] for _, spans in ranges]
     width = max(len(m) for m in members)
     if width * len(members) > BATCH_ROWS:
