@@ -3,22 +3,28 @@
 Each target module of the base is *wrapped*, whatever `nn.Module` it is (a
 plain, packed or fused linear): a forward hook adds, for the step's tokens of
 each adapter a, `scaling_a * B_a(A_a(x))` to the module's output, as PEFT's
-`lora.Linear` does (x cast to the adapter's dtype, the sum cast back to the
-output's). The base weights are never read or changed, nothing is merged, and
-there is one forward per step whatever the mix of adapters: the tokens of an
-adapter are one slice of the packed step (a prompt chunk) or gathered rows
-(decodes), grouped once per step (`plan`) and shared by every module, the
-segmented idea of punica's SGMV.
+`lora.Linear` does (x cast to the adapter's work dtype, the sum cast back to
+the output's). The base weights are never read or changed, nothing is merged,
+and there is one forward per step whatever the mix of adapters. The step's
+tokens are grouped per adapter once (`plan`) and every module reuses the
+groups, the segmented idea of punica's SGMV: a prompt chunk alone is a slice
+of the packed step (two linears on it, in place); gathered rows (decodes,
+several adapters) are one batch: the rows of each adapter padded to the
+longest group, A and B of the step's adapters stacked once per adapter set
+(host copies in the work dtype, the scaling folded into B), two bmms and one
+index_add per module.
 
 The runner sets the step's groups in a context (`active`) around its forward;
 outside one, or for a module no adapter of the step targets, a hook returns
-at once, and a module no bound adapter targets has no hook at all, so a step
-without adapters computes exactly what it computed before.
+at once, and a module that no adapter this instance served targets has no
+hook at all, so a step without adapters computes exactly what it computed
+before.
 
 Adapters are bound from the device pool (`AdapterSet`): the first request for
 one acquires its tensors through the pool (content hash, loader, DRAM tier);
 the binding is released when its last request ends and the tensors stay
-retained, so the next use is a re-bind (a pool hit).
+retained, so the next use is a re-bind (a pool hit). The hooks stay until the
+instance closes.
 """
 
 from __future__ import annotations
