@@ -14,14 +14,17 @@ tensors stay retained in the pool: the next use is a pool hit).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from tangram.control.controller import Controller
 from tangram.control.deployments import Deployment
 from tangram.control.events import Activity
+from tangram.engine import RequestOutput, SamplingParams
 from tangram.resolve import converted_path
 from tangram.store import Checkpoint
 from tangram.store.adapter import AdapterInfo, check_adapter, convert_adapter, is_peft_adapter
@@ -122,3 +125,59 @@ class Adapters:
                 "parent": s.base, "rank": s.info.r, "scaling": s.info.scaling, "modules": len(s.info.modules),
                 **shared, "inflight": s.inflight, "pool_bytes_needed": s.bytes,
                 "starts": {"pool-hit": 0, "dram": 0, "cold": 0}, "bytes_loaded": 0, "bytes_reused": 0}
+
+
+class LoraController(Controller):
+    """The controller with adapter deployments (what `tangram serve` runs): an adapter names its base
+    deployment, and its requests run on the base's instances with the adapter's path."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.adapters = Adapters()
+
+    async def deploy(self, spec: Deployment) -> dict:
+        """A base model as `Controller.deploy`; an adapter converted (once) and checked against its base."""
+        if spec.adapter is None and self.adapters.get(spec.name) is None:
+            return await super().deploy(spec)
+        bases = {n: Path(self.describe(n)["resolved_checkpoint"]) for n in super().names()}
+        await self.adapters.deploy(spec, bases, self.activity)
+        return self.describe(spec.name)
+
+    async def remove(self, name: str) -> None:
+        """Forget an adapter (its base stays), or stop a base deployment and forget it with its adapters."""
+        is_adapter = self.adapters.get(name) is not None
+        for adapter in [name] if is_adapter else self.adapters.of_base(name):
+            self.adapters.remove(adapter)
+            self.activity.record("remove", f"removed adapter {adapter}", adapter)
+        if not is_adapter:
+            await super().remove(name)
+
+    def names(self) -> list[str]:
+        """Deployment names, adapters included."""
+        return sorted([*super().names(), *self.adapters.names()])
+
+    def describe(self, name: str) -> dict:
+        """A deployment's settings and live state; an adapter's with its `parent` and its base's instances."""
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            return super().describe(name)
+        return self.adapters.describe(name, super().describe(adapter.base))
+
+    def generate(self, name: str, prompt, params: SamplingParams, *, chat: bool = False,
+                 adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        """`Controller.generate`; a request naming an adapter runs on an instance of its base."""
+        state = self.adapters.get(name)
+        if state is None:
+            return super().generate(name, prompt, params, chat=chat, adapter=adapter)
+        return self._adapter_stream(state, prompt, params, chat)
+
+    async def _adapter_stream(self, state: AdapterState, prompt, params: SamplingParams, chat: bool
+                              ) -> AsyncIterator[RequestOutput]:
+        state.inflight += 1
+        try:  # closed with the caller's stream, so a client that goes away still aborts the request
+            async with contextlib.aclosing(super().generate(state.base, prompt, params, chat=chat,
+                                                            adapter=str(state.path))) as outs:
+                async for out in outs:
+                    yield out
+        finally:
+            state.inflight -= 1

@@ -22,7 +22,6 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from tangram.control.adapters import Adapters
 from tangram.control.autoscale import drain_victim, idle_victim, least_loaded, pick_instance, should_scale_down
 from tangram.control.deployments import Deployment
 from tangram.control.events import Activity
@@ -57,15 +56,10 @@ class Controller:
         self._room_waiters: dict[str, list[asyncio.Future]] = {}  # per worker: starts waiting for pool space
         self._capacities: dict[str, int] | None = None  # per worker: its pool's bytes (fixed once built)
         self.activity = Activity()  # events, starts and traffic, for the dashboard
-        self.adapters = Adapters()  # LoRA adapters served on base deployments (control/adapters.py)
 
     async def deploy(self, spec: Deployment) -> dict:
         """Register (or replace the settings of) a deployment; a Hugging Face directory is converted now and,
-        with templates on, every worker warms for the model (skeleton, tokenizer, operators) before it returns.
-        An adapter is converted (once) and checked against its base deployment's checkpoint."""
-        if spec.adapter is not None or self.adapters.get(spec.name) is not None:
-            await self.adapters.deploy(spec, {n: s.checkpoint for n, s in self._states.items()}, self.activity)
-            return self.describe(spec.name)
+        with templates on, every worker warms for the model (skeleton, tokenizer, operators) before it returns."""
         loop = asyncio.get_running_loop()
         path = await loop.run_in_executor(None, functools.partial(  # its copy in the engine's dtype, made once
             resolve_model, spec.checkpoint, dtype=spec.engine.dtype, device=self.workers[0].device))
@@ -89,14 +83,8 @@ class Controller:
         return self.describe(spec.name)
 
     async def remove(self, name: str) -> None:
-        """Stop a deployment's instances and forget it (and its adapters); waiting requests fail."""
-        if self.adapters.get(name) is not None:
-            self.adapters.remove(name)
-            self.activity.record("remove", f"removed adapter {name}", name)
-            return
+        """Stop a deployment's instances and forget it; waiting requests fail."""
         state = self._get(name)
-        for adapter in self.adapters.of_base(name):
-            await self.remove(adapter)
         state.removed = True
         del self._states[name]
         self.activity.record("remove", f"removed {name} ({len(state.replicas)} instance(s) stopped)", name)
@@ -106,18 +94,11 @@ class Controller:
         state.replicas.clear()
 
     def names(self) -> list[str]:
-        """Deployment names (adapters included)."""
-        return sorted([*self._states, *self.adapters.names()])
-
-    def parent(self, name: str) -> str | None:
-        """The base deployment of an adapter, None for a base model."""
-        adapter = self.adapters.get(name)
-        return None if adapter is None else adapter.base
+        """Deployment names."""
+        return sorted(self._states)
 
     def describe(self, name: str) -> dict:
         """A deployment's settings and live state."""
-        if self.adapters.get(name) is not None:
-            return self.adapters.describe(name, self.describe(self.adapters.get(name).base))
         s = self._get(name)
         return {**s.spec.model_dump(mode="json"), "resolved_checkpoint": str(s.checkpoint), "bytes": s.index.total_bytes,
                 "pool_bytes_needed": s.need.total,
@@ -152,23 +133,20 @@ class Controller:
         except KeyError:
             raise UnknownDeployment(name) from None
 
-    async def generate(self, name: str, prompt, params: SamplingParams, *, chat: bool = False
-                       ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; the first may wait for an instance to start.
+    async def generate(self, name: str, prompt, params: SamplingParams, *, chat: bool = False,
+                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs (with `adapter`: a LoRA adapter's path); the first may wait for an instance.
 
         An instance whose weights failed to load is retired (no new requests,
         stopped once empty), and a request it failed before any output is
-        retried once on another instance. A request for an adapter runs on an instance of its base.
+        retried once on another instance.
         """
-        adapter = self.adapters.get(name)
-        state = self._get(name if adapter is None else adapter.base)
+        state = self._get(name)
         arrival = time.perf_counter()
         streamed = False
         self.activity.arrived(name)
         for attempt in range(2):
             replica = await self._acquire(state, arrival)
-            if adapter is not None:
-                adapter.inflight += 1
             schedule_s = time.perf_counter() - arrival
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
@@ -177,7 +155,7 @@ class Controller:
             # it runs still finds the request once it is queued, and aborts it (see `settle` below)
             submitted = asyncio.ensure_future(replica.worker.submit(
                 replica.ref, prompt, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
-                arrival=arrival, chat=chat, adapter=None if adapter is None else str(adapter.path)))
+                arrival=arrival, chat=chat, adapter=adapter))
             try:
                 await asyncio.shield(submitted)
                 while not finished:
@@ -200,8 +178,6 @@ class Controller:
                 def settle(f: asyncio.Future, done: bool = finished, r: ReplicaState = replica) -> None:
                     if not done and not f.cancelled() and f.exception() is None:
                         r.worker.abort(r.ref, f.result())  # the client went away: free its KV blocks
-                    if adapter is not None:
-                        adapter.inflight -= 1
                     self._release(state, r)
 
                 if submitted.done():

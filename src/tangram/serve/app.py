@@ -168,7 +168,7 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "tangram",
-                                            "parent": controller.parent(n)}  # an adapter's base, as vLLM lists it
+                                            "parent": controller.describe(n).get("parent")}  # as vLLM lists it
                                            for n in controller.names()]}
 
     @app.get("/health")
