@@ -140,11 +140,11 @@ def test_adapter_dtype_follows_peft(setup):
     assert tuned != got  # the float32 update is applied to the bfloat16 rows
 
 
-def test_batched_decodes_match_peft(setup):
+@pytest.mark.parametrize("rows", [[0, 4, 4, 5, None, 5, 5], [4, 0, 5, 4, 0]])  # with base rows; every row tuned
+def test_batched_decodes_match_peft(setup, rows):
     """Decodes of adapters with the same targets and rank run as one batch (two bmms per module), groups of
     different sizes padded, different scalings per group."""
     base, ckpt, peft_dirs, adapters = setup
-    rows = [0, 4, 4, 5, None, 5, 5]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(rows))]
     a, b = (Adapter(n, n, s, {}, None) for n, s in (("a", 0.5), ("b", 2.0)))
     step = plan([(0, 1, a), (1, 2, b), (2, 3, b), (3, 9, None)], torch.device("cpu"))
@@ -180,3 +180,18 @@ def test_padded_path_matches_peft(setup, monkeypatch):
         inst.engine.run_until_idle()
         got = [list(s.q.queue)[-1].output_ids for s in sinks]
     assert got == refs
+
+
+def test_concurrent_binds_of_one_adapter_share_one_binding(setup):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, ckpt, _, adapters = setup
+    with start(ckpt) as inst:
+        with ThreadPoolExecutor(4) as pool:
+            bound = list(pool.map(lambda _: inst.adapters.acquire(adapters[1]), range(4)))
+        assert all(b is bound[0] for b in bound) and bound[0].users == 4
+        for b in bound:
+            inst.adapters.release(b)
+        assert inst.adapters.bound() == []
+        index = Checkpoint(adapters[1]).index
+        assert inst.pool.resident_bytes(index) == index.total_bytes  # loaded once, retained

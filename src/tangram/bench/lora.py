@@ -42,6 +42,7 @@ from tangram.workload import ModelSpec
 
 log = logging.getLogger(__name__)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEFT_DEFAULT = ["q_proj", "v_proj"]  # PEFT's default target_modules for Qwen2 and Llama
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True,
                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -101,14 +102,16 @@ def make_base(spec: ModelSpec, root: Path):
     return model, Checkpoint(ckpt)
 
 
-def make_adapters(model, base: Checkpoint, root: Path, rank: int, count: int, tag: str) -> list[tuple[Path, Path]]:
-    """`count` PEFT adapters of `model` (random A and B, saved by PEFT), each converted: (peft dir, converted)."""
+def make_adapters(model, base: Checkpoint, root: Path, rank: int, count: int, tag: str,
+                  targets: list[str] | None = None) -> list[tuple[Path, Path]]:
+    """`count` PEFT adapters of `model` (random A and B, saved by PEFT; LoRA on `targets`, default every linear
+    module of the decoder layers), each converted: (peft dir, converted)."""
     from peft import LoraConfig, get_peft_model
 
     out = [(root / f"{tag}-{i}-peft", root / f"{tag}-{i}") for i in range(count)]
     if all((c / INDEX_FILE).is_file() for _, c in out):
         return out
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets or TARGETS, lora_dropout=0.0)
     peft_model = get_peft_model(copy.deepcopy(model), config, autocast_adapter_dtype=False)
     gen = torch.Generator().manual_seed(rank)
     for src, dst in out:
@@ -277,6 +280,7 @@ def run_lora_bench(*, quick: bool, json_path: Path | None, console: Console | No
     model, base = make_base(spec, root)
     pairs = make_adapters(model, base, root, sizes.rank, sizes.adapters, f"r{sizes.rank}")
     big = make_adapters(model, base, root, sizes.big_rank, 1, f"r{sizes.big_rank}") if sizes.big_rank else []
+    qv = make_adapters(model, base, root, sizes.rank, sizes.batch_adapters, f"r{sizes.rank}-qv", PEFT_DEFAULT)
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(model, LoraConfig(r=1, target_modules=["q_proj"]), autocast_adapter_dtype=False)
@@ -289,6 +293,7 @@ def run_lora_bench(*, quick: bool, json_path: Path | None, console: Console | No
         rows += load_rows(inst, peft_model, big, sizes, f"r{sizes.big_rank}")
         console.print(f"mixed batch: {sizes.requests} requests over {sizes.batch_adapters} adapters, and on the base")
         mixed = mixed_batch(inst, [c for _, c in pairs[:sizes.batch_adapters]], sizes)
+        mixed_qv = mixed_batch(inst, [c for _, c in qv], sizes)
     largest = [r for r in rows if r["rank"] == max(r["rank"] for r in rows)]
     ours_cold = statistics.median(r["tangram_cold_s"] for r in largest)
     peer_cold = statistics.median(min(r["peft_cold_s"], r["peft_cold_lowmem_s"]) for r in largest)
@@ -297,7 +302,8 @@ def run_lora_bench(*, quick: bool, json_path: Path | None, console: Console | No
                "adapter_pool_hit_ms": round(statistics.median(r["tangram_pool_ms"] for r in rows), 4),
                "mixed_batch_tokens_per_s_vs_base": ratio(mixed["mixed_tokens_per_s"], mixed["base_tokens_per_s"])}
     config = {**asdict(sizes), "base": spec.name, "base_bytes": base.index.total_bytes, "targets": TARGETS,
-              "mixed_batch": mixed, "peer": "peft PeftModel.load_adapter (safetensors), the faster of "
+              "mixed_batch": mixed, "mixed_batch_peft_default_targets": {**mixed_qv, "targets": PEFT_DEFAULT,
+              "tokens_per_s_vs_base": ratio(mixed_qv["mixed_tokens_per_s"], mixed_qv["base_tokens_per_s"])}, "peer": "peft PeftModel.load_adapter (safetensors), the faster of "
               "low_cpu_mem_usage False / True", "torch_threads": torch.get_num_threads()}
     result = result_doc("lora", "cpu", config, rows, summary)
     cols = [Column("adapter", "adapter", justify="left"), Column("bytes", "bytes"),
@@ -308,6 +314,7 @@ def run_lora_bench(*, quick: bool, json_path: Path | None, console: Console | No
             Column("raw_read_cold_s", "raw read s", fmt_num(4))]
     print_table(console, "adapter loads (every bound adapter equal to PEFT's)", cols, rows)
     console.print(f"mixed batch: {mixed}")
+    console.print(f"mixed batch, adapters on PEFT's default targets {PEFT_DEFAULT}: {mixed_qv}")
     print_summary(console, "bench lora summary", summary)
     if json_path is not None:
         write_result(result, json_path)

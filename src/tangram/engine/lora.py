@@ -88,6 +88,8 @@ class Batched:
     valid: torch.Tensor | None
     rows: torch.Tensor
     key: tuple[int, ...] = ()  # the adapters, by identity
+    order: torch.Tensor | None = None  # when every token of the step has an adapter: the [groups x width]
+    # position of each token, in token order (the update is then gathered and added, no scatter)
     last: list = field(default_factory=lambda: [None], compare=False)  # (input, its gathered rows) of the step
 
 
@@ -132,10 +134,11 @@ def plan(segments: Iterable[tuple[int, int, Adapter | None]], device: torch.devi
         else:
             rows = torch.cat([torch.arange(b, e) for b, e in spans]).to(device)
         groups.append(Group(adapter, rows))
-    return LoraStep(groups, _batched(list(ranges.values()), device))
+    return LoraStep(groups, _batched(list(ranges.values()), device, max(end for _, end, _ in segments)))
 
 
-def _batched(ranges: list[tuple[Adapter, list[tuple[int, int]]]], device: torch.device) -> Batched | None:
+def _batched(ranges: list[tuple[Adapter, list[tuple[int, int]]]], device: torch.device, tokens: int
+             ) -> Batched | None:
     """The batched form of a step whose adapters' tokens are gathered rows (decodes; not one prompt chunk
     alone) and few, else None."""
     if len(ranges) == 1 and len(ranges[0][1]) == 1:
@@ -146,9 +149,14 @@ def _batched(ranges: list[tuple[Adapter, list[tuple[int, int]]]], device: torch.
         return None
     gather = [row for m in members for row in m + [m[0]] * (width - len(m))]
     valid = [g * width + j for g, m in enumerate(members) for j in range(len(m))]
+    rows = [row for m in members for row in m]
+    order = None
+    if len(rows) == tokens:  # every token has an adapter (rows: a permutation of them)
+        position = dict(zip(rows, valid))
+        order = torch.tensor([position[t] for t in range(tokens)], device=device)
     return Batched(tuple(a for a, _ in ranges), torch.tensor(gather, device=device), width,
                    None if len(valid) == len(gather) else torch.tensor(valid, device=device),
-                   torch.tensor([row for m in members for row in m], device=device), tuple(id(a) for a, _ in ranges))
+                   torch.tensor(rows, device=device), tuple(id(a) for a, _ in ranges), order)
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -180,6 +188,9 @@ def _hook(name: str):
             xs = x.reshape(-1, x.shape[-1]).index_select(0, b.gather).to(a.dtype)
             b.last[0] = (x, xs)
         delta = torch.bmm(torch.bmm(xs.view(len(b.adapters), b.width, -1), a), bw).flatten(0, 1)
+        if b.order is not None:  # in token order, added in the work dtype and rounded once, as PEFT does
+            out.view(-1, out.shape[-1]).add_(delta.index_select(0, b.order))
+            return
         if b.valid is not None:
             delta = delta.index_select(0, b.valid)
         out.view(-1, out.shape[-1]).index_add_(0, b.rows, delta.to(out.dtype))  # few ops: decodes are op-bound
@@ -269,38 +280,49 @@ class AdapterSet:
         self._device = next(model.parameters()).device
 
     def acquire(self, path: str | Path, name: str | None = None) -> Adapter:
-        """The adapter at `path` bound for one more request (acquired from the pool unless bound already)."""
+        """The adapter at `path` bound for one more request (acquired from the pool unless bound already).
+        A load runs outside the set's lock: the engine thread releasing other adapters never waits for it."""
         key = str(path)
         with self._lock:
             adapter = self._bound.get(key)
             if adapter is not None:
                 adapter.users += 1
                 return adapter
-            ckpt, info = self._checked.get(key) or self._check(key)
-            binding = self.pool.acquire(ckpt, model=name or key)
-            try:
-                modules = {}
-                for module in info.modules:
-                    a, b = (binding.tensors[n] for n in AdapterInfo.tensor_names(module))
-                    if a.device != self._device:
-                        raise AdapterError(ckpt.path, f"adapter tensors are on {a.device}, the model on {self._device}")
-                    modules[module] = LoraPair(a, b)
-                new = modules.keys() - self._wrapped  # hooks stay until close: a re-bind registers none
-                WRAPPED.hold(self.model, new)
-                self._wrapped |= new
-            except BaseException:
-                self.pool.release(binding)
-                raise
-            adapter = Adapter(key, name or Path(key).name, info.scaling, modules, binding, users=1)
-            self._bound[key] = adapter
-            log.debug("bound adapter %s on %s (%d B loaded, %d B reused)", adapter.name, self.owner,
-                      binding.bytes_loaded, binding.bytes_reused)
-            return adapter
+            checked = self._checked.get(key)
+        ckpt, info = checked or self._check(key)
+        binding = self.pool.acquire(ckpt, model=name or key)
+        try:
+            modules = {}
+            for module in info.modules:
+                a, b = (binding.tensors[n] for n in AdapterInfo.tensor_names(module))
+                if a.device != self._device:
+                    raise AdapterError(ckpt.path, f"adapter tensors are on {a.device}, the model on {self._device}")
+                modules[module] = LoraPair(a, b)
+            with self._lock:
+                other = self._bound.get(key)  # bound by a concurrent request meanwhile: use that binding
+                if other is not None:
+                    other.users += 1
+                else:
+                    new = modules.keys() - self._wrapped  # hooks stay until close: a re-bind registers none
+                    WRAPPED.hold(self.model, new)
+                    self._wrapped |= new
+                    adapter = Adapter(key, name or Path(key).name, info.scaling, modules, binding, users=1)
+                    self._bound[key] = adapter
+        except BaseException:
+            self.pool.release(binding)
+            raise
+        if other is not None:
+            self.pool.release(binding)
+            return other
+        log.debug("bound adapter %s on %s (%d B loaded, %d B reused)", adapter.name, self.owner,
+                  binding.bytes_loaded, binding.bytes_reused)
+        return adapter
 
     def _check(self, key: str) -> tuple[Checkpoint, AdapterInfo]:
         ckpt = Checkpoint(key)
         info = check_adapter(ckpt.index, self.base.index, ckpt.path)
-        self._checked[key] = (ckpt, info)
+        with self._lock:
+            self._checked[key] = (ckpt, info)
         return ckpt, info
 
     def release(self, adapter: Adapter) -> None:
