@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from tangram.bench.common import print_summary, print_table, ratio, result_doc, write_result, Column, fmt_num
+from tangram.bench.common import Column, fmt_num, print_summary, print_table, ratio, result_doc, write_result
 from tangram.engine import EngineConfig, Instance, SamplingParams
 from tangram.engine.lora import AdapterSet
 from tangram.paths import data_dir
@@ -85,7 +85,7 @@ def _tokenizer(directory: Path, vocab: int) -> None:
                             ).save_pretrained(directory)
 
 
-def make_base(spec: ModelSpec, root: Path):
+def make_base(spec: ModelSpec, root: Path) -> tuple[Any, Checkpoint]:
     """The base model (random weights, std 0.02) in memory and as a Tangram checkpoint under `root`."""
     from transformers import AutoModelForCausalLM
 
@@ -102,7 +102,7 @@ def make_base(spec: ModelSpec, root: Path):
     return model, Checkpoint(ckpt)
 
 
-def make_adapters(model, base: Checkpoint, root: Path, rank: int, count: int, tag: str,
+def make_adapters(model: Any, base: Checkpoint, root: Path, rank: int, count: int, tag: str,
                   targets: list[str] | None = None) -> list[tuple[Path, Path]]:
     """`count` PEFT adapters of `model` (random A and B, saved by PEFT; LoRA on `targets`, default every linear
     module of the decoder layers), each converted: (peft dir, converted)."""
@@ -130,7 +130,7 @@ def _files(path: Path) -> list[Path]:
     return [p for p in path.iterdir() if p.suffix in (".bin", ".safetensors", ".json")]
 
 
-def _check_equal(peft_model, name: str, bound) -> int:
+def _check_equal(peft_model: Any, name: str, bound: Any) -> int:
     """Modules whose A and B Tangram bound equal PEFT's adapter `name`, bit for bit (raises otherwise)."""
     inner = peft_model.base_model.model
     n = 0
@@ -147,7 +147,8 @@ def _check_equal(peft_model, name: str, bound) -> int:
     return n
 
 
-def _tangram_states(inst: Instance, conv: Path, loader: Loader, hits: int) -> tuple[dict[str, float], Any, Any]:
+def _tangram_states(inst: Instance, conv: Path, loader: Loader, hits: int
+                    ) -> tuple[dict[str, float], Any, AdapterSet]:
     """Seconds of a cold, a dram and `hits` pool-hit binds of one adapter; the pool-hit binding and its set."""
     size = Checkpoint(conv).index.total_bytes
     times: dict[str, float] = {}
@@ -179,7 +180,7 @@ def _tangram_states(inst: Instance, conv: Path, loader: Loader, hits: int) -> tu
     return times, bound, adapters
 
 
-def _peft_states(peft_model, src: Path, name: str) -> dict[str, float]:
+def _peft_states(peft_model: Any, src: Path, name: str) -> dict[str, float]:
     """Seconds of PEFT's load_adapter, cold and dram, with each low_cpu_mem_usage setting (the adapter left
     loaded under `name`)."""
     times: dict[str, float] = {}
@@ -205,7 +206,7 @@ def raw_read_s(path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def load_rows(inst: Instance, peft_model, pairs: list[tuple[Path, Path]], sizes: Sizes, label: str) -> list[dict]:
+def load_rows(inst: Instance, peft_model: Any, pairs: list[tuple[Path, Path]], sizes: Sizes, label: str) -> list[dict]:
     """One row per timed adapter: every state of both systems, and the equality check."""
     loader = Loader(cache=HostCache(2 * Checkpoint(pairs[0][1]).index.total_bytes + (64 << 20))) if pairs else None
     rows = []

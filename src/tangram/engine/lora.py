@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,7 +177,8 @@ def _stack(name: str, b: Batched) -> tuple:
             torch.stack([p.b.t().to(dtype) * ad.scaling for p, ad in zip(pairs, b.adapters)]), b.adapters)
 
 
-def _hook(name: str):
+def _hook(name: str) -> Callable[[torch.nn.Module, tuple, torch.Tensor], torch.Tensor | None]:
+    """The forward hook of module `name` (module docstring)."""
     stacked: list = [None]  # the last batch's `_stack` (decodes keep their adapters for many steps)
 
     def batch(b: Batched, a: torch.Tensor, bw: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from tangram.engine.attention import NAME, ChunkMeta, PackedStep, supports_packed, use_packed
 from tangram.engine.batch import SeqWork, StepPlan
-from tangram.engine.lora import active, plan
+from tangram.engine.lora import Adapter, active, plan
 from tangram.kv import KVAllocator, PagedCache, SeqSlot
 
 
@@ -27,7 +27,7 @@ def cache_argument(model: PreTrainedModel) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _adapter(item: SeqWork):
+def _adapter(item: SeqWork) -> Adapter | None:
     """The LoRA adapter a sequence's tokens run with (None: the base alone)."""
     return None if item.request is None else item.request.adapter
 
