@@ -33,7 +33,8 @@ def setup(request, tmp_path_factory):
     index = Checkpoint(ckpt).index
     kinds = [dict(r=4, alpha=8), dict(r=8, alpha=4, targets=LLAMA_TARGETS), dict(r=2, alpha=16, targets=["o_proj"]),
              dict(r=4, alpha=4, use_rslora=True, targets=["k_proj", "up_proj", "gate_proj"]),
-             dict(r=4, alpha=2), dict(r=4, alpha=8)]  # 4, 5: adapter 0's targets and rank (a batched decode)
+             dict(r=4, alpha=2), dict(r=4, alpha=8),  # 4, 5: adapter 0's targets and rank (a batched decode)
+             dict(r=8, alpha=16, targets=LLAMA_TARGETS)]  # 6: adapter 1's (q/k/v and gate/up share x @ A)
     peft_dirs, adapters = [], []
     for i, kind in enumerate(kinds):
         src = make_adapter(base, tmp / f"peft-{i}", seed=100 + i, **kind)
@@ -140,7 +141,7 @@ def test_adapter_dtype_follows_peft(setup):
     assert tuned != got  # the float32 update is applied to the bfloat16 rows
 
 
-@pytest.mark.parametrize("rows", [[0, 4, 4, 5, None, 5, 5], [4, 0, 5, 4, 0]])  # with base rows; every row tuned
+@pytest.mark.parametrize("rows", [[0, 4, 4, 5, None, 5, 5], [4, 0, 5, 4, 0], [1, 6, 6, None, 1, 6]])
 def test_batched_decodes_match_peft(setup, rows):
     """Decodes of adapters with the same targets and rank run as one batch (two bmms per module), groups of
     different sizes padded, different scalings per group."""

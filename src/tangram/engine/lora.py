@@ -91,6 +91,7 @@ class Batched:
     order: torch.Tensor | None = None  # when every token of the step has an adapter: the [groups x width]
     # position of each token, in token order (the update is then gathered and added, no scatter)
     last: list = field(default_factory=lambda: [None], compare=False)  # (input, its gathered rows) of the step
+    shares: dict = field(default_factory=dict, compare=False)  # module -> (input, its x @ A) from its group
 
 
 @dataclass(frozen=True)
@@ -166,29 +167,53 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
+# modules that read the same input as the first of their group (transformers' Llama / Qwen2 code calls them in
+# this order): the first computes x @ A for the whole group in one bmm and leaves each sibling its share
+SIBLINGS = {"q_proj": ("k_proj", "v_proj"), "gate_proj": ("up_proj",)}
+
+
 def _stack(name: str, b: Batched) -> tuple:
-    """(key, A^T [G, in, r], B^T * scaling [G, r, out]) of module `name` for a batch's adapters, in their
-    work dtype; (key, None, None) when not every adapter targets it with one rank."""
+    """(key, A^T [G, in, r], B^T * scaling [G, r, out], adapters, siblings) of module `name` for a batch's
+    adapters, in their work dtype; A^T spans the siblings' A too ([G, in, r x (1 + siblings)]) when every
+    adapter targets them with the same rank; (key, None, None, ...) when not every adapter targets `name`
+    with one rank."""
     pairs = [a.modules.get(name) for a in b.adapters]
     if any(p is None for p in pairs) or len({(p.a.shape, p.a.dtype) for p in pairs}) != 1:
-        return b.key, None, None, b.adapters
+        return b.key, None, None, b.adapters, ()
     dtype = work_dtype(pairs[0].a.dtype)
-    return (b.key, torch.stack([p.a.t() for p in pairs]).to(dtype),
-            torch.stack([p.b.t().to(dtype) * ad.scaling for p, ad in zip(pairs, b.adapters)]), b.adapters)
+    parent, _, leaf = name.rpartition(".")
+    siblings = tuple(f"{parent}.{s}" for s in SIBLINGS.get(leaf, ()))
+    extra = [[a.modules.get(s) for a in b.adapters] for s in siblings]
+    if any(p is None or p.a.shape[0] != pairs[0].a.shape[0] or p.a.dtype != pairs[0].a.dtype
+           for ps in extra for p in ps):
+        siblings, extra = (), []
+    a = torch.cat([torch.stack([p.a.t() for p in ps]) for ps in (pairs, *extra)], dim=2).to(dtype)
+    return (b.key, a, torch.stack([p.b.t().to(dtype) * ad.scaling for p, ad in zip(pairs, b.adapters)]),
+            b.adapters, siblings)
 
 
 def _hook(name: str) -> Callable[[torch.nn.Module, tuple, torch.Tensor], torch.Tensor | None]:
     """The forward hook of module `name` (module docstring)."""
     stacked: list = [None]  # the last batch's `_stack` (decodes keep their adapters for many steps)
 
-    def batch(b: Batched, a: torch.Tensor, bw: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
-        last = b.last[0]
-        if last is not None and last[0] is x and last[1].dtype == a.dtype:
-            xs = last[1]  # q/k/v (and gate/up) read the same input: gathered and cast once
+    def batch(b: Batched, entry: tuple, x: torch.Tensor, out: torch.Tensor) -> None:
+        _, a, bw, _, siblings = entry
+        shared = b.shares.pop(name, None)
+        if shared is not None and shared[0] is x:
+            h = shared[1]  # this module's x @ A, computed by the first module of its group
         else:
-            xs = x.reshape(-1, x.shape[-1]).index_select(0, b.gather).to(a.dtype)
-            b.last[0] = (x, xs)
-        delta = torch.bmm(torch.bmm(xs.view(len(b.adapters), b.width, -1), a), bw).flatten(0, 1)
+            last = b.last[0]
+            if last is not None and last[0] is x and last[1].dtype == a.dtype:
+                xs = last[1]  # q/k/v (and gate/up) read the same input: gathered and cast once
+            else:
+                xs = x.reshape(-1, x.shape[-1]).index_select(0, b.gather).to(a.dtype)
+                b.last[0] = (x, xs)
+            h = torch.bmm(xs.view(len(b.adapters), b.width, -1), a)
+            r = bw.shape[1]
+            for i, sibling in enumerate(siblings, 1):
+                b.shares[sibling] = (x, h[..., i * r:(i + 1) * r])
+            h = h[..., :r]
+        delta = torch.bmm(h, bw).flatten(0, 1)
         if b.order is not None:  # in token order, added in the work dtype and rounded once, as PEFT does
             out.view(-1, out.shape[-1]).add_(delta.index_select(0, b.order))
             return
@@ -207,7 +232,7 @@ def _hook(name: str) -> Callable[[torch.nn.Module, tuple, torch.Tensor], torch.T
                 entry = stacked[0] = _stack(name, b)
             if entry[1] is not None:  # every adapter of the step, one rank: two bmms
                 out = output if output.is_contiguous() else output.contiguous()
-                batch(b, entry[1], entry[2], args[0], out)
+                batch(b, entry, args[0], out)
                 return out
         pairs = [(g, g.adapter.modules.get(name)) for g in step.groups]
         pairs = [(g, p) for g, p in pairs if p is not None]
