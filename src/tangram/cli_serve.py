@@ -109,7 +109,11 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def deploy(
         name: Annotated[str, typer.Argument(help="Deployment (model) name clients use.")],
-        checkpoint: Annotated[str, typer.Option("--checkpoint", help="`demo`, a checkpoint or a HF directory.")],
+        checkpoint: Annotated[Optional[str], typer.Option(
+            "--checkpoint", help="`demo`, a checkpoint or a HF directory.")] = None,
+        adapter: Annotated[Optional[str], typer.Option(
+            "--adapter", help="A LoRA adapter (PEFT directory) to serve on the deployment --base.")] = None,
+        base: Annotated[Optional[str], typer.Option("--base", help="The base deployment of --adapter.")] = None,
         keep_alive: Annotated[float, typer.Option("--keep-alive", help="Idle seconds before scale to zero.")] = 60.0,
         max_instances: Annotated[int, typer.Option(
             "--max-instances", help="Most instances it scales out to (1-64).")] = 1,
@@ -127,10 +131,15 @@ def register(app: typer.Typer) -> None:
         """Create or update a deployment on a running server."""
         from tangram.serve.client import AdminClient, AdminError
 
-        path = Path(checkpoint)
-        spec = {"name": name, "checkpoint": str(path.resolve()) if path.exists() else checkpoint,
-                "keep_alive_s": keep_alive, "max_instances": max_instances, "min_instances": min_instances,
-                "target_concurrency": target_concurrency, "engine": {"dtype": dtype}}
+        if (checkpoint is None) == (adapter is None) or (adapter is None) != (base is None):
+            _fail("give --checkpoint, or --adapter with --base")
+        if adapter is not None:
+            spec = {"name": name, "adapter": str(Path(adapter).resolve()), "base": base}
+        else:
+            path = Path(checkpoint)
+            spec = {"name": name, "checkpoint": str(path.resolve()) if path.exists() else checkpoint,
+                    "keep_alive_s": keep_alive, "max_instances": max_instances, "min_instances": min_instances,
+                    "target_concurrency": target_concurrency, "engine": {"dtype": dtype}}
         try:
             d = AdminClient(url, token).deploy(spec)
         except AdminError as exc:
@@ -148,7 +157,8 @@ def register(app: typer.Typer) -> None:
             _fail(exc)
         table = Table("name", "checkpoint", "GB", "instances", "inflight", "queued", "keep-alive s", "max")
         for d in rows:
-            table.add_row(d["name"], d["checkpoint"], f"{d['bytes'] / 1e9:.3f}", str(d["instances"]),
+            source = d["checkpoint"] or f"{d['adapter']} (adapter of {d['base']})"
+            table.add_row(d["name"], source, f"{d['bytes'] / 1e9:.3f}", str(d["instances"]),
                           str(d["inflight"]), str(d["queued"]), f"{d['keep_alive_s']:g}", str(d["max_instances"]))
         console.print(table)
 

@@ -123,3 +123,14 @@ def bench_serve(
     result = run_serve_bench(quick=quick, json_path=json_path, vllm_python=vllm_python, console=console)
     if result["summary"]["server_errors"]:
         _fail("some servers did not run: " + "; ".join(result["summary"]["server_errors"]))
+
+
+@bench_app.command("lora")
+def bench_lora(
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Rank-16 adapters only, fewer repeats.")] = False,
+) -> None:
+    """LoRA adapter loads (cold / dram / pool) against PEFT's load_adapter, and a batch mixing 4 adapters."""
+    from tangram.bench.lora import run_lora_bench
+
+    run_lora_bench(quick=quick, json_path=json_path, console=console)

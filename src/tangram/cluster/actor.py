@@ -92,7 +92,7 @@ class WorkerActor:
         self.finished.pop(replica_id, None)
 
     async def generate(self, replica_id: str, prompt, params: SamplingParams, age: float,
-                       chat: bool) -> AsyncIterator[str | RequestError | RequestOutput]:
+                       chat: bool, adapter: str | None = None) -> AsyncIterator[str | RequestError | RequestOutput]:
         """Stream one request: first its engine id (or the RequestError), then every RequestOutput."""
         replica = self.worker.replicas[replica_id]
         loop = asyncio.get_running_loop()
@@ -105,7 +105,7 @@ class WorkerActor:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
 
         try:
-            rid = replica.submit(prompt, params, sink, arrival=time.perf_counter() - age, chat=chat)
+            rid = replica.submit(prompt, params, sink, arrival=time.perf_counter() - age, chat=chat, adapter=adapter)
         except RequestError as exc:
             yield exc
             return

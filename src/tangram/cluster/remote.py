@@ -96,10 +96,11 @@ class RemoteWorker:
         return RemoteReplica(rid, deployment, cost)
 
     async def submit(self, replica: RemoteReplica, prompt, params: SamplingParams,
-                     sink: Callable[[RequestOutput], None], *, arrival: float, chat: bool = False) -> str:
+                     sink: Callable[[RequestOutput], None], *, arrival: float, chat: bool = False,
+                     adapter: str | None = None) -> str:
         """Queue a request on the actor's engine; its outputs go to `sink`. Raises RequestError for a bad prompt."""
         gen = self.actor.generate.options(num_returns="streaming").remote(
-            replica.id, prompt, params, time.perf_counter() - arrival, chat)
+            replica.id, prompt, params, time.perf_counter() - arrival, chat, adapter)
         try:
             first = await gen.__anext__()
             first = await first

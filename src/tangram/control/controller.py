@@ -133,9 +133,9 @@ class Controller:
         except KeyError:
             raise UnknownDeployment(name) from None
 
-    async def generate(self, name: str, prompt, params: SamplingParams, *, chat: bool = False
-                       ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; the first may wait for an instance to start.
+    async def generate(self, name: str, prompt, params: SamplingParams, *, chat: bool = False,
+                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs (with `adapter`: a LoRA adapter's path); the first may wait for an instance.
 
         An instance whose weights failed to load is retired (no new requests,
         stopped once empty), and a request it failed before any output is
@@ -155,7 +155,7 @@ class Controller:
             # it runs still finds the request once it is queued, and aborts it (see `settle` below)
             submitted = asyncio.ensure_future(replica.worker.submit(
                 replica.ref, prompt, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
-                arrival=arrival, chat=chat))
+                arrival=arrival, chat=chat, adapter=adapter))
             try:
                 await asyncio.shield(submitted)
                 while not finished:

@@ -25,7 +25,11 @@ class Deployment(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    checkpoint: str = Field(description="`demo`, a Tangram checkpoint, or a Hugging Face directory")
+    checkpoint: str | None = Field(None, description="`demo`, a Tangram checkpoint, or a Hugging Face directory "
+                                   "(not for an adapter)")
+    adapter: str | None = Field(None, description="a LoRA adapter (PEFT directory or converted adapter) served on "
+                                "the instances of the deployment `base`; requests name it in `model`")
+    base: str | None = Field(None, description="the base deployment of an adapter")
     keep_alive_s: float = Field(60.0, ge=0, description="idle seconds before an instance scales to zero")
     min_instances: int = Field(0, ge=0, le=64)
     max_instances: int = Field(1, ge=1, le=64)
@@ -43,6 +47,10 @@ class Deployment(BaseModel):
 
     @model_validator(mode="after")
     def _instance_limits(self) -> Deployment:
+        if (self.checkpoint is None) == (self.adapter is None):
+            raise ValueError("a deployment names either a checkpoint or an adapter (with its base)")
+        if (self.adapter is None) != (self.base is None):
+            raise ValueError("an adapter deployment names its base deployment (base), and only an adapter does")
         if self.min_instances > self.max_instances:
             raise ValueError(f"min_instances ({self.min_instances}) must not exceed max_instances "
                              f"({self.max_instances})")

@@ -38,9 +38,10 @@ class EngineBackend(Protocol):
         ...
 
     def submit(self, prompt: Prompt, params: SamplingParams, sink: Sink, *, arrival: float,
-               chat: bool = False) -> str:
+               chat: bool = False, adapter: str | None = None) -> str:
         """Validate and queue a request (CPU work: tokenizing, compiling a structured-output grammar; call it off
-        an event loop); its id. A `ChatPrompt` carries the tools its chat template renders.
+        an event loop); its id. A `ChatPrompt` carries the tools its chat template renders. `adapter`: the path
+        of a converted LoRA adapter of this model the request runs with.
         Raises `RequestError` for a prompt or parameters the instance cannot serve."""
         ...
 

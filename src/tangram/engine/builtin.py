@@ -27,9 +27,11 @@ class BuiltinBackend:
         """What the start cost so far."""
         return self.instance.cost
 
-    def submit(self, prompt: Prompt, params: SamplingParams, sink: Sink, *, arrival: float, chat: bool = False) -> str:
-        """Tokenize, validate and queue a request on the engine; its id."""
-        return self.instance.engine.add_request(prompt, params, sink=sink, arrival=arrival, chat=chat).id
+    def submit(self, prompt: Prompt, params: SamplingParams, sink: Sink, *, arrival: float, chat: bool = False,
+               adapter: str | None = None) -> str:
+        """Tokenize, validate and queue a request on the engine (its LoRA adapter bound); its id."""
+        return self.instance.engine.add_request(prompt, params, sink=sink, arrival=arrival, chat=chat,
+                                                adapter=adapter).id
 
     def abort(self, request_id: str) -> None:
         """Stop a request; the engine frees its KV blocks at its next step."""

@@ -28,6 +28,7 @@ from tangram.engine.block_manager import BlockManager
 from tangram.engine.constrain import GrammarCompiler, GrammarState
 from tangram.engine.detok import TextStream
 from tangram.engine.errors import RequestError
+from tangram.engine.lora import AdapterSet
 from tangram.engine.output import OutputProcessor
 from tangram.engine.prompt import ChatPrompt, Prompt
 from tangram.engine.request import OutputQueue, Request, RequestOutput, Status, fork_sequences
@@ -36,6 +37,7 @@ from tangram.engine.sampling import SamplingParams, make_generator
 from tangram.engine.stages import Totals
 from tangram.engine.step_scheduler import StepScheduler
 from tangram.pool.loading import LoadFailed
+from tangram.store.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -47,8 +49,9 @@ class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, *, max_model_len: int, eos_token_ids: Iterable[int] = (),
                  max_batch: int = 16, max_step_tokens: int = 2048, max_kv_blocks: int | None = None,
                  ready_at: float | None = None, on_first_token: Callable[[Request], None] | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, adapters: AdapterSet | None = None) -> None:
         self.runner, self.kv, self.tokenizer = runner, runner.kv, tokenizer
+        self.adapters = adapters  # the LoRA adapters requests may name (None: none)
         self.max_model_len, self.max_kv_blocks = max_model_len, max_kv_blocks
         self.clock = clock
         self.ready_at = clock() if ready_at is None else ready_at
@@ -106,8 +109,10 @@ class Engine:
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, *,
                     request_id: str | None = None, sink: Callable[[RequestOutput], None] | None = None,
-                    arrival: float | None = None, chat: bool = False) -> Request:
-        """Queue a request; outputs go to `sink` (default: an OutputQueue at `request.sink`). Raises RequestError."""
+                    arrival: float | None = None, chat: bool = False, adapter: str | None = None) -> Request:
+        """Queue a request; outputs go to `sink` (default: an OutputQueue at `request.sink`). `adapter`: the path
+        of a converted LoRA adapter of this model its tokens run with (bound from the pool now). Raises
+        RequestError."""
         params = params or SamplingParams()
         ids = self.encode(prompt, chat)
         self._validate(ids, params)
@@ -117,8 +122,12 @@ class Engine:
                       grammar=self._grammar(params))
         if params.n > 1:
             fork_sequences(req, self.kv.device(), grammar=self._grammar)
+        if adapter is not None:
+            self._bind([req, *req.forks], adapter)
         with self.work:
             if rid in self._live:
+                for seq in [req, *req.forks]:
+                    self._unbind(seq)
                 raise RequestError(f"request id {rid!r} is already in use")
             self._live.add(rid)
             self._incoming.append(req)
@@ -228,6 +237,7 @@ class Engine:
                     if req in queue:
                         queue.remove(req)
                 req.status = Status.FINISHED
+                self._unbind(req)
                 with self.work:
                     self._live.discard(req.id)
                 self._emit(req, RequestOutput(req.id, "", [], req.text.text, True, "error", error))
@@ -246,8 +256,9 @@ class Engine:
 
     def finish(self, req: Request, reason: str, *, delta: str = "", new: list[int] | None = None,
                error: str | None = None, instance_failed: bool = False) -> None:
-        """End a request: free its KV, drop it from the queues, send its final output."""
+        """End a request: free its KV, drop it from the queues, unbind its adapter, send its final output."""
         self.scheduler.finish(req)
+        self._unbind(req)
         req.finish_reason = reason
         if req.group is None or req.group.leave():
             with self.work:
@@ -260,6 +271,23 @@ class Engine:
         forks, req.forks = req.forks, []  # sequences of n > 1 that never got the prompt's KV end with it
         for seq in forks:
             self.finish(seq, reason, error=error, instance_failed=instance_failed)
+
+    def _bind(self, seqs: list[Request], adapter: str) -> None:
+        """Bind LoRA `adapter` for each of a request's sequences (each holds it until it finishes)."""
+        if self.adapters is None:
+            raise RequestError("this instance serves no LoRA adapters")
+        try:
+            for seq in seqs:
+                seq.adapter = self.adapters.acquire(adapter)
+        except CheckpointError as exc:
+            for seq in seqs:
+                self._unbind(seq)
+            raise RequestError(f"the LoRA adapter cannot be used: {exc}") from None
+
+    def _unbind(self, req: Request) -> None:
+        if req.adapter is not None and self.adapters is not None:
+            adapter, req.adapter = req.adapter, None
+            self.adapters.release(adapter)
 
     def _emit(self, req: Request, out: RequestOutput) -> None:
         try:

@@ -23,6 +23,7 @@ from transformers import GenerationConfig
 from tangram.engine.dtype import DTYPES, DtypeSetting, compute_dtype
 from tangram.engine.engine import Engine
 from tangram.engine.errors import EngineError
+from tangram.engine.lora import AdapterSet
 from tangram.engine.prepack import PACKED, prepack, unpack
 from tangram.engine.prepack import available as prepack_available
 from tangram.engine.request import Request
@@ -110,6 +111,7 @@ class Instance:
         self.checkpoint, self.path = ckpt, ckpt.path
         self.name = name or ckpt.path.name
         self.model = None
+        self.adapters: AdapterSet | None = None  # LoRA adapters bound from the pool on first use
         self.packed: list[str] = []  # identities of the packed weights this instance holds
         self.waits: WaitForWeights | None = None
         t0 = time.perf_counter()
@@ -182,6 +184,9 @@ class Instance:
         if self.waits is not None:  # a load that never finished (or failed) leaves its hooks: never on a kept skeleton
             self.waits.remove()
             self.waits = None
+        if self.adapters is not None:
+            self.adapters.close()
+            self.adapters = None
         PACKED.release(self.packed)
         self.packed = []
         if self.model is not None:
@@ -225,8 +230,10 @@ class Instance:
         elif cfg.templates and self.template is None:
             runner.recorder = Recorder(model, names_by_param(model, self.binding.tensors))
             runner.on_recorded = lambda rec, tokens: self._save_template(rec, tokens, model)
+        self.adapters = AdapterSet(self.pool, model, self.checkpoint, owner=self.name)
         return Engine(runner, tokenizer, max_model_len=max_len, eos_token_ids=_eos_ids(path, tokenizer),
-                      max_batch=max_batch, max_step_tokens=cfg.max_step_tokens, max_kv_blocks=limit)
+                      max_batch=max_batch, max_step_tokens=cfg.max_step_tokens, max_kv_blocks=limit,
+                      adapters=self.adapters)
 
     def _save_template(self, rec: Recorder, tokens: int, model) -> None:
         names = list(self.checkpoint.index.tensors)

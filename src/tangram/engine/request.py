@@ -17,6 +17,7 @@ from tangram.engine.stages import Stages
 
 if TYPE_CHECKING:
     from tangram.engine.constrain import GrammarState
+    from tangram.engine.lora import Adapter
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -80,6 +81,7 @@ class Request:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # by prompt position
     prompt_logprobs_sent: bool = False
     grammar: GrammarState | None = None  # its structured-output matcher, when it has a constraint
+    adapter: Adapter | None = None  # the LoRA adapter its tokens run with (engine/lora.py), None: the base
 
     def __post_init__(self) -> None:
         if not self.ids:

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from tangram.engine.attention import NAME, ChunkMeta, PackedStep, supports_packed, use_packed
 from tangram.engine.batch import SeqWork, StepPlan
+from tangram.engine.lora import Adapter, active, plan
 from tangram.kv import KVAllocator, PagedCache, SeqSlot
 
 
@@ -24,6 +25,11 @@ def cache_argument(model: PreTrainedModel) -> str:
     deprecated and warns on every call), `past_key_values` before."""
     params = inspect.signature(model.forward).parameters  # follows the deprecation wrapper to the real forward
     return "cache" if "cache" in params else "past_key_values"
+
+
+def _adapter(item: SeqWork) -> Adapter | None:
+    """The LoRA adapter a sequence's tokens run with (None: the base alone)."""
+    return None if item.request is None else item.request.adapter
 
 
 class ModelRunner:
@@ -88,9 +94,11 @@ class ModelRunner:
         chunks: list[ChunkMeta] = []
         decodes: list[SeqWork] = []
         decode_rows: list[int] = []
+        spans = []  # (begin, end, adapter) of each sequence's tokens: the step's LoRA groups
         for item in work:
             begin = len(ids)
             ids.extend(item.tokens)
+            spans.append((begin, len(ids), _adapter(item)))
             positions.extend(range(item.start, item.end))
             write.append(self._row_offsets(item.blocks, item.start, item.end))
             if item.all_logits:
@@ -117,7 +125,8 @@ class ModelRunner:
                   "position_ids": torch.tensor([positions], dtype=torch.int64, device=dev),
                   "use_cache": False, "logits_to_keep": torch.tensor(keep, dtype=torch.int64, device=dev),
                   "tangram_step": step}
-        return self._call(kwargs, len(ids))[0]
+        with active(plan(spans, dev)):
+            return self._call(kwargs, len(ids))[0]
 
     def _row_offsets(self, blocks: list[int], start: int, stop: int) -> torch.Tensor:
         """Element offsets (layer 0) of the KV rows of positions [start, stop) of a sequence with `blocks`."""
@@ -151,9 +160,11 @@ class ModelRunner:
         rows: dict[int, torch.Tensor] = {}
         for group in groups:
             every = len(group) == 1 and group[0].all_logits  # a prompt chunk runs alone
-            logits = self.forward_padded([x.tokens for x in group],
-                                         [SeqSlot([self.kv.offset(b) for b in x.blocks], x.start)
-                                          for x in group], every=every)
+            width = max(len(x.tokens) for x in group)  # rows of [len(group), width] tokens, left-padded
+            with active(plan([(i * width, (i + 1) * width, _adapter(x)) for i, x in enumerate(group)], self.device)):
+                logits = self.forward_padded([x.tokens for x in group],
+                                             [SeqSlot([self.kv.offset(b) for b in x.blocks], x.start)
+                                              for x in group], every=every)
             for i, x in enumerate(group):
                 rows[id(x)] = logits if every else logits[i:i + 1]
         sampled = [rows[id(x)] for x in work if x.logit_rows]

@@ -210,7 +210,8 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "tangram"}
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "tangram",
+                                            "parent": controller.describe(n).get("parent")}  # as vLLM lists it
                                            for n in controller.names()]}
 
     @app.get("/health")
@@ -233,7 +234,8 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
         try:
             after = await controller.deploy(spec)
         except (CheckpointError, OSError, ValueError) as exc:
-            raise APIError(400, f"cannot deploy {spec.name!r}: {exc}", param="checkpoint") from None
+            param = getattr(exc, "param", None) or ("adapter" if spec.adapter else "checkpoint")
+            raise APIError(400, f"cannot deploy {spec.name!r}: {exc}", param=param) from None
         if before is not None and before["resolved_checkpoint"] != after["resolved_checkpoint"]:
             metrics.retire(spec.name)  # replaced: the new one counts from zero, on top of the old one's counts
         return after

@@ -21,7 +21,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from tangram.control import Controller, Deployment, ServeConfig
+from tangram.control import Deployment, LoraController, ServeConfig
 from tangram.paths import data_dir
 from tangram.pool.capacity import configured_capacity, format_bytes, plan_capacities
 from tangram.scheduler.adapter import shared_estimator
@@ -133,7 +133,7 @@ class Server:
                 self.workers = self.cluster.workers
                 self.pool_lines = [f"pool {w.name}: {format_bytes(w.capacity)}" for w in self.workers]
             shared_estimator()  # tier bandwidths for placement, measured (or read from the probe) before serving
-            self.controller = Controller(self.workers, self.config.scheduler)
+            self.controller = LoraController(self.workers, self.config.scheduler)  # with adapter deployments
             self.app: FastAPI = create_app(self.controller, admin_token=self.token, api_key=self.api_key)
         except BaseException:
             self.close()
@@ -143,7 +143,7 @@ class Server:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: FastAPI):
-        for spec in self.config.deployments or [DEMO]:
+        for spec in sorted(self.config.deployments or [DEMO], key=lambda d: d.adapter is not None):  # bases first
             try:
                 await self.controller.deploy(spec)
             except Exception:  # noqa: BLE001 - one bad deployment must not keep the others down

@@ -66,7 +66,7 @@ def _weight_files(src: Path) -> tuple[str, list[Path]]:
     raise UnsupportedFormatError(src, f"no safetensors or PyTorch .bin weights found{hint}")
 
 
-def _tensors(kind: str, files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(kind: str, files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream (name, tensor) pairs from the weight files, one file open at a time."""
     for f in files:
         if kind == "safetensors":
@@ -116,7 +116,7 @@ def convert(
     extra = {name: src / name for name in MODEL_FILES if (src / name).is_file()}
     with byte_progress(f"convert {src.name}", sum(f.stat().st_size for f in files), show_progress) as advance:
         index = save(
-            _tensors(kind, files),
+            iter_tensors(kind, files),
             dst,
             extra_files=extra,
             overwrite=overwrite,

@@ -60,8 +60,8 @@ class WorkerHandle(Protocol):
         ...
 
     async def submit(self, replica: ReplicaRef, prompt, params: SamplingParams,
-                     sink: Sink, *, arrival: float, chat: bool = False) -> str:
-        """Queue a request on `replica` (tokenized there); its id. Outputs reach `sink` from another thread;
+                     sink: Sink, *, arrival: float, chat: bool = False, adapter: str | None = None) -> str:
+        """Queue a request on `replica` (tokenized there; `adapter`: a LoRA adapter checkpoint path); its id. Outputs reach `sink` from another thread;
         a worker that dies mid-request sends a last output with `instance_failed` set."""
         ...
 

@@ -36,9 +36,10 @@ class LocalWorker:
         return await _off_loop(self.worker.start, deployment, checkpoint, config, arrival, backend)
 
     async def submit(self, replica: Replica, prompt, params: SamplingParams,
-                     sink: Callable[[RequestOutput], None], *, arrival: float, chat: bool = False) -> str:
-        """`Replica.submit` off the loop (tokenizing a long prompt is CPU work)."""
-        return await _off_loop(replica.submit, prompt, params, sink, arrival=arrival, chat=chat)
+                     sink: Callable[[RequestOutput], None], *, arrival: float, chat: bool = False,
+                     adapter: str | None = None) -> str:
+        """`Replica.submit` off the loop (tokenizing a long prompt, binding an adapter is CPU work)."""
+        return await _off_loop(replica.submit, prompt, params, sink, arrival=arrival, chat=chat, adapter=adapter)
 
     def abort(self, replica: Replica, request_id: str) -> None:
         """Stop a request (the engine only marks it: its next step frees its KV blocks)."""

@@ -57,7 +57,7 @@ class Replica:
         return self.backend.cost
 
     def submit(self, prompt, params: SamplingParams, sink: Callable[[RequestOutput], None], *, arrival: float,
-               chat: bool = False) -> str:
+               chat: bool = False, adapter: str | None = None) -> str:
         """Queue a request on this instance; outputs go to `sink` (from the backend's thread)."""
         def counted(out: RequestOutput) -> None:
             sink(out)
@@ -66,7 +66,7 @@ class Replica:
 
         self._add(1)
         try:
-            return self.backend.submit(prompt, params, counted, arrival=arrival, chat=chat)
+            return self.backend.submit(prompt, params, counted, arrival=arrival, chat=chat, adapter=adapter)
         except BaseException:
             self._add(-1)
             raise

@@ -1,0 +1,31 @@
+"""`tangram bench lora` on a tiny base: the summary keys, every load checked equal to PEFT's, the mixed batch."""
+
+from __future__ import annotations
+
+import pytest
+
+from tangram.bench.lora import Sizes, run_lora_bench
+from tangram.workload import ModelSpec
+
+pytest.importorskip("peft")
+
+TINY = ModelSpec("tiny-lora-base", "Qwen2Config", dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=512, max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    pad_token_id=0), "float32", seed=5)
+SMALL = Sizes("small", adapters=3, rank=4, timed=2, pool_hits=3, big_rank=16, requests=4, batch_adapters=2,
+              prompt_tokens=6, max_tokens=4, repeats=1)
+
+
+def test_bench_lora_tiny(tmp_path):
+    result = run_lora_bench(quick=True, json_path=tmp_path / "lora.json", workdir=tmp_path / "work", spec=TINY,
+                            sizes=SMALL)
+    summary = result["summary"]
+    assert sorted(summary) == sorted(["adapter_load_speedup_vs_peft", "adapter_cold_load_s", "adapter_pool_hit_ms",
+                                      "mixed_batch_tokens_per_s_vs_base"])
+    assert all(v is not None and v > 0 for v in summary.values())
+    rows = result["rows"]
+    assert [r["rank"] for r in rows] == [4, 4, 16] and all(r["equal"] and r["modules"] == 14 for r in rows)
+    mixed = result["config"]["mixed_batch"]
+    assert mixed["outputs_equal_one_adapter_per_batch"] == 4 and mixed["outputs_differ_from_base"] >= 1
+    assert (tmp_path / "lora.json").is_file()
