@@ -103,8 +103,8 @@ async def play(spec: dict[str, Any]) -> dict[str, Any]:
 
     async with client:
         warm = await one_chat(client, spec["model"], prompts(1)[0], spec.get("warmup_tokens", 8))
-        results = [await concurrent_run(client, spec["model"], prompts(r["n"]), r["max_tokens"], r.get("response_format"))
-                   for r in runs]
+        results = [await concurrent_run(client, spec["model"], prompts(r["n"]), r["max_tokens"],
+                                        r.get("response_format")) for r in runs]
     return {"warmup": asdict(warm), "runs": results}
 
 

@@ -58,9 +58,11 @@ def groups(model: torch.nn.Module, identities: Mapping[int, str], packable: tupl
             members = [children.get(n) for n in names]
             if not all(type(m) is torch.nn.Linear for m in members):
                 continue
-            w0 = members[0].weight
-            if any(m.weight.device.type != "cpu" or m.weight.dtype != w0.dtype or m.in_features != members[0].in_features
-                   or (m.bias is None) != (members[0].bias is None) for m in members) or w0.dtype not in packable:
+            first = members[0]
+            if first.weight.dtype not in packable or any(
+                    m.weight.device.type != "cpu" or m.weight.dtype != first.weight.dtype
+                    or m.in_features != first.in_features or (m.bias is None) != (first.bias is None)
+                    for m in members):
                 continue
             idents = [identities.get(m.weight.data_ptr()) for m in members]
             if all(i is not None for i in idents):

@@ -170,8 +170,9 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
                         reason = schemas.finish(out)
                         extra = {"tangram": schemas.extension(out)} if out.finished else {}
                         if calls is not None:
-                            delta, reason = calls[out.index].delta(out.delta, reason, final=out.finish_reason is not None)
-                            if delta or out.finish_reason is not None:
+                            ended = out.finish_reason is not None
+                            delta, reason = calls[out.index].delta(out.delta, reason, final=ended)
+                            if delta or ended:
                                 yield _sse(schemas.chat_chunk(rid, name, created, delta, reason, index=out.index,
                                                               **extra))
                         elif chat:
@@ -202,7 +203,8 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
     async def chat_completions(body: schemas.ChatCompletionRequest, request: Request):
         messages = [m.template_message() for m in body.messages]
         prompt = ChatPrompt(messages, [t.model_dump(exclude_none=True) for t in body.tools]) if body.tools else messages
-        return await respond(request, body, prompt, chat=True, parse_tools=bool(body.tools) and body.tool_choice != "none")
+        return await respond(request, body, prompt, chat=True,
+                             parse_tools=bool(body.tools) and body.tool_choice != "none")
 
     @app.post("/v1/completions")
     async def completions(body: schemas.CompletionRequest, request: Request):
