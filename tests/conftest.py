@@ -104,6 +104,22 @@ def all_dtype_state(seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
+def corrupt_copy(checkpoint: Path, into: Path, tensor: str, at: int) -> Path:
+    """A copy of `checkpoint` at `into` with one byte of `tensor` flipped, `at` bytes into it; the data file."""
+    import shutil
+
+    from tangram.store import read_index
+
+    shutil.copytree(checkpoint, into)
+    index = read_index(into)
+    entry = index.tensors[tensor]
+    data = into / index.files[entry.file].name
+    raw = bytearray(data.read_bytes())
+    raw[entry.offset + at] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    return data
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from conftest import make_tensor, skip_if_no_odirect
+from conftest import corrupt_copy, make_tensor, skip_if_no_odirect
 from tangram.store import HashMismatchError, Loader, read_index, save
 from tangram.store import io as store_io
 from tangram.store import landing as store_landing
@@ -79,15 +79,7 @@ def test_page_cache_chunks_are_hashed_on_the_reader(ckpt, monkeypatch):
 def test_a_mismatch_found_by_the_hashing_stage_fails_the_load_and_is_never_reported(ckpt, tmp_path, threads):
     path, state = ckpt
     bad = tmp_path / "bad"
-    import shutil
-
-    shutil.copytree(path, bad)
-    index = read_index(bad)
-    entry = index.tensors["w2"]
-    data = bad / index.files[entry.file].name
-    raw = bytearray(data.read_bytes())
-    raw[entry.offset + 17 * A + 3] ^= 0xFF  # a later chunk of w2
-    data.write_bytes(bytes(raw))
+    corrupt_copy(path, bad, "w2", 17 * A + 3)  # a later chunk of w2
     landed: list[str] = []
     dests = {n: torch.empty(t.nbytes, dtype=torch.uint8) for n, t in state.items()}
     with pytest.raises(HashMismatchError, match="'w2'"):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 
 import pytest
 import torch
 
-from conftest import make_tensor
+from conftest import corrupt_copy, make_tensor
 from tangram.store import HashMismatchError, Loader, read_index, save
 from tangram.store import execute as store_execute
 from tangram.store import io as store_io
@@ -81,13 +80,7 @@ def test_no_parts_without_verification(ckpt, parts):
 def test_a_mismatch_in_a_later_part_fails_the_load_and_is_never_reported(ckpt, parts, tmp_path):
     path, state = ckpt
     bad = tmp_path / "bad"
-    shutil.copytree(path, bad)
-    index = read_index(bad)
-    entry = index.tensors["w2"]
-    data = bad / index.files[entry.file].name
-    raw = bytearray(data.read_bytes())
-    raw[entry.offset + 13 * A + 5] ^= 0xFF  # inside w2's second chunk, a few parts in
-    data.write_bytes(bytes(raw))
+    data = corrupt_copy(path, bad, "w2", 13 * A + 5)  # inside w2's second chunk, a few parts in
     store_io.populate_page_cache(data)
     landed: list[str] = []
     dests = {n: torch.empty(t.numel() * t.element_size(), dtype=torch.uint8) for n, t in state.items()}

@@ -48,6 +48,21 @@ def start(ckpt, **cfg) -> Instance:
     return Instance(ckpt, DevicePool(64 << 20), EngineConfig(block_tokens=4, **cfg))
 
 
+def submit(inst: Instance, rows: list, prompts: list, adapters: dict) -> list[OutputQueue]:
+    """Queue one greedy request per row (its adapter, or the base for None); their sinks, in row order."""
+    sinks = []
+    for a, p in zip(rows, prompts):
+        sink = OutputQueue()
+        inst.engine.add_request(p, GREEDY, sink=sink, adapter=None if a is None else adapters[a])
+        sinks.append(sink)
+    return sinks
+
+
+def finals(sinks: list[OutputQueue]) -> list[list[int]]:
+    """The generated ids of each sink's final output."""
+    return [list(s.q.queue)[-1].output_ids for s in sinks]
+
+
 def test_converted_adapter_is_a_checkpoint_of_the_modules(setup):
     _, _, peft_dirs, adapters = setup
     info = AdapterInfo.of(Checkpoint(adapters[1]).index)
@@ -66,14 +81,10 @@ def test_mixed_batch_matches_peft(setup):
     assert all(refs[i] != base_refs[i] for i, a in enumerate(rows) if a is not None), "an adapter changed nothing"
     # a small step budget: the prompts are prefilled in chunks beside the other rows' decodes
     with start(ckpt, max_step_tokens=7) as inst:
-        sinks = []
-        for a, p in zip(rows, PROMPTS):
-            sink = OutputQueue()
-            inst.engine.add_request(p, GREEDY, sink=sink, adapter=None if a is None else adapters[a])
-            sinks.append(sink)
+        sinks = submit(inst, rows, PROMPTS, adapters)
         assert sorted(inst.adapters.bound()) == sorted({f"adapter-{a}" for a in rows if a is not None})
         inst.engine.run_until_idle()
-        got = [list(s.q.queue)[-1].output_ids for s in sinks]
+        got = finals(sinks)
         assert inst.adapters.bound() == []  # unbound once unused (retained in the pool)
         model = inst.model
         assert WRAPPED.wrapped(model)  # the hooks stay while the instance lives
@@ -153,13 +164,9 @@ def test_batched_decodes_match_peft(setup, rows):
     assert step.batched.gather.tolist() == [0, 0, 1, 2] and step.batched.rows.tolist() == [0, 1, 2]
     refs = [peft_greedy(base, None if a is None else peft_dirs[a], p, TOKENS) for a, p in zip(rows, prompts)]
     with start(ckpt) as inst:
-        sinks = []
-        for a, p in zip(rows, prompts):
-            sink = OutputQueue()
-            inst.engine.add_request(p, GREEDY, sink=sink, adapter=None if a is None else adapters[a])
-            sinks.append(sink)
+        sinks = submit(inst, rows, prompts, adapters)
         inst.engine.run_until_idle()
-        got = [list(s.q.queue)[-1].output_ids for s in sinks]
+        got = finals(sinks)
     assert got == refs
 
 
@@ -173,13 +180,9 @@ def test_padded_path_matches_peft(setup, monkeypatch):
     refs = [peft_greedy(base, None if a is None else peft_dirs[a], p, TOKENS) for a, p in zip(rows, PROMPTS)]
     with start(ckpt, prepack="off") as inst:
         assert not inst.engine.runner.packed
-        sinks = []
-        for a, p in zip(rows, PROMPTS):
-            sink = OutputQueue()
-            inst.engine.add_request(p, GREEDY, sink=sink, adapter=None if a is None else adapters[a])
-            sinks.append(sink)
+        sinks = submit(inst, rows, PROMPTS, adapters)
         inst.engine.run_until_idle()
-        got = [list(s.q.queue)[-1].output_ids for s in sinks]
+        got = finals(sinks)
     assert got == refs
 
 

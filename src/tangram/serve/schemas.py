@@ -168,6 +168,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @field_validator("top_logprobs")
     @classmethod
@@ -175,9 +178,6 @@ class ChatCompletionRequest(SamplingFields):
         if value is not None and info.data.get("logprobs") is not True:  # as OpenAI does
             raise ValueError("top_logprobs needs logprobs: true")
         return value
-    tools: list[Tool] | None = Field(None, max_length=128)
-    tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool = True
 
     def constraint(self) -> StructuredOutput | None:
         """What the output must match: `response_format`, or the tool call a `tool_choice` forces."""
