@@ -25,6 +25,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from tangram.control.events import Activity
 from tangram.control.state import DeploymentState, ReplicaState, UnknownDeployment
 from tangram.engine.migration import MigrationState
@@ -47,6 +49,15 @@ class MigrationSettings:
     step_timeout_s: float = 20.0  # one round's prefill on the destination
     make_room: bool = False  # a start waiting for room migrates a busy instance's requests when that is sooner
     rates: Rates = Rates()  # priors of the wait-or-migrate estimate (scheduler/migration.py)
+
+
+class MigrateRequest(BaseModel):
+    """`POST /admin/migrate`: move the running requests of `deployment` to its instance on worker `to`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    deployment: str = Field(min_length=1)
+    to: str = Field(min_length=1, description="a worker name as `tangram status` lists it (cpu#1, cuda:0#0@node1)")
 
 
 @dataclass(frozen=True)
