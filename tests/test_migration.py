@@ -34,11 +34,14 @@ def run(ckpt, body):
     return asyncio.run(main())
 
 
-def counts_settled(ctl) -> None:
+async def counts_settled(ctl) -> None:
     for r in ctl._states["m"].replicas:  # noqa: SLF001 - a test reads the controller's records
         assert r.inflight == 0 and not r.moved
-    for w in ctl.workers:
-        assert all(rep.inflight == 0 for rep in w.worker.replicas.values())
+    for _ in range(200):  # a worker counts a request out just after its sink got the last output
+        if all(rep.inflight == 0 for w in ctl.workers for rep in w.worker.replicas.values()):
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError({rep.id: rep.inflight for w in ctl.workers for rep in w.worker.replicas.values()})
 
 
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
@@ -46,7 +49,7 @@ def test_a_migrated_stream_equals_its_unmigrated_twin(ckpt, params):
     async def body(ctl):
         twin = await stream(ctl, params, PROMPT)
         moved = await stream(ctl, params, PROMPT, move_after=20, to=other_worker(ctl))
-        counts_settled(ctl)
+        await counts_settled(ctl)
         return twin, moved
 
     twin, moved = run(ckpt, body)
@@ -93,7 +96,7 @@ def test_a_destination_failing_mid_migration_loses_nothing(ckpt, method, outcome
         await _break(ctl, method)(to)
         ctl.migrator.settings = MigrationSettings(threshold=0, max_rounds=3)  # every call is made
         moved = await stream(ctl, SEEDED, PROMPT, move_after=20, to=to)
-        counts_settled(ctl)
+        await counts_settled(ctl)
         return twin, moved
 
     twin, moved = run(ckpt, body)
@@ -118,7 +121,7 @@ def test_a_migration_past_its_deadline_is_abandoned_cleanly(ckpt):
         moved = await stream(ctl, GREEDY, PROMPT, move_after=20, to=to)
         await asyncio.sleep(0.6)  # the late plant lands, then is dropped
         held = [r for rep in slow.worker.replicas.values() for r in rep.backend.instance.engine.scheduler.requests()]
-        counts_settled(ctl)
+        await counts_settled(ctl)
         return twin, moved, held
 
     twin, moved, held = run(ckpt, body)
@@ -144,3 +147,54 @@ def test_the_source_failing_after_the_handover_leaves_the_request_unaffected(ckp
 
     twin, seen = run(ckpt, body)
     assert seen == twin.ids
+
+
+async def _two_instances(ctl):
+    await stream(ctl, SamplingParams(max_tokens=1), PROMPT)  # the first instance starts (on one worker)
+    state = ctl._states["m"]  # noqa: SLF001 - a test reads the controller's records
+    to = next(w for w in ctl.workers if w.name == other_worker(ctl))
+    await ctl.migrator._instance_on(state, to)  # noqa: SLF001 - the second, on the other worker
+    return state
+
+
+def test_scale_in_consolidates_by_migration_and_the_streams_are_unchanged(ckpt):
+    long_a, long_b = SEEDED, GREEDY.model_copy(update={"max_tokens": 200})
+    short = SamplingParams(max_tokens=8, ignore_eos=True)
+
+    async def body(ctl):
+        twins = [await stream(ctl, p, PROMPT) for p in (long_a, long_b)]
+        state = await _two_instances(ctl)
+        first = state.replicas[0]
+        ctl.migrator.settings = MigrationSettings(auto=True)
+        a = asyncio.ensure_future(stream(ctl, long_a, PROMPT))  # on the first instance
+        await asyncio.sleep(0)
+        b = asyncio.ensure_future(stream(ctl, long_b, PROMPT))  # on the second
+        await asyncio.sleep(0)
+        c = await stream(ctl, short, PROMPT)  # on the first again; its end leaves 1 + 1: one instance is enough
+        got = [await a, await b]
+        await asyncio.sleep(0.2)  # the emptied instance stops
+        return twins, got, c, first.stopping and first not in state.replicas, len(state.replicas)
+
+    twins, got, c, stopped, left = run(ckpt, body)
+    assert c.finish == "length" and [g.ids for g in got] == [t.ids for t in twins]
+    assert stopped and left == 1  # emptied by migration, then stopped
+
+
+def test_a_draining_instance_is_relieved_by_migration_when_that_is_sooner(ckpt):
+    async def body(ctl):
+        twin = await stream(ctl, SEEDED, PROMPT)
+        state = await _two_instances(ctl)
+        victim = state.replicas[0]
+        ctl.migrator.settings = MigrationSettings(auto=True)
+        task = asyncio.ensure_future(stream(ctl, SEEDED, PROMPT))
+        while victim.inflight == 0:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.02)
+        victim.draining = True  # what the controller's drain does for a start waiting for room
+        ctl.migrator.relieve(state, victim)
+        got = await task
+        await asyncio.sleep(0.2)
+        return twin, got, victim.stopping and victim not in state.replicas
+
+    twin, got, stopped = run(ckpt, body)
+    assert got.ids == twin.ids and stopped  # moved off, then stopped: room made early

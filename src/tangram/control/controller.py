@@ -224,6 +224,7 @@ class Controller:
                 return
             asyncio.get_running_loop().call_later(state.spec.keep_alive_s, self._maybe_stop, state, replica)
         self._room_changed(replica.worker)
+        self.migrator.consolidate(state)  # scale-in by live migration, when on (control/migrate.py)
 
     def _start(self, state: _State, arrival: float) -> None:
         """Start an instance in the background on a device whose pool could hold it (DoesNotFit: none could)."""

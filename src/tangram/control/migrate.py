@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tangram.control.events import Activity
 from tangram.control.state import DeploymentState, ReplicaState, UnknownDeployment
 from tangram.engine.migration import MigrationState
-from tangram.scheduler.migration import Busy, Rates, room_plan
+from tangram.scheduler.migration import Busy, Rates, consolidate, room_plan
 from tangram.worker import WorkerHandle
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class MigrationSettings:
     max_rounds: int = 8
     deadline_s: float = 30.0
     step_timeout_s: float = 20.0  # one round's prefill on the destination
-    make_room: bool = False  # a start waiting for room migrates a busy instance's requests when that is sooner
+    auto: bool = False  # the controller migrates by itself: to make room for a start (when sooner), to scale in
     rates: Rates = Rates()  # priors of the wait-or-migrate estimate (scheduler/migration.py)
 
 
@@ -84,6 +84,7 @@ class Migrator:
         self.states, self.workers, self.release, self.start_on = states, workers, release, start_on
         self.activity = activity
         self.settings = settings or MigrationSettings()
+        self._consolidating: set[str] = set()  # deployments with a scale-in move under way
 
     async def migrate(self, name: str, to: str) -> dict:
         """Move every running request of deployment `name` that can move to its instance on worker `to` (one
@@ -114,7 +115,7 @@ class Migrator:
     def relieve(self, state: DeploymentState, victim: ReplicaState) -> None:
         """`victim` (of `state`) is draining to make room for a start: with `make_room` on, move its requests to a
         peer in the background when the estimate says that frees it sooner than waiting."""
-        if self.settings.make_room:
+        if self.settings.auto:
             asyncio.get_running_loop().create_task(self._relieve(state, victim))
 
     async def _relieve(self, state: DeploymentState, victim: ReplicaState) -> None:
@@ -131,6 +132,24 @@ class Migrator:
         if room_plan([busy], self.settings.rates) == ["migrate"]:
             log.info("migrating %d request(s) off draining %s instead of waiting", len(live), victim.id)
             await self.evacuate(state, victim)
+
+    def consolidate(self, state: DeploymentState) -> None:
+        """Scale-in (with `auto` on): when the least-loaded instance's requests fit in the others under the target
+        concurrency, drain it and move them now, rather than keep it until its longest request ends."""
+        name = state.spec.name
+        live = [r for r in state.replicas if not r.stopping and not r.draining]
+        if not self.settings.auto or name in self._consolidating or len(live) <= max(1, state.spec.min_instances):
+            return
+        i = consolidate([r.inflight for r in live], state.spec.target_concurrency, [True] * len(live))
+        if i is None:
+            return
+        victim = live[i]
+        victim.draining = True  # takes no new request; stopped once its last one moved or ended
+        self.activity.record("consolidate", f"scale-in: moving the {victim.inflight} request(s) of {victim.id} "
+                             "to the other instances", name, victim.worker.name)
+        self._consolidating.add(name)
+        task = asyncio.get_running_loop().create_task(self.evacuate(state, victim))
+        task.add_done_callback(lambda _: self._consolidating.discard(name))
 
     async def _instance_on(self, state: DeploymentState, worker: WorkerHandle) -> ReplicaState:
         live = [r for r in state.replicas if r.worker is worker and not r.stopping and not r.draining]

@@ -74,10 +74,11 @@ def start_s(load_s: float, busy: Sequence[Busy], rates: Rates, plan: Sequence[Ch
 
 def consolidate(loads: Sequence[int], target: int, movable: Sequence[bool]) -> int | None:
     """Scale-in: which instance to empty by migration into the others (the least-loaded movable one), when its
-    requests fit in the others' spare room under `target` concurrency; None when nothing should move."""
-    if len(loads) < 2:
+    requests fit in the others' spare room under `target` concurrency; None when nothing should move (an idle
+    instance already scales in by its keep-alive)."""
+    if len(loads) < 2 or min(loads) == 0:
         return None
-    candidates = [i for i in range(len(loads)) if movable[i] and loads[i] > 0]
+    candidates = [i for i in range(len(loads)) if movable[i]]
     if not candidates:
         return None
     i = min(candidates, key=lambda k: (loads[k], k))
