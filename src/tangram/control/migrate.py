@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tangram.control.events import Activity
 from tangram.control.state import DeploymentState, ReplicaState, UnknownDeployment
+from tangram.engine import RequestOutput
 from tangram.engine.migration import MigrationState
 from tangram.scheduler.migration import Busy, Rates, consolidate, room_plan
 from tangram.worker import WorkerHandle
@@ -206,7 +207,11 @@ class Migrator:
             why = "deadline passed" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
             return report("abandoned", why)
         assert dest_id is not None and whole is not None
-        final, sink = await src.worker.handover(src.ref, request_id, sent)
+        try:
+            final, sink = await src.worker.handover(src.ref, request_id, sent)
+        except Exception as exc:  # noqa: BLE001 - the source failed: its stream ends with the failure
+            await self._drop(dst, dest_id)
+            return report("abandoned", f"handover failed: {type(exc).__name__}: {exc}")
         rounds += 1
         nbytes += final.nbytes
         if sink is None:  # it ended between the last round and the handover
@@ -221,7 +226,13 @@ class Migrator:
             src.moved.pop(request_id, None)
             self.release(state, dst)
             await self._drop(dst, dest_id)
-            await self._put_back(src, whole, final, sink)
+            try:
+                await self._put_back(src, whole, final, sink)
+            except Exception as back:  # noqa: BLE001 - both ends failed: the stream ends with the error
+                log.exception("could not put %s back on %s", request_id, src.id)
+                sink(RequestOutput(request_id, "", [], "", True, "error", f"live migration failed: {exc}; put back "
+                                   f"on the source: {back}"))
+                return report("failed", f"{type(exc).__name__}: {exc}; {type(back).__name__}: {back}")
             return report("returned", f"{type(exc).__name__}: {exc}")
         self.release(state, src)  # counted out of the source: it may drain or stop now
         self.activity.record("migrate", f"moved {request_id} from {src.id} to {dst.id} ({rounds} rounds, "

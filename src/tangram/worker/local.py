@@ -15,7 +15,7 @@ from typing import Any
 
 from tangram.engine import EngineConfig, RequestOutput, SamplingParams, StartCost
 from tangram.engine.backend import Sink
-from tangram.engine.migration import MigrationError, MigrationState
+from tangram.engine.migration import MigrationState
 from tangram.store import CheckpointIndex, LoadStats
 from tangram.worker.handle import PlacementState
 from tangram.worker.worker import DeviceMap, Replica, Worker
@@ -87,11 +87,7 @@ class LocalWorker:
 
     async def migratable(self, replica: Replica) -> list[str]:
         """Ids of the requests of `replica` that can migrate now ([] when its backend cannot migrate)."""
-        try:
-            backend = replica.migration
-        except MigrationError:
-            return []
-        return await _off_loop(backend.migratable)
+        return await _off_loop(replica.migration.migratable) if replica.can_migrate else []
 
     async def snapshot(self, replica: Replica, request_id: str, offset: int) -> MigrationState:
         """A migration round: the request's generated ids after `offset`."""

@@ -77,9 +77,14 @@ class Replica:
         self.backend.abort(request_id)
 
     @property
+    def can_migrate(self) -> bool:
+        """Whether its backend can migrate requests."""
+        return isinstance(self.backend, MigratableBackend)
+
+    @property
     def migration(self) -> MigratableBackend:
         """Its backend's migration capability (MigrationError: this backend cannot migrate requests)."""
-        if not isinstance(self.backend, MigratableBackend):
+        if not self.can_migrate:
             raise MigrationError(f"{self.id}: its engine backend cannot migrate requests")
         return self.backend
 
