@@ -69,3 +69,17 @@ def other_worker(ctl: Controller) -> str:
     """The name of the worker that does not hold the deployment's (only) instance."""
     here = ctl._states["m"].replicas[0].worker.name  # noqa: SLF001 - a test reads the controller's records
     return next(w.name for w in ctl.workers if w.name != here)
+
+
+def slow_steps(replica_state, seconds: float) -> None:
+    """Make every step of a local instance take `seconds` longer (a busy source: a move always has time)."""
+    import time as _time
+
+    engine = replica_state.ref.backend.instance.engine
+    real = engine.runner.run
+
+    def run(plan):
+        _time.sleep(seconds)
+        return real(plan)
+
+    engine.runner.run = run

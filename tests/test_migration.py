@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from migration_util import long_context_checkpoint, other_worker, stream, two_device_controller
+from migration_util import long_context_checkpoint, other_worker, slow_steps, stream, two_device_controller
 from tangram.control.migrate import MigrationSettings
 from tangram.engine import SamplingParams
 from tangram.engine.migration import MigrationError
@@ -15,6 +15,7 @@ from tangram.engine.migration import MigrationError
 PROMPT = [5, 17, 33, 90, 12, 7, 200, 41]
 GREEDY = SamplingParams(max_tokens=160, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=160, ignore_eos=True, temperature=0.9, top_p=0.95, seed=1234)
+LONG = SEEDED.model_copy(update={"max_tokens": 480})  # long enough for three full rounds before its end
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +91,13 @@ def _break(ctl, method: str, where: str = "dst"):
                                             ("resume", "returned")])
 def test_a_destination_failing_mid_migration_loses_nothing(ckpt, method, outcome):
     async def body(ctl):
-        twin = await stream(ctl, SEEDED, PROMPT)
+        twin = await stream(ctl, LONG, PROMPT)
         to = other_worker(ctl)
         await ctl.migrator._instance_on(ctl._states["m"], next(w for w in ctl.workers if w.name == to))  # noqa: SLF001
         await _break(ctl, method)(to)
+        slow_steps(ctl._states["m"].replicas[0], 0.002)  # noqa: SLF001 - the source
         ctl.migrator.settings = MigrationSettings(threshold=0, max_rounds=3)  # every call is made
-        moved = await stream(ctl, SEEDED, PROMPT, move_after=20, to=to)
+        moved = await stream(ctl, LONG, PROMPT, move_after=20, to=to)
         await counts_settled(ctl)
         return twin, moved
 

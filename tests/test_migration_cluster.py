@@ -110,7 +110,8 @@ def test_a_migration_past_its_deadline_is_abandoned_cleanly(server):
 
 
 def test_the_destination_killed_mid_migration_loses_nothing(server):  # last: it leaves a restarted actor
-    twin = complete(server, SEEDED)
+    body = {**SEEDED, "max_tokens": 500}  # long enough for three full rounds
+    twin = complete(server, body)
     complete(server, {**SEEDED, "max_tokens": 1})
     for w in server.workers:  # fault: the first extend finds the destination's actor killed
         real = w.extend
@@ -122,7 +123,7 @@ def test_the_destination_killed_mid_migration_loses_nothing(server):  # last: it
         w.extend = killed
     server.controller.migrator.settings = MigrationSettings(threshold=0, max_rounds=3)
     try:
-        got, report = migrated(server, SEEDED)
+        got, report = migrated(server, body)
     finally:
         server.controller.migrator.settings = MigrationSettings()
         for w in server.workers:
