@@ -14,14 +14,17 @@ from tangram.engine import EngineConfig, SamplingParams
 from tangram.worker import Worker
 
 
-def long_context_checkpoint(directory: Path) -> Path:
-    """A tiny qwen2 (random weights, varied greedy continuations, no eos) with a 512-token context, converted."""
+def long_context_checkpoint(directory: Path, width: int | None = None) -> Path:
+    """A tiny qwen2 (random weights, varied greedy continuations, no eos) with a 512-token context, converted;
+    `width`: its hidden size, larger for slower steps (default the tiny 32)."""
     from transformers import AutoModelForCausalLM
 
     from tangram.store import convert
 
     config = tiny_config("qwen2")
     config.initializer_range, config.max_position_embeddings = 0.5, 512
+    if width is not None:
+        config.hidden_size, config.intermediate_size = width, 4 * width
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     model.generation_config.eos_token_id = None
