@@ -120,6 +120,12 @@ class Migrator:
             asyncio.get_running_loop().create_task(self._relieve(state, victim))
 
     async def _relieve(self, state: DeploymentState, victim: ReplicaState) -> None:
+        try:
+            await self._relieve_now(state, victim)
+        except Exception:  # noqa: BLE001 - the drain goes on as without migration
+            log.warning("migrating off %s failed; it drains by waiting", victim.id, exc_info=True)
+
+    async def _relieve_now(self, state: DeploymentState, victim: ReplicaState) -> None:
         peers = [r for r in state.replicas if r is not victim and not r.stopping and not r.draining]
         ids = await victim.worker.migratable(victim.ref)
         if not ids or not peers:
@@ -150,7 +156,12 @@ class Migrator:
                              "to the other instances", name, victim.worker.name)
         self._consolidating.add(name)
         task = asyncio.get_running_loop().create_task(self.evacuate(state, victim))
-        task.add_done_callback(lambda _: self._consolidating.discard(name))
+        task.add_done_callback(lambda t: self._consolidated(name, t))
+
+    def _consolidated(self, name: str, task: asyncio.Task) -> None:
+        self._consolidating.discard(name)
+        if not task.cancelled() and task.exception() is not None:  # the instance drains by waiting instead
+            log.warning("scale-in by migration of %s failed: %s", name, task.exception())
 
     async def _instance_on(self, state: DeploymentState, worker: WorkerHandle) -> ReplicaState:
         live = [r for r in state.replicas if r.worker is worker and not r.stopping and not r.draining]
@@ -223,7 +234,10 @@ class Migrator:
         try:
             await dst.worker.resume(dst.ref, dest_id, final, sink)
         except Exception as exc:  # noqa: BLE001 - the destination failed after the handover: back to the source
-            src.moved.pop(request_id, None)
+            if src.moved.pop(request_id, None) is None:  # its client left meanwhile: the stream released dst
+                self.release(state, src)
+                await self._drop(dst, dest_id)
+                return report("abandoned", f"the client left during the handover ({type(exc).__name__}: {exc})")
             self.release(state, dst)
             await self._drop(dst, dest_id)
             try:

@@ -268,8 +268,10 @@ def drop(engine: Engine, request_id: str, timeout_s: float = DEFAULT_TIMEOUT_S) 
     _on_engine(engine, forget, timeout_s, "drop")
 
 
-def _discard(out: RequestOutput) -> None:  # a held request emits nothing; this only guards against a bug
-    log.error("held request %s emitted an output; dropped", out.request_id)
+def _discard(out: RequestOutput) -> None:
+    """The sink of a held request: it emits only when ended before its release (aborted, its engine stopping or
+    failing), and then nobody listens: its migration is abandoned."""
+    log.debug("held request %s ended before its release (%s)", out.request_id, out.finish_reason)
 
 
 __all__ = ["MigratableBackend", "MigrationError", "MigrationState", "drop", "extend", "handover", "migratable",
