@@ -56,6 +56,9 @@ async def stream(ctl: Controller, params: SamplingParams, prompt: list[int], *, 
     """Run one request; with `move_after`, migrate the deployment to worker `to` once that many ids came."""
     seen = Stream()
     task = None
+    if move_after is not None:  # a busy source: on a loaded machine the move still lands mid-stream
+        for r in ctl._states["m"].replicas:  # noqa: SLF001 - a test reads the controller's records
+            slow_steps(r, 0.002)
     async for out in ctl.generate("m", prompt, params):
         seen.ids += out.token_ids
         seen.text += out.delta
@@ -80,9 +83,12 @@ def slow_steps(replica_state, seconds: float) -> None:
 
     engine = replica_state.ref.backend.instance.engine
     real = engine.runner.run
+    if getattr(real, "slowed", False):
+        return
 
     def run(plan):
         _time.sleep(seconds)
         return real(plan)
 
+    run.slowed = True
     engine.runner.run = run

@@ -114,14 +114,15 @@ def test_a_migration_past_its_deadline_is_abandoned_cleanly(ckpt):
         slow = next(w for w in ctl.workers if w.name == to)
         real = slow.plant
 
-        async def plant(*a, **k):
+        async def plant(*a, **k):  # it lands (held on the destination) but answers after the deadline
+            rid = await real(*a, **k)
             await asyncio.sleep(0.5)
-            return await real(*a, **k)
+            return rid
 
         slow.plant = plant
         ctl.migrator.settings = MigrationSettings(deadline_s=0.2)
         moved = await stream(ctl, GREEDY, PROMPT, move_after=20, to=to)
-        await asyncio.sleep(0.6)  # the late plant lands, then is dropped
+        await asyncio.sleep(0.8)  # the late plant answers, then is dropped
         held = [r for rep in slow.worker.replicas.values() for r in rep.backend.instance.engine.scheduler.requests()]
         await counts_settled(ctl)
         return twin, moved, held

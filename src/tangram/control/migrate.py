@@ -20,6 +20,7 @@ no token is lost either way.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -86,6 +87,7 @@ class Migrator:
         self.activity = activity
         self.settings = settings or MigrationSettings()
         self._consolidating: set[str] = set()  # deployments with a scale-in move under way
+        self._abandoned: set[str] = set()  # requests whose move was given up while their plant still ran
 
     async def migrate(self, name: str, to: str) -> dict:
         """Move every running request of deployment `name` that can move to its instance on worker `to` (one
@@ -180,6 +182,7 @@ class Migrator:
         sent = rounds = nbytes = 0
         dest_id: str | None = None
         whole: MigrationState | None = None  # everything sent, to put the request back on the source
+        planting: asyncio.Future | None = None
 
         def report(outcome: str, error: str | None = None) -> MoveReport:
             rep = MoveReport(request_id, src.id, dst.id, outcome, rounds, sent, nbytes, time.perf_counter() - t0,
@@ -189,13 +192,15 @@ class Migrator:
             return rep
 
         async def rounds_until_handover() -> bool:
-            nonlocal sent, rounds, nbytes, dest_id, whole
+            nonlocal sent, rounds, nbytes, dest_id, whole, planting
             st = await src.worker.snapshot(src.ref, request_id, 0)
             if st.finished:
                 return False
             nbytes += st.nbytes
             whole = st
-            dest_id = await dst.worker.plant(dst.ref, st, cfg.step_timeout_s)
+            planting = asyncio.ensure_future(dst.worker.plant(dst.ref, st, cfg.step_timeout_s))
+            planting.add_done_callback(functools.partial(self._late_plant, dst, request_id))
+            dest_id = await asyncio.shield(planting)
             sent, rounds = len(st.output_ids), 1
             while rounds < cfg.max_rounds:
                 st = await src.worker.snapshot(src.ref, request_id, sent)
@@ -214,6 +219,11 @@ class Migrator:
                 await self._drop(dst, dest_id)
                 return report("finished")
         except Exception as exc:  # noqa: BLE001 - the source keeps the request: it never stopped decoding
+            if dest_id is None and planting is not None:  # a plant cut off by the deadline
+                if not planting.done():
+                    self._abandoned.add(request_id)  # still running: dropped when it lands
+                elif not planting.cancelled() and planting.exception() is None:
+                    dest_id = planting.result()
             await self._drop(dst, dest_id)
             why = "deadline passed" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
             return report("abandoned", why)
@@ -252,6 +262,14 @@ class Migrator:
         self.activity.record("migrate", f"moved {request_id} from {src.id} to {dst.id} ({rounds} rounds, "
                              f"{nbytes} bytes)", state.spec.name, dst.worker.name)
         return report("moved")
+
+    def _late_plant(self, dst: ReplicaState, request_id: str, planting: asyncio.Future) -> None:
+        """A plant that lands after its move was abandoned (the deadline passed while it ran) is dropped."""
+        if planting.cancelled() or planting.exception() is not None:
+            return
+        if request_id in self._abandoned:
+            self._abandoned.discard(request_id)
+            asyncio.get_running_loop().create_task(self._drop(dst, planting.result()))
 
     async def _put_back(self, src: ReplicaState, whole: MigrationState, final: MigrationState, sink) -> None:
         """Continue a handed-over request on its source again: its tokens prefilled anew, then the final round."""

@@ -200,7 +200,11 @@ def plant(engine: Engine, state: MigrationState, timeout_s: float = DEFAULT_TIME
         return rid
 
     rid = _on_engine(engine, add, timeout_s, "plant")
-    _on_engine(engine, _caught_up(engine, rid), timeout_s, "prefill", repeat=True)
+    try:
+        _on_engine(engine, _caught_up(engine, rid), timeout_s, "prefill", repeat=True)
+    except MigrationError:
+        drop(engine, rid, timeout_s)  # the caller never learns its id: it must not stay held
+        raise
     return rid
 
 
