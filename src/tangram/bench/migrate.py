@@ -9,8 +9,8 @@ worker actor each. The client is the controller's own stream (what the API
 streams), timed at each output.
 
 Summary: `tokens_lost`, `tokens_duplicated` (against the twin's ids),
-`outputs_identical` (fraction of migrated streams equal to their twin, ids and
-text), `pause_ms_p50` / `_p95` (per migrated stream, the longest gap between two
+`outputs_identical` (fraction of the migrated streams equal to their twin, ids
+and text; a stream that ended before its move is not counted), `pause_ms_p50` / `_p95` (per migrated stream, the longest gap between two
 tokens from the migration call to the first token after the handover),
 `normal_gap_ms_p50` / `_p95` (the longest gap over the same token positions of
 the twin), `migration_bytes_per_request` (every round pickled, mean); also
@@ -180,7 +180,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "tokens_lost": sum(r["tokens_lost"] for r in rows),
         "tokens_duplicated": sum(r["tokens_duplicated"] for r in rows),
-        "outputs_identical": sum(r["identical"] for r in rows) / len(rows) if rows else None,
+        "outputs_identical": sum(r["identical"] for r in moved) / len(moved) if moved else None,
         "pause_ms_p50": percentile(pauses, 50), "pause_ms_p95": p95_pause,
         "normal_gap_ms_p50": percentile(normals, 50), "normal_gap_ms_p95": p95_normal,
         "pause_vs_normal_p95": ratio(p95_pause, p95_normal),
