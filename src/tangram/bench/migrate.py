@@ -10,7 +10,8 @@ streams), timed at each output.
 
 Summary: `tokens_lost`, `tokens_duplicated` (against the twin's ids),
 `outputs_identical` (fraction of the migrated streams equal to their twin, ids
-and text; a stream that ended before its move is not counted), `pause_ms_p50` / `_p95` (per migrated stream, the longest gap between two
+and text; a stream that ended before its move is not counted),
+`pause_ms_p50` / `_p95` (per migrated stream, the longest gap between two
 tokens from the migration call to the first token after the handover),
 `normal_gap_ms_p50` / `_p95` (the longest gap over the same token positions of
 the twin), `migration_bytes_per_request` (every round pickled, mean); also
@@ -85,7 +86,8 @@ def _workers(ray_nodes: bool) -> Iterator[list]:
         cluster.shutdown()
 
 
-async def _stream(ctl: Controller, prompt: str | list[int], params: SamplingParams, move_after: int | None) -> dict[str, Any]:
+async def _stream(ctl: Controller, prompt: str | list[int], params: SamplingParams,
+                  move_after: int | None) -> dict[str, Any]:
     """One request through the controller: ids, text and arrival times; with `move_after`, migrated then."""
     ids: list[int] = []
     times: list[float] = []

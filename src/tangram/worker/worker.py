@@ -88,7 +88,8 @@ class Replica:
             raise MigrationError(f"{self.id}: its engine backend cannot migrate requests")
         return self.backend
 
-    def migrate_out(self, request_id: str, offset: int) -> tuple[MigrationState, Callable[[RequestOutput], None] | None]:
+    def migrate_out(self, request_id: str,
+                    offset: int) -> tuple[MigrationState, Callable[[RequestOutput], None] | None]:
         """Hand a request over (detached between steps, counted out here): its final round and the client's
         sink (None: it had ended)."""
         state, sink = self.migration.handover(request_id, offset)
