@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from migration_util import long_context_checkpoint, other_worker, slow_steps, stream, two_device_controller
+from migration_util import Stream, long_context_checkpoint, other_worker, slow_steps, stream, two_device_controller
 from tangram.control.migrate import MigrationSettings
 from tangram.engine import SamplingParams
 from tangram.engine.migration import MigrationError
@@ -201,3 +201,24 @@ def test_a_draining_instance_is_relieved_by_migration_when_that_is_sooner(ckpt):
 
     twin, got, stopped = run(ckpt, body)
     assert got.ids == twin.ids and stopped  # moved off, then stopped: room made early
+
+
+def test_a_destination_failing_after_the_move_retires_the_destination_not_the_source(ckpt):
+    async def body(ctl):
+        await stream(ctl, SEEDED, PROMPT)
+        state = ctl._states["m"]  # noqa: SLF001 - a test reads the controller's records
+        src = state.replicas[0]
+        seen = Stream()
+        async for out in ctl.generate("m", PROMPT, SEEDED):
+            seen.ids += out.token_ids
+            if out.finished:
+                seen.finish, seen.error = out.finish_reason, out.error
+            if len(seen.ids) == 20:
+                report = await ctl.migrator.migrate("m", to=other_worker(ctl))
+                dst = next(r for r in state.replicas if r.id == report["instance"])
+                dst.ref.backend.instance.engine.failed = "injected: its weights went bad"
+        return seen, src.draining, dst.draining
+
+    seen, src_retired, dst_retired = run(ckpt, body)
+    assert seen.finish == "error" and "injected" in seen.error
+    assert dst_retired and not src_retired

@@ -163,7 +163,7 @@ class Controller:
                     out = await queue.get()
                     finished = out.finished
                     if out.instance_failed:
-                        replica.retire(out.error)
+                        replica.route(submitted.result()).retire(out.error)  # where it failed
                         retry = attempt == 0 and not streamed
                         if retry:
                             break

@@ -45,6 +45,13 @@ class ReplicaState(ControlState):
     ref: ReplicaRef
     moved: dict[str, tuple[ReplicaState, str]] = field(default_factory=dict)  # request id -> where it migrated
 
+    def route(self, request_id: str) -> ReplicaState:
+        """The instance a request of this instance runs on now (after live migrations), the route kept."""
+        here, rid = self, request_id
+        while rid in here.moved:
+            here, rid = here.moved[rid]
+        return here
+
     def follow(self, request_id: str | None) -> tuple[ReplicaState, str | None]:
         """Where a request of this instance runs now (after live migrations, possibly several): instance and id
         there; the route is forgotten (the request's stream asks once, at its end). None: it never started."""
