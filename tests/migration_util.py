@@ -49,6 +49,7 @@ class Stream:
     finish: str | None = None
     error: str | None = None
     moves: list[dict] = field(default_factory=list)
+    ttft_s: float = 0.0  # as the final output reports it
 
 
 async def stream(ctl: Controller, params: SamplingParams, prompt: list[int], *, move_after: int | None = None,
@@ -64,6 +65,7 @@ async def stream(ctl: Controller, params: SamplingParams, prompt: list[int], *, 
         seen.text += out.delta
         if out.finished:
             seen.finish, seen.error = out.finish_reason, out.error
+            seen.ttft_s = out.stages.ttft_s if out.stages is not None else 0.0
         if move_after is not None and task is None and len(seen.ids) >= move_after:
             task = asyncio.ensure_future(ctl.migrator.migrate("m", to=to))
     if task is not None:

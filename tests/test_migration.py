@@ -58,6 +58,7 @@ def test_a_migrated_stream_equals_its_unmigrated_twin(ckpt, params):
     assert moved.moves[0]["rounds"] >= 2 and moved.moves[0]["bytes_sent"] > 0
     assert moved.ids == twin.ids and len(moved.ids) == 160
     assert moved.text == twin.text and moved.finish == twin.finish == "length"
+    assert moved.ttft_s > 0  # the final output reports the stages of its start at the source
 
 
 def test_a_stop_string_after_the_move_still_stops_the_stream(ckpt):
@@ -222,3 +223,23 @@ def test_a_destination_failing_after_the_move_retires_the_destination_not_the_so
     seen, src_retired, dst_retired = run(ckpt, body)
     assert seen.finish == "error" and "injected" in seen.error
     assert dst_retired and not src_retired
+
+
+def test_a_draining_instance_without_a_peer_moves_to_an_instance_started_where_it_is_cheapest(ckpt):
+    async def body(ctl):
+        twin = await stream(ctl, SEEDED, PROMPT)
+        state = ctl._states["m"]  # noqa: SLF001 - a test reads the controller's records
+        victim = state.replicas[0]
+        ctl.migrator.settings = MigrationSettings(auto=True)
+        task = asyncio.ensure_future(stream(ctl, SEEDED, PROMPT))
+        while victim.inflight == 0:
+            await asyncio.sleep(0.001)
+        slow_steps(victim, 0.002)
+        victim.draining = True  # what the controller's drain does for a start waiting for room
+        ctl.migrator.relieve(state, victim)
+        got = await task
+        await asyncio.sleep(0.2)
+        return twin, got, victim.stopping, [r.worker.name for r in state.replicas], victim.worker.name
+
+    twin, got, stopped, left, old = run(ckpt, body)
+    assert got.ids == twin.ids and stopped and len(left) == 1 and left[0] != old  # moved to a new instance

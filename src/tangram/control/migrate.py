@@ -32,7 +32,8 @@ from tangram.control.events import Activity
 from tangram.control.state import DeploymentState, ReplicaState, UnknownDeployment
 from tangram.engine import RequestOutput
 from tangram.engine.migration import MigrationState
-from tangram.scheduler.migration import Busy, Rates, consolidate, room_plan
+from tangram.scheduler.adapter import start_seconds
+from tangram.scheduler.migration import INF, Busy, Rates, consolidate, room_plan
 from tangram.worker import WorkerHandle
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class Migrator:
         self.activity = activity
         self.settings = settings or MigrationSettings()
         self._consolidating: set[str] = set()  # deployments with a scale-in move under way
-        self._abandoned: set[str] = set()  # requests whose move was given up while their plant still ran
+        self._abandoned: set[asyncio.Future] = set()  # plants still running when their move was given up
 
     async def migrate(self, name: str, to: str) -> dict:
         """Move every running request of deployment `name` that can move to its instance on worker `to` (one
@@ -128,19 +129,35 @@ class Migrator:
             log.warning("migrating off %s failed; it drains by waiting", victim.id, exc_info=True)
 
     async def _relieve_now(self, state: DeploymentState, victim: ReplicaState) -> None:
-        peers = [r for r in state.replicas if r is not victim and not r.stopping and not r.draining]
         ids = await victim.worker.migratable(victim.ref)
-        if not ids or not peers:
+        if not ids:
             return
         rounds = await asyncio.gather(*(victim.worker.snapshot(victim.ref, rid, 0) for rid in ids),
                                       return_exceptions=True)
         live = [st for st in rounds if isinstance(st, MigrationState) and not st.finished and st.params]
+        peers = [r for r in state.replicas if r is not victim and not r.stopping and not r.draining]
+        worker, ready_s = (None, 0.0) if peers else await self._cheapest_start(state, victim.worker)
         busy = Busy(remaining_tokens=max((st.params.max_tokens - len(st.output_ids) for st in live), default=0),
                     context_tokens=sum(len(st.prompt_ids) + len(st.output_ids) for st in live),
-                    can_migrate=len(live) == victim.inflight, dest_ready_s=0.0)
-        if room_plan([busy], self.settings.rates) == ["migrate"]:
-            log.info("migrating %d request(s) off draining %s instead of waiting", len(live), victim.id)
+                    can_migrate=len(live) == victim.inflight, dest_ready_s=ready_s)
+        if room_plan([busy], self.settings.rates) != ["migrate"]:
+            return
+        log.info("migrating %d request(s) off draining %s instead of waiting (destination ready in %.2f s)",
+                 len(live), victim.id, ready_s)
+        if worker is not None:  # no running peer: start one where that is cheapest, then move there
+            dst = await self._instance_on(state, worker)
+            await asyncio.gather(*(self.move(state, victim, dst, st.request_id) for st in live))
+        else:
             await self.evacuate(state, victim)
+
+    async def _cheapest_start(self, state: DeploymentState, avoid: WorkerHandle) -> tuple[WorkerHandle | None, float]:
+        """The other worker where an instance of `state` starts soonest, and the estimate (INF: none fits now)."""
+        others = [w for w in self.workers if w is not avoid]
+        places = await asyncio.gather(*(w.placement_state(state.index) for w in others), return_exceptions=True)
+        costs = [(start_seconds(st, state.index.total_bytes), w) for w, st in zip(others, places)
+                 if not isinstance(st, BaseException)]
+        seconds, worker = min(costs, key=lambda c: c[0], default=(INF, None))
+        return (worker, seconds) if seconds < INF else (None, INF)
 
     def consolidate(self, state: DeploymentState) -> None:
         """Scale-in (with `auto` on): when the least-loaded instance's requests fit in the others under the target
@@ -199,7 +216,7 @@ class Migrator:
             nbytes += st.nbytes
             whole = st
             planting = asyncio.ensure_future(dst.worker.plant(dst.ref, st, cfg.step_timeout_s))
-            planting.add_done_callback(functools.partial(self._late_plant, dst, request_id))
+            planting.add_done_callback(functools.partial(self._late_plant, dst))
             dest_id = await asyncio.shield(planting)
             sent, rounds = len(st.output_ids), 1
             while rounds < cfg.max_rounds:
@@ -221,7 +238,7 @@ class Migrator:
         except Exception as exc:  # noqa: BLE001 - the source keeps the request: it never stopped decoding
             if dest_id is None and planting is not None:  # a plant cut off by the deadline
                 if not planting.done():
-                    self._abandoned.add(request_id)  # still running: dropped when it lands
+                    self._abandoned.add(planting)  # still running: dropped when it lands
                 elif not planting.cancelled() and planting.exception() is None:
                     dest_id = planting.result()
             await self._drop(dst, dest_id)
@@ -263,12 +280,12 @@ class Migrator:
                              f"{nbytes} bytes)", state.spec.name, dst.worker.name)
         return report("moved")
 
-    def _late_plant(self, dst: ReplicaState, request_id: str, planting: asyncio.Future) -> None:
+    def _late_plant(self, dst: ReplicaState, planting: asyncio.Future) -> None:
         """A plant that lands after its move was abandoned (the deadline passed while it ran) is dropped."""
-        if planting.cancelled() or planting.exception() is not None:
+        if planting not in self._abandoned:
             return
-        if request_id in self._abandoned:
-            self._abandoned.discard(request_id)
+        self._abandoned.discard(planting)
+        if not planting.cancelled() and planting.exception() is None:
             asyncio.get_running_loop().create_task(self._drop(dst, planting.result()))
 
     async def _put_back(self, src: ReplicaState, whole: MigrationState, final: MigrationState, sink) -> None:

@@ -34,6 +34,7 @@ from tangram.engine.engine import Engine
 from tangram.engine.errors import RequestError
 from tangram.engine.request import Request, RequestOutput, Status
 from tangram.engine.sampling import SamplingParams
+from tangram.engine.stages import Stages
 
 log = logging.getLogger(__name__)
 Sink = Callable[[RequestOutput], None]
@@ -61,6 +62,7 @@ class MigrationState:
     age_s: float = 0.0  # seconds since the request arrived (clocks do not cross processes)
     generator: bytes | None = None  # torch.Generator.get_state() of a seeded sampled request
     detok: DetokState | None = None
+    stages: Stages | None = None  # where its time to first token went (at the source), reported at its end
     final: bool = False
     finished: bool = False  # the request ended at the source before this round: nothing to move
 
@@ -233,7 +235,7 @@ def handover(engine: Engine, request_id: str, offset: int,
             return MigrationState(request_id, offset, [], final=True, finished=True), None
         gen = bytes(req.generator.get_state().numpy().tobytes()) if req.generator is not None else None
         state = MigrationState(request_id, offset, list(req.output_ids[offset:]), generator=gen,
-                               detok=req.text.export(), final=True)
+                               detok=req.text.export(), stages=req.stages.model_copy(), final=True)
         engine.detach(req)
         return state, req.sink
 
@@ -255,6 +257,8 @@ def resume(engine: Engine, request_id: str, state: MigrationState, sink: Sink,
             req.generator.set_state(torch.frombuffer(bytearray(state.generator), dtype=torch.uint8))
         if state.detok is not None:
             req.text = TextStream.resume(engine.tokenizer, list(req.params.stop), state.detok)
+        if state.stages is not None:
+            req.stages = state.stages
         req.sink, req.hold = sink, False
         return True
 
