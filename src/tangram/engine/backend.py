@@ -4,8 +4,8 @@ A worker knows an instance only through `EngineBackend` (submit, abort,
 outputs streamed to a sink, health, stop, start cost, freeable bytes, mean
 prefill time) and starts one through the `BackendFactory` registered under a
 deployment's `backend` name. The built-in engine (`tangram.engine.builtin`:
-`Instance` + `EngineLoop`) is the only backend today; a vLLM backend plugs in
-as a second factory under "vllm".
+`Instance` + `EngineLoop`) and vLLM (`tangram.vllm.backend`: a vLLM engine
+process bound to the pool's tensors) are registered as "builtin" and "vllm".
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from tangram.pool import DevicePool
     from tangram.store import Checkpoint, LoadStats
 
-BackendName = Literal["builtin"]  # the vLLM backend issue adds "vllm"
+BackendName = Literal["builtin", "vllm"]
 Sink = Callable[[RequestOutput], None]
 
 
@@ -90,7 +90,14 @@ def _builtin(checkpoint: Checkpoint, pool: DevicePool, config: EngineConfig, *, 
     return BuiltinBackend(checkpoint, pool, config, name=name, arrival=arrival)
 
 
-BACKENDS: dict[str, BackendFactory] = {"builtin": _builtin}
+def _vllm(checkpoint: Checkpoint, pool: DevicePool, config: EngineConfig, *, name: str,
+          arrival: float) -> EngineBackend:
+    from tangram.vllm.backend import VllmBackend  # vLLM itself runs in the shell process, never here
+
+    return VllmBackend(checkpoint, pool, config, name=name, arrival=arrival)
+
+
+BACKENDS: dict[str, BackendFactory] = {"builtin": _builtin, "vllm": _vllm}
 
 
 def start_backend(backend: str, checkpoint: Checkpoint, pool: DevicePool, config: EngineConfig, *, name: str,

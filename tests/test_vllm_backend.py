@@ -1,0 +1,107 @@
+"""The vLLM engine backend on Tangram's pool, against plain vLLM (its CPU build, run by its own interpreter).
+
+One module-wide set of models and one plain-vLLM reference run (one process, one engine per model) keep the
+vLLM start-ups few: each backend start below either spawns one shell or re-binds a warm one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tangram.demo import fetch_demo
+from tangram.engine.backend import start_backend
+from tangram.engine.instance import EngineConfig
+from tangram.pool import DevicePool, PoolConfig
+from tangram.store import Checkpoint
+from tangram.vllm.shells import shell_key
+from tangram.vllm.backend import engine_args
+from vllm_models import PROMPTS, checkpoint_pair, fine_tune, generate, plain_vllm, tiny_qwen2, vllm_or_fail
+
+import torch
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+N = 24
+CFG = EngineConfig(dtype="float32", kv_cache_bytes=256 << 20, max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """SmolLM2 (float32), a small Qwen2 and a fine-tune of it: HF directories, Tangram checkpoints, and plain
+    vLLM's greedy continuations of PROMPTS for each."""
+    python = vllm_or_fail()
+    os.environ.setdefault("TANGRAM_VLLM_PYTHON", python)
+    root = tmp_path_factory.mktemp("vllm-world")
+    smol = fetch_demo(root / "home", dtype=torch.float32)
+    models = {"smol": (smol.parent / f"{smol.name}-hf", smol)}
+    base = tiny_qwen2()
+    models["qwen"] = checkpoint_pair(base, root / "qwen")
+    models["tuned"] = checkpoint_pair(fine_tune(base), root / "tuned")
+    jobs = [{"model": str(hf), "dtype": "float32", "prompts": PROMPTS, "max_tokens": N, "max_model_len": 256}
+            for hf, _ in models.values()]
+    refs = dict(zip(models, plain_vllm(python, jobs, root)))
+    return {"models": models, "refs": refs}
+
+
+def shared_pool(nbytes: int = 3 << 30) -> DevicePool:
+    return DevicePool(nbytes, "cpu", PoolConfig(shared=True))
+
+
+def test_greedy_equals_plain_vllm_and_a_pool_hit_rebinds_the_warm_shell(world):
+    pool = shared_pool()
+    for name in ("smol", "qwen"):
+        ckpt = Checkpoint(world["models"][name][1])
+        first = start_backend("vllm", ckpt, pool, CFG, name=name, arrival=0.0)
+        pid = first.shell.proc.pid
+        try:
+            got = [generate(first, p, N).output_ids for p in PROMPTS]
+            assert first.cost.start == "cold" and first.cost.bytes_loaded > 0
+        finally:
+            first.stop()
+        assert got == world["refs"][name], name
+        again = start_backend("vllm", ckpt, pool, CFG, name=name, arrival=0.0)
+        try:
+            assert again.shell.proc.pid == pid  # the parked shell, re-bound: no new vLLM process
+            assert again.cost.start == "pool-hit" and again.cost.bytes_loaded == 0
+            assert [generate(again, p, N).output_ids for p in PROMPTS] == world["refs"][name]
+        finally:
+            again.stop()
+
+
+def test_a_fine_tune_shares_tensors_and_the_shell_and_serves_its_own_weights(world):
+    pool = shared_pool()
+    qwen, tuned = (Checkpoint(world["models"][k][1]) for k in ("qwen", "tuned"))
+    assert shell_key(qwen.path, engine_args(qwen.path, CFG), "cpu") == shell_key(tuned.path, engine_args(
+        tuned.path, CFG), "cpu")
+    a = start_backend("vllm", qwen, pool, CFG, name="qwen", arrival=0.0)
+    pid = a.shell.proc.pid
+    assert [generate(a, p, N).output_ids for p in PROMPTS] == world["refs"]["qwen"]
+    a.stop()
+    b = start_backend("vllm", tuned, pool, CFG, name="tuned", arrival=0.0)
+    try:
+        changed = sum(t.nbytes for n, t in tuned.index.tensors.items() if n.startswith("model.layers.1.mlp."))
+        assert b.shell.proc.pid == pid  # one kind of shell for the family
+        assert b.cost.bytes_loaded == changed  # only the fine-tuned tensors were read; the rest is shared
+        assert b.cost.bytes_reused == tuned.index.total_bytes - changed
+        got = [generate(b, p, N).output_ids for p in PROMPTS]
+        assert got == world["refs"]["tuned"]  # its own weights, not the base's left in the shell
+        assert got != world["refs"]["qwen"]
+        union = {e.key: e.nbytes for ix in (qwen.index, tuned.index) for e in ix.tensors.values()}
+        totals = pool.totals()
+        held = totals["retained"] + totals["active"] - pool.snapshot()["kv_bytes"]
+        assert held == sum(pool.arena.size_of(n) for n in union.values())  # each shared tensor once
+        assert held < qwen.index.total_bytes + tuned.index.total_bytes
+    finally:
+        b.stop()
+
+
+def test_a_private_arena_is_staged_through_shared_memory(world):
+    pool = DevicePool(1 << 30, "cpu", PoolConfig(shared=False))
+    ckpt = Checkpoint(world["models"]["qwen"][1])
+    be = start_backend("vllm", ckpt, pool, CFG, name="qwen", arrival=0.0)
+    try:
+        assert pool.arena.share_path is None
+        assert [generate(be, p, N).output_ids for p in PROMPTS] == world["refs"]["qwen"]
+    finally:
+        be.stop()
