@@ -41,6 +41,20 @@ def tiny_qwen2(seed: int = 0):
     return model
 
 
+def tiny_llama(seed: int = 0):
+    """A small Llama (head size 64) whose word-level test tokenizer AutoTokenizer reads as saved (for a Qwen2
+    config it would build Qwen2's own tokenizer class, which reads no word-level vocabulary)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         tie_word_embeddings=False, initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
 def fine_tune(model, seed: int = 1):
     """The same model with its last layer's MLP changed: a fine-tune that shares every other tensor."""
     torch.manual_seed(seed)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 
@@ -154,13 +155,23 @@ class ServerProcess:
 
 
 def tangram_server(checkpoint: Path, dtype: str, workdir: Path, max_batch: int | None,
-                   label: str | None = None) -> ServerProcess:
+                   label: str | None = None, backend: str = "builtin", vllm_python: str | None = None,
+                   kv_cache_bytes: int = KV_CACHE_BYTES) -> ServerProcess:
     """`tangram serve` in its own process with one deployment of `checkpoint` (engine dtype `dtype`, "auto" for
-    the default), one instance started at once and kept (ready = that instance is up); `label` names its files."""
+    the default); `label` names its files. builtin: one instance started at once and kept (ready = it is up).
+    vllm: the deployment on the vllm backend (vLLM's KV as plain vLLM's, `vllm_python` its interpreter), no
+    instance until the first request and a 1 s keep-alive, so that a client can time its cold start and its
+    pool hit after scale-to-zero (`bench.serve_vllm`); ready = its pre-warmed engine shell is built."""
     port = free_port()
     engine: dict = {"dtype": dtype} if max_batch is None else {"dtype": dtype, "max_batch": max_batch}
     dep = {"name": MODEL_NAME, "checkpoint": str(checkpoint), "keep_alive_s": 3600.0, "min_instances": 1,
            "engine": engine}
+    env = None
+    if backend == "vllm":
+        dep.update(backend="vllm", min_instances=0, keep_alive_s=1.0)
+        engine["kv_cache_bytes"] = kv_cache_bytes
+        if vllm_python:
+            env = {**os.environ, VLLM_ENV: vllm_python}
     label = label or dtype
     config = workdir / f"tangram-{label}.json"
     config.parent.mkdir(parents=True, exist_ok=True)
@@ -177,10 +188,13 @@ def tangram_server(checkpoint: Path, dtype: str, workdir: Path, max_batch: int |
             raise RuntimeError(f"tangram could not deploy {checkpoint}")
         if d.get("last_error"):
             raise RuntimeError(f"tangram could not start {checkpoint}: {d['last_error']}")
-        return d["instances"] >= 1 and d["starting"] == 0
+        if backend == "vllm":  # its engine shell is pre-warmed at deploy: ready once it is built
+            st = http.get(url + "/admin/status", headers=headers).json()
+            return sum(w.get("warm_engines", 0) for w in st["workers"]) >= 1
+        return d["instances"] >= dep["min_instances"] and d["starting"] == 0
 
     command = [sys.executable, "-m", "tangram.cli", "serve", "--config", str(config), "--port", str(port)]
-    return ServerProcess(f"tangram ({label})", command, url, ready, workdir / f"tangram-{label}.log")
+    return ServerProcess(f"tangram ({label})", command, url, ready, workdir / f"tangram-{label}.log", env=env)
 
 
 def tangram_served(url: str) -> dict[str, str | None]:
@@ -195,10 +209,11 @@ def tangram_served(url: str) -> dict[str, str | None]:
     return {"resolved_checkpoint": path, "served_dtype": str(dtype).removeprefix("torch.")}
 
 
-def vllm_served(log_text: str) -> dict[str, str | None]:
-    """The dtype vLLM's log says it runs in."""
+def vllm_served(log_text: str) -> dict[str, Any]:
+    """The dtype vLLM's log says it runs in, and how long its default loader took to load the weights."""
     m = re.search(r"dtype=torch\.(\w+)", log_text)
-    return {"served_dtype": m.group(1) if m else None}
+    load = re.search(r"Loading weights took ([0-9.]+) seconds", log_text)
+    return {"served_dtype": m.group(1) if m else None, "load_s": float(load.group(1)) if load else None}
 
 
 def vllm_server(python: str, hf_dir: Path, dtype: str | None, workdir: Path,

@@ -70,8 +70,8 @@ class Controller:
         if old is not None and old.checkpoint != path:
             await self.remove(spec.name)
             old = None
-        if spec.engine.templates and spec.backend == "builtin":  # every worker warms for it before traffic
-            await asyncio.gather(*(w.warm(path) for w in self.workers))
+        if spec.engine.templates or spec.backend != "builtin":  # every worker warms for it before traffic
+            await asyncio.gather(*(w.warm(path, spec.engine, spec.backend) for w in self.workers))
         if old is not None:
             old.spec, old.need = spec, need
         else:

@@ -11,6 +11,7 @@ process bound to the pool's tensors) are registered as "builtin" and "vllm".
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from tangram.engine.prompt import Prompt
@@ -98,6 +99,23 @@ def _vllm(checkpoint: Checkpoint, pool: DevicePool, config: EngineConfig, *, nam
 
 
 BACKENDS: dict[str, BackendFactory] = {"builtin": _builtin, "vllm": _vllm}
+
+
+def prewarm_backend(backend: str, checkpoint: Path, pool: DevicePool, config: EngineConfig) -> float:
+    """Keep warm what a start of `checkpoint` with `backend` can reuse (vllm: an engine shell of its shape, built on
+    a thread); seconds spent in this call. The built-in engine warms through its templates (`Worker.warm`)."""
+    if backend == "vllm":
+        from tangram.vllm.backend import prewarm
+
+        return prewarm(checkpoint, pool, config)
+    return 0.0
+
+
+def warm_engines(pool: DevicePool) -> int:
+    """Engine processes a backend keeps warm for `pool` now (parked vLLM shells)."""
+    from tangram.vllm.shells import shells_for  # no vLLM import: the parent's side of the shells only
+
+    return shells_for(pool).parked()
 
 
 def start_backend(backend: str, checkpoint: Checkpoint, pool: DevicePool, config: EngineConfig, *, name: str,

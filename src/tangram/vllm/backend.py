@@ -88,6 +88,21 @@ def _unstage(staging: object) -> None:
         os.close(staging[1])  # type: ignore[index]  # the shell's mapping keeps what it still reads
 
 
+def prewarm(checkpoint: Path, pool: DevicePool, config: EngineConfig) -> float:
+    """Build an unbound shell of `checkpoint`'s shape on a thread, parked for its first start (which then only
+    loads into the pool and binds); seconds spent here. Without vLLM: nothing (the start reports it)."""
+    t0 = time.perf_counter()
+    found = vllm_python()
+    if found.python is None:
+        return 0.0
+    args = engine_args(checkpoint, config)
+    key = shell_key(checkpoint, args, str(pool.device))
+    python = found.python
+    if shells_for(pool).prewarm(key, lambda: Shell.spawn(python, ShellSetup(args, None), key)):
+        log.info("pre-warming a vLLM shell for %s on %s", checkpoint, pool.device)
+    return time.perf_counter() - t0
+
+
 class VllmBackend:
     """A vLLM engine behind the backend contract (`tangram.engine.backend.EngineBackend`)."""
 
@@ -109,13 +124,14 @@ class VllmBackend:
             spec, staging = bind_spec(pool, self.binding)
             args = engine_args(checkpoint.path, config)
             key = shell_key(checkpoint.path, args, str(pool.device))
-            self.shell = self.shells.take(key)
+            warm = self.shells.take(key)
+            self.warm_shell = warm is not None  # re-bound (TIDAL's template path), else spawned
             try:
-                if self.shell is not None:
-                    self.bind_s = self.shell.bind(spec)
+                if warm is not None:
+                    self.shell = warm
+                    self.shell.bind(spec)
                 else:
                     self.shell = Shell.spawn(found.python, ShellSetup(args, spec), key)
-                    self.bind_s = 0.0
             finally:
                 _unstage(staging)
             self.tokenizer = RUNTIME.tokenizer(checkpoint.path)
@@ -125,9 +141,11 @@ class VllmBackend:
         t2 = time.perf_counter()
         b = self.binding
         stats = b.load
+        # a new shell's own load (pool -> vLLM's parameters) counts as load; a re-bind of a warm one is init
+        fill = self.shell.ready.load_s if self.shell.ready is not None and not self.warm_shell else 0.0
         self.cost = StartCost(start=StartCost.classify(b.bytes_loaded, stats.bytes_from_cache if stats else 0),
-                              init_s=t2 - t1, load_s=t1 - t0, bytes_loaded=b.bytes_loaded,
-                              bytes_reused=b.bytes_reused, load_begin=t0 - arrival, load_end=t1 - arrival)
+                              init_s=t2 - t1 - fill, load_s=t1 - t0 + fill, bytes_loaded=b.bytes_loaded,
+                              bytes_reused=b.bytes_reused, load_begin=t0 - arrival, load_end=t1 - arrival + fill)
         self.ready_at = t2
         cfg = json.loads((checkpoint.path / "config.json").read_text())
         text = cfg.get("text_config", cfg)
@@ -136,7 +154,7 @@ class VllmBackend:
         self._prefill = (0, 0.0)  # finished requests, their summed time to first token
         self._lock = threading.Lock()
         log.info("started %s on %s with vLLM (%s shell): %s, load %.3f s (%d B loaded), init %.3f s", name,
-                 pool.device, "warm" if self.bind_s else "new", self.cost.start, self.cost.load_s, b.bytes_loaded,
+                 pool.device, "warm" if self.warm_shell else "new", self.cost.start, self.cost.load_s, b.bytes_loaded,
                  self.cost.init_s)
 
     def submit(self, prompt: Prompt, params: SamplingParams, sink: Sink, *, arrival: float, chat: bool = False,
@@ -151,8 +169,9 @@ class VllmBackend:
         stream = _Stream(self, rid, len(ids), params, sink, arrival)
         try:
             self.shell.add(rid, ids, sampling, stream.on_delta)
-        except ShellError as exc:
-            raise EngineError(f"the vLLM engine of {self.name} is gone: {exc}") from None
+        except ShellError as exc:  # the engine process is gone: this instance is failed, the request may retry
+            sink(RequestOutput(rid, "", [], "", finished=True, finish_reason="error", error=str(exc),
+                               prompt_tokens=len(ids), instance_failed=True))
         return rid
 
     def abort(self, request_id: str) -> None:

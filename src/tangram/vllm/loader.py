@@ -19,10 +19,11 @@ from vllm.config.load import LoadConfig
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from tangram.vllm.messages import BindSpec, TensorRef
-from tangram.vllm.weights import iter_weights
+from tangram.vllm.weights import iter_weights, tied_groups
 
 log = logging.getLogger(__name__)
 PENDING: list[BindSpec] = []  # the spec of the engine being built in this process (it may carry a CUDA arena)
+LOADS: list[float] = []  # seconds of each load_weights in this process (the shell reports them)
 
 
 def spec_to_config(spec: BindSpec) -> dict:
@@ -57,15 +58,38 @@ class TangramModelLoader(BaseModelLoader):
         return iter_weights(self.spec)
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
-        """Feed the pool's tensors to the model's weight loaders; every parameter must be filled."""
+        """Feed the pool's tensors to the model's weight loaders; every parameter must be filled. Without a spec
+        (a pre-warmed shell, bound later) the parameters are zeroed: vLLM's warm-up runs on finite numbers."""
         t0 = time.perf_counter()
+        if self.spec is None:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.zero_()
+            log.info("tangram loader: no weights yet (a pre-warmed shell); parameters zeroed until bound")
+            return
         loaded = model.load_weights(self.get_all_weights(model_config, model))
         if loaded is not None:
             missing = _unfilled(model, set(loaded))
             if missing:
                 raise ValueError(f"weights not found in Tangram's pool for: {sorted(missing)[:8]}")
+        LOADS.append(time.perf_counter() - t0)
         log.info("tangram loader: %d tensors from the pool in %.3f s", len(self.spec.tensors),  # type: ignore[union-attr]
-                 time.perf_counter() - t0)
+                 LOADS[-1])
+
+
+def bind_on_worker(worker, spec: BindSpec) -> None:
+    """Re-bind a built engine's weights from the pool (run in vLLM's worker by `collective_rpc`): vLLM's in-place
+    layerwise reload, then the tied parameters re-tied and re-processed, which that reload leaves to one of the
+    tied modules (a tied LM head would keep the kernel it packed from the previous weights)."""
+    model = worker.model_runner.get_model()
+    groups = tied_groups(model)
+    worker.model_runner.reload_weights(weights_iterator=iter_weights(spec))
+    for owner, others in groups:
+        for module in others:
+            module.weight = owner.weight
+            method = getattr(module, "quant_method", None)
+            if method is not None and hasattr(method, "process_weights_after_loading"):
+                method.process_weights_after_loading(module)
 
 
 def _unfilled(model: nn.Module, loaded: set[str]) -> set[str]:

@@ -41,10 +41,12 @@ class ShellSetup:
 
 @dataclass(frozen=True)
 class Ready:
-    """The shell's engine is built (`seconds` since the shell began, `import_s` of them importing vLLM)."""
+    """The shell's engine is built: `seconds` since the shell began, `import_s` of them importing vLLM, `load_s`
+    filling vLLM's parameters from the pool."""
 
     seconds: float
     import_s: float
+    load_s: float
     vllm_version: str
     kv_tokens: int
 

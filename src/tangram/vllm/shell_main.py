@@ -3,15 +3,13 @@
 Run as `<vllm python> -m tangram.vllm.shell_main FD PARENT_PID`: it reads a `ShellSetup`, builds the engine
 (vLLM's `LLMEngine`, its engine core in this process) with the `tangram` model loader, answers `Ready`, then
 serves `Add` / `Abort` / `Bind` / `Stop`, stepping the engine while requests run and sending each step's
-`Deltas`. It exits when its parent does (PR_SET_PDEATHSIG) or the connection closes.
+`Deltas`. It exits on `Stop` or when the connection closes (its parent ended).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
 import sys
 import time
 import traceback
@@ -22,23 +20,23 @@ from tangram.vllm.messages import (Abort, Add, Bind, Bound, Delta, Deltas, Faile
 log = logging.getLogger("tangram.vllm.shell")
 
 
-def _die_with_parent(parent: int) -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+def _parent_alive(parent: int) -> None:
+    # No PR_SET_PDEATHSIG: it fires when the *thread* that spawned us ends (a pre-warm thread does, at once).
+    # The parent's end of the connection closes when its process ends; recv then raises EOFError and we exit.
     if os.getppid() != parent:
         sys.exit(0)  # the parent is already gone
 
 
-def _logprobs(ids: list[int], entries) -> list | None:
-    """vLLM's per-token {id: Logprob} dicts as (id, token, logprob, [(id, token, logprob) by rank]) tuples."""
+def _logprobs(ids: list[int], entries, k: int) -> list | None:
+    """vLLM's per-token {id: Logprob} dicts (the k most likely, and the chosen one wherever it ranks) as
+    (id, token, logprob, [(id, token, logprob) of the k most likely, by rank]) tuples."""
     if entries is None:
         return None
     out = []
     for tok, d in zip(ids, entries):
         chosen = d[tok]
-        top = sorted(((i, lp) for i, lp in d.items() if lp.rank is not None and lp.rank >= 1), key=lambda x: x[1].rank)
+        top = sorted(((i, lp) for i, lp in d.items() if lp.rank is not None and 1 <= lp.rank <= k),
+                     key=lambda x: x[1].rank)
         out.append((tok, chosen.decoded_token or "", chosen.logprob,
                     [(i, lp.decoded_token or "", lp.logprob) for i, lp in top]))
     return out
@@ -49,6 +47,7 @@ class Shell:
 
     def __init__(self, conn: Connection, engine, sampling_type, delta_kind, structured_type) -> None:
         self.conn, self.engine = conn, engine
+        self.top_k: dict[str, int] = {}  # top logprobs asked for, by request
         self.sampling_type, self.delta_kind, self.structured_type = sampling_type, delta_kind, structured_type
 
     def handle(self, msg) -> bool:
@@ -57,6 +56,7 @@ class Shell:
             self.add(msg)
         elif isinstance(msg, Abort):
             self.engine.abort_request([msg.request_id])
+            self.top_k.pop(msg.request_id, None)
             self.conn.send(Deltas([Delta(msg.request_id, 0, "", [], "abort", finished=True)]))
         elif isinstance(msg, Bind):
             self.bind(msg)
@@ -73,16 +73,18 @@ class Shell:
                 kw["structured_outputs"] = self.structured_type(**so)
             params = self.sampling_type(**kw, output_kind=self.delta_kind)
             self.engine.add_request(msg.request_id, {"prompt_token_ids": msg.prompt_ids}, params)
+            if kw.get("logprobs") is not None:
+                self.top_k[msg.request_id] = kw["logprobs"]
         except Exception as exc:  # noqa: BLE001 - vLLM's validation errors are the request's, not the shell's
             self.conn.send(Deltas([Delta(msg.request_id, 0, "", [], "error", finished=True, error=str(exc))]))
 
     def bind(self, msg: Bind) -> None:
         """Reload the weights in place from the pool, then drop cached prefixes (they hold the old model's KV)."""
-        from tangram.vllm.weights import iter_weights
+        from tangram.vllm.loader import bind_on_worker
 
         t0 = time.perf_counter()
         try:
-            self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": iter_weights(msg.spec)})
+            self.engine.collective_rpc(bind_on_worker, args=(msg.spec,))
             self.engine.reset_prefix_cache()
         except Exception as exc:  # noqa: BLE001 - half-bound weights: this shell must not serve again
             self.conn.send(Failed(f"binding the weights failed: {exc}", fatal=True))
@@ -96,9 +98,12 @@ class Shell:
             outs = list(o.outputs)
             for j, c in enumerate(outs):
                 ids = list(c.token_ids)
+                k = self.top_k.get(o.request_id, 0)
                 items.append(Delta(o.request_id, c.index, c.text, ids, c.finish_reason,
                                    finished=o.finished and j == len(outs) - 1,  # the request's very last delta
-                                   prompt_tokens=len(o.prompt_token_ids or ()), logprobs=_logprobs(ids, c.logprobs)))
+                                   prompt_tokens=len(o.prompt_token_ids or ()), logprobs=_logprobs(ids, c.logprobs, k)))
+            if o.finished:
+                self.top_k.pop(o.request_id, None)
         if items:
             self.conn.send(Deltas(items))
 
@@ -117,7 +122,7 @@ class Shell:
 def main(argv: list[str]) -> int:
     """Build the engine the parent asks for and serve it."""
     fd, parent = int(argv[1]), int(argv[2])
-    _die_with_parent(parent)
+    _parent_alive(parent)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     conn = Connection(fd)
     setup: ShellSetup = conn.recv()
@@ -146,7 +151,7 @@ def main(argv: list[str]) -> int:
         log.error("building the vLLM engine failed:\n%s", traceback.format_exc())
         conn.send(Failed(f"building the vLLM engine failed: {type(exc).__name__}: {exc}", fatal=True))
         return 1
-    conn.send(Ready(time.perf_counter() - t0, import_s, vllm.__version__, kv_tokens))
+    conn.send(Ready(time.perf_counter() - t0, import_s, sum(loader.LOADS), vllm.__version__, kv_tokens))
     try:
         Shell(conn, engine, SamplingParams, RequestOutputKind.DELTA, StructuredOutputsParams).run()
     except (EOFError, OSError):

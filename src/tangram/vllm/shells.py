@@ -14,6 +14,8 @@ import json
 import logging
 import threading
 import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 from tangram.vllm.shell import Shell
@@ -46,10 +48,39 @@ class ShellPool:
     def __init__(self, per_key: int = 1, total: int = 2) -> None:
         self.per_key, self.total = per_key, total
         self._parked: list[Shell] = []
+        self._building: dict[str, Future] = {}  # pre-warms under way, by key
         self._lock = threading.Lock()
 
+    def prewarm(self, key: str, build: Callable[[], Shell]) -> bool:
+        """Build a shell of `key` on a thread and park it, unless one is parked or being built; whether it began.
+        A failed build is logged (the next start spawns its own and reports the error)."""
+        with self._lock:
+            if key in self._building or any(s.key == key for s in self._parked):
+                return False
+            fut: Future = Future()
+            self._building[key] = fut
+
+        def run() -> None:
+            try:
+                shell = build()
+            except Exception as exc:  # noqa: BLE001 - a pre-warm is best effort; starts report their own errors
+                log.warning("pre-warming a vLLM shell failed: %s", exc)
+                shell = None
+            with self._lock:
+                self._building.pop(key, None)
+            if shell is not None:
+                self.park(shell)
+            fut.set_result(shell)
+
+        threading.Thread(target=run, name=f"vllm-prewarm-{key}", daemon=True).start()
+        return True
+
     def take(self, key: str) -> Shell | None:
-        """A live parked shell of `key`, removed from the pool, or None."""
+        """A live parked shell of `key` (waiting for one being pre-warmed), removed from the pool, or None."""
+        with self._lock:
+            pending = self._building.get(key)
+        if pending is not None:
+            pending.result()  # its build ends in a ready shell or an error; either way no second build races it
         with self._lock:
             for shell in list(self._parked):
                 if shell.key == key:
@@ -75,7 +106,7 @@ class ShellPool:
             s.stop()
 
     def parked(self) -> int:
-        """Shells waiting here."""
+        """Shells waiting here (not counting those being built)."""
         with self._lock:
             return len(self._parked)
 

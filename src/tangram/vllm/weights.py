@@ -32,3 +32,15 @@ def iter_weights(spec: BindSpec, arena: torch.Tensor | None = None) -> Iterator[
     for ref in spec.tensors:
         dtype = getattr(torch, ref.dtype)
         yield ref.name, buf[ref.offset : ref.offset + ref.nbytes].view(dtype).view(ref.shape)
+
+
+def tied_groups(model: torch.nn.Module) -> list[tuple[torch.nn.Module, list[torch.nn.Module]]]:
+    """Modules that share one `weight` parameter: the first one (it loads) and the others."""
+    by_param: dict[int, list[torch.nn.Module]] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        w = module.__dict__.get("_parameters", {}).get("weight")
+        if isinstance(w, torch.nn.Parameter) and w.numel() > 0:
+            group = by_param.setdefault(id(w), [])
+            if all(m is not module for m in group):
+                group.append(module)
+    return [(g[0], g[1:]) for g in by_param.values() if len(g) > 1]
