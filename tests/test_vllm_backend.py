@@ -113,6 +113,8 @@ def test_a_fine_tune_shares_tensors_and_the_shell_and_serves_its_own_weights(wor
         assert b.cost.bytes_reused == tuned.index.total_bytes - changed
         got = [generate(b, p, N).output_ids for p in PROMPTS]
         assert got == world["refs"]["tuned"]  # its own weights, not the base's left in the shell
+        charged = pool.snapshot()["kv_bytes"]  # vLLM's KV and its copy of the weights, active while it runs
+        assert charged >= CFG.kv_cache_bytes + tuned.index.total_bytes
         assert got != world["refs"]["qwen"]
         union = {e.key: e.nbytes for ix in (qwen.index, tuned.index) for e in ix.tensors.values()}
         totals = pool.totals()
@@ -121,6 +123,7 @@ def test_a_fine_tune_shares_tensors_and_the_shell_and_serves_its_own_weights(wor
         assert held < qwen.index.total_bytes + tuned.index.total_bytes
     finally:
         b.stop()
+    assert pool.snapshot()["kv_bytes"] == 0  # released with the instance
 
 
 def test_a_private_arena_is_staged_through_shared_memory(world):

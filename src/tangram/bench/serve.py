@@ -329,7 +329,8 @@ def run_serve_bench(*, quick: bool, json_path: Path | None, vllm_python: str | N
     summary = {**summarize(rows, starts, sizes, vllm, twins, facts), "server_errors": server_errors}
     config = {"mode": "quick" if quick else "full", "sizes": asdict(sizes), "prompt": PROMPT,
               "systems": systems, "dtype_rows": list(weights), "vllm": asdict(vllm),
-              "vllm_kv_cache_bytes": sizes.vllm_kv_cache_bytes, "servers": facts, "seconds": time.perf_counter() - started}
+              "vllm_kv_cache_bytes": sizes.vllm_kv_cache_bytes, "servers": facts,
+              "seconds": time.perf_counter() - started}
     result = result_doc("serve", device, config, rows, summary)
     _report(console, rows, summary, sizes)
     if json_path:

@@ -14,7 +14,6 @@ distribution does not start).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -25,7 +24,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any

@@ -61,7 +61,8 @@ class TangramModelLoader(BaseModelLoader):
         """Feed the pool's tensors to the model's weight loaders; every parameter must be filled. Without a spec
         (a pre-warmed shell, bound later) the parameters are zeroed: vLLM's warm-up runs on finite numbers."""
         t0 = time.perf_counter()
-        if self.spec is None:
+        spec = self.spec
+        if spec is None:
             with torch.no_grad():
                 for p in model.parameters():
                     p.zero_()
@@ -73,8 +74,7 @@ class TangramModelLoader(BaseModelLoader):
             if missing:
                 raise ValueError(f"weights not found in Tangram's pool for: {sorted(missing)[:8]}")
         LOADS.append(time.perf_counter() - t0)
-        log.info("tangram loader: %d tensors from the pool in %.3f s", len(self.spec.tensors),  # type: ignore[union-attr]
-                 LOADS[-1])
+        log.info("tangram loader: %d tensors from the pool in %.3f s", len(spec.tensors), LOADS[-1])
 
 
 def bind_on_worker(worker, spec: BindSpec) -> None:

@@ -61,8 +61,6 @@ def find_vllm_python(explicit: str | None = None) -> VllmFound:
     return VllmFound(None, None, f"vLLM was not found (no --vllm-python, no ${VLLM_ENV}, not importable here)")
 
 
-
-
 @functools.lru_cache(maxsize=None)
 def vllm_python() -> VllmFound:
     """`find_vllm_python()`, probed once per process (the vLLM backend starts shells with it)."""
