@@ -100,6 +100,7 @@ def prewarm(checkpoint: Path, pool: DevicePool, config: EngineConfig) -> float:
     python = found.python
     if shells_for(pool).prewarm(key, lambda: Shell.spawn(python, ShellSetup(args, None), key)):
         log.info("pre-warming a vLLM shell for %s on %s", checkpoint, pool.device)
+    RUNTIME.tokenizer(checkpoint)  # the start tokenizes here: loaded once, now
     return time.perf_counter() - t0
 
 
@@ -126,12 +127,9 @@ class VllmBackend:
             key = shell_key(checkpoint.path, args, str(pool.device))
             warm = self.shells.take(key)
             self.warm_shell = warm is not None  # re-bound (TIDAL's template path), else spawned
+            self.bind_s = 0.0
             try:
-                if warm is not None:
-                    self.shell = warm
-                    self.shell.bind(spec)
-                else:
-                    self.shell = Shell.spawn(found.python, ShellSetup(args, spec), key)
+                self.shell = self._bound(warm, spec) or Shell.spawn(found.python, ShellSetup(args, spec), key)
             finally:
                 _unstage(staging)
             self.tokenizer = RUNTIME.tokenizer(checkpoint.path)
@@ -141,8 +139,12 @@ class VllmBackend:
         t2 = time.perf_counter()
         b = self.binding
         stats = b.load
-        # a new shell's own load (pool -> vLLM's parameters) counts as load; a re-bind of a warm one is init
-        fill = self.shell.ready.load_s if self.shell.ready is not None and not self.warm_shell else 0.0
+        # filling vLLM's parameters from the pool (a new shell's own load, or a warm shell's re-bind) is part of
+        # the load when the start read bytes (disk -> vLLM, as vLLM's own loader counts it); on a pool hit the
+        # re-bind is the engine's set-up (init)
+        fill = self.bind_s if self.warm_shell else (self.shell.ready.load_s if self.shell.ready else 0.0)
+        if b.bytes_loaded == 0:
+            fill = 0.0
         self.cost = StartCost(start=StartCost.classify(b.bytes_loaded, stats.bytes_from_cache if stats else 0),
                               init_s=t2 - t1 - fill, load_s=t1 - t0 + fill, bytes_loaded=b.bytes_loaded,
                               bytes_reused=b.bytes_reused, load_begin=t0 - arrival, load_end=t1 - arrival + fill)
@@ -156,6 +158,18 @@ class VllmBackend:
         log.info("started %s on %s with vLLM (%s shell): %s, load %.3f s (%d B loaded), init %.3f s", name,
                  pool.device, "warm" if self.warm_shell else "new", self.cost.start, self.cost.load_s, b.bytes_loaded,
                  self.cost.init_s)
+
+    def _bound(self, warm: Shell | None, spec: BindSpec) -> Shell | None:
+        """`warm` re-bound to `spec`, or None (no warm shell, or it died binding: a new one is spawned instead)."""
+        if warm is None:
+            return None
+        try:
+            self.bind_s = warm.bind(spec)
+        except ShellError as exc:
+            log.warning("a warm vLLM shell failed to bind (%s): spawning a new one", exc)
+            self.warm_shell = False
+            return None
+        return warm
 
     def submit(self, prompt: Prompt, params: SamplingParams, sink: Sink, *, arrival: float, chat: bool = False,
                adapter: str | None = None) -> str:
