@@ -6,6 +6,7 @@ vLLM start-ups few: each backend start below either spawns one shell or re-binds
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -17,6 +18,7 @@ from tangram.engine.errors import RequestError
 from tangram.engine.instance import EngineConfig
 from tangram.engine.request import OutputQueue
 from tangram.engine.sampling import SamplingParams
+from tangram.engine.structured import StructuredOutput
 from tangram.pool import DevicePool, PoolConfig
 from tangram.store import Checkpoint
 from tangram.vllm.shells import shell_key
@@ -94,6 +96,13 @@ def _sampling_breadth(backend, greedy: list[int]) -> None:
     assert o.completion_tokens == 12
     with pytest.raises(RequestError, match="context"):
         backend.submit(list(range(3, 300)), SamplingParams(max_tokens=4), OutputQueue(), arrival=0.0)
+    schema = {"type": "string", "enum": ["yes", "no"]}  # vLLM's structured outputs, from Tangram's parameters
+    q = OutputQueue()
+    backend.submit([{"role": "user", "content": "Is the sky blue?"}], SamplingParams(
+        max_tokens=8, structured=StructuredOutput.json_schema(schema)), q, arrival=0.0)
+    while not (answer := q.get(timeout=120)).finished:
+        pass
+    assert json.loads(answer.text) in ("yes", "no") and answer.finish_reason == "stop"
 
 
 def test_a_fine_tune_shares_tensors_and_the_shell_and_serves_its_own_weights(world):
