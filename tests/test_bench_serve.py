@@ -65,7 +65,8 @@ def test_summary_from_hand_made_runs():
     assert s["ttft_p99"]["vllm"]["default"]["1"] == pytest.approx(0.4 + 0.2 * 0.98)  # linear interpolation
     assert s["ttft_p50"]["tangram"]["default"]["100"] == 1.5  # the burst, under its N
     assert s["failed"] == 2 and s["lost"] == 4
-    assert s["failed_by_system"] == {"tangram": 2, "vllm": 0} and s["lost_by_system"] == {"tangram": 1, "vllm": 3}
+    assert s["failed_by_system"] == {"tangram": 2, "vllm": 0, "tangram-vllm": 0}
+    assert s["lost_by_system"] == {"tangram": 1, "vllm": 3, "tangram-vllm": 0}
     assert s["tangram_process_start_s"] == 5.0 and s["vllm_process_start_s"] == 25.0
     assert s["vllm_found"] is True
 
@@ -154,7 +155,30 @@ def test_summary_of_a_default_measured_as_its_twin():
     s = summarize(rows, {}, SIZES, FOUND, {"tangram": "bfloat16", "vllm": None})
     assert s["tokens_per_s"]["tangram"]["default"] == s["tokens_per_s"]["tangram"]["bfloat16"]
     assert s["tokens_per_s"]["vllm"]["default"] == {"1": None, "16": None, "32": None}  # not measured, not copied
-    assert s["burst_wall_vs_vllm"] == 2.0 and s["default_measured_as"] == {"tangram": "bfloat16", "vllm": None}
+    assert s["burst_wall_vs_vllm"] == 2.0
+    assert s["default_measured_as"] == {"tangram": "bfloat16", "vllm": None, "tangram-vllm": None}
+
+
+def test_the_vllm_backend_summary_from_hand_made_runs_and_start_phases():
+    rows = [row(s, d, n, tps * n) for s, tps in (("vllm", 100.0), ("tangram-vllm", 97.0))
+            for d in ("float32", "bfloat16") for n in (1, 16, 32)]
+    rows += [row("tangram-vllm", "bfloat16", 16, 80.0 * 16), row("tangram-vllm", "bfloat16", 16, 90.0 * 16)]
+
+    def phase(cold: float, hit: float, load: float) -> dict:
+        return {"start_phase": {"cold": {"ttft_s": cold, "stages": {"start": "cold", "load_s": load,
+                                                                    "bytes_loaded": 500}},
+                                "pool_hit": {"ttft_s": hit, "stages": {"start": "pool-hit", "bytes_loaded": 0}}}}
+
+    facts = {"tangram-vllm/float32": phase(9.0, 0.3, 0.4), "tangram-vllm/bfloat16": phase(7.0, 0.5, 0.2),
+             "vllm/float32": {"load_s": 0.6}, "vllm/bfloat16": {"load_s": 1.0}}
+    s = summarize(rows, {"vllm": {"float32": 30.0}, "tangram-vllm": {"float32": 2.0}}, SIZES, FOUND, facts=facts)
+    assert s["vllm_backend_vs_vllm_by_dtype"] == {"float32": 0.97, "bfloat16": 0.9}  # median of 97, 80, 90
+    assert s["vllm_backend_vs_vllm"] == 0.9  # the lower one
+    assert s["vllm_backend_cold_ttft_s"] == 8.0 and s["vllm_backend_pool_hit_ttft_s"] == 0.4
+    assert s["vllm_backend_pool_hit_bytes_loaded"] == 0 and s["vllm_backend_pool_hit_start"] == ["pool-hit"]
+    assert s["vllm_backend_cold_load_s"] == pytest.approx(0.3) and s["vllm_default_load_s"] == 0.8
+    assert s["vllm_backend_load_speedup"] == pytest.approx(2.667, abs=1e-3)
+    assert s["vllm_process_start_s"] == 30.0 and s["tangram_vllm_process_start_s"] == 2.0
 
 
 # --------------------------------------------------------------------------- processes and peers
@@ -177,7 +201,7 @@ def test_server_process_that_exits_early_fails_with_its_log(tmp_path):
             pass
 
 
-def test_find_vllm_python(monkeypatch):
+def test_find_vllm_python(monkeypatch, tmp_path):
     monkeypatch.delenv(VLLM_ENV, raising=False)
     here = sys.executable  # the project's interpreter: no vllm in it
     got = find_vllm_python(here)
@@ -187,6 +211,7 @@ def test_find_vllm_python(monkeypatch):
     assert got.python is None and VLLM_ENV in got.note
     monkeypatch.delenv(VLLM_ENV)
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    monkeypatch.setattr("tangram.vllm.python.BESIDE_CHECKOUT", tmp_path / "no-venv" / "bin" / "python")
     assert find_vllm_python().python is None
 
 
@@ -226,7 +251,7 @@ def test_small_run_end_to_end_without_vllm(model_dir, tmp_path):
     assert s["failed"] == 0 and s["lost"] == 0 and s["server_errors"] == []
     assert [(r["dtype"], r["kind"], r["n"], r["tokens"]) for r in result["rows"]] == [
         ("float32", "concurrent", 1, 6), ("float32", "concurrent", 3, 18), ("default", "burst", 5, 10)]
-    assert s["default_measured_as"] == {"tangram": "float32", "vllm": None}
+    assert s["default_measured_as"] == {"tangram": "float32", "vllm": None, "tangram-vllm": None}
     assert list(result["config"]["servers"]) == ["tangram/float32"]  # one server for both rows
     assert result["config"]["servers"]["tangram/float32"]["served_dtype"] == "float32"
     assert s["tokens_per_s"]["tangram"]["float32"]["3"] > 0

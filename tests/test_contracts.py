@@ -21,11 +21,21 @@ from tangram.worker import LocalWorker, PlacementState, Worker, WorkerHandle
 
 def test_a_deployment_names_a_known_backend_only(tmp_path):
     assert Deployment(name="m", checkpoint="demo").backend == "builtin"
+    assert Deployment(name="m", checkpoint="demo", backend="vllm").backend == "vllm"
     with pytest.raises(ValidationError, match="backend"):
-        Deployment(name="m", checkpoint="demo", backend="vllm")  # not yet: the vLLM backend issue adds it
-    with pytest.raises(ValueError, match="unknown engine backend 'vllm': one of builtin"):
-        start_backend("vllm", Checkpoint(engine_checkpoint(engine_model("qwen2"), tmp_path)), DevicePool(64 << 20),
-                      EngineConfig(), name="m", arrival=time.perf_counter())
+        Deployment(name="m", checkpoint="demo", backend="tensorrt")
+    with pytest.raises(ValueError, match="unknown engine backend 'tensorrt': one of builtin, vllm"):
+        start_backend("tensorrt", Checkpoint(engine_checkpoint(engine_model("qwen2"), tmp_path)),
+                      DevicePool(64 << 20), EngineConfig(), name="m", arrival=time.perf_counter())
+
+
+def test_a_vllm_deployment_in_the_config_makes_the_pools_shared():
+    from tangram.control import ServeConfig
+
+    assert ServeConfig().pool.shared is False
+    assert ServeConfig(deployments=[Deployment(name="m", checkpoint="demo", backend="vllm")]).pool.shared is True
+    assert ServeConfig.model_validate({"pool": {"shared": False}, "deployments": [
+        {"name": "m", "checkpoint": "demo", "backend": "vllm"}]}).pool.shared is False  # said explicitly: kept
 
 
 def test_the_builtin_engine_is_an_engine_backend(tmp_path):

@@ -112,7 +112,7 @@ def test_a_start_goes_only_to_a_device_whose_pool_can_hold_it(model_dir, need, m
 
 def test_a_start_that_can_never_fit_its_pool_fails_at_once(model_dir, need, monkeypatch):
     # an estimate below the real need (say, a start converting weights to a wider dtype) must not wedge it either
-    monkeypatch.setattr(controller_mod, "footprint", lambda path, index, engine: Footprint(0, 0))
+    monkeypatch.setattr(controller_mod, "footprint", lambda path, index, engine, backend="builtin": Footprint(0, 0))
 
     async def main() -> None:
         ctl = Controller([Worker(0, "cpu", need.weights // 2, Loader())])

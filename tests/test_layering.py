@@ -68,3 +68,10 @@ def test_bench_commands_are_mounted_through_the_entry_point():
 
     result = CliRunner().invoke(app, ["bench", "--help"])
     assert result.exit_code == 0 and "coldstart" in result.output and "load" in result.output
+
+
+def test_only_the_backend_registry_starts_the_vllm_backend_and_only_its_shell_imports_vllm():
+    assert importers_of("tangram.vllm", "vllm") == ["bench/serve_peer.py", "engine/backend.py"]  # its interpreter
+    uses_vllm = sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
+                       if any(m == "vllm" or m.startswith("vllm.") for m in imported_modules(p)))
+    assert uses_vllm == ["vllm/loader.py", "vllm/plugin.py", "vllm/shell_main.py"]  # the shell's side only

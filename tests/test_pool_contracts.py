@@ -127,7 +127,7 @@ def test_pool_settings_are_a_configuration_fixed_at_construction():
 
 
 def test_serve_config_carries_the_pool_config_to_every_worker():
-    assert ServeConfig().pool == PoolConfig()
+    assert ServeConfig().pool == PoolConfig(shared=False)  # no vllm deployment: a private arena
     config = ServeConfig.model_validate({"pool_capacity": 1 << 20, "cpu_devices": 2,
                                          "pool": {"retain": False, "share": False}})
     workers, _ = build_workers(config)

@@ -137,6 +137,8 @@ def test_deploy_ls_status_rm_through_the_cli(server, dirs):
     assert [m.id for m in c.models.list()] == ["tiny"]
     bad = runner.invoke(app, ["deploy", "x", "--checkpoint", "/does/not/exist"], env=env)
     assert bad.exit_code == 2 and "no such model" in bad.output
+    bad = runner.invoke(app, ["deploy", "x", "--checkpoint", str(dirs[1]), "--backend", "tensorrt"], env=env)
+    assert bad.exit_code == 2 and "backend" in bad.output  # --backend reaches the server's validation
     denied = runner.invoke(app, ["ls"], env={**env, "TANGRAM_ADMIN_TOKEN": "wrong"})
     assert denied.exit_code == 2 and "401" in denied.output
 

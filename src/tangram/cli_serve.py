@@ -125,6 +125,9 @@ def register(app: typer.Typer) -> None:
             "--dtype", help="Compute dtype: auto, float32, bfloat16 or float16 (auto: the checkpoint's on CUDA; on a "
             "CPU a 16-bit checkpoint runs in the CPU's fastest dtype). Another than the checkpoint's runs a copy, "
             "made once at deploy.")] = "auto",
+        backend: Annotated[str, typer.Option(
+            "--backend", help="Engine backend: builtin (Tangram's engine) or vllm (vLLM engine processes bound to "
+            "the pool; docs/vllm.md).")] = "builtin",
         url: Annotated[str, URL] = "http://127.0.0.1:8000",
         token: Annotated[Optional[str], TOKEN] = None,
     ) -> None:
@@ -139,7 +142,7 @@ def register(app: typer.Typer) -> None:
             path = Path(checkpoint)
             spec = {"name": name, "checkpoint": str(path.resolve()) if path.exists() else checkpoint,
                     "keep_alive_s": keep_alive, "max_instances": max_instances, "min_instances": min_instances,
-                    "target_concurrency": target_concurrency, "engine": {"dtype": dtype}}
+                    "target_concurrency": target_concurrency, "engine": {"dtype": dtype}, "backend": backend}
         try:
             d = AdminClient(url, token).deploy(spec)
         except AdminError as exc:

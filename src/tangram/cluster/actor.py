@@ -102,9 +102,10 @@ class WorkerActor:
         self.finished[replica.id] = Counter()
         return replica.id, replica.cost
 
-    async def warm(self, checkpoint: str) -> float:
-        """`Worker.warm`: skeleton, tokenizer and template operators of a model expected here."""
-        return await asyncio.get_running_loop().run_in_executor(None, self.worker.warm, Path(checkpoint))
+    async def warm(self, checkpoint: str, engine: EngineConfig | None = None, backend: str = "builtin") -> float:
+        """`Worker.warm`: what a model expected here needs warm (see `Worker.warm`)."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.worker.warm, Path(checkpoint), engine,
+                                                                backend)
 
     def freeable_bytes(self, replica_id: str) -> int:
         """`Worker.freeable_bytes` of an instance here (0 if it is gone)."""

@@ -150,9 +150,9 @@ class RemoteWorker:
             return
         log.info("stopped %s on %s", replica.id, self.name)
 
-    async def warm(self, checkpoint: Path) -> float:
+    async def warm(self, checkpoint: Path, engine: EngineConfig | None = None, backend: str = "builtin") -> float:
         """Warm the actor for a model expected there (see `Worker.warm`); the checkpoint must exist there."""
-        return await self.actor.warm.remote(str(checkpoint))
+        return await self.actor.warm.remote(str(checkpoint), engine, backend)
 
     async def final_cost(self, replica: RemoteReplica) -> StartCost:
         """The start's cost once its load is over on the actor (what the start reported if the actor lost it)."""

@@ -65,14 +65,14 @@ class Controller:
         path = await loop.run_in_executor(None, functools.partial(  # its copy in the engine's dtype, made once
             resolve_model, spec.checkpoint, dtype=spec.engine.dtype, device=self.workers[0].device))
         index = Checkpoint(path).index  # validates the checkpoint now, not at the first request
-        need = await loop.run_in_executor(None, footprint, path, index, spec.engine)
+        need = await loop.run_in_executor(None, footprint, path, index, spec.engine, spec.backend)
         check_fits(spec.name, need, await self._pool_capacities())  # refused now, not after a start's timeout
         old = self._states.get(spec.name)
         if old is not None and old.checkpoint != path:
             await self.remove(spec.name)
             old = None
-        if spec.engine.templates:  # every worker warms for the model before it takes traffic
-            await asyncio.gather(*(w.warm(path) for w in self.workers))
+        if spec.engine.templates or spec.backend != "builtin":  # every worker warms for it before traffic
+            await asyncio.gather(*(w.warm(path, spec.engine, spec.backend) for w in self.workers))
         if old is not None:
             old.spec, old.need = spec, need
         else:

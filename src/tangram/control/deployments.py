@@ -35,8 +35,8 @@ class Deployment(BaseModel):
     max_instances: int = Field(1, ge=1, le=64)
     target_concurrency: int = Field(8, ge=1, le=4096, description="requests per instance before scaling out")
     engine: EngineConfig = Field(default_factory=EngineConfig)
-    backend: Literal["builtin"] = Field("builtin", description="the engine backend its instances run on "
-                                        "(tangram.engine.backend)")
+    backend: Literal["builtin", "vllm"] = Field("builtin", description="the engine backend its instances run on "
+                                                "(tangram.engine.backend; vllm: docs/vllm.md)")
 
     @field_validator("name")
     @classmethod
@@ -79,6 +79,13 @@ class ServeConfig(BaseModel):
                             "moves busy instances' requests when sooner than waiting, scale-in consolidates by "
                             "moving requests (docs/migration.md); `tangram migrate` works either way")
     deployments: list[Deployment] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _shared_pool_for_vllm(self) -> ServeConfig:
+        if self.pool.shared is None:  # vLLM engine processes map the pool's arena
+            shared = any(d.backend == "vllm" for d in self.deployments)
+            self.pool = self.pool.model_copy(update={"shared": shared})
+        return self
 
     @classmethod
     def from_file(cls, path: str | Path) -> ServeConfig:

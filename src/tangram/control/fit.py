@@ -70,17 +70,20 @@ def min_kv_bytes(spec: KVSpec, engine: EngineConfig, context: int | None, alignm
     return spec.blocks_for(tokens) * block
 
 
-def footprint(path: Path, index: CheckpointIndex, engine: EngineConfig) -> Footprint:
+def footprint(path: Path, index: CheckpointIndex, engine: EngineConfig, backend: str = "builtin") -> Footprint:
     """The footprint of a checkpoint's model under `engine` (reads its config: call off the event loop).
 
     KV geometry comes from the model config in the compute dtype; a config that cannot be read counts
-    no KV here (the start then fails with its own error).
+    no KV here (the start then fails with its own error). A vLLM instance is charged its KV cache and its
+    engine's own copy of the weights (docs/vllm.md).
     """
     from transformers import AutoConfig
 
     from tangram.engine.skeleton import compute_dtype
 
     weights = weights_bytes(index)
+    if backend == "vllm":
+        return Footprint(weights, engine.kv_cache_bytes + index.total_bytes)
     try:
         config = AutoConfig.from_pretrained(path)
         text = config.get_text_config()

@@ -4,13 +4,14 @@ A worker knows an instance only through `EngineBackend` (submit, abort,
 outputs streamed to a sink, health, stop, start cost, freeable bytes, mean
 prefill time) and starts one through the `BackendFactory` registered under a
 deployment's `backend` name. The built-in engine (`tangram.engine.builtin`:
-`Instance` + `EngineLoop`) is the only backend today; a vLLM backend plugs in
-as a second factory under "vllm".
+`Instance` + `EngineLoop`) and vLLM (`tangram.vllm.backend`: a vLLM engine
+process bound to the pool's tensors) are registered as "builtin" and "vllm".
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from tangram.engine.prompt import Prompt
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from tangram.pool import DevicePool
     from tangram.store import Checkpoint, LoadStats
 
-BackendName = Literal["builtin"]  # the vLLM backend issue adds "vllm"
+BackendName = Literal["builtin", "vllm"]
 Sink = Callable[[RequestOutput], None]
 
 
@@ -90,7 +91,31 @@ def _builtin(checkpoint: Checkpoint, pool: DevicePool, config: EngineConfig, *, 
     return BuiltinBackend(checkpoint, pool, config, name=name, arrival=arrival)
 
 
-BACKENDS: dict[str, BackendFactory] = {"builtin": _builtin}
+def _vllm(checkpoint: Checkpoint, pool: DevicePool, config: EngineConfig, *, name: str,
+          arrival: float) -> EngineBackend:
+    from tangram.vllm.backend import VllmBackend  # vLLM itself runs in the shell process, never here
+
+    return VllmBackend(checkpoint, pool, config, name=name, arrival=arrival)
+
+
+BACKENDS: dict[str, BackendFactory] = {"builtin": _builtin, "vllm": _vllm}
+
+
+def prewarm_backend(backend: str, checkpoint: Path, pool: DevicePool, config: EngineConfig) -> float:
+    """Keep warm what a start of `checkpoint` with `backend` can reuse (vllm: an engine shell of its shape, built on
+    a thread); seconds spent in this call. The built-in engine warms through its templates (`Worker.warm`)."""
+    if backend == "vllm":
+        from tangram.vllm.backend import prewarm
+
+        return prewarm(checkpoint, pool, config)
+    return 0.0
+
+
+def warm_engines(pool: DevicePool) -> int:
+    """Engine processes a backend keeps warm for `pool` now (parked vLLM shells)."""
+    from tangram.vllm.shells import shells_for  # no vLLM import: the parent's side of the shells only
+
+    return shells_for(pool).parked()
 
 
 def start_backend(backend: str, checkpoint: Checkpoint, pool: DevicePool, config: EngineConfig, *, name: str,

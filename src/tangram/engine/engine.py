@@ -30,7 +30,7 @@ from tangram.engine.detok import TextStream
 from tangram.engine.errors import RequestError
 from tangram.engine.lora import AdapterSet
 from tangram.engine.output import OutputProcessor
-from tangram.engine.prompt import ChatPrompt, Prompt
+from tangram.engine.prompt import Prompt, check_prompt, encode_prompt
 from tangram.engine.request import OutputQueue, Request, RequestOutput, Status, fork_sequences
 from tangram.engine.runner import ModelRunner
 from tangram.engine.sampling import SamplingParams, make_generator
@@ -89,24 +89,7 @@ class Engine:
 
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         """Prompt ids from text (chat: through the checkpoint's chat template), messages (with tools), or ids."""
-        tools = None
-        if isinstance(prompt, ChatPrompt):
-            chat, messages, tools = True, prompt.messages, prompt.tools
-        elif isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            chat, messages = True, prompt
-        elif isinstance(prompt, str):
-            messages = [{"role": "user", "content": prompt}]
-        else:
-            return list(prompt)
-        if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise RequestError("this model has no chat template; send a plain prompt")
-            if tools and "tools" not in str(self.tokenizer.chat_template):
-                raise RequestError("tools: this model's chat template does not render tools")
-            enc = self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
-                                                     tokenize=True, return_dict=True)
-            return list(enc["input_ids"])
-        return list(self.tokenizer(prompt)["input_ids"])
+        return encode_prompt(self.tokenizer, prompt, chat)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, *,
                     request_id: str | None = None, sink: Callable[[RequestOutput], None] | None = None,
@@ -141,15 +124,7 @@ class Engine:
 
     def validate(self, ids: list[int], params: SamplingParams) -> None:
         """RequestError when this instance cannot serve a prompt of `ids` with `params`."""
-        if not ids:
-            raise RequestError("the prompt is empty")
-        if min(ids) < 0 or max(ids) >= self.vocab:
-            raise RequestError(f"prompt token ids must be in [0, {self.vocab})")
-        if (why := params.vocab_errors(self.vocab)) is not None:
-            raise RequestError(why)
-        if len(ids) >= self.max_model_len:
-            raise RequestError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "
-                               "and at least one token must be generated")
+        check_prompt(ids, params, vocab=self.vocab, max_model_len=self.max_model_len)
         if self.max_kv_blocks is not None:
             need = self.kv.spec.blocks_for(min(len(ids) + params.max_tokens, self.max_model_len))
             if need > self.max_kv_blocks:

@@ -63,6 +63,8 @@ class EngineConfig(BaseModel):
     prepack: Literal["auto", "on", "off"] = Field(
         "auto", description="run Linear layers through weights packed once in oneDNN's layout (CPU only; a copy "
         "outside the pool, cached by tensor identity: engine/prepack.py). auto: on where PyTorch has oneDNN")
+    kv_cache_bytes: int = Field(1 << 30, ge=1 << 20, description="vllm backend: the KV cache its engine reserves "
+                                "(charged to the pool as active bytes while the instance runs)")
     templates: bool = Field(True, description="record a start-up template on the first run; with one, load in "
                             "first-use order and execute while loading")
     dtype: DtypeSetting = Field(

@@ -9,12 +9,14 @@ memory it uses (plus the touch-ahead) rather than its whole capacity.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from tangram.pool import touch
 from tangram.pool.capacity import device_memory, resolve_capacity
 from tangram.pool.ledger import Ledger, Placement
-from tangram.store.io import host_buffer
+from tangram.store.io import host_buffer, shared_host_buffer
 
 __all__ = ["Arena", "POOL_ALIGNMENT", "free_device_bytes", "resolve_capacity"]
 POOL_ALIGNMENT = 4096  # >= CUDA's 256; page aligned on CPU so O_DIRECT reads land in place
@@ -24,21 +26,38 @@ class Arena:
     """Fixed-capacity byte arena on one device: a buffer and the `Ledger` of its used ranges."""
 
     def __init__(self, capacity_bytes: int, device: torch.device, alignment: int = POOL_ALIGNMENT,
-                 touch_ahead: int | None = None) -> None:
+                 touch_ahead: int | None = None, shared: bool = False) -> None:
         """`touch_ahead` (CPU): bytes kept touched beyond the highest placement, and touched at construction
-        (default `touch.TOUCH_AHEAD_BYTES`)."""
+        (default `touch.TOUCH_AHEAD_BYTES`). `shared` (CPU): the buffer is shared memory that engine processes
+        map (`share_path`)."""
         self.ledger = Ledger(capacity_bytes, alignment)
         self.alignment, self.capacity = alignment, self.ledger.capacity
         self.device = device
         self.toucher: touch.Toucher | None = None
+        self._shared_fd: int | None = None
         if device.type == "cpu":
-            self.buffer = host_buffer(self.capacity, touch=False)  # page aligned, huge pages where allowed
+            if shared:
+                self.buffer, self._shared_fd = shared_host_buffer(self.capacity)
+            else:
+                self.buffer = host_buffer(self.capacity, touch=False)  # page aligned, huge pages where allowed
             ahead = touch.TOUCH_AHEAD_BYTES if touch_ahead is None else touch_ahead
             self.toucher = touch.Toucher(self.buffer, ahead)
             self.toucher.need(0)  # the first placements land in touched memory
         else:
             self.buffer = torch.empty(self.capacity, dtype=torch.uint8, device=device)
             self.buffer.zero_()  # touch it once, now, not on the load path
+
+    @property
+    def share_path(self) -> str | None:
+        """Where another process of this user maps the buffer (`tangram.store.io.map_shared`), None if private."""
+        return None if self._shared_fd is None else f"/proc/{os.getpid()}/fd/{self._shared_fd}"
+
+    def offset_of(self, view: torch.Tensor) -> int:
+        """Byte offset in the buffer of a view into it."""
+        offset = view.data_ptr() - self.buffer.data_ptr()
+        if not 0 <= offset <= self.capacity - view.numel() * view.element_size():
+            raise ValueError("the tensor is not a view into this arena")
+        return offset
 
     def size_of(self, nbytes: int) -> int:
         """Bytes an allocation of `nbytes` occupies (aligned, at least one unit)."""

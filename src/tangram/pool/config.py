@@ -30,6 +30,9 @@ class PoolConfig(BaseModel):
         default_factory=dict, description="loader=safetensors: checkpoint dir -> its original safetensors dir")
     reload_bandwidth: float = Field(RELOAD_BANDWIDTH, gt=0, description="bytes/s evicted bytes are priced at")
     half_life_s: float = Field(300.0, gt=0, description="half-life of the decayed start rates (retention gain)")
+    shared: bool | None = Field(None, description="CPU arena in shared memory that engine processes map (the vLLM "
+                                "backend needs it; first writes fault 4 KiB pages). None: on when a deployment of "
+                                "the server's config uses the vllm backend")
 
     @model_validator(mode="after")
     def _sources_go_with_their_loader(self) -> PoolConfig:

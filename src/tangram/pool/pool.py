@@ -65,7 +65,7 @@ class DevicePool:
         self.device = torch.device(device)
         base = config or PoolConfig()
         self.config = PoolConfig.model_validate({**base.model_dump(), **overrides}) if overrides else base
-        self.arena = Arena(resolve_capacity(capacity, self.device), self.device)
+        self.arena = Arena(resolve_capacity(capacity, self.device), self.device, shared=bool(self.config.shared))
         self._loader = (SafetensorsLoader(self.config.safetensors_sources) if self.config.loader == "safetensors"
                         else loader or Loader())
         self.clock = clock

@@ -82,6 +82,20 @@ def host_buffer(nbytes: int, *, pin: bool = False, touch: bool = True) -> torch.
     return buf
 
 
+def shared_host_buffer(nbytes: int) -> tuple[torch.Tensor, int]:
+    """A flat uint8 host buffer in shared memory (a memfd) that other processes can map, and its file descriptor.
+
+    Another process of the same user maps it at `/proc/<pid>/fd/<fd>` (`tangram.vllm.weights.arena_of`). Pages fault in on first
+    write, 4 KiB each where the kernel gives shared memory no transparent huge pages (the common default).
+    """
+    fd = os.memfd_create("tangram-arena", os.MFD_CLOEXEC)
+    os.ftruncate(fd, max(nbytes, 1))
+    region = mmap.mmap(fd, max(nbytes, 1), flags=mmap.MAP_SHARED)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE)  # honoured where shmem THP is "advise"
+    return torch.frombuffer(region, dtype=torch.uint8)[:nbytes], fd
+
+
 def segment_views(run: ReadRun) -> list[memoryview]:
     """One writable view per segment of `run`: its destination bytes, or scratch for padding."""
     out: list[memoryview] = []

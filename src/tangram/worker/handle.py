@@ -73,8 +73,9 @@ class WorkerHandle(Protocol):
         """Stop an instance; its weights stay retained in the pool."""
         ...
 
-    async def warm(self, checkpoint: Path) -> float:
-        """Warm this device for a model expected on it (skeleton, tokenizer, template operators); seconds."""
+    async def warm(self, checkpoint: Path, engine: EngineConfig | None = None, backend: str = "builtin") -> float:
+        """Warm this device for a model expected on it (builtin: skeleton, tokenizer, template operators; vllm:
+        an engine shell of its shape, built behind); seconds."""
         ...
 
     async def final_cost(self, replica: ReplicaRef) -> StartCost:

@@ -51,9 +51,9 @@ class LocalWorker:
         """`Worker.stop` off the loop."""
         await _off_loop(self.worker.stop, replica)
 
-    async def warm(self, checkpoint: Path) -> float:
+    async def warm(self, checkpoint: Path, engine: EngineConfig | None = None, backend: str = "builtin") -> float:
         """`Worker.warm` off the loop."""
-        return await _off_loop(self.worker.warm, checkpoint)
+        return await _off_loop(self.worker.warm, checkpoint, engine, backend)
 
     async def final_cost(self, replica: Replica) -> StartCost:
         """The start's cost once a background load is over."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tangram.engine import EngineConfig, RequestOutput, SamplingParams, StartCost
-from tangram.engine.backend import EngineBackend, start_backend
+from tangram.engine.backend import EngineBackend, prewarm_backend, start_backend, warm_engines
 from tangram.engine.dtype import compute_dtype
 from tangram.engine.migration import MigratableBackend, MigrationError, MigrationState
 from tangram.engine.skeleton import RUNTIME
@@ -183,9 +183,12 @@ class Worker:
             self._checkpoints[Path(path)] = (stamp, ckpt)
         return ckpt
 
-    def warm(self, checkpoint: Path) -> float:
-        """Warm this worker for a model expected on it, before traffic: its skeleton and tokenizer, and the
-        operators its start-up template lists (nothing without a valid template). Seconds spent."""
+    def warm(self, checkpoint: Path, engine: EngineConfig | None = None, backend: str = "builtin") -> float:
+        """Warm this worker for a model expected on it, before traffic. builtin: its skeleton and tokenizer, and
+        the operators its start-up template lists (nothing without a valid template); another backend: what it
+        keeps warm (vllm: an engine shell of the model's shape, built on a thread). Seconds spent here."""
+        if backend != "builtin":
+            return prewarm_backend(backend, Path(checkpoint), self.pool, engine or EngineConfig())
         template = load_template(checkpoint)
         if template is None:
             return 0.0
@@ -239,4 +242,4 @@ class Worker:
             instances = [{"id": r.id, "deployment": r.deployment, "inflight": r.inflight}
                          for r in self.replicas.values()]
         return {"worker": self.name, "device": self.device, "capacity": snap["capacity"], "pool": snap["totals"],
-                "kv_bytes": snap["kv_bytes"], "instances": instances}
+                "kv_bytes": snap["kv_bytes"], "instances": instances, "warm_engines": warm_engines(self.pool)}

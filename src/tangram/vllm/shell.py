@@ -1,0 +1,175 @@
+"""The parent's side of a vLLM shell: the process, its connection, and the thread that routes its outputs.
+
+`Shell.spawn` starts `<vllm python> -m tangram.vllm.shell_main` with one end of a socket pair, sends the
+`ShellSetup` and waits for `Ready`. A reader thread routes each `Delta` to the sink its request registered;
+when the process dies, every request still running gets a last output that says so (`instance_failed`), and
+`health()` says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import tangram
+from tangram.paths import data_dir
+from tangram.vllm.messages import (Abort, Add, Bind, Bound, Delta, Deltas, Failed, Ready, ShellSetup, Stop)
+
+log = logging.getLogger(__name__)
+DeltaSink = Callable[[Delta], None]
+READY_TIMEOUT_S = 600.0  # a first start imports vLLM and builds its engine
+BIND_TIMEOUT_S = 300.0
+
+
+class ShellError(RuntimeError):
+    """A vLLM shell could not start, bind, or went away."""
+
+
+class Shell:
+    """One vLLM engine process. Thread-safe; sinks are called on the reader thread."""
+
+    def __init__(self, proc: subprocess.Popen, conn: Connection, log_path: Path, key: str) -> None:
+        self.proc, self.conn, self.log_path, self.key = proc, conn, log_path, key
+        self.ready: Ready | None = None
+        self._send = threading.Lock()
+        self._sinks: dict[str, DeltaSink] = {}
+        self._replies: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self.dead: str | None = None
+        self._reader = threading.Thread(target=self._read, name=f"vllm-shell-{proc.pid}", daemon=True)
+
+    @classmethod
+    def spawn(cls, python: str, setup: ShellSetup, key: str, env: dict[str, str] | None = None) -> Shell:
+        """Start a shell and wait until its engine is built (blocking: imports vLLM, builds the model)."""
+        parent, child = socket.socketpair()
+        logs = data_dir() / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"vllm-shell-{os.getpid()}-{time.monotonic_ns()}.log"
+        src = str(Path(tangram.__file__).resolve().parents[1])  # the shell runs this same Tangram
+        full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+                    "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen([python, "-m", "tangram.vllm.shell_main", str(child.fileno()), str(os.getpid())],
+                                    pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, env=full_env)
+        child.close()
+        shell = cls(proc, Connection(os.dup(parent.fileno())), log_path, key)
+        parent.close()
+        shell._reader.start()
+        try:
+            shell.conn.send(setup)
+            reply = shell._reply(READY_TIMEOUT_S)
+        except (OSError, ShellError) as exc:
+            shell.kill()
+            raise ShellError(f"the vLLM shell did not start: {exc}\n{shell.log_tail()}") from None
+        if not isinstance(reply, Ready):
+            shell.kill()
+            raise ShellError(f"the vLLM shell did not start: {getattr(reply, 'error', reply)}\n{shell.log_tail()}")
+        shell.ready = reply
+        log.info("vLLM shell %d ready in %.2f s (import %.2f s), vLLM %s, %d KV tokens", proc.pid, reply.seconds,
+                 reply.import_s, reply.vllm_version, reply.kv_tokens)
+        return shell
+
+    def _reply(self, timeout: float):
+        try:
+            return self._replies.get(timeout=timeout)
+        except queue.Empty:
+            raise ShellError(f"no answer from the vLLM shell in {timeout:.0f} s") from None
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            if isinstance(msg, Deltas):
+                for d in msg.items:
+                    self._route(d)
+            else:
+                if isinstance(msg, Failed) and msg.fatal:
+                    self.dead = msg.error
+                self._replies.put(msg)
+        code = self.proc.wait()
+        self.dead = self.dead or f"the vLLM engine process exited (code {code})"
+        self._replies.put(Failed(self.dead, fatal=True))
+        with self._lock:
+            sinks, self._sinks = list(self._sinks.items()), {}
+        for rid, sink in sinks:
+            sink(Delta(rid, 0, "", [], "error", finished=True, error=self.dead))
+
+    def _route(self, d: Delta) -> None:
+        with self._lock:
+            sink = self._sinks.pop(d.request_id, None) if d.finished else self._sinks.get(d.request_id)
+        if sink is not None:
+            sink(d)
+
+    def _post(self, msg) -> None:
+        with self._send:
+            self.conn.send(msg)
+
+    def bind(self, spec) -> float:
+        """Load new weights into the engine in place; seconds it took. Raises ShellError (the shell is then dead)."""
+        self._post(Bind(spec))
+        reply = self._reply(BIND_TIMEOUT_S)
+        if not isinstance(reply, Bound):
+            self.kill()
+            raise ShellError(f"binding weights in the vLLM shell failed: {getattr(reply, 'error', reply)}")
+        return reply.seconds
+
+    def add(self, request_id: str, prompt_ids: list[int], sampling: dict, sink: DeltaSink) -> None:
+        """Queue a request; its deltas go to `sink`. Raises ShellError when the shell is gone."""
+        with self._lock:
+            if self.dead is not None:
+                raise ShellError(self.dead)
+            self._sinks[request_id] = sink
+        try:
+            self._post(Add(request_id, prompt_ids, sampling))
+        except OSError as exc:
+            with self._lock:
+                self._sinks.pop(request_id, None)
+            raise ShellError(f"the vLLM engine process is gone: {exc}") from None
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (its sink gets a last, finished delta)."""
+        try:
+            self._post(Abort(request_id))
+        except OSError:
+            pass  # a dead shell has already ended its requests
+
+    def running(self) -> int:
+        """Requests queued or running in the shell."""
+        with self._lock:
+            return len(self._sinks)
+
+    def alive(self) -> bool:
+        """Whether the process runs and can serve."""
+        return self.dead is None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the shell to exit; kill it if it does not."""
+        try:
+            self._post(Stop())
+            self.proc.wait(timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            self.kill()
+
+    def kill(self) -> None:
+        """End the process now."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the shell's log."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
