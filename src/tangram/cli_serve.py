@@ -1,4 +1,4 @@
-"""`tangram serve` and the admin commands `deploy`, `ls`, `rm`, `status`."""
+"""`tangram serve` and the admin commands `deploy`, `ls`, `rm`, `status`, `migrate`."""
 
 from __future__ import annotations
 
@@ -177,6 +177,26 @@ def register(app: typer.Typer) -> None:
         except AdminError as exc:
             _fail(exc)
         console.print(f"removed {name}")
+
+    @app.command()
+    def migrate(name: Annotated[str, typer.Argument(help="Deployment whose running requests move.")],
+                to: Annotated[str, typer.Option("--to", help="Destination worker, as `tangram status` names it "
+                                                "(cpu#1, cuda:0#0@node1); an instance starts there if none runs.")],
+                url: Annotated[str, URL] = "http://127.0.0.1:8000",
+                token: Annotated[Optional[str], TOKEN] = None) -> None:
+        """Live-migrate a deployment's running requests to another device (token-based: docs/migration.md)."""
+        from tangram.serve.client import AdminClient, AdminError
+
+        try:
+            report = AdminClient(url, token).migrate(name, to)
+        except AdminError as exc:
+            _fail(exc)
+        console.print(f"moved {report['moved']} of {len(report['moves'])} running request(s) of {name} to "
+                      f"{report['instance']} on {to}", markup=False, highlight=False)
+        for m in report["moves"]:
+            note = f" ({m['error']})" if m["error"] else ""
+            console.print(f"  {m['request_id']}: {m['outcome']} after {m['rounds']} round(s), {m['bytes_sent']} "
+                          f"bytes, {m['seconds'] * 1e3:.0f} ms{note}", markup=False, highlight=False)
 
     @app.command()
     def status(url: Annotated[str, URL] = "http://127.0.0.1:8000",

@@ -88,6 +88,22 @@ def bench_coldstart(
     run_coldstart_bench(quick=quick, json_path=json_path, plot_dir=plot, seed=seed, console=console, device=device)
 
 
+@bench_app.command("migrate")
+def bench_migrate(
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Two logical CPU devices, 6 streams (< 2 min); full: two "
+                                        "loopback Ray nodes, 12 streams.")] = False,
+    dtype: Annotated[str, typer.Option(help="Demo model dtype: float32 (recomputed KV bit-exact) or bfloat16.")]
+    = "float32",
+) -> None:
+    """Live migration of running streams between two devices, token by token against unmigrated twins."""
+    from tangram.bench.migrate import run_migrate_bench
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        _fail(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
+    run_migrate_bench(quick=quick, json_path=json_path, console=console, dtype=dtype)
+
+
 @bench_app.command("sim")
 def bench_sim(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON here.")] = None,

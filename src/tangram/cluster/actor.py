@@ -23,6 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -31,11 +32,44 @@ from ray.actor import ActorHandle
 from tangram.cluster.cache import NodeCacheClient
 from tangram.pool import PoolConfig
 from tangram.engine import EngineConfig, RequestError, RequestOutput, SamplingParams, StartCost
+from tangram.engine.migration import MigrationState
 from tangram.store import CheckpointIndex, Loader
 from tangram.worker import DeviceMap, PlacementState, Worker, local_devices
 
 log = logging.getLogger(__name__)
 MAX_RESTARTS = 3  # a worker actor that dies is restarted this many times at most
+
+
+@dataclass(frozen=True)
+class Moved:
+    """The last item of a request's stream when the request migrated away (its outputs go on elsewhere)."""
+
+    request_id: str
+
+
+class _StreamSink:
+    """A request's sink in this actor: outputs cross to the actor's event loop, into the request's Ray stream."""
+
+    def __init__(self, actor: WorkerActor, replica_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.actor, self.replica_id, self.loop = actor, replica_id, loop
+        self.queue: asyncio.Queue[RequestOutput | Moved] = asyncio.Queue()
+
+    def __call__(self, out: RequestOutput) -> None:  # on the engine thread, before the replica counts it out
+        if out.finished:
+            self.actor.count_finished(self.replica_id, out.finish_reason or "stop")
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+
+    def moved(self, request_id: str) -> None:
+        """The request migrated: its stream ends here."""
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, Moved(request_id))
+
+    async def items(self) -> AsyncIterator[RequestOutput | Moved]:
+        """Outputs in order, up to the final one (or the migration marker)."""
+        while True:
+            out = await self.queue.get()
+            yield out
+            if isinstance(out, Moved) or out.finished:
+                return
 
 
 @ray.remote(num_cpus=0, max_restarts=MAX_RESTARTS)
@@ -94,28 +128,72 @@ class WorkerActor:
 
     async def generate(self, replica_id: str, prompt, params: SamplingParams, age: float,
                        chat: bool, adapter: str | None = None) -> AsyncIterator[str | RequestError | RequestOutput]:
-        """Stream one request: first its engine id (or the RequestError), then every RequestOutput."""
+        """Stream one request: first its engine id (or the RequestError), then every RequestOutput (ending with
+        a `Moved` marker instead when it migrates away)."""
         replica = self.worker.replicas[replica_id]
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
-
-        def sink(out: RequestOutput) -> None:  # on the engine thread, before the replica counts it out
-            if out.finished:
-                with self._finished_lock:
-                    self.finished.setdefault(replica_id, Counter())[out.finish_reason or "stop"] += 1
-            loop.call_soon_threadsafe(outputs.put_nowait, out)
-
+        sink = _StreamSink(self, replica_id, asyncio.get_running_loop())
         try:
             rid = replica.submit(prompt, params, sink, arrival=time.perf_counter() - age, chat=chat, adapter=adapter)
         except RequestError as exc:
             yield exc
             return
         yield rid
-        while True:
-            out = await outputs.get()
+        async for out in sink.items():
             yield out
-            if out.finished:
-                return
+
+    def count_finished(self, replica_id: str, reason: str) -> None:
+        """Count a request's end by reason (engine threads; read by `status`)."""
+        with self._finished_lock:
+            self.finished.setdefault(replica_id, Counter())[reason] += 1
+
+    # ------------------------------------------------------------------ live migration (engine/migration.py)
+
+    async def _off(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def migratable(self, replica_id: str) -> list[str]:
+        """Ids of the requests of an instance here that can migrate now ([] if it cannot migrate or is gone)."""
+        replica = self.worker.replicas.get(replica_id)
+        return await self._off(replica.migration.migratable) if replica is not None and replica.can_migrate else []
+
+    async def snapshot(self, replica_id: str, request_id: str, offset: int) -> MigrationState:
+        """A migration round of a request here."""
+        return await self._off(self.worker.replicas[replica_id].migration.snapshot, request_id, offset)
+
+    async def plant(self, replica_id: str, state: MigrationState, timeout_s: float) -> str:
+        """Queue round 1 as a held request here; its id, once prefilled."""
+        return await self._off(self.worker.replicas[replica_id].migration.plant, state, timeout_s)
+
+    async def extend(self, replica_id: str, request_id: str, state: MigrationState, timeout_s: float) -> None:
+        """Add a round's ids to a held request here."""
+        await self._off(self.worker.replicas[replica_id].migration.extend, request_id, state, timeout_s)
+
+    async def handover(self, replica_id: str, request_id: str, offset: int) -> MigrationState:
+        """Detach a request here: its final round; its stream ends with a `Moved` marker."""
+        state, sink = await self._off(self.worker.replicas[replica_id].migrate_out, request_id, offset)
+        if isinstance(sink, _StreamSink):
+            sink.moved(request_id)
+        return state
+
+    async def resume(self, replica_id: str, request_id: str,
+                     state: MigrationState) -> AsyncIterator[str | Exception | RequestOutput]:
+        """Release a held request here with its final round and stream it: "ok" (or the exception), then its
+        outputs."""
+        sink = _StreamSink(self, replica_id, asyncio.get_running_loop())
+        try:
+            await self._off(self.worker.replicas[replica_id].migrate_in, request_id, state, sink)
+        except Exception as exc:  # noqa: BLE001 - handed to the head, which puts the request back on its source
+            yield exc
+            return
+        yield "ok"
+        async for out in sink.items():
+            yield out
+
+    async def drop(self, replica_id: str, request_id: str) -> None:
+        """Forget a held request here (a migration abandoned)."""
+        replica = self.worker.replicas.get(replica_id)
+        if replica is not None:
+            await self._off(replica.migration.drop, request_id)
 
     def abort(self, replica_id: str, request_id: str) -> None:
         """Stop a request; the engine frees its KV blocks at its next step and ends its stream."""

@@ -27,7 +27,9 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayTaskError
 
+from tangram.cluster.actor import Moved
 from tangram.engine import EngineConfig, RequestError, RequestOutput, SamplingParams, StartCost
+from tangram.engine.migration import MigrationError, MigrationState
 from tangram.scheduler.adapter import stats_from_cost
 from tangram.store import CheckpointIndex, LoadStats
 from tangram.worker import DeviceMap, PlacementState
@@ -51,10 +53,17 @@ def _failed(request_id: str, exc: BaseException | None) -> RequestOutput:
                          instance_failed=True)
 
 
-async def _pump(gen, request_id: str, sink: Callable[[RequestOutput], None]) -> None:
+async def _pump(gen, request_id: str, sink: Callable[[RequestOutput], None],
+                moved: asyncio.Future | None = None) -> None:
+    """Feed a request's Ray stream into its sink; a `Moved` marker (it migrated) ends it silently, setting
+    `moved` once every output before it reached the sink."""
     try:
         async for ref in gen:
             out = await ref
+            if isinstance(out, Moved):
+                if moved is not None and not moved.done():
+                    moved.set_result(None)
+                return
             sink(out)
             if out.finished:
                 return
@@ -62,6 +71,10 @@ async def _pump(gen, request_id: str, sink: Callable[[RequestOutput], None]) -> 
     except Exception as exc:  # noqa: BLE001 - the request ends with an error, the server keeps serving
         log.warning("stream of %s failed: %s", request_id, exc)
         sink(_failed(request_id, exc))
+    finally:
+        if moved is not None and not moved.done():
+            moved.set_exception(MigrationError(f"the stream of {request_id} ended without a handover"))
+            moved.exception()  # retrieved: no warning when nobody waits for it
 
 
 def _unwrapped(exc: RayTaskError) -> Exception:
@@ -79,6 +92,7 @@ class RemoteWorker:
         self._status = {"worker": self.name, "device": device, "capacity": capacity, "pool": {}, "kv_bytes": 0,
                         "instances": [], "node": node, "ray_node": ray_node}
         self._refresh: Future | None = None
+        self._streams: dict[tuple[str, str], tuple[Callable[[RequestOutput], None], asyncio.Future]] = {}
 
     @property
     def name(self) -> str:
@@ -111,10 +125,17 @@ class RemoteWorker:
             return rid
         if isinstance(first, RequestError):
             raise first
-        task = asyncio.get_running_loop().create_task(_pump(gen, first, sink))
+        self._pump(gen, replica.id, first, sink)
+        return first
+
+    def _pump(self, gen, replica_id: str, request_id: str, sink: Callable[[RequestOutput], None]) -> None:
+        """Pump a request's stream into `sink` in a task, known by (instance, request) until it ends."""
+        key, moved = (replica_id, request_id), asyncio.get_running_loop().create_future()
+        self._streams[key] = (sink, moved)
+        task = asyncio.get_running_loop().create_task(_pump(gen, request_id, sink, moved))
         _pumps.add(task)
         task.add_done_callback(_pumps.discard)
-        return first
+        task.add_done_callback(lambda _: self._streams.pop(key, None))
 
     def abort(self, replica: RemoteReplica, request_id: str) -> None:
         """Stop a request on the actor (not waited for): its KV blocks are freed at the engine's next step."""
@@ -177,6 +198,58 @@ class RemoteWorker:
         """The actor's pool map (see `Worker.pool_map`), under this worker's cluster-wide name (blocking: the
         dashboard calls it on its own threads)."""
         return dataclasses.replace(ray.get(self.actor.pool_map.remote()), worker=self.name, node=self.node)
+
+    # ------------------------------------------------------------------ live migration (engine/migration.py)
+
+    async def _call(self, method: str, *args):
+        try:
+            return await getattr(self.actor, method).remote(*args)
+        except RayTaskError as exc:
+            raise _unwrapped(exc) from None
+
+    async def migratable(self, replica: RemoteReplica) -> list[str]:
+        """Ids of the requests of `replica` that can migrate now ([] when its backend cannot)."""
+        return await self._call("migratable", replica.id)
+
+    async def snapshot(self, replica: RemoteReplica, request_id: str, offset: int) -> MigrationState:
+        """A migration round of a request on the actor."""
+        return await self._call("snapshot", replica.id, request_id, offset)
+
+    async def plant(self, replica: RemoteReplica, state: MigrationState, timeout_s: float) -> str:
+        """Queue round 1 as a held request on the actor; its id there, once prefilled."""
+        return await self._call("plant", replica.id, state, timeout_s)
+
+    async def extend(self, replica: RemoteReplica, request_id: str, state: MigrationState, timeout_s: float) -> None:
+        """Add a round's ids to a held request on the actor."""
+        await self._call("extend", replica.id, request_id, state, timeout_s)
+
+    async def handover(self, replica: RemoteReplica, request_id: str,
+                       offset: int) -> tuple[MigrationState, Callable[[RequestOutput], None] | None]:
+        """Detach a request on the actor: its final round and the client's sink here, once every output the
+        source streamed before the handover has reached it (None: the request had ended)."""
+        entry = self._streams.get((replica.id, request_id))
+        state = await self._call("handover", replica.id, request_id, offset)
+        if state.finished or entry is None:
+            return state, None
+        sink, moved = entry
+        await asyncio.wait_for(asyncio.shield(moved), 30.0)
+        return state, sink
+
+    async def resume(self, replica: RemoteReplica, request_id: str, state: MigrationState,
+                     sink: Callable[[RequestOutput], None]) -> None:
+        """Release a held request on the actor; a new stream from there feeds `sink`."""
+        gen = self.actor.resume.options(num_returns="streaming").remote(replica.id, request_id, state)
+        try:
+            first = await (await gen.__anext__())
+        except (RayActorError, RayTaskError, StopAsyncIteration) as exc:
+            raise MigrationError(f"{self.name} could not resume {request_id}: {exc}") from None
+        if isinstance(first, Exception):
+            raise first
+        self._pump(gen, replica.id, request_id, sink)
+
+    async def drop(self, replica: RemoteReplica, request_id: str) -> None:
+        """Forget a held request on the actor."""
+        await self._call("drop", replica.id, request_id)
 
     async def wait_cache_idle(self) -> None:
         """Return once the actor's background node-cache fills are done (tests, benchmarks)."""

@@ -25,8 +25,8 @@ from collections.abc import AsyncIterator, Callable
 from tangram.control.autoscale import drain_victim, idle_victim, least_loaded, pick_instance, should_scale_down
 from tangram.control.deployments import Deployment
 from tangram.control.events import Activity
-from tangram.control.state import DeploymentState as _State
-from tangram.control.state import DeploymentUnavailable, ReplicaState, UnknownDeployment
+from tangram.control.migrate import Migrator
+from tangram.control.state import DeploymentState as _State, DeploymentUnavailable, ReplicaState, UnknownDeployment
 from tangram.control.fit import DoesNotFit, check_fits, footprint
 from tangram.scheduler.adapter import choose_placement, observe_start
 from tangram.engine import RequestOutput, SamplingParams
@@ -56,6 +56,7 @@ class Controller:
         self._room_waiters: dict[str, list[asyncio.Future]] = {}  # per worker: starts waiting for pool space
         self._capacities: dict[str, int] | None = None  # per worker: its pool's bytes (fixed once built)
         self.activity = Activity()  # events, starts and traffic, for the dashboard
+        self.migrator = Migrator(self._states, self.workers, self._release, self._start_on, self.activity)
 
     async def deploy(self, spec: Deployment) -> dict:
         """Register (or replace the settings of) a deployment; a Hugging Face directory is converted now and,
@@ -162,7 +163,7 @@ class Controller:
                     out = await queue.get()
                     finished = out.finished
                     if out.instance_failed:
-                        self._retire(replica, out.error)
+                        replica.route(submitted.result()).retire(out.error)  # where it failed
                         retry = attempt == 0 and not streamed
                         if retry:
                             break
@@ -176,8 +177,9 @@ class Controller:
                     yield out
             finally:
                 def settle(f: asyncio.Future, done: bool = finished, r: ReplicaState = replica) -> None:
-                    if not done and not f.cancelled() and f.exception() is None:
-                        r.worker.abort(r.ref, f.result())  # the client went away: free its KV blocks
+                    r, rid = r.follow(f.result() if not f.cancelled() and f.exception() is None else None)
+                    if not done and rid is not None:
+                        r.worker.abort(r.ref, rid)  # the client went away: free its KV blocks
                     self._release(state, r)
 
                 if submitted.done():
@@ -186,11 +188,6 @@ class Controller:
                     submitted.add_done_callback(settle)
             if not retry:
                 return
-
-    def _retire(self, replica: ReplicaState, why: str | None) -> None:
-        if not replica.draining:
-            log.warning("%s can serve nothing more (%s): replacing it", replica.id, why)
-            replica.draining = True
 
     async def _acquire(self, state: _State, arrival: float) -> ReplicaState:
         spec = state.spec
@@ -227,6 +224,7 @@ class Controller:
                 return
             asyncio.get_running_loop().call_later(state.spec.keep_alive_s, self._maybe_stop, state, replica)
         self._room_changed(replica.worker)
+        self.migrator.consolidate(state)  # scale-in by live migration, when on (control/migrate.py)
 
     def _start(self, state: _State, arrival: float) -> None:
         """Start an instance in the background on a device whose pool could hold it (DoesNotFit: none could)."""
@@ -336,6 +334,8 @@ class Controller:
                              f"{state.spec.name}", owner.spec.name, worker.name, freed)
         if not victim.inflight:
             self._stop(owner, victim)
+        else:  # with migration on, its requests may move to a peer rather than run to their end (migrate.py)
+            self.migrator.relieve(owner, victim)
 
     def _room_changed(self, worker: WorkerHandle) -> None:
         """A request on `worker` ended or an instance there stopped: starts waiting for its pool look again."""

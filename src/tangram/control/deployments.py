@@ -75,6 +75,9 @@ class ServeConfig(BaseModel):
         "tangram", description="placement of new instances across devices")
     pool: PoolConfig = Field(default_factory=PoolConfig, description="placement, retention, sharing and loading of "
                              "every device pool (tangram.pool.PoolConfig; default: Tangram's own)")
+    migration: bool = Field(False, description="live migration by the controller itself: a start waiting for room "
+                            "moves busy instances' requests when sooner than waiting, scale-in consolidates by "
+                            "moving requests (docs/migration.md); `tangram migrate` works either way")
     deployments: list[Deployment] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from tangram.engine import StartCost
 from tangram.store import CheckpointIndex
 from tangram.worker import ReplicaRef, WorkerHandle
 
+log = logging.getLogger(__name__)
 __all__ = ["ControlState", "DeploymentState", "DeploymentUnavailable", "ReplicaState", "UnknownDeployment"]
 
 
@@ -41,6 +43,29 @@ class ReplicaState(ControlState):
 
     worker: WorkerHandle
     ref: ReplicaRef
+    moved: dict[str, tuple[ReplicaState, str]] = field(default_factory=dict)  # request id -> where it migrated
+
+    def route(self, request_id: str) -> ReplicaState:
+        """The instance a request of this instance runs on now (after live migrations), the route kept."""
+        here, rid = self, request_id
+        while rid in here.moved:
+            here, rid = here.moved[rid]
+        return here
+
+    def follow(self, request_id: str | None) -> tuple[ReplicaState, str | None]:
+        """Where a request of this instance runs now (after live migrations, possibly several): instance and id
+        there; the route is forgotten (the request's stream asks once, at its end). None: it never started."""
+        here, rid = self, request_id
+        while rid is not None and rid in here.moved:
+            here, rid = here.moved.pop(rid)
+        return here, rid
+
+    def retire(self, why: str | None) -> None:
+        """It can serve nothing more (its weights failed to load, its worker died): no new requests, stopped once
+        empty (the controller starts a replacement when needed)."""
+        if not self.draining:
+            log.warning("%s can serve nothing more (%s): replacing it", self.id, why)
+            self.draining = True
 
     @property
     def id(self) -> str:

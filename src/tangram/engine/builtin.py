@@ -3,9 +3,11 @@ its `EngineLoop` thread."""
 
 from __future__ import annotations
 
+from tangram.engine import migration
 from tangram.engine.backend import Sink
 from tangram.engine.instance import EngineConfig, Instance
 from tangram.engine.loop import EngineLoop
+from tangram.engine.migration import MigrationState
 from tangram.engine.prompt import Prompt
 from tangram.engine.sampling import SamplingParams
 from tangram.engine.stages import StartCost
@@ -14,7 +16,8 @@ from tangram.store import Checkpoint, LoadStats
 
 
 class BuiltinBackend:
-    """Tangram's own engine behind the backend contract (`tangram.engine.backend.EngineBackend`)."""
+    """Tangram's own engine behind the backend contract (`tangram.engine.backend.EngineBackend`); its requests can
+    migrate (`tangram.engine.migration.MigratableBackend`)."""
 
     def __init__(self, checkpoint: Checkpoint, pool: DevicePool, config: EngineConfig, *, name: str,
                  arrival: float) -> None:
@@ -63,3 +66,33 @@ class BuiltinBackend:
         """Stop the engine thread, then close the instance (weights released to the pool, retained)."""
         self.loop.stop()
         self.instance.close()
+
+    # ------------------------------------------------------------------ live migration (engine/migration.py)
+
+    def migratable(self) -> list[str]:
+        """Ids of the running requests that can migrate now."""
+        return migration.migratable(self.instance.engine)
+
+    def snapshot(self, request_id: str, offset: int) -> MigrationState:
+        """A migration round of `request_id`: its generated ids after `offset`."""
+        return migration.snapshot(self.instance.engine, request_id, offset)
+
+    def plant(self, state: MigrationState, timeout_s: float) -> str:
+        """Queue round 1 as a held request; its id, once prefilled."""
+        return migration.plant(self.instance.engine, state, timeout_s)
+
+    def extend(self, request_id: str, state: MigrationState, timeout_s: float) -> None:
+        """Add a round's ids to a held request; returns once they are prefilled."""
+        migration.extend(self.instance.engine, request_id, state, timeout_s)
+
+    def handover(self, request_id: str, offset: int) -> tuple[MigrationState, Sink | None]:
+        """Detach the request between steps: its final round and its sink."""
+        return migration.handover(self.instance.engine, request_id, offset)
+
+    def resume(self, request_id: str, state: MigrationState, sink: Sink) -> None:
+        """Release a held request with its final round; it streams on to `sink`."""
+        migration.resume(self.instance.engine, request_id, state, sink)
+
+    def drop(self, request_id: str) -> None:
+        """Forget a held request (a migration abandoned)."""
+        migration.drop(self.instance.engine, request_id)

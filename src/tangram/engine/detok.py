@@ -172,6 +172,17 @@ def _plan(tokenizer: Any) -> _Plan:
     return plan
 
 
+@dataclass(frozen=True)
+class DetokState:
+    """What a `TextStream` has seen and emitted, to continue it elsewhere (live migration; picklable)."""
+
+    ids: list[int]  # every id pushed
+    text: str  # emitted so far
+    held: str  # decoded, held back (a possible start of a stop string)
+    stopped: bool
+    unclean: str  # raw text the piecewise clean-up has not released yet
+
+
 class TextStream:
     """Turns generated token ids, pushed as they come, into text deltas, cutting at the first stop string.
 
@@ -214,6 +225,27 @@ class TextStream:
         if self._cleaner is not None:
             piece = self._cleaner.feed(piece)
         return self._advance(piece, final=False)
+
+    def export(self) -> DetokState:
+        """Its state, for `resume` on another instance."""
+        return DetokState(list(self._ids), self.text, self._held, self.stopped,
+                          self._cleaner.raw if self._cleaner is not None else "")
+
+    @classmethod
+    def resume(cls, tokenizer: Any, stops: list[str], state: DetokState) -> TextStream:
+        """A stream continuing `state`: the decoder replays its ids (emitting nothing), then text, held text and
+        clean-up carry over, so the next pushes give the deltas the original stream would have given."""
+        ts = cls(tokenizer, stops)
+        for i in state.ids:
+            ts._ids.append(int(i))
+            try:
+                ts._raw_len += len(ts._source.step(int(i)))
+            except Exception:  # noqa: BLE001 - as in `push`: continue with the window method
+                ts._raw_len += len(ts._resync())
+        ts.text, ts._held, ts.stopped = state.text, state.held, state.stopped
+        if ts._cleaner is not None:
+            ts._cleaner.raw = state.unclean
+        return ts
 
     def flush(self) -> str:
         """At the end of generation: the held-back rest ("" if stopped)."""

@@ -66,6 +66,7 @@ class Engine:
         self._incoming: deque[Request] = deque()
         self._aborts: set[str] = set()
         self._live: set[str] = set()
+        self._commands: list[Callable[[], bool]] = []  # run between steps until each returns True (migration)
         self.stalled = False  # the last step could not admit or grow for lack of KV blocks
         self.failed: str | None = None  # why the instance can serve nothing more (its weights failed to load)
 
@@ -98,7 +99,7 @@ class Engine:
         RequestError."""
         params = params or SamplingParams()
         ids = self.encode(prompt, chat)
-        self._validate(ids, params)
+        self.validate(ids, params)
         rid = request_id or f"req-{next(_ids)}"
         req = Request(rid, ids, params, self.clock() if arrival is None else arrival, sink or OutputQueue(),
                       TextStream(self.tokenizer, list(params.stop)), make_generator(params, self.kv.device()),
@@ -121,7 +122,8 @@ class Engine:
         """A fresh structured-output matcher for a request (one per sequence of an n > 1 request), or None."""
         return self.grammars.compile(params.structured) if params.structured else None
 
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+    def validate(self, ids: list[int], params: SamplingParams) -> None:
+        """RequestError when this instance cannot serve a prompt of `ids` with `params`."""
         check_prompt(ids, params, vocab=self.vocab, max_model_len=self.max_model_len)
         if self.max_kv_blocks is not None:
             need = self.kv.spec.blocks_for(min(len(ids) + params.max_tokens, self.max_model_len))
@@ -139,7 +141,7 @@ class Engine:
 
     def has_work(self) -> bool:
         """Whether any request is queued or running."""
-        return bool(self._incoming or self._aborts or self.scheduler.has_work())
+        return bool(self._incoming or self._aborts or self._commands or self.scheduler.has_work())
 
     # ------------------------------------------------------------------ step
 
@@ -223,9 +225,49 @@ class Engine:
                 self.scheduler.add(req)
             self._incoming.clear()
             aborts, self._aborts = self._aborts, set()
+            commands, self._commands = self._commands, []
         if aborts:
             for req in [r for r in self.scheduler.requests() if r.id in aborts]:
                 self.finish(req, "abort")
+        if commands:
+            again = [c for c in commands if not c()]
+            with self.work:
+                self._commands[:0] = again
+
+    # ------------------------------------------------------------------ between steps (live migration)
+
+    def between_steps(self, command: Callable[[], bool]) -> None:
+        """Run `command` on the engine thread before each next step until it returns True (it must not raise)."""
+        with self.work:
+            self._commands.append(command)
+            self.work.notify_all()
+
+    def find(self, request_id: str) -> Request | None:
+        """The live first sequence of a request (engine thread only), or None once it ended."""
+        return next((r for r in self.scheduler.requests() if r.id == request_id and r.index == 0), None)
+
+    def detach(self, req: Request) -> None:
+        """Drop a request without a final output (it moved to another instance): KV freed (engine thread only)."""
+        self.scheduler.finish(req)
+        self._unbind(req)
+        with self.work:
+            self._live.discard(req.id)
+
+    def extend(self, req: Request, ids: list[int]) -> None:
+        """Append generated ids a request got from elsewhere (a migration round), with KV blocks for them; without
+        blocks to spare it is preempted, so readmission takes blocks for all its ids (engine thread only)."""
+        req.output_ids += ids
+        req.ids += ids
+        if req.status is Status.RUNNING and not self.scheduler.blocks.grow(req, len(req.ids)):
+            self.scheduler.preempt(req)
+
+    def adopt(self, req: Request) -> None:
+        """Queue a request built elsewhere (one migrating in) under its id (engine thread only)."""
+        with self.work:
+            if req.id in self._live:
+                raise RequestError(f"request id {req.id!r} is already in use")
+            self._live.add(req.id)
+        self.scheduler.add(req)
 
     # ------------------------------------------------------------------ finishing
 

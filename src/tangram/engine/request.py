@@ -82,6 +82,7 @@ class Request:
     prompt_logprobs_sent: bool = False
     grammar: GrammarState | None = None  # its structured-output matcher, when it has a constraint
     adapter: Adapter | None = None  # the LoRA adapter its tokens run with (engine/lora.py), None: the base
+    hold: bool = False  # migrating in: all its ids but the last are prefilled, nothing sampled until released
 
     def __post_init__(self) -> None:
         if not self.ids:
@@ -102,6 +103,10 @@ class Request:
             extras["prompt_text"] = self.text.tokenizer.decode(self.prompt_ids)  # echo of a token-id prompt
             self.prompt_logprobs_sent = True
         return extras
+
+    def todo(self) -> int:
+        """Ids to run before its next token can be sampled (a held request never samples: one fewer)."""
+        return len(self.ids) - self.cached - int(self.hold)
 
     def append(self, token: int) -> None:
         """Add a generated token."""

@@ -44,7 +44,7 @@ class StepScheduler:
 
     def has_work(self) -> bool:
         """Whether any request is waiting or running."""
-        return bool(self.waiting or self.running)
+        return any(not r.hold or r.todo() > 0 for r in (*self.waiting, *self.running))  # a held one may rest
 
     def requests(self) -> list[Request]:
         """Every request the scheduler holds, waiting ones first."""
@@ -57,16 +57,16 @@ class StepScheduler:
         plan = StepPlan()
         decodes: list[Request] = []
         for req in list(self.running):
-            if req.status is not Status.RUNNING or len(req.ids) - req.cached != 1:
-                continue  # preempted meanwhile, or still prefilling (handled below)
+            if req.status is not Status.RUNNING or req.hold or len(req.ids) - req.cached != 1:
+                continue  # preempted meanwhile, still prefilling (handled below), or held (migrating in)
             if self._make_room(req, req.cached + 1, plan):
                 decodes.append(req)
         plan.work = [SeqWork(r, r.cached, [r.ids[-1]], True, r.blocks) for r in decodes if r.status is Status.RUNNING]
         budget = self.max_step_tokens - len(plan.work)
         partial = [r for r in self.running if r.status is Status.RUNNING and len(r.ids) - r.cached > 1]
         seats = self.max_batch - len(self.running)
-        candidates = partial + list(self.waiting)
-        chunks = prefill_chunks([len(r.ids) - r.cached for r in candidates], budget,
+        candidates = partial + [r for r in self.waiting if r.todo() > 0]
+        chunks = prefill_chunks([r.todo() for r in candidates], budget,
                                 len(partial) + max(0, seats))
         for req, n in zip(candidates, chunks):
             if req.status is Status.WAITING:  # admission takes the blocks of every id it has: chunks never grow

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tangram.scheduler.bandwidth import BandwidthEstimator
-from tangram.scheduler.cost import Bandwidths, CostParams, Policy
+from tangram.scheduler.cost import Bandwidths, CostParams, Policy, start_cost
 from tangram.scheduler.view import ClusterView, DeviceState, brute_force
 from tangram.store import LoadStats
 
@@ -83,6 +83,16 @@ def choose_placement(states: Sequence[PlacementState], model_bytes: int, policy:
         chosen = max(range(len(states)), key=lambda i: view.devices[i].free_bytes + view.devices[i].retained_bytes)
     log.debug("placement (%s): worker %d of %d", Policy(policy).value, chosen, len(states))
     return chosen
+
+
+def start_seconds(state: PlacementState, model_bytes: int, *,
+                  bandwidths: BandwidthEstimator | Bandwidths | None = None, evict_weight: float = 0.5) -> float:
+    """Estimated seconds to start a model of `model_bytes` on the device of `state` (Tangram's cost model; inf
+    when it cannot fit there without stopping busy instances)."""
+    bw = bandwidths or shared_estimator()
+    bw = bw.bandwidths if isinstance(bw, BandwidthEstimator) else bw
+    return start_cost(Policy.TANGRAM, model_bytes, state.resident, state.cached, state.free, state.retained,
+                      state.queue_s, CostParams(bw, evict_weight))
 
 
 def choose_worker(workers: Sequence[Worker], index: CheckpointIndex, policy: Policy | str = Policy.TANGRAM, *,

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tangram.control import Controller, Deployment, DeploymentUnavailable, UnknownDeployment
+from tangram.control.migrate import MigrateRequest
 from tangram.engine import RequestError, RequestOutput, SamplingParams
 from tangram.engine.prompt import ChatPrompt
 from tangram.engine.structured import StructuredOutput
@@ -252,6 +253,18 @@ def create_app(controller: Controller, *, admin_token: str, api_key: str | None 
             raise APIError(404, f"no deployment {name!r}", code="model_not_found") from None
         metrics.retire(name)  # its counters keep their value
         return {"removed": name}
+
+    @app.post("/admin/migrate", dependencies=[Depends(admin)])
+    async def migrate(body: MigrateRequest):
+        try:
+            return await controller.migrator.migrate(body.deployment, body.to)
+        except UnknownDeployment:
+            raise APIError(404, f"no deployment {body.deployment!r}", code="model_not_found",
+                           param="deployment") from None
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="to") from None
+        except RuntimeError as exc:  # no instance could start on the destination
+            raise APIError(503, str(exc), "server_error") from None
 
     @app.get("/admin/status", dependencies=[Depends(admin)])
     async def status():

@@ -68,6 +68,10 @@ class AdminClient:
         """Delete a deployment."""
         return self._call("DELETE", f"/admin/deployments/{name}")
 
+    def migrate(self, deployment: str, to: str) -> dict:
+        """Move the running requests of a deployment to its instance on worker `to` (live migration)."""
+        return self._call("POST", "/admin/migrate", json={"deployment": deployment, "to": to})
+
     def status(self) -> dict:
         """Per device pool bytes and instances; per deployment state."""
         return self._call("GET", "/admin/status")

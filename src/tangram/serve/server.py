@@ -22,6 +22,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from tangram.control import Deployment, LoraController, ServeConfig
+from tangram.control.migrate import MigrationSettings
 from tangram.paths import data_dir
 from tangram.pool.capacity import configured_capacity, format_bytes, plan_capacities
 from tangram.scheduler.adapter import shared_estimator
@@ -134,6 +135,7 @@ class Server:
                 self.pool_lines = [f"pool {w.name}: {format_bytes(w.capacity)}" for w in self.workers]
             shared_estimator()  # tier bandwidths for placement, measured (or read from the probe) before serving
             self.controller = LoraController(self.workers, self.config.scheduler)  # with adapter deployments
+            self.controller.migrator.settings = MigrationSettings(auto=self.config.migration)
             self.app: FastAPI = create_app(self.controller, admin_token=self.token, api_key=self.api_key)
         except BaseException:
             self.close()

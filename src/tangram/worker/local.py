@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from tangram.engine import EngineConfig, RequestOutput, SamplingParams, StartCost
+from tangram.engine.backend import Sink
+from tangram.engine.migration import MigrationState
 from tangram.store import CheckpointIndex, LoadStats
 from tangram.worker.handle import PlacementState
 from tangram.worker.worker import DeviceMap, Replica, Worker
@@ -80,3 +82,33 @@ class LocalWorker:
     def pool_map(self) -> DeviceMap:
         """`Worker.pool_map` (blocking briefly on the pool's lock)."""
         return self.worker.pool_map()
+
+    # ------------------------------------------------------------------ live migration (engine/migration.py)
+
+    async def migratable(self, replica: Replica) -> list[str]:
+        """Ids of the requests of `replica` that can migrate now ([] when its backend cannot migrate)."""
+        return await _off_loop(replica.migration.migratable) if replica.can_migrate else []
+
+    async def snapshot(self, replica: Replica, request_id: str, offset: int) -> MigrationState:
+        """A migration round: the request's generated ids after `offset`."""
+        return await _off_loop(replica.migration.snapshot, request_id, offset)
+
+    async def plant(self, replica: Replica, state: MigrationState, timeout_s: float) -> str:
+        """Queue round 1 on `replica` as a held request; its id there, once prefilled."""
+        return await _off_loop(replica.migration.plant, state, timeout_s)
+
+    async def extend(self, replica: Replica, request_id: str, state: MigrationState, timeout_s: float) -> None:
+        """Add a round's ids to a held request; returns once they are prefilled."""
+        await _off_loop(replica.migration.extend, request_id, state, timeout_s)
+
+    async def handover(self, replica: Replica, request_id: str, offset: int) -> tuple[MigrationState, Sink | None]:
+        """Detach the request between steps: its final round and the client's sink (None: it had ended)."""
+        return await _off_loop(replica.migrate_out, request_id, offset)
+
+    async def resume(self, replica: Replica, request_id: str, state: MigrationState, sink: Sink) -> None:
+        """Release a held request with its final round; it streams on to `sink`."""
+        await _off_loop(replica.migrate_in, request_id, state, sink)
+
+    async def drop(self, replica: Replica, request_id: str) -> None:
+        """Forget a held request (a migration abandoned)."""
+        await _off_loop(replica.migration.drop, request_id)

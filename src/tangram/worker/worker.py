@@ -21,6 +21,7 @@ import torch
 from tangram.engine import EngineConfig, RequestOutput, SamplingParams, StartCost
 from tangram.engine.backend import EngineBackend, prewarm_backend, start_backend, warm_engines
 from tangram.engine.dtype import compute_dtype
+from tangram.engine.migration import MigratableBackend, MigrationError, MigrationState
 from tangram.engine.skeleton import RUNTIME
 from tangram.pool import ArenaMap, DevicePool, Eviction, PoolConfig
 from tangram.store import Checkpoint, CheckpointIndex, Loader
@@ -59,14 +60,10 @@ class Replica:
     def submit(self, prompt, params: SamplingParams, sink: Callable[[RequestOutput], None], *, arrival: float,
                chat: bool = False, adapter: str | None = None) -> str:
         """Queue a request on this instance; outputs go to `sink` (from the backend's thread)."""
-        def counted(out: RequestOutput) -> None:
-            sink(out)
-            if out.finished:  # after the sink: whoever sees it idle has seen the request end
-                self._add(-1)
-
         self._add(1)
         try:
-            return self.backend.submit(prompt, params, counted, arrival=arrival, chat=chat, adapter=adapter)
+            return self.backend.submit(prompt, params, _Counted(sink, self), arrival=arrival, chat=chat,
+                                       adapter=adapter)
         except BaseException:
             self._add(-1)
             raise
@@ -78,6 +75,50 @@ class Replica:
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks."""
         self.backend.abort(request_id)
+
+    @property
+    def can_migrate(self) -> bool:
+        """Whether its backend can migrate requests."""
+        return isinstance(self.backend, MigratableBackend)
+
+    @property
+    def migration(self) -> MigratableBackend:
+        """Its backend's migration capability (MigrationError: this backend cannot migrate requests)."""
+        if not self.can_migrate:
+            raise MigrationError(f"{self.id}: its engine backend cannot migrate requests")
+        return self.backend
+
+    def migrate_out(self, request_id: str,
+                    offset: int) -> tuple[MigrationState, Callable[[RequestOutput], None] | None]:
+        """Hand a request over (detached between steps, counted out here): its final round and the client's
+        sink (None: it had ended)."""
+        state, sink = self.migration.handover(request_id, offset)
+        if sink is None:
+            return state, None
+        self._add(-1)
+        return state, sink.client if isinstance(sink, _Counted) else sink
+
+    def migrate_in(self, request_id: str, state: MigrationState, sink: Callable[[RequestOutput], None]) -> None:
+        """Release a held request with its final round: it streams on to `sink`, counted here."""
+        self._add(1)
+        try:
+            self.migration.resume(request_id, state, _Counted(sink, self))
+        except BaseException:
+            self._add(-1)
+            raise
+
+
+class _Counted:
+    """A request's sink on one replica: counts it out after its final output (after the client's sink, so whoever
+    sees the replica idle has seen the request end); `client` is what a migration hands on."""
+
+    def __init__(self, client: Callable[[RequestOutput], None], replica: Replica) -> None:
+        self.client, self.replica = client, replica
+
+    def __call__(self, out: RequestOutput) -> None:
+        self.client(out)
+        if out.finished:
+            self.replica._add(-1)  # noqa: SLF001 - the replica's own counter, shared with this helper
 
 
 @dataclass(frozen=True)
