@@ -68,8 +68,9 @@ def test_greedy_equals_plain_vllm_and_a_pool_hit_rebinds_the_warm_shell(world):
         assert got == world["refs"][name], name
         again = start_backend("vllm", ckpt, pool, CFG, name=name, arrival=0.0)
         try:
-            assert again.shell.proc.pid == pid  # the parked shell, re-bound: no new vLLM process
+            assert again.shell.proc.pid == pid  # the parked shell: no new vLLM process
             assert again.cost.start == "pool-hit" and again.cost.bytes_loaded == 0
+            assert again.bind_s == 0.0  # it still held these very weights (same content keys): nothing copied
             assert [generate(again, p, N).output_ids for p in PROMPTS] == world["refs"][name]
             if name == "smol":
                 _sampling_breadth(again, world["refs"][name][0])
@@ -117,7 +118,7 @@ def test_a_fine_tune_shares_tensors_and_the_shell_and_serves_its_own_weights(wor
     b = start_backend("vllm", tuned, pool, CFG, name="tuned", arrival=0.0)
     try:
         changed = sum(t.nbytes for n, t in tuned.index.tensors.items() if n.startswith("model.layers.1.mlp."))
-        assert b.shell.proc.pid == pid  # one kind of shell for the family
+        assert b.shell.proc.pid == pid and b.bind_s > 0  # one kind of shell for the family, re-bound
         assert b.cost.bytes_loaded == changed  # only the fine-tuned tensors were read; the rest is shared
         assert b.cost.bytes_reused == tuned.index.total_bytes - changed
         got = [generate(b, p, N).output_ids for p in PROMPTS]

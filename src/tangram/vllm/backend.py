@@ -9,6 +9,7 @@ samples, detokenizes and stops. Its process dying fails only its own requests (`
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -57,7 +58,13 @@ def engine_args(path: Path, config: EngineConfig) -> dict:
     return args
 
 
-def bind_spec(pool: DevicePool, binding: Binding) -> tuple[BindSpec, object]:
+def weights_identity(index) -> str:
+    """The content identity of a checkpoint's weights: every tensor name with its content key, as one digest."""
+    pairs = sorted(f"{name}={entry.key}" for name, entry in index.tensors.items())
+    return hashlib.sha256("\n".join(pairs).encode()).hexdigest()[:32]
+
+
+def bind_spec(pool: DevicePool, binding: Binding, identity: str) -> tuple[BindSpec, object]:
     """Where each tensor of an acquired model lies for the shell to map, and what must live until it has bound.
 
     A shared CPU arena (`pool.shared`) or a CUDA arena is mapped as it is, no copy. A private CPU arena cannot be
@@ -76,11 +83,11 @@ def bind_spec(pool: DevicePool, binding: Binding) -> tuple[BindSpec, object]:
             at += align_up(n, ALIGNMENT)
         log.info("pool arena is private: staged %d bytes through shared memory (pool.shared = true maps it "
                  "without this copy)", total)
-        return BindSpec(tuple(refs), total, f"/proc/{os.getpid()}/fd/{fd}", None, key=binding.model), (buf, fd)
+        return BindSpec(tuple(refs), total, f"/proc/{os.getpid()}/fd/{fd}", None, key=identity), (buf, fd)
     refs = [TensorRef(name, arena.offset_of(t), t.numel() * t.element_size(), str(t.dtype).removeprefix("torch."),
                       tuple(t.shape)) for name, t in tensors.items()]
     return BindSpec(tuple(refs), arena.capacity, arena.share_path, arena.buffer if arena.device.type == "cuda"
-                    else None, key=binding.model), None
+                    else None, key=identity), None
 
 
 def _unstage(staging: object) -> None:
@@ -122,7 +129,7 @@ class VllmBackend:
         try:
             self.kv = pool.kv_region(config.kv_cache_bytes + self.binding.bytes_loaded + self.binding.bytes_reused,
                                      torch.uint8, reserve_blocks=1)
-            spec, staging = bind_spec(pool, self.binding)
+            spec, staging = bind_spec(pool, self.binding, weights_identity(checkpoint.index))
             args = engine_args(checkpoint.path, config)
             key = shell_key(checkpoint.path, args, str(pool.device))
             warm = self.shells.take(key)
@@ -139,15 +146,11 @@ class VllmBackend:
         t2 = time.perf_counter()
         b = self.binding
         stats = b.load
-        # filling vLLM's parameters from the pool (a new shell's own load, or a warm shell's re-bind) is part of
-        # the load when the start read bytes (disk -> vLLM, as vLLM's own loader counts it); on a pool hit the
-        # re-bind is the engine's set-up (init)
-        fill = self.bind_s if self.warm_shell else (self.shell.ready.load_s if self.shell.ready else 0.0)
-        if b.bytes_loaded == 0:
-            fill = 0.0
+        # load: bytes into the pool (Tangram's loader); init: the engine, i.e. a shell spawned, or a warm one re-bound
+        # (vLLM's parameters filled from the pool, packed for its kernels)
         self.cost = StartCost(start=StartCost.classify(b.bytes_loaded, stats.bytes_from_cache if stats else 0),
-                              init_s=t2 - t1 - fill, load_s=t1 - t0 + fill, bytes_loaded=b.bytes_loaded,
-                              bytes_reused=b.bytes_reused, load_begin=t0 - arrival, load_end=t1 - arrival + fill)
+                              init_s=t2 - t1, load_s=t1 - t0, bytes_loaded=b.bytes_loaded,
+                              bytes_reused=b.bytes_reused, load_begin=t0 - arrival, load_end=t1 - arrival)
         self.ready_at = t2
         cfg = json.loads((checkpoint.path / "config.json").read_text())
         text = cfg.get("text_config", cfg)
@@ -163,6 +166,9 @@ class VllmBackend:
         """`warm` re-bound to `spec`, or None (no warm shell, or it died binding: a new one is spawned instead)."""
         if warm is None:
             return None
+        if warm.bound == spec.key:  # it still holds exactly these weights (same content keys): nothing to copy
+            log.info("the warm vLLM shell already holds these weights: no re-bind")
+            return warm
         try:
             self.bind_s = warm.bind(spec)
         except ShellError as exc:

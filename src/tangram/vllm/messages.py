@@ -28,7 +28,7 @@ class BindSpec:
     arena_bytes: int
     arena_path: str | None = None
     arena: Any = None  # a CUDA tensor, or None on CPU
-    key: str = ""  # content identity of the weights (for logs)
+    key: str = ""  # content identity of the weights: names and content keys (a shell holding them needs no bind)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ class Shell:
     def __init__(self, proc: subprocess.Popen, conn: Connection, log_path: Path, key: str) -> None:
         self.proc, self.conn, self.log_path, self.key = proc, conn, log_path, key
         self.ready: Ready | None = None
+        self.bound: str | None = None  # the content identity of the weights its engine holds (None: zeros)
         self._send = threading.Lock()
         self._sinks: dict[str, DeltaSink] = {}
         self._replies: queue.Queue = queue.Queue()
@@ -74,6 +75,7 @@ class Shell:
             shell.kill()
             raise ShellError(f"the vLLM shell did not start: {getattr(reply, 'error', reply)}\n{shell.log_tail()}")
         shell.ready = reply
+        shell.bound = setup.bind.key if setup.bind is not None else None
         log.info("vLLM shell %d ready in %.2f s (import %.2f s), vLLM %s, %d KV tokens", proc.pid, reply.seconds,
                  reply.import_s, reply.vllm_version, reply.kv_tokens)
         return shell
@@ -122,6 +124,7 @@ class Shell:
         if not isinstance(reply, Bound):
             self.kill()
             raise ShellError(f"binding weights in the vLLM shell failed: {getattr(reply, 'error', reply)}")
+        self.bound = spec.key
         return reply.seconds
 
     def add(self, request_id: str, prompt_ids: list[int], sampling: dict, sink: DeltaSink) -> None:
