@@ -106,8 +106,12 @@ def test_a_start_waits_for_the_shell_being_pre_warmed_instead_of_building_a_seco
     threading.Timer(0.05, gate.set).start()
     got = pool.take("k")
     assert got is built[0] and len(built) == 1
+    assert pool.prewarm("k", build) is False  # its shell serves an instance: no second vLLM process beside it
+    pool.done("k")
     assert pool.prewarm("k", lambda: (_ for _ in ()).throw(RuntimeError("no vLLM"))) is True
     assert pool.take("k") is None  # a failed pre-warm leaves nothing; the start spawns its own
+    pool.serving("k")  # that start's new shell serves
+    assert pool.prewarm("k", build) is False
 
 
 def test_tied_groups_find_the_modules_sharing_one_weight():

@@ -126,6 +126,7 @@ class VllmBackend:
         self.binding = pool.acquire(checkpoint, model=name)
         t1 = time.perf_counter()
         self.kv = None
+        self.shell: Shell | None = None
         try:
             self.kv = pool.kv_region(config.kv_cache_bytes + self.binding.bytes_loaded + self.binding.bytes_reused,
                                      torch.uint8, reserve_blocks=1)
@@ -136,11 +137,17 @@ class VllmBackend:
             self.warm_shell = warm is not None  # re-bound (TIDAL's template path), else spawned
             self.bind_s = 0.0
             try:
-                self.shell = self._bound(warm, spec) or Shell.spawn(found.python, ShellSetup(args, spec), key)
+                self.shell = self._bound(warm, spec)
+                if self.shell is None:
+                    self.shell = Shell.spawn(found.python, ShellSetup(args, spec), key)
+                    self.shells.serving(key)
             finally:
                 _unstage(staging)
             self.tokenizer = RUNTIME.tokenizer(checkpoint.path)
         except BaseException:
+            if self.shell is not None:  # a start that failed after it got its engine: that engine goes too
+                self.shells.done(self.shell.key)
+                self.shell.stop()
             self._release()
             raise
         t2 = time.perf_counter()
@@ -174,6 +181,7 @@ class VllmBackend:
         except ShellError as exc:
             log.warning("a warm vLLM shell failed to bind (%s): spawning a new one", exc)
             self.warm_shell = False
+            self.shells.done(warm.key)
             return None
         return warm
 
@@ -228,6 +236,7 @@ class VllmBackend:
     def stop(self) -> None:
         """Abort what runs, park the shell for the next start of this shape, release the weights (retained)."""
         shell = self.shell
+        self.shells.done(shell.key)
         if shell.alive() and shell.running() == 0:
             self.shells.park(shell)
         else:

@@ -49,13 +49,15 @@ class ShellPool:
         self.per_key, self.total = per_key, total
         self._parked: list[Shell] = []
         self._building: dict[str, Future] = {}  # pre-warms under way, by key
+        self._out: dict[str, int] = {}  # shells of a key serving an instance now (taken or spawned, not yet back)
         self._lock = threading.Lock()
 
     def prewarm(self, key: str, build: Callable[[], Shell]) -> bool:
-        """Build a shell of `key` on a thread and park it, unless one is parked or being built; whether it began.
-        A failed build is logged (the next start spawns its own and reports the error)."""
+        """Build a shell of `key` on a thread and park it, unless one is parked, being built or serving (a re-deploy
+        of a running deployment must not start a second vLLM process beside it); whether it began. A failed build
+        is logged (the next start spawns its own and reports the error)."""
         with self._lock:
-            if key in self._building or any(s.key == key for s in self._parked):
+            if key in self._building or self._out.get(key) or any(s.key == key for s in self._parked):
                 return False
             fut: Future = Future()
             self._building[key] = fut
@@ -86,8 +88,19 @@ class ShellPool:
                 if shell.key == key:
                     self._parked.remove(shell)
                     if shell.alive():
+                        self._out[key] = self._out.get(key, 0) + 1
                         return shell
         return None
+
+    def serving(self, key: str) -> None:
+        """A shell of `key` that did not come from `take` (a new spawn) serves an instance now."""
+        with self._lock:
+            self._out[key] = self._out.get(key, 0) + 1
+
+    def done(self, key: str) -> None:
+        """A shell of `key` stopped serving its instance (then parked, or stopped)."""
+        with self._lock:
+            self._out[key] = max(0, self._out.get(key, 0) - 1)
 
     def park(self, shell: Shell) -> None:
         """Keep an idle shell for the next start of its key (a dead one, or one over the limits, is stopped)."""
