@@ -28,31 +28,32 @@ def vllm_or_fail() -> str:
     return found.python
 
 
-def tiny_qwen2(seed: int = 0):
-    """A small Qwen2 (q/k/v biases, untied head) that vLLM's CPU attention serves (head size 64)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+def _tiny(config_type, seed: int):
+    """A small model of `config_type` with vLLM-servable shapes (head size 64), untied head, eos off."""
+    from transformers import AutoModelForCausalLM
 
-    config = Qwen2Config(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    config = config_type(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
                          tie_word_embeddings=False, initializer_range=0.2)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     model.generation_config.eos_token_id = None
     return model
+
+
+def tiny_qwen2(seed: int = 0):
+    """A small Qwen2 (q/k/v biases, untied head) that vLLM's CPU attention serves (head size 64)."""
+    from transformers import Qwen2Config
+
+    return _tiny(Qwen2Config, seed)
 
 
 def tiny_llama(seed: int = 0):
     """A small Llama (head size 64) whose word-level test tokenizer AutoTokenizer reads as saved (for a Qwen2
     config it would build Qwen2's own tokenizer class, which reads no word-level vocabulary)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                         tie_word_embeddings=False, initializer_range=0.2)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    model.generation_config.eos_token_id = None
-    return model
+    return _tiny(LlamaConfig, seed)
 
 
 def fine_tune(model, seed: int = 1):

@@ -210,15 +210,22 @@ def plant(engine: Engine, state: MigrationState, timeout_s: float = DEFAULT_TIME
     return rid
 
 
+def _append_round(engine: Engine, request_id: str, state: MigrationState, what: str):
+    """The held request with a round's ids appended (on the engine thread); MigrationError when it is gone or the
+    round does not follow the ids it holds."""
+    req = engine.find(request_id)
+    if req is None:
+        raise MigrationError(f"held request {request_id} is gone")
+    if len(req.output_ids) != state.offset:
+        raise MigrationError(f"{what} at {state.offset} does not follow the {len(req.output_ids)} ids held")
+    engine.extend(req, state.output_ids)
+    return req
+
+
 def extend(engine: Engine, request_id: str, state: MigrationState, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Add a round's ids to a held request, then wait until they are prefilled."""
     def add() -> bool:
-        req = engine.find(request_id)
-        if req is None:
-            raise MigrationError(f"held request {request_id} is gone")
-        if len(req.output_ids) != state.offset:
-            raise MigrationError(f"round at {state.offset} does not follow the {len(req.output_ids)} ids held")
-        engine.extend(req, state.output_ids)
+        _append_round(engine, request_id, state, "round")
         return True
 
     _on_engine(engine, add, timeout_s, "extend")
@@ -246,12 +253,7 @@ def resume(engine: Engine, request_id: str, state: MigrationState, sink: Sink,
            timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Release a held request with the final round: the last ids, generator and detokenizer; it streams to `sink`."""
     def release() -> bool:
-        req = engine.find(request_id)
-        if req is None:
-            raise MigrationError(f"held request {request_id} is gone")
-        if len(req.output_ids) != state.offset:
-            raise MigrationError(f"final round at {state.offset} does not follow the {len(req.output_ids)} ids held")
-        engine.extend(req, state.output_ids)
+        req = _append_round(engine, request_id, state, "final round")
         if state.generator is not None:
             req.generator = torch.Generator(device=engine.kv.device())
             req.generator.set_state(torch.frombuffer(bytearray(state.generator), dtype=torch.uint8))
