@@ -43,6 +43,21 @@ def stats(xs: list[float]) -> str:
     return f"median {statistics.median(us):7.1f} us  p90 {us[int(0.9 * (len(us) - 1))]:7.1f} us  max {us[-1]:8.1f} us"
 
 
+def time_steps(ids: list[int], fill, advance) -> tuple[str, str]:
+    """Per token: `fill()` (the mask) then `advance(token)` (falsy: the grammar rejected it), each timed."""
+    fills, steps = [], []
+    for t in ids:
+        a = time.perf_counter()
+        fill()
+        b = time.perf_counter()
+        ok = advance(t)
+        c = time.perf_counter()
+        assert ok is not False, t
+        fills.append(b - a)
+        steps.append(c - b)
+    return stats(fills), stats(steps)
+
+
 def bench_llguidance(tok, ids: list[int], vocab: int) -> None:
     import llguidance
     import llguidance.hf
@@ -56,19 +71,10 @@ def bench_llguidance(tok, ids: list[int], vocab: int) -> None:
     t2 = time.perf_counter()
     assert not m.is_error(), m.get_error()
     mask = lt.allocate_token_bitmask(1, vocab)
-    fill, step = [], []
-    for t in ids:
-        a = time.perf_counter()
-        lt.fill_next_token_bitmask(m, mask, 0)
-        b = time.perf_counter()
-        ok = m.consume_token(t)
-        c = time.perf_counter()
-        assert ok, (m.get_error(), t)
-        fill.append(b - a)
-        step.append(c - b)
+    fill, step = time_steps(ids, lambda: lt.fill_next_token_bitmask(m, mask, 0), m.consume_token)
     print(f"  llguidance   tokenizer {1e3 * (t1 - t0):8.1f} ms  compile {1e3 * (t2 - t1):8.1f} ms  "
           f"accepting={m.is_accepting()}")
-    print(f"    mask:    {stats(fill)}\n    advance: {stats(step)}")
+    print(f"    mask:    {fill}\n    advance: {step}")
 
 
 def bench_xgrammar(tok, ids: list[int], vocab: int) -> None:
@@ -82,19 +88,10 @@ def bench_xgrammar(tok, ids: list[int], vocab: int) -> None:
     t2 = time.perf_counter()
     m = xgr.GrammarMatcher(compiled)
     mask = xgr.allocate_token_bitmask(1, vocab)
-    fill, step = [], []
-    for t in ids:
-        a = time.perf_counter()
-        m.fill_next_token_bitmask(mask, 0)
-        b = time.perf_counter()
-        ok = m.accept_token(t)
-        c = time.perf_counter()
-        assert ok, t
-        fill.append(b - a)
-        step.append(c - b)
+    fill, step = time_steps(ids, lambda: m.fill_next_token_bitmask(mask, 0), m.accept_token)
     print(f"  xgrammar     tokenizer {1e3 * (t1 - t0):8.1f} ms  compile {1e3 * (t2 - t1):8.1f} ms  "
           f"completed={m.is_completed()}")
-    print(f"    mask:    {stats(fill)}\n    advance: {stats(step)}")
+    print(f"    mask:    {fill}\n    advance: {step}")
 
 
 def bench_outlines(tok, ids: list[int], vocab: int) -> None:
@@ -115,18 +112,10 @@ def bench_outlines(tok, ids: list[int], vocab: int) -> None:
     t2 = time.perf_counter()
     g = Guide(index)
     mask = allocate_token_bitmask(vocab)
-    fill, step = [], []
-    for t in ids:
-        a = time.perf_counter()
-        fill_next_token_bitmask(g, mask)
-        b = time.perf_counter()
-        g.advance(t)
-        c = time.perf_counter()
-        fill.append(b - a)
-        step.append(c - b)
+    fill, step = time_steps(ids, lambda: fill_next_token_bitmask(g, mask), g.advance)
     print(f"  outlines-core vocabulary {1e3 * (t1 - t0):7.1f} ms  compile {1e3 * (t2 - t1):8.1f} ms  "
           f"finished={g.is_finished()}")
-    print(f"    mask:    {stats(fill)}\n    advance: {stats(step)}")
+    print(f"    mask:    {fill}\n    advance: {step}")
 
 
 def main(dirs: list[str]) -> None:

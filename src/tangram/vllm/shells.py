@@ -9,6 +9,7 @@ A family of fine-tunes of one base shares one kind of shell.
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import json
 import logging
@@ -18,12 +19,19 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
+from tangram.paths import file_version
 from tangram.vllm.shell import Shell
 
 log = logging.getLogger(__name__)
 NAME_KEYS = {"_name_or_path", "name_or_path", "transformers_version"}  # config.json entries that are not shape
 SHELL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                "vocab.json", "merges.txt", "tokenizer.model")
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(path: Path, version: tuple[int, int, int]) -> bytes:
+    """sha256 of a file's bytes, once per version of the file (`tangram.paths.file_version`)."""
+    return hashlib.sha256(path.read_bytes()).digest()
 
 
 def shell_key(checkpoint: Path, engine_args: dict, device: str) -> str:
@@ -36,9 +44,10 @@ def shell_key(checkpoint: Path, engine_args: dict, device: str) -> str:
     h.update(device.encode())
     for name in SHELL_FILES:
         f = checkpoint / name
-        if f.exists():
+        version = file_version(f)
+        if version is not None:
             h.update(name.encode())
-            h.update(hashlib.sha256(f.read_bytes()).digest())
+            h.update(_digest(f, version))
     return h.hexdigest()[:16]
 
 

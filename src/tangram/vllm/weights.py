@@ -38,7 +38,7 @@ def tied_groups(model: torch.nn.Module) -> list[tuple[torch.nn.Module, list[torc
     """Modules that share one `weight` parameter: the first one (it loads) and the others."""
     by_param: dict[int, list[torch.nn.Module]] = {}
     for _, module in model.named_modules(remove_duplicate=False):
-        w = module.__dict__.get("_parameters", {}).get("weight")
+        w = dict(module.named_parameters(recurse=False)).get("weight")
         if isinstance(w, torch.nn.Parameter) and w.numel() > 0:
             group = by_param.setdefault(id(w), [])
             if all(m is not module for m in group):
