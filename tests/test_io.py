@@ -52,6 +52,38 @@ def test_direct_read_lands_in_aligned_destination_without_bounce(data_file):
     assert bool((bounce == 0xAB).all())  # nothing went through the bounce buffer
 
 
+def test_direct_read_through_the_bounce_copies_even_aligned_parts(data_file):
+    path, payload = data_file
+    dest = io.shared_host_buffer(16 * ALIGNMENT)[0]  # aligned, but 4 KiB-page shared memory
+    bounce = io.host_buffer(32 * ALIGNMENT)
+    bounce.fill_(0xAB)
+    run = ReadRun(0, 4 * ALIGNMENT, [Segment(16 * ALIGNMENT, dest, 0)])
+    fd = io.open_data_file(path, direct=True)
+    try:
+        io.read_direct(fd, run, bounce, path, through_bounce=True)
+    finally:
+        os.close(fd)
+    assert bytes(dest.numpy()) == payload[4 * ALIGNMENT : 20 * ALIGNMENT]
+    assert bytes(bounce[: 16 * ALIGNMENT].numpy()) == bytes(dest.numpy())  # it went through the bounce
+
+
+def test_direct_reads_land_in_private_memory_and_in_shared_memory_only_with_huge_pages(monkeypatch, tmp_path):
+    assert io.direct_reads_land_fast(False)
+    knob = tmp_path / "shmem_enabled"
+    real = io.Path
+
+    def at(path, *a):
+        return knob if str(path).endswith("shmem_enabled") else real(path, *a)
+
+    monkeypatch.setattr(io, "Path", at)
+    for text, fast in (("always within_size advise [never] deny force", False), ("always [advise] never", True),
+                       ("[always] never", True), ("always never [deny]", False)):
+        knob.write_text(text + "\n")
+        assert io.direct_reads_land_fast(True) is fast, text
+    knob.unlink()
+    assert not io.direct_reads_land_fast(True)  # no such knob: assume 4 KiB pages
+
+
 def test_direct_read_of_unaligned_parts_and_the_file_tail(data_file):
     path, payload = data_file
     start = 60 * ALIGNMENT

@@ -37,11 +37,11 @@ def test_the_reader_reads_the_next_chunk_while_the_previous_one_is_hashed(ckpt, 
     reads, hashed_on = [], []
     real_read, real_arrived = store_io.read_direct, store_landing.Landing.arrived
 
-    def read_direct(fd, run, bounce, p, need=None):
+    def read_direct(fd, run, bounce, p, need=None, **kw):
         reads.append(run.offset)
         if len(reads) == 2:
             second_read.set()
-        return real_read(fd, run, bounce, p, need)
+        return real_read(fd, run, bounce, p, need, **kw)
 
     def arrived(self, piece, start, data, event=None):
         hashed_on.append(threading.current_thread().name)
@@ -93,11 +93,11 @@ def test_a_failing_read_behind_queued_hashes_raises_its_own_error(ckpt, monkeypa
     real_read = store_io.read_direct
     calls = []
 
-    def read_direct(fd, run, bounce, p, need=None):
+    def read_direct(fd, run, bounce, p, need=None, **kw):
         calls.append(run.offset)
         if len(calls) == 3:
             raise OSError("disk went away")
-        return real_read(fd, run, bounce, p, need)
+        return real_read(fd, run, bounce, p, need, **kw)
 
     monkeypatch.setattr(store_io, "read_direct", read_direct)
     dests = {n: torch.empty(t.nbytes, dtype=torch.uint8) for n, t in state.items()}

@@ -344,3 +344,27 @@ def test_a_failed_load_keeps_what_it_landed_whole_and_a_retry_loads_the_rest(tmp
     b = pool.acquire(tmp_path / "a")
     assert b.bytes_reused == 2 * 16384 and b.bytes_loaded == 2 * 16384
     assert_tensors(b, base)
+
+
+def test_a_shared_arena_with_small_pages_reads_direct_through_the_bounce(tmp_path, monkeypatch):
+    import os
+
+    from tangram.pool import PoolConfig
+    from tangram.store import io
+
+    base, _ = family(tmp_path)
+    if not hasattr(os, "O_DIRECT") or not io.odirect_supported(tmp_path / "base" / "data-00000.bin"):
+        pytest.skip("no O_DIRECT here")
+    monkeypatch.setattr(io, "direct_reads_land_fast", lambda shared: not shared)
+    calls: list[bool] = []
+    real = io.read_direct
+    monkeypatch.setattr(io, "read_direct", lambda *a, **k: (calls.append(k.get("through_bounce")), real(*a, **k))[1])
+    for shared in (True, False):
+        calls.clear()
+        pool = DevicePool(1 << 20, "cpu", PoolConfig(shared=shared), loader=Loader(method="odirect"))
+        assert pool.arena.direct_reads_fast is not shared
+        io.evict_from_page_cache(tmp_path / "base" / "data-00000.bin")
+        b = pool.acquire(tmp_path / "base")
+        b.wait_loaded()
+        assert_tensors(b, base)
+        assert calls and set(calls) == {shared}  # shared 4 KiB pages: every direct read through the bounce

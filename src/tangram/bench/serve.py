@@ -31,11 +31,12 @@ from tangram.bench.common import (
     Column, fmt_num, median, print_summary, print_table, ratio, result_doc, step_progress, write_result,
 )
 from tangram.bench.serve_client import PROMPT
-from tangram.bench.serve_vllm import start_phase, vllm_backend_summary
+from tangram.bench.serve_vllm import drop_cached, start_phase, vllm_backend_summary
 from tangram.bench.serve_peer import (
     KV_CACHE_BYTES, MODEL_NAME, ServerProcess, VllmFound, find_vllm_python, tangram_served, tangram_server,
     vllm_served, vllm_server,
 )
+from tangram.store import Checkpoint
 from tangram.workload import percentile
 
 log = logging.getLogger(__name__)
@@ -259,15 +260,17 @@ def measure(system: str, row: str, weights: Weights, sizes: ServeSizes, vllm: Vl
                                "(tangram.demo.fetch_demo(force=True) rebuilds both)")
         server = vllm_server(vllm.python, weights.hf_dir, None if row == "default" else row, workdir,
                              sizes.vllm_kv_cache_bytes)
+        drop_cached(sorted(weights.hf_dir.glob("*.safetensors")))  # its load is cold, as tangram-vllm's is
     runs = client_runs(sizes, row, burst, system)
     facts: dict[str, Any] = {"log": str(server.log_path),
                              "weights": str(weights.hf_dir if system == "vllm" else weights.checkpoint)}
     with server:
-        if system == "tangram-vllm":  # its first two requests: a cold start, then a pool hit after scale-to-zero
-            spec = json.loads((workdir / f"tangram-{label}.json").read_text())["deployments"][0]
-            facts["start_phase"] = start_phase(server.url, spec)
         if system != "vllm":
             facts.update(tangram_served(server.url))
+        if system == "tangram-vllm":  # its first two requests: a cold start, then a pool hit after scale-to-zero
+            spec = json.loads((workdir / f"tangram-{label}.json").read_text())["deployments"][0]
+            drop_cached(Checkpoint(facts["resolved_checkpoint"]).data_files())
+            facts["start_phase"] = start_phase(server.url, spec)
         result = _play(server, runs, sizes, workdir, f"{system}-{row}")
         if system == "vllm":
             facts.update(vllm_served(server.log_tail(10_000)))

@@ -10,12 +10,14 @@ is then raised so that the throughput runs never scale it down.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from tangram.bench.common import median, ratio
 from tangram.bench.serve_peer import ADMIN_TOKEN, MODEL_NAME
+from tangram.store.io import evict_from_page_cache
 
 SCALE_DOWN_TIMEOUT_S = 120.0
 QUESTION = [{"role": "user", "content": "Name a colour."}]
@@ -60,6 +62,13 @@ def start_phase(url: str, deployment: dict[str, Any]) -> dict[str, Any]:
         r = http.post(url + "/admin/deployments", json={**deployment, "keep_alive_s": 3600.0})
         r.raise_for_status()
     return {"cold": cold, "pool_hit": hit}
+
+
+def drop_cached(files: list[Path]) -> None:
+    """Take weight files out of the page cache, so that the next load of them reads the disk (a cold start):
+    both systems' loads are timed from the same state."""
+    for f in files:
+        evict_from_page_cache(f)
 
 
 def _median_of(xs: list) -> float | None:

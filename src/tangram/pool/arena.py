@@ -16,6 +16,7 @@ import torch
 from tangram.pool import touch
 from tangram.pool.capacity import device_memory, resolve_capacity
 from tangram.pool.ledger import Ledger, Placement
+from tangram.store import io
 from tangram.store.io import host_buffer, shared_host_buffer
 
 __all__ = ["Arena", "POOL_ALIGNMENT", "free_device_bytes", "resolve_capacity"]
@@ -29,12 +30,13 @@ class Arena:
                  touch_ahead: int | None = None, shared: bool = False) -> None:
         """`touch_ahead` (CPU): bytes kept touched beyond the highest placement, and touched at construction
         (default `touch.TOUCH_AHEAD_BYTES`). `shared` (CPU): the buffer is shared memory that engine processes
-        map (`share_path`)."""
+        map (`share_path`); `direct_reads_fast`: whether O_DIRECT reads may land in it directly."""
         self.ledger = Ledger(capacity_bytes, alignment)
         self.alignment, self.capacity = alignment, self.ledger.capacity
         self.device = device
         self.toucher: touch.Toucher | None = None
         self._shared_fd: int | None = None
+        self.direct_reads_fast = io.direct_reads_land_fast(shared) if device.type == "cpu" else True
         if device.type == "cpu":
             if shared:
                 self.buffer, self._shared_fd = shared_host_buffer(self.capacity)

@@ -65,12 +65,13 @@ class LoadJob:
         return (self.ended or time.perf_counter()) - self.began
 
 
-def verified_load(loader: Loader, ckpt: Checkpoint, dests: Mapping[str, torch.Tensor]
+def verified_load(loader: Loader, ckpt: Checkpoint, dests: Mapping[str, torch.Tensor], *, through_bounce: bool = False
                   ) -> Callable[[list[list[str]], Callable[[str], None]], LoadStats]:
     """The load of a pool's LoadJob: `dests` through `loader` in the job's groups, always verified (whatever the
-    loader's default), so a tensor's ready event, which makes it shareable by its hash, means its bytes matched."""
+    loader's default), so a tensor's ready event, which makes it shareable by its hash, means its bytes matched.
+    `through_bounce`: the arena's memory takes direct reads slowly (`Loader.load_into`)."""
     return lambda groups, landed: loader.load_into(ckpt, {n: dests[n] for g in groups for n in g}, order=groups,
-                                                   landed=landed, verify=True)
+                                                   landed=landed, verify=True, through_bounce=through_bounce)
 
 
 class LoadFailed(RuntimeError):

@@ -153,7 +153,8 @@ class DevicePool:
         name_of = {by_key[k][0]: k for k in missing}
         dests = {n: self.arena.view(placed[k], by_key[k][1].nbytes) for n, k in name_of.items()}
         handle: LoadHandle | None = None
-        job = LoadJob(ordered_groups(list(name_of), order), verified_load(self.loader, ckpt, dests),
+        load = verified_load(self.loader, ckpt, dests, through_bounce=not self.arena.direct_reads_fast)
+        job = LoadJob(ordered_groups(list(name_of), order), load,
                       {n: self._tensors[k].ready for n, k in name_of.items()},
                       lambda exc: self._drop_failed([self._tensors[k] for k in missing]),
                       (lambda stats: handle._finished(stats)) if missing else None)  # type: ignore[union-attr]

@@ -94,6 +94,7 @@ def execute(
     staging: Callable[[], StagingRing] | None = None,
     progress: Callable[[int], None] | None = None,
     landed: Callable[[Piece], None] | None = None,
+    through_bounce: bool = False,
 ) -> None:
     """Read every run (and copy every host-cache hit) into its destinations; returns when all bytes have landed.
 
@@ -102,7 +103,8 @@ def execute(
     mismatch raises HashMismatchError and that piece is never reported.
     `landed(piece)` is called (from a reader thread) as soon as all of a
     piece's bytes are in its destination and verified, on CUDA once all its
-    copies have finished, so a consumer may start on it at once.
+    copies have finished, so a consumer may start on it at once. `through_bounce` (CPU): O_DIRECT reads land
+    in a reader's bounce buffer and are copied (destinations where direct reads are slow: io.direct_reads_land_fast).
     """
     method = config.method
     if device.type == "cuda" and method is ReadMethod.MMAP:
@@ -139,7 +141,7 @@ def execute(
         """Read `run` (its first `need` bytes must exist): through the page cache if `cached`, else O_DIRECT."""
         path = paths[run.file]
         if not cached:
-            io.read_direct(dfds[run.file], run, bounce(), path, need)
+            io.read_direct(dfds[run.file], run, bounce(), path, need, through_bounce=through_bounce)
         elif method is ReadMethod.MMAP:
             io.read_mmap(fds[run.file], run, path)
         else:

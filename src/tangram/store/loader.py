@@ -102,6 +102,7 @@ class Loader:
         progress: Callable[[int], None] | None = None,
         order: Sequence[Sequence[str]] | None = None,
         landed: Callable[[str], None] | None = None,
+        through_bounce: bool = False,
     ) -> LoadStats:
         """Fill `dests` (stored tensor name -> flat uint8 tensor of its nbytes, one device) from `checkpoint`.
 
@@ -113,7 +114,8 @@ class Loader:
         `order`: groups of names to load one group after the other (a
         template's first-use order) on all reader threads at once, instead of
         in file order; `landed(name)` is called as each tensor arrives whole
-        (execute-while-load).
+        (execute-while-load). `through_bounce` (CPU): direct reads land in bounce buffers and are copied, for
+        destinations where they are slow (`io.direct_reads_land_fast`).
         """
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
         verify = self.verify if verify is None else verify
@@ -166,7 +168,8 @@ class Loader:
         if tasks:
             paths = {f: ckpt.file_path(f) for f in {p.file for p in disk}}
             execute(tasks, paths, config, device, staging=lambda: self._ring(config), progress=progress,
-                    landed=(lambda piece: landed(piece.name)) if landed is not None else None)
+                    landed=(lambda piece: landed(piece.name)) if landed is not None else None,
+                    through_bounce=through_bounce)
         if self.cache is not None and disk:
             self.cache.fill(((index.tensors[index.resolve(p.name)].hash, p.dest) for p in disk), verified=verify)
         stats.seconds = time.perf_counter() - start
