@@ -33,6 +33,7 @@ from tangram.cluster.cache import NodeCacheClient
 from tangram.pool import PoolConfig
 from tangram.engine import EngineConfig, RequestError, RequestOutput, SamplingParams, StartCost
 from tangram.engine.migration import MigrationState
+from tangram.heap import freeze_startup_heap
 from tangram.store import CheckpointIndex, Loader
 from tangram.worker import DeviceMap, PlacementState, Worker, local_devices
 
@@ -87,6 +88,7 @@ class WorkerActor:
         self.worker = Worker(index, device, capacity, Loader(cache=self.cache), node=node, pool=pool)
         self.finished: dict[str, Counter[str]] = {}  # replica id -> finish reasons of its requests
         self._finished_lock = threading.Lock()  # counted on engine threads, read on the event loop
+        freeze_startup_heap()
 
     def ready(self) -> dict:
         """Where this actor runs: Ray node id, process id, device, worker name, pool capacity."""

@@ -23,6 +23,7 @@ from fastapi import FastAPI
 
 from tangram.control import Deployment, LoraController, ServeConfig
 from tangram.control.migrate import MigrationSettings
+from tangram.heap import freeze_startup_heap, thaw_heap
 from tangram.paths import data_dir
 from tangram.pool.capacity import configured_capacity, format_bytes, plan_capacities
 from tangram.scheduler.adapter import shared_estimator
@@ -152,7 +153,11 @@ class Server:
                 log.exception("deployment %s failed; serving the others", spec.name)
         # read speed of this machine's disks, if never measured: on a thread, loads use the default meanwhile
         probe_in_background(Path(self.controller.describe(n)["resolved_checkpoint"]) for n in self.controller.names())
-        yield
+        freeze_startup_heap()
+        try:
+            yield
+        finally:
+            thaw_heap()
         await self.controller.shutdown()
 
     @property
