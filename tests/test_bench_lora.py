@@ -14,7 +14,7 @@ TINY = ModelSpec("tiny-lora-base", "Qwen2Config", dict(
     vocab_size=512, max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
     pad_token_id=0), "float32", seed=5)
 SMALL = Sizes("small", adapters=3, rank=4, timed=2, pool_hits=3, big_rank=16, requests=4, batch_adapters=2,
-              prompt_tokens=6, max_tokens=4, repeats=1)
+              prompt_tokens=6, max_tokens=4, repeats=1, big_repeats=2)
 
 
 def test_bench_lora_tiny(tmp_path):
@@ -26,6 +26,8 @@ def test_bench_lora_tiny(tmp_path):
     assert all(v is not None and v > 0 for v in summary.values())
     rows = result["rows"]
     assert [r["rank"] for r in rows] == [4, 4, 16] and all(r["equal"] and r["modules"] == 14 for r in rows)
+    assert [r["repeats"] for r in rows] == [1, 1, 2] and len(rows[-1]["tangram_cold_runs_s"]) == 2
+    assert len(rows[-1]["peft_cold_runs_s"]) == 2
     mixed = result["config"]["mixed_batch"]
     assert mixed["outputs_equal_one_adapter_per_batch"] == 4 and mixed["outputs_differ_from_base"] >= 1
     assert (tmp_path / "lora.json").is_file()

@@ -10,9 +10,11 @@ was made after it (vLLM's engine core does the same after its start).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -32,3 +34,13 @@ def thaw_heap() -> None:
     """Hand the frozen objects back to the collector (a server that shuts down while its process lives on, as in
     tests: its pool and engines hold reference cycles that only the collector frees)."""
     gc.unfreeze()
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """`freeze_startup_heap` on entry, `thaw_heap` on exit (a benchmark's timed part, as a server runs it)."""
+    freeze_startup_heap()
+    try:
+        yield
+    finally:
+        thaw_heap()

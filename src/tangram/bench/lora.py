@@ -6,12 +6,15 @@ every linear module of the decoder layers, contents randomised, `save_pretrained
 are exactly PEFT's; Tangram converts them at "deploy" (`store/adapter.py`). Per adapter and state:
 
 - tangram: `AdapterSet.acquire` (the engine's own bind: pool acquire through the loader, hooks held) on a
-  fresh pool each time; cold: the converted files dropped from the page cache, dram: the loader's host cache
-  holds them, pool: the adapter retained in the pool (a re-bind);
+  fresh pool each time, timed once its first pages are touched (as in a server's long-lived pool); cold: the
+  converted files dropped from the page cache, dram: the loader's host cache holds them, pool: the adapter
+  retained in the pool (a re-bind);
 - peft: `PeftModel.load_adapter` (safetensors) onto the same base, both `low_cpu_mem_usage` settings, the
   faster one is the peer; cold: `adapter_model.safetensors` dropped from the page cache, dram: in it.
 
-Every load is checked: each module's A and B that Tangram bound equal PEFT's loaded ones, bit for bit. The
+The large adapter of full mode is timed `big_repeats` times per system, which system goes first alternating (a
+cold read's speed on the VM depends on what its disk read lately), medians. The timed part runs with the
+start-up heap frozen out of the garbage collector, as the server runs (`tangram.heap`). Every load is checked: each module's A and B that Tangram bound equal PEFT's loaded ones, bit for bit. The
 mixed batch runs 16 greedy requests over 4 adapters in one engine, against the same 16 on the base; every
 output is checked against the same requests run one adapter per batch.
 """
@@ -32,6 +35,7 @@ from rich.console import Console
 from tangram.bench.common import Column, fmt_num, print_summary, print_table, ratio, result_doc, write_result
 from tangram.engine import EngineConfig, Instance, SamplingParams
 from tangram.engine.lora import AdapterSet
+from tangram.heap import frozen_heap
 from tangram.paths import data_dir
 from tangram.pool import DevicePool
 from tangram.store import Checkpoint, HostCache, Loader, convert
@@ -42,6 +46,7 @@ from tangram.workload import ModelSpec
 
 log = logging.getLogger(__name__)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TOUCH_WAIT_S = 30.0  # at most, for a fresh pool's first pages to be touched
 PEFT_DEFAULT = ["q_proj", "v_proj"]  # PEFT's default target_modules for Qwen2 and Llama
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True,
@@ -63,6 +68,7 @@ class Sizes:
     prompt_tokens: int = 32
     max_tokens: int = 32
     repeats: int = 2
+    big_repeats: int = 5  # the large adapter's loads, both systems, alternating which goes first (medians)
 
 
 QUICK = Sizes("quick", repeats=5)
@@ -157,6 +163,8 @@ def _tangram_states(inst: Instance, conv: Path, loader: Loader, hits: int
             for f in _files(conv):
                 evict_from_page_cache(f)
         pool = DevicePool(int(size * 1.25) + (8 << 20), "cpu", loader=loader)
+        if pool.arena.toucher is not None:  # as a server's long-lived pool is: its first pages touched before a load
+            pool.arena.toucher.idle.wait(TOUCH_WAIT_S)
         adapters = AdapterSet(pool, inst.model, inst.checkpoint, owner="bench")
         t0 = time.perf_counter()
         bound = adapters.acquire(conv)
@@ -206,14 +214,31 @@ def raw_read_s(path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def load_rows(inst: Instance, peft_model: Any, pairs: list[tuple[Path, Path]], sizes: Sizes, label: str) -> list[dict]:
-    """One row per timed adapter: every state of both systems, and the equality check."""
+def load_rows(inst: Instance, peft_model: Any, pairs: list[tuple[Path, Path]], sizes: Sizes, label: str,
+              repeats: int = 1) -> list[dict]:
+    """One row per timed adapter: every state of both systems (medians of `repeats` rounds, the system that goes
+    first alternating: a cold read's speed on this VM depends on what the disk's host read lately), and the
+    equality check."""
     loader = Loader(cache=HostCache(2 * Checkpoint(pairs[0][1]).index.total_bytes + (64 << 20))) if pairs else None
     rows = []
     for i, (src, conv) in enumerate(pairs):
         name = f"{label}-{i}"
-        peer = _peft_states(peft_model, src, name)
-        ours, bound, adapters = _tangram_states(inst, conv, loader, sizes.pool_hits)
+        peers: list[dict[str, float]] = []
+        ourses: list[dict[str, float]] = []
+        for rep in range(repeats):
+            last = rep == repeats - 1
+            for system in (("peft", "tangram") if rep % 2 == 0 else ("tangram", "peft")):
+                if system == "peft":
+                    peers.append(_peft_states(peft_model, src, name))
+                    if not last:
+                        peft_model.delete_adapter(name)
+                    continue
+                ours, bound, adapters = _tangram_states(inst, conv, loader, sizes.pool_hits)
+                ourses.append(ours)
+                if not last:
+                    adapters.close()
+        peer = {k: statistics.median(p[k] for p in peers) for k in peers[0]}
+        ours = {k: statistics.median(o[k] for o in ourses) for k in ourses[0]}
         modules = _check_equal(peft_model, name, bound)
         adapters.close()
         peft_model.delete_adapter(name)
@@ -224,7 +249,9 @@ def load_rows(inst: Instance, peft_model: Any, pairs: list[tuple[Path, Path]], s
                      "tangram_pool_ms": ours["pool"] * 1e3, "peft_cold_s": peer["cold"],
                      "peft_cold_lowmem_s": peer["cold-lowmem"], "peft_dram_s": peer["dram"],
                      "peft_dram_lowmem_s": peer["dram-lowmem"], "speedup_cold": ratio(peer_cold, ours["cold"]),
-                     "raw_read_cold_s": raw_read_s(src / "adapter_model.safetensors")})
+                     "raw_read_cold_s": raw_read_s(src / "adapter_model.safetensors"), "repeats": repeats,
+                     "tangram_cold_runs_s": [round(o["cold"], 4) for o in ourses],
+                     "peft_cold_runs_s": [round(min(p["cold"], p["cold-lowmem"]), 4) for p in peers]})
     return rows
 
 
@@ -286,12 +313,13 @@ def run_lora_bench(*, quick: bool, json_path: Path | None, console: Console | No
 
     peft_model = get_peft_model(model, LoraConfig(r=1, target_modules=["q_proj"]), autocast_adapter_dtype=False)
     capacity = base.index.total_bytes + 8 * Checkpoint(pairs[0][1]).index.total_bytes + (512 << 20)
-    with Instance(base.path, DevicePool(capacity, "cpu"), EngineConfig(templates=False, max_batch=sizes.requests)
-                  ) as inst:
+    # as in a server: no full collection over the start-up objects (torch, PEFT) inside a timed load
+    with frozen_heap(), Instance(base.path, DevicePool(capacity, "cpu"),
+                                 EngineConfig(templates=False, max_batch=sizes.requests)) as inst:
         console.print(f"loads: {sizes.timed} adapters of rank {sizes.rank}" + (f", one of rank {sizes.big_rank}"
                                                                               if big else ""))
         rows = load_rows(inst, peft_model, pairs[:sizes.timed], sizes, f"r{sizes.rank}")
-        rows += load_rows(inst, peft_model, big, sizes, f"r{sizes.big_rank}")
+        rows += load_rows(inst, peft_model, big, sizes, f"r{sizes.big_rank}", repeats=sizes.big_repeats)
         console.print(f"mixed batch: {sizes.requests} requests over {sizes.batch_adapters} adapters, and on the base")
         mixed = mixed_batch(inst, [c for _, c in pairs[:sizes.batch_adapters]], sizes)
         mixed_qv = mixed_batch(inst, [c for _, c in qv], sizes)
