@@ -172,6 +172,8 @@ def _tangram_states(inst: Instance, conv: Path, loader: Loader, hits: int
         stats = bound.binding.wait_loaded()
         if state == "dram" and (stats is None or stats.bytes_from_cache != size):
             raise AssertionError(f"{conv.name}: the dram load read {stats} instead of the host cache")
+        if state == "cold" and (stats is None or stats.bytes_from_disk != size):
+            raise AssertionError(f"{conv.name}: the cold load read {stats} instead of the files")
         loader.cache.wait_idle()
         if state == "cold":
             adapters.release(bound)
@@ -219,7 +221,6 @@ def load_rows(inst: Instance, peft_model: Any, pairs: list[tuple[Path, Path]], s
     """One row per timed adapter: every state of both systems (medians of `repeats` rounds, the system that goes
     first alternating: a cold read's speed on this VM depends on what the disk's host read lately), and the
     equality check."""
-    loader = Loader(cache=HostCache(2 * Checkpoint(pairs[0][1]).index.total_bytes + (64 << 20))) if pairs else None
     rows = []
     for i, (src, conv) in enumerate(pairs):
         name = f"{label}-{i}"
@@ -227,6 +228,7 @@ def load_rows(inst: Instance, peft_model: Any, pairs: list[tuple[Path, Path]], s
         ourses: list[dict[str, float]] = []
         for rep in range(repeats):
             last = rep == repeats - 1
+            loader = Loader(cache=HostCache(2 * Checkpoint(conv).index.total_bytes + (64 << 20)))  # empty: cold
             for system in (("peft", "tangram") if rep % 2 == 0 else ("tangram", "peft")):
                 if system == "peft":
                     peers.append(_peft_states(peft_model, src, name))
