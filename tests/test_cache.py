@@ -102,6 +102,37 @@ def test_fill_copies_before_returning_so_a_reused_source_cannot_spoil_it():
     assert torch.equal(cache.get(key), want) and cache.used_bytes == 8192
 
 
+def test_fill_behind_copies_later_and_leaves_out_a_source_changed_before_its_copy():
+    cache = HostCache(1 << 20, pin=False)
+    kept, reused = blob(8192, 8), blob(8192, 9)
+    kept_key, reused_key, want = key_of(kept), key_of(reused), kept.clone()
+    gate = threading.Event()
+    cache._filler.submit(gate.wait, 30)  # hold the background thread: nothing is copied yet
+    try:
+        cache.fill_behind([(kept_key, kept), (reused_key, reused)])
+        assert cache.get(kept_key) is None and cache.used_bytes == 0  # the caller did not wait for a copy
+        reused[100] ^= 0xFF  # the pool reuses these bytes before the copy runs
+    finally:
+        gate.set()
+    cache.wait_idle()
+    assert torch.equal(cache.get(kept_key), want)
+    assert reused_key not in cache and cache.used_bytes == 8192  # never served: its copy did not match
+
+
+def test_a_load_does_not_wait_for_the_host_cache(tmp_path):
+    save({"a": blob(5000, 1), "b": blob(7000, 2)}, tmp_path / "c")
+    cache = HostCache(1 << 20, pin=False)
+    gate = threading.Event()
+    cache._filler.submit(gate.wait, 30)
+    try:
+        loaded = Loader(method="pread", cache=cache).load(tmp_path / "c")  # returns with the cache thread held
+        assert len(cache) == 0 and torch.equal(loaded["a"], blob(5000, 1))
+    finally:
+        gate.set()
+    cache.wait_idle()
+    assert len(cache) == 2
+
+
 def test_zero_capacity_caches_nothing(tmp_path):
     save({"a": blob(100, 1)}, tmp_path / "c")
     cache = HostCache(0, pin=False)

@@ -122,6 +122,13 @@ class NodeCacheClient:
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(arr)
 
+    def fill_behind(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """`fill` on the background thread, its copies hash-checked before they are published (the caller may have
+        reused the source meanwhile; see `HostCache.fill_behind`)."""
+        todo = list(items)
+        if todo and self.capacity_bytes > 0:
+            self._pending.add(self._filler.submit(self.fill, todo, verified=False))
+
     def fill(self, items: Iterable[tuple[str, torch.Tensor]], *, verified: bool = False) -> None:
         """Cache (content hash, loaded tensor) pairs in the node's object store: the bytes are put now, while
         the caller still owns them; the publication (after a hash check unless `verified`: the loader checked

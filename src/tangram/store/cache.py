@@ -2,16 +2,20 @@
 
 Keyed by content hash, so a tensor shared by two checkpoints is cached once. Entries
 are pinned when CUDA is present, so a hit becomes one asynchronous host-to-device copy.
-A load copies what it read from disk into the cache before it returns (the
-pool may reuse those bytes as soon as the instance ends). Bytes the loader
-verified while reading are served at once; any other copy is re-hashed on a
+`fill` copies before it returns, for a caller that reuses its bytes at once;
+`fill_behind` (the loader's: a load's path never waits for the cache) copies
+on a background thread and hashes each copy, since the pool may have reused
+the source meanwhile. Bytes the loader verified while reading and copied
+before `fill` returned are served at once; every other copy is hashed on a
 background thread and served only if it matches, so a cache never serves
 wrong bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -23,6 +27,7 @@ from tangram.store.hashing import as_bytes, hash_bytes
 from tangram.store.io import copy_bytes, host_buffer
 
 log = logging.getLogger(__name__)
+FILL_NICE = 10  # background copies into the cache run behind the threads that serve
 
 
 class HostCache:
@@ -37,7 +42,8 @@ class HostCache:
         self._staged: dict[str, torch.Tensor] = {}  # copied, hash not yet checked: not served
         self._used = 0
         self._lock = threading.Lock()
-        self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tangram-cache-fill")
+        self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tangram-cache-fill",
+                                          initializer=background_priority)
         self._pending = PendingFills()
         self.hits = 0
         self.misses = 0
@@ -115,6 +121,26 @@ class HostCache:
         if staged and not verified:
             self._pending.add(self._filler.submit(self._verify, staged))
 
+    def fill_behind(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Cache (content hash, bytes) pairs later, on the background thread: each is copied there and served only
+        if the copy matches its hash (a source changed before its copy is left out). For sources that stay put
+        for a while but may be reused (a pool's tensors after a load); the caller never waits for the copies."""
+        todo = [(key, data) for key, data in items
+                if self.capacity_bytes > 0 and key not in self and _flat_bytes(data).numel() <= self.capacity_bytes]
+        if todo:
+            self._pending.add(self._filler.submit(self._copy_checked, todo))
+
+    def _copy_checked(self, items: list[tuple[str, torch.Tensor]]) -> None:
+        for key, data in items:
+            if key in self:
+                continue
+            buf = self._copy(_flat_bytes(data))
+            if hash_bytes(buf) != key:
+                log.info("host cache: the bytes for %s changed before they were copied; not cached", key)
+                continue
+            with self._lock:
+                self._publish(key, buf)
+
     def _publish(self, key: str, buf: torch.Tensor) -> None:
         """Serve `buf` under `key` (lock held)."""
         if key not in self._entries:
@@ -185,11 +211,20 @@ class PendingFills:
             return len(self._futures)
 
     def wait(self) -> None:
-        """Block until every job tracked now has finished."""
-        with self._lock:
-            futures = list(self._futures)
-        for fut in futures:
-            fut.result()
+        """Block until no job is left, including those added by a job while it ran."""
+        while True:
+            with self._lock:
+                futures = list(self._futures)
+            if not futures:
+                return
+            for fut in futures:
+                fut.result()
+
+
+def background_priority() -> None:
+    """Lower the calling thread's CPU priority (a cache fill yields to loads and engine steps)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FILL_NICE)
 
 
 def _flat_bytes(data: torch.Tensor) -> torch.Tensor:

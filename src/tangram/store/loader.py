@@ -7,7 +7,9 @@ the rest is planned into coalesced aligned reads; reader threads execute both
 (copies in chunks), and hash every tensor read from disk as its bytes land.
 On CPU the reads land straight in the destination; on CUDA they land in a ring
 of pinned staging buffers whose asynchronous host-to-device copies on
-per-thread streams overlap with the next reads.
+per-thread streams overlap with the next reads. What was read from disk is
+copied into the host cache behind the load (`HostCache.fill_behind`): a load
+never waits for the cache.
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ class Loader:
                     landed=(lambda piece: landed(piece.name)) if landed is not None else None,
                     through_bounce=through_bounce)
         if self.cache is not None and disk:
-            self.cache.fill(((index.tensors[index.resolve(p.name)].hash, p.dest) for p in disk), verified=verify)
+            self.cache.fill_behind((index.tensors[index.resolve(p.name)].hash, p.dest) for p in disk)
         stats.seconds = time.perf_counter() - start
         log.debug("loaded %s: %s", ckpt.path, stats)
         return stats
