@@ -14,7 +14,8 @@ are exactly PEFT's; Tangram converts them at "deploy" (`store/adapter.py`). Per 
 
 The large adapter of full mode is timed `big_repeats` times per system, which system goes first alternating (a
 cold read's speed on the VM depends on what its disk read lately), medians. The timed part runs with the
-start-up heap frozen out of the garbage collector, as the server runs (`tangram.heap`). Every load is checked: each module's A and B that Tangram bound equal PEFT's loaded ones, bit for bit. The
+start-up heap frozen out of the garbage collector, as the server runs (`tangram.heap`), and the garbage of the
+previous state collected before each timed load, for both systems. Every load is checked: each module's A and B that Tangram bound equal PEFT's loaded ones, bit for bit. The
 mixed batch runs 16 greedy requests over 4 adapters in one engine, against the same 16 on the base; every
 output is checked against the same requests run one adapter per batch.
 """
@@ -22,6 +23,7 @@ output is checked against the same requests run one adapter per batch.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import statistics
 import time
@@ -162,6 +164,7 @@ def _tangram_states(inst: Instance, conv: Path, loader: Loader, hits: int
         if state == "cold":
             for f in _files(conv):
                 evict_from_page_cache(f)
+        gc.collect()  # the previous state's pool and set are reference cycles: freed now, not inside a timed load
         pool = DevicePool(int(size * 1.25) + (8 << 20), "cpu", loader=loader)
         if pool.arena.toucher is not None:  # as a server's long-lived pool is: its first pages touched before a load
             pool.arena.toucher.idle.wait(TOUCH_WAIT_S)
@@ -198,6 +201,7 @@ def _peft_states(peft_model: Any, src: Path, name: str) -> dict[str, float]:
         for state in ("cold", "dram"):
             if state == "cold":
                 evict_from_page_cache(src / "adapter_model.safetensors")
+            gc.collect()  # a deleted adapter's garbage is freed now, not inside the timed load (as for Tangram)
             t0 = time.perf_counter()
             peft_model.load_adapter(src, adapter_name=name, low_cpu_mem_usage=low, autocast_adapter_dtype=False)
             times[f"{state}{'-lowmem' if low else ''}"] = time.perf_counter() - t0
