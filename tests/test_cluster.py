@@ -103,6 +103,18 @@ def test_workers_are_actors_on_both_nodes(server):
     infos = ray.get([w.actor.ready.remote() for w in server.workers])
     assert [i["ray_node"] for i in infos] == [w["ray_node"] for w in workers]
     assert len({i["pid"] for i in infos} | {os.getpid()}) == 5  # four actor processes besides the head
+    assert [i["compute_threads"] for i in infos] == [1] * 4  # one Ray CPU per node, two devices: one thread each
+
+
+def test_cpu_workers_split_their_nodes_cpus_between_them():
+    from tangram.cluster.placement import NodeDevices
+
+    def threads(gpus: int, devices: int, cpus: int) -> int | None:
+        return NodeDevices("n", "127.0.0.1", gpus, devices, cpus).compute_threads
+
+    assert threads(0, 1, 16) == 16 and threads(0, 2, 16) == 8 and threads(0, 3, 16) == 5
+    assert threads(0, 4, 2) == 1  # never none
+    assert threads(1, 0, 16) is None and threads(0, 1, 0) is None  # GPU workers, or no CPU figure: unchanged
 
 
 def test_restart_goes_to_the_node_and_device_that_hold_the_model(server):

@@ -33,6 +33,7 @@ from tangram.cluster.cache import NodeCacheClient
 from tangram.pool import PoolConfig
 from tangram.engine import EngineConfig, RequestError, RequestOutput, SamplingParams, StartCost
 from tangram.engine.migration import MigrationState
+from tangram import threads
 from tangram.heap import freeze_startup_heap
 from tangram.store import CheckpointIndex, Loader
 from tangram.worker import DeviceMap, PlacementState, Worker, local_devices
@@ -78,7 +79,13 @@ class WorkerActor:
     """One device of a node: a `Worker` (pool, running instances) in its own Ray actor process."""
 
     def __init__(self, index: int, capacity: int | float, node: int, cache: ActorHandle | None = None,
-                 cache_bytes: int = 0, device: str | None = None, pool: PoolConfig | None = None) -> None:
+                 cache_bytes: int = 0, device: str | None = None, pool: PoolConfig | None = None,
+                 compute_threads: int | None = None) -> None:
+        """`compute_threads`: the most threads a model step runs on here (the node's share of its Ray CPUs:
+        actors that share a host's cores and each compute on all of them slow each other down many times over;
+        `TANGRAM_COMPUTE_THREADS` may only lower it)."""
+        if compute_threads is not None:
+            os.environ[threads.ENV] = str(min(compute_threads, threads.compute_threads()))
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         # The only blocking ray.get calls here (node-cache reads and fills) run on the thread pool, never on
         # the event loop: Ray's one-time warning about blocking gets in async actors does not apply.
@@ -91,9 +98,10 @@ class WorkerActor:
         freeze_startup_heap()
 
     def ready(self) -> dict:
-        """Where this actor runs: Ray node id, process id, device, worker name, pool capacity."""
+        """Where this actor runs: Ray node id, process id, device, worker name, pool capacity, compute threads."""
         return {"ray_node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "device": self.worker.device, "name": self.worker.name, "capacity": self.worker.pool.capacity}
+                "device": self.worker.device, "name": self.worker.name, "capacity": self.worker.pool.capacity,
+                "compute_threads": threads.compute_threads()}
 
     async def start(self, deployment: str, checkpoint: str, config: EngineConfig, age: float,
                     backend: str = "builtin") -> tuple[str, StartCost]:

@@ -38,6 +38,15 @@ class NodeDevices:
     address: str
     gpus: int
     cpu_devices: int
+    cpus: int = 0  # the node's CPU resource in Ray (0: unknown)
+
+    @property
+    def compute_threads(self) -> int | None:
+        """Threads each CPU worker of the node steps models on: the node's CPUs split among its CPU devices, so
+        workers that share a host (loopback nodes, several logical devices) do not oversubscribe its cores."""
+        if self.gpus or self.cpus <= 0 or self.cpu_devices <= 0:
+            return None
+        return max(1, self.cpus // self.cpu_devices)
 
     @property
     def count(self) -> int:
@@ -55,7 +64,8 @@ def cluster_nodes(cpu_devices: int) -> list[NodeDevices]:
         res = n.get("Resources", {})
         gpus = int(res.get("GPU", 0))
         if gpus or res.get("CPU", 0) > 0:
-            nodes.append(NodeDevices(n["NodeID"], n["NodeManagerAddress"], gpus, 0 if gpus else cpu_devices))
+            nodes.append(NodeDevices(n["NodeID"], n["NodeManagerAddress"], gpus, 0 if gpus else cpu_devices,
+                                     int(res.get("CPU", 0))))
     return nodes
 
 
@@ -110,7 +120,8 @@ class RayCluster:
                 index = len(pending)
                 actor = WorkerActor.options(**opts).remote(index, _capacity(config, node), ordinal, cache,
                                                            config.host_cache_bytes,
-                                                           None if node.gpus else "cpu", config.pool)
+                                                           None if node.gpus else "cpu", config.pool,
+                                                           node.compute_threads)
                 pending.append((actor, index, ordinal, node))
         cluster = cls([], caches, started_ray)
         try:
