@@ -17,20 +17,22 @@ from tangram.pool import touch
 from tangram.pool.capacity import device_memory, resolve_capacity
 from tangram.pool.ledger import Ledger, Placement
 from tangram.store import io
-from tangram.store.io import host_buffer, shared_host_buffer
 
 __all__ = ["Arena", "POOL_ALIGNMENT", "free_device_bytes", "resolve_capacity"]
 POOL_ALIGNMENT = 4096  # >= CUDA's 256; page aligned on CPU so O_DIRECT reads land in place
 
 
 class Arena:
-    """Fixed-capacity byte arena on one device: a buffer and the `Ledger` of its used ranges."""
+    """Fixed-capacity byte arena on one device: a buffer and the `Ledger` of its used ranges.
+
+    `direct_reads_fast`: whether O_DIRECT reads may land in the buffer directly (`io.direct_reads_land_fast`);
+    otherwise the loader reads through bounce buffers."""
 
     def __init__(self, capacity_bytes: int, device: torch.device, alignment: int = POOL_ALIGNMENT,
                  touch_ahead: int | None = None, shared: bool = False) -> None:
         """`touch_ahead` (CPU): bytes kept touched beyond the highest placement, and touched at construction
         (default `touch.TOUCH_AHEAD_BYTES`). `shared` (CPU): the buffer is shared memory that engine processes
-        map (`share_path`); `direct_reads_fast`: whether O_DIRECT reads may land in it directly."""
+        map (`share_path`)."""
         self.ledger = Ledger(capacity_bytes, alignment)
         self.alignment, self.capacity = alignment, self.ledger.capacity
         self.device = device
@@ -39,9 +41,9 @@ class Arena:
         self.direct_reads_fast = io.direct_reads_land_fast(shared) if device.type == "cpu" else True
         if device.type == "cpu":
             if shared:
-                self.buffer, self._shared_fd = shared_host_buffer(self.capacity)
+                self.buffer, self._shared_fd = io.shared_host_buffer(self.capacity)
             else:
-                self.buffer = host_buffer(self.capacity, touch=False)  # page aligned, huge pages where allowed
+                self.buffer = io.host_buffer(self.capacity, touch=False)  # page aligned, huge pages where allowed
             ahead = touch.TOUCH_AHEAD_BYTES if touch_ahead is None else touch_ahead
             self.toucher = touch.Toucher(self.buffer, ahead)
             self.toucher.need(0)  # the first placements land in touched memory
