@@ -29,11 +29,11 @@ from pathlib import Path
 import ray
 from ray.actor import ActorHandle
 
+from tangram import threads
 from tangram.cluster.cache import NodeCacheClient
 from tangram.pool import PoolConfig
 from tangram.engine import EngineConfig, RequestError, RequestOutput, SamplingParams, StartCost
 from tangram.engine.migration import MigrationState
-from tangram import threads
 from tangram.heap import freeze_startup_heap
 from tangram.store import CheckpointIndex, Loader
 from tangram.worker import DeviceMap, PlacementState, Worker, local_devices
