@@ -9,8 +9,6 @@ memory it uses (plus the touch-ahead) rather than its whole capacity.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from tangram.pool import touch
@@ -53,8 +51,8 @@ class Arena:
 
     @property
     def share_path(self) -> str | None:
-        """Where another process of this user maps the buffer (`tangram.store.io.map_shared`), None if private."""
-        return None if self._shared_fd is None else f"/proc/{os.getpid()}/fd/{self._shared_fd}"
+        """Where another process of this user maps the buffer (`io.fd_path` of its memfd), None if private."""
+        return None if self._shared_fd is None else io.fd_path(self._shared_fd)
 
     def offset_of(self, view: torch.Tensor) -> int:
         """Byte offset in the buffer of a view into it."""

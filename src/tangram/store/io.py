@@ -86,8 +86,8 @@ def host_buffer(nbytes: int, *, pin: bool = False, touch: bool = True) -> torch.
 def shared_host_buffer(nbytes: int) -> tuple[torch.Tensor, int]:
     """A flat uint8 host buffer in shared memory (a memfd) that other processes can map, and its file descriptor.
 
-    Another process of the same user maps it at `/proc/<pid>/fd/<fd>` (`tangram.vllm.weights.arena_of`). Pages fault in on first
-    write, 4 KiB each where the kernel gives shared memory no transparent huge pages (the common default).
+    Another process of the same user maps it at `fd_path(fd)` (`tangram.vllm.weights.arena_of`). Pages fault in
+    on first write, 4 KiB each where the kernel gives shared memory no transparent huge pages (the common default).
     """
     fd = os.memfd_create("tangram-arena", os.MFD_CLOEXEC)
     os.ftruncate(fd, max(nbytes, 1))
@@ -95,6 +95,11 @@ def shared_host_buffer(nbytes: int) -> tuple[torch.Tensor, int]:
     if hasattr(mmap, "MADV_HUGEPAGE"):
         region.madvise(mmap.MADV_HUGEPAGE)  # honoured where shmem THP is "advise"
     return torch.frombuffer(region, dtype=torch.uint8)[:nbytes], fd
+
+
+def fd_path(fd: int) -> str:
+    """The path at which another process of this user opens this process's file descriptor `fd`."""
+    return f"/proc/{os.getpid()}/fd/{fd}"
 
 
 def direct_reads_land_fast(shared: bool) -> bool:

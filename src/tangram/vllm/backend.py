@@ -32,7 +32,7 @@ from tangram.engine.stages import Stages, StartCost
 from tangram.pool import DevicePool
 from tangram.store import Checkpoint, LoadStats
 from tangram.store.format import ALIGNMENT, align_up
-from tangram.store.io import shared_host_buffer
+from tangram.store.io import fd_path, shared_host_buffer
 from tangram.pool.records import Binding
 from tangram.vllm.messages import BindSpec, Delta, ShellSetup, TensorRef
 from tangram.vllm.params import vllm_sampling
@@ -64,7 +64,10 @@ def weights_identity(index) -> str:
     return hashlib.sha256("\n".join(pairs).encode()).hexdigest()[:32]
 
 
-def bind_spec(pool: DevicePool, binding: Binding, identity: str) -> tuple[BindSpec, object]:
+Staging = tuple[torch.Tensor, int] | None  # a private arena's shared-memory copy and its descriptor, until bound
+
+
+def bind_spec(pool: DevicePool, binding: Binding, identity: str) -> tuple[BindSpec, Staging]:
     """Where each tensor of an acquired model lies for the shell to map, and what must live until it has bound.
 
     A shared CPU arena (`pool.shared`) or a CUDA arena is mapped as it is, no copy. A private CPU arena cannot be
@@ -72,27 +75,31 @@ def bind_spec(pool: DevicePool, binding: Binding, identity: str) -> tuple[BindSp
     """
     arena = pool.arena
     tensors = binding.tensors
+
+    def ref(name: str, t: torch.Tensor, offset: int) -> TensorRef:
+        return TensorRef(name, offset, t.numel() * t.element_size(), str(t.dtype).removeprefix("torch."),
+                         tuple(t.shape))
+
     if arena.device.type == "cpu" and arena.share_path is None:
         total = sum(align_up(t.numel() * t.element_size(), ALIGNMENT) for t in tensors.values())
         buf, fd = shared_host_buffer(total)
         refs, at = [], 0
         for name, t in tensors.items():
-            n = t.numel() * t.element_size()
-            buf[at : at + n].copy_(t.reshape(-1).view(torch.uint8))
-            refs.append(TensorRef(name, at, n, str(t.dtype).removeprefix("torch."), tuple(t.shape)))
-            at += align_up(n, ALIGNMENT)
+            r = ref(name, t, at)
+            buf[at : at + r.nbytes].copy_(t.reshape(-1).view(torch.uint8))
+            refs.append(r)
+            at += align_up(r.nbytes, ALIGNMENT)
         log.info("pool arena is private: staged %d bytes through shared memory (pool.shared = true maps it "
                  "without this copy)", total)
-        return BindSpec(tuple(refs), total, f"/proc/{os.getpid()}/fd/{fd}", None, key=identity), (buf, fd)
-    refs = [TensorRef(name, arena.offset_of(t), t.numel() * t.element_size(), str(t.dtype).removeprefix("torch."),
-                      tuple(t.shape)) for name, t in tensors.items()]
+        return BindSpec(tuple(refs), total, fd_path(fd), None, key=identity), (buf, fd)
+    refs = [ref(name, t, arena.offset_of(t)) for name, t in tensors.items()]
     return BindSpec(tuple(refs), arena.capacity, arena.share_path, arena.buffer if arena.device.type == "cuda"
                     else None, key=identity), None
 
 
-def _unstage(staging: object) -> None:
+def _unstage(staging: Staging) -> None:
     if staging is not None:
-        os.close(staging[1])  # type: ignore[index]  # the shell's mapping keeps what it still reads
+        os.close(staging[1])  # the shell's mapping keeps what it still reads
 
 
 def prewarm(checkpoint: Path, pool: DevicePool, config: EngineConfig) -> float:
