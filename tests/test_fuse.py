@@ -101,3 +101,53 @@ def test_an_instance_fuses_attention_and_mlp_projections_and_keeps_greedy_output
         assert len(fused) == 2 * 2  # q/k/v and gate/up of each of the two layers
         out = inst.engine.generate([[5, 17, 33, 9]], SamplingParams(max_tokens=10, ignore_eos=True))
         assert out[0].output_ids == ref
+
+
+
+
+def test_two_threads_sharing_one_skeleton_each_get_their_own_inputs_outputs():
+    """Instances of one checkpoint on one pool share a skeleton and step on their own threads: a member must
+    never return the slice of another thread's input (a 2-instance replay failed a step with a shape error).
+    The interleaving is forced: thread A stops right before it reads the group's output for its k_proj, and
+    thread B runs a whole q_proj on another input meanwhile."""
+    import linecache
+    import sys
+    import threading
+
+    m = Attn(True)
+    prepack(m, idents(m), hint=4, cache=PackedCache(1 << 30))
+    xa, xb = torch.randn(1, 3, 16), torch.randn(1, 5, 16)
+    paused, resume = threading.Event(), threading.Event()
+    got: dict[str, object] = {}
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_name != "run" or not frame.f_code.co_filename.endswith("fuse.py"):
+            return None
+
+        def local(frame, event, arg):
+            line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+            if event == "line" and frame.f_locals.get("i") == 1 and line.startswith("out = "):
+                paused.set()
+                resume.wait(10)
+            return local
+        return local
+
+    def thread_a() -> None:
+        m.q_proj(xa)
+        sys.settrace(tracer)
+        try:
+            got["k"] = m.k_proj(xa)
+        except Exception as exc:  # noqa: BLE001 - the other thread's state cleared under it
+            got["k"] = exc
+        finally:
+            sys.settrace(None)
+
+    a = threading.Thread(target=thread_a)
+    a.start()
+    assert paused.wait(10)
+    qb = m.q_proj(xb)  # thread B (this one), while A is inside its k_proj
+    resume.set()
+    a.join(10)
+    torch.testing.assert_close(qb, plain(m.q_proj, xb), rtol=1e-5, atol=1e-5)
+    assert isinstance(got["k"], torch.Tensor), got["k"]
+    torch.testing.assert_close(got["k"], plain(m.k_proj, xa), rtol=1e-5, atol=1e-5)

@@ -11,11 +11,14 @@ group's output for that input: the first member called computes it, the others
 find it by the input's identity. A member called with another input (a model
 whose siblings read different tensors) or whose packed weight was evicted
 runs its own plain `linear`, so outputs never depend on the call order.
-The model's modules and the pool's weights are not changed.
+The model's modules and the pool's weights are not changed. The held input and
+output are per thread: instances of one checkpoint on one pool share a skeleton
+(`skeleton.RuntimeCache`) and each steps on its own thread.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -80,9 +83,7 @@ class FusedProjection:
         for m in group.members:
             bounds.append(bounds[-1] + m.out_features)
         self.bounds = bounds
-        self._x: torch.Tensor | None = None
-        self._out: torch.Tensor | None = None
-        self._served = 0
+        self._held = threading.local()  # this thread's input, the group's output for it, members served
 
     def part(self, i: int) -> FusedPart:
         """The forward of member `i`."""
@@ -90,17 +91,18 @@ class FusedProjection:
 
     def run(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Member `i`'s output for `x`: its slice of the group's output (computed once per input)."""
-        if x is not self._x:
+        held = self._held
+        if getattr(held, "x", None) is not x:
             member = self.group.members[i]
             packed = self.cache.get(self.ident)
             if packed is None or x.dtype != member.weight.dtype:
                 return F.linear(x, member.weight, member.bias)
-            self._out = torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
-            self._x, self._served = x, 0
-        out = self._out[..., self.bounds[i]:self.bounds[i + 1]]
-        self._served += 1
-        if self._served == len(self.group.members):  # every member has its slice: hold no tensors between calls
-            self._x = self._out = None
+            held.out = torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+            held.x, held.served = x, 0
+        out = held.out[..., self.bounds[i]:self.bounds[i + 1]]
+        held.served += 1
+        if held.served == len(self.group.members):  # every member has its slice: hold no tensors between calls
+            held.x = held.out = None
         return out
 
 
