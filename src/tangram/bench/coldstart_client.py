@@ -36,6 +36,8 @@ async def one(client: httpx.AsyncClient, url: str, req: dict) -> dict:
                 if out["ttft_s"] is None:
                     out["ttft_s"] = time.perf_counter() - t0
                 out["text"] += chunk["choices"][0]["text"]
+                if (chunk.get("tangram") or {}).get("error"):  # it failed after its first token
+                    out["error"] = chunk["tangram"]["error"]
                 stages = (chunk.get("tangram") or {}).get("stages")
                 if stages:
                     out.update(start=stages["start"], load_s=stages["load_s"], init_s=stages["init_s"],

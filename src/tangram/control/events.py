@@ -24,7 +24,7 @@ TTFT_KEPT = 512
 RATE_WINDOW_S = 10.0  # requests/s is counted over the last this many seconds
 
 EventKind = Literal["deploy", "remove", "start", "start-failed", "scale-down", "scale-to-zero", "stop", "drain",
-                    "evict"]
+                    "evict", "migrate", "consolidate"]
 START_TYPES = ("warm", "pool-hit", "dram", "cold")
 
 
