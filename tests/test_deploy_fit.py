@@ -96,7 +96,7 @@ async def _ask(ctl: Controller, name: str) -> int:
 
 
 def test_a_start_goes_only_to_a_device_whose_pool_can_hold_it(model_dir, need, monkeypatch):
-    monkeypatch.setattr(controller_mod, "choose_placement", lambda states, nbytes, policy: 0)  # the first listed
+    monkeypatch.setattr(controller_mod, "choose_scale_out", lambda states, nbytes, hosting, policy: 0)  # the first
 
     async def main() -> None:
         small, big = Worker(0, "cpu", need.weights // 2, Loader()), Worker(1, "cpu", 64 << 20, Loader())
@@ -108,6 +108,23 @@ def test_a_start_goes_only_to_a_device_whose_pool_can_hold_it(model_dir, need, m
         await ctl.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_second_instance_goes_to_the_other_device_when_it_fits_there(model_dir):
+    """Scale-out adds compute: two starts of one deployment at once (each placed before the other is up) land
+    on two devices, not beside each other on the first one (where a re-bind would have been cheapest)."""
+    async def main() -> list[str]:
+        ctl = Controller([Worker(0, "cpu", 64 << 20, Loader()), Worker(1, "cpu", 64 << 20, Loader())])
+        await ctl.deploy(Deployment(name="m", checkpoint=str(model_dir), max_instances=2, target_concurrency=1,
+                                    keep_alive_s=600))
+        tokens = await asyncio.wait_for(asyncio.gather(*(_ask(ctl, "m") for _ in range(4))), 120)
+        assert tokens == [2, 2, 2, 2]
+        where = sorted(r.worker.name for r in ctl._states["m"].replicas)  # noqa: SLF001 - the controller's records
+        assert ctl._states["m"].placing == []  # noqa: SLF001 - every start recorded its end
+        await ctl.shutdown()
+        return where
+
+    assert asyncio.run(main()) == ["cpu#0", "cpu#1"]
 
 
 def test_a_start_that_can_never_fit_its_pool_fails_at_once(model_dir, need, monkeypatch):

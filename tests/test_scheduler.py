@@ -233,3 +233,20 @@ def test_remote_starts_refine_the_estimate_from_their_reported_cost():
     before = est.bandwidths
     observe_start(SimpleNamespace(cost=StartCost(start="pool-hit")), est)
     assert est.bandwidths == before
+
+
+def test_a_further_instance_goes_to_a_device_without_one_when_it_fits_there() -> None:
+    from tangram.scheduler.adapter import choose_scale_out
+    from tangram.worker import PlacementState
+
+    bw = Bandwidths(dram=10 * GB, disk=2 * GB)
+    hosting = PlacementState(0, free=1 * GB, retained=0, queue_s=0.0, resident=2 * GB, cached=0)  # runs one
+    empty = PlacementState(0, free=3 * GB, retained=0, queue_s=0.0, resident=0, cached=0)
+    full = PlacementState(0, free=1 * GB, retained=0, queue_s=0.0, resident=0, cached=0)  # busy with others
+    assert choose_scale_out([hosting, empty], 2 * GB, [True, False], bandwidths=bw) == 1  # its own compute
+    assert choose_scale_out([empty, hosting], 2 * GB, [False, True], bandwidths=bw) == 0
+    # nowhere else without stopping busy instances: beside its first instance (a re-bind) rather than wait
+    assert choose_scale_out([hosting, full], 2 * GB, [True, False], bandwidths=bw) == 0
+    # no instance yet, or one on every device: the plain placement (the model's resident device)
+    assert choose_scale_out([empty, hosting], 2 * GB, [False, False], bandwidths=bw) == 1
+    assert choose_scale_out([empty, hosting], 2 * GB, [True, True], bandwidths=bw) == 1

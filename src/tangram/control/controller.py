@@ -28,7 +28,7 @@ from tangram.control.events import Activity
 from tangram.control.migrate import Migrator
 from tangram.control.state import DeploymentState as _State, DeploymentUnavailable, ReplicaState, UnknownDeployment
 from tangram.control.fit import DoesNotFit, check_fits, footprint
-from tangram.scheduler.adapter import choose_placement, observe_start
+from tangram.scheduler.adapter import choose_scale_out, observe_start
 from tangram.engine import RequestOutput, SamplingParams
 from tangram.pool import PoolFullError
 from tangram.resolve import resolve_model
@@ -49,9 +49,7 @@ class Controller:
         self.policy = policy
         self.start_timeout_s = 300.0  # how long a start waits for pool space held by running instances
         self.drain_after_s = 0.25  # a start waiting this long for pool space drains one busy instance (then more)
-        # a start waiting for pool space is woken by the events that make room; this only bounds the wait for
-        # frees the controller does not see (a sequence preempted inside an engine)
-        self.room_recheck_s = 0.5
+        self.room_recheck_s = 0.5  # bounds a start's wait for room freed where no event says (engine preemption)
         self._states: dict[str, _State] = {}
         self._room_waiters: dict[str, list[asyncio.Future]] = {}  # per worker: starts waiting for pool space
         self._capacities: dict[str, int] | None = None  # per worker: its pool's bytes (fixed once built)
@@ -100,12 +98,7 @@ class Controller:
 
     def describe(self, name: str) -> dict:
         """A deployment's settings and live state."""
-        s = self._get(name)
-        return {**s.spec.model_dump(mode="json"), "resolved_checkpoint": str(s.checkpoint), "bytes": s.index.total_bytes,
-                "pool_bytes_needed": s.need.total,
-                "instances": len(s.replicas), "starting": s.starting, "queued": s.queued,
-                "inflight": sum(r.inflight for r in s.replicas), "last_error": s.last_error,
-                "starts": dict(s.starts), "bytes_loaded": s.bytes_loaded, "bytes_reused": s.bytes_reused}
+        return self._get(name).describe()
 
     def status(self) -> dict:
         """Per device pool bytes and instances (as last known: a remote worker's refreshes behind, so a
@@ -237,21 +230,28 @@ class Controller:
         asyncio.get_running_loop().create_task(self._start_on(state, fits, arrival))
 
     async def _place(self, state: _State, fits: list[WorkerHandle]) -> WorkerHandle:
-        """The worker to start on, among those that answer (a Ray actor restarting refuses calls)."""
+        """The worker to start on, among those that answer (a Ray actor restarting refuses calls), another than
+        its instances' when it fits there; recorded in `state.placing` (the caller removes it)."""
         states = await asyncio.gather(*(w.placement_state(state.index) for w in fits), return_exceptions=True)
         up = [(w, st) for w, st in zip(fits, states) if not isinstance(st, BaseException)]
         if not up:
             raise states[0]
-        return up[choose_placement([st for _, st in up], state.index.total_bytes, self.policy)][0]
+        hosts = state.hosts()  # read after the await: no other start can place in between
+        i = choose_scale_out([st for _, st in up], state.index.total_bytes, [w.name in hosts for w, _ in up],
+                             self.policy)
+        state.placing.append(up[i][0].name)
+        return up[i][0]
 
     async def _start_on(self, state: _State, fits: list[WorkerHandle], arrival: float) -> None:
         spec = state.spec
         loop = asyncio.get_running_loop()
-        worker = fits[0]
+        worker, placed = fits[0], False
         try:
-            worker = await self._place(state, fits)
+            worker, placed = await self._place(state, fits), True
             replica = await self._start_with_room(state, worker, arrival)
         except Exception as exc:  # noqa: BLE001 - a bad checkpoint fails this deployment only
+            if placed:
+                state.placing.remove(worker.name)
             log.exception("starting %s on %s failed", spec.name, worker.name)
             state.starting -= 1
             state.last_error = f"instance of {spec.name!r} failed to start: {exc}"
@@ -260,6 +260,7 @@ class Controller:
                 self._wake(state, DeploymentUnavailable(state.last_error))
             return
         state.starting -= 1
+        state.placing.remove(worker.name)
         if state.removed:
             await worker.stop(replica.ref)
             return

@@ -95,3 +95,16 @@ class DeploymentState:
     bytes_loaded: int = 0
     bytes_reused: int = 0
     starts: dict[str, int] = field(default_factory=lambda: {"pool-hit": 0, "dram": 0, "cold": 0})
+    placing: list[str] = field(default_factory=list)  # workers where one of its starts is under way
+
+    def describe(self) -> dict:
+        """Its settings and live state (`Controller.describe`)."""
+        return {**self.spec.model_dump(mode="json"), "resolved_checkpoint": str(self.checkpoint),
+                "bytes": self.index.total_bytes, "pool_bytes_needed": self.need.total,
+                "instances": len(self.replicas), "starting": self.starting, "queued": self.queued,
+                "inflight": sum(r.inflight for r in self.replicas), "last_error": self.last_error,
+                "starts": dict(self.starts), "bytes_loaded": self.bytes_loaded, "bytes_reused": self.bytes_reused}
+
+    def hosts(self) -> set[str]:
+        """The workers that run an instance of it, or where one is starting."""
+        return {r.worker.name for r in self.replicas if not r.stopping} | set(self.placing)

@@ -85,6 +85,24 @@ def choose_placement(states: Sequence[PlacementState], model_bytes: int, policy:
     return chosen
 
 
+def choose_scale_out(states: Sequence[PlacementState], model_bytes: int, hosting: Sequence[bool],
+                     policy: Policy | str = Policy.TANGRAM, *, bandwidths: BandwidthEstimator | Bandwidths | None = None,
+                     evict_weight: float = 0.5, rng: random.Random | None = None) -> int:
+    """`choose_placement` for a model some of whose instances run (or start) on the devices marked `hosting`:
+    among the other devices when it fits on one of them without stopping busy instances (a further instance on
+    a device that hosts one shares that device's compute; elsewhere it adds its own), else over all."""
+    others = [i for i, h in enumerate(hosting) if not h]
+    if others and len(others) < len(states):
+        if bandwidths is None:
+            bandwidths = shared_estimator()
+        bw = bandwidths.bandwidths if isinstance(bandwidths, BandwidthEstimator) else bandwidths
+        view = placement_view([states[i] for i in others])
+        j = brute_force(view, MODEL, model_bytes, policy, CostParams(bw, evict_weight), rng or _rng)
+        if j is not None:
+            return others[j]
+    return choose_placement(states, model_bytes, policy, bandwidths=bandwidths, evict_weight=evict_weight, rng=rng)
+
+
 def start_seconds(state: PlacementState, model_bytes: int, *,
                   bandwidths: BandwidthEstimator | Bandwidths | None = None, evict_weight: float = 0.5) -> float:
     """Estimated seconds to start a model of `model_bytes` on the device of `state` (Tangram's cost model; inf
