@@ -86,7 +86,8 @@ def test_overlap_bound_is_two_when_nothing_contends_and_one_when_serialised():
 def test_small_run_end_to_end(tmp_path):
     result = run_coldstart_bench(quick=True, json_path=tmp_path / "c.json", plot_dir=tmp_path / "plots",
                                  console=Console(quiet=True), progress=False, sizes=COLDSTART_SMALL,
-                                 models=coldstart_models(), template_repeats=1, template_prompt=16)
+                                 models=coldstart_models(), template_repeats=1, template_prompt=16,
+                                 migrate=False)  # the migration trace has its own test (test_bench_coldstart_migrate)
     s = result["summary"]
     for key in ("ttft_p50", "ttft_p95", "ttft_p99", "overhead_p50", "overhead_p95", "bytes_loaded", "failed",
                 "trace_pool_hit_vs_warm_ttft"):

@@ -6,7 +6,10 @@
    against each configuration: `baseline`, `sllm`, `tangram`,
    `tangram-notemplate` (coldstart_replay). Overhead of a request = its TTFT
    minus its model's TTFT on a warm instance, measured in the same run.
-2. Templates: a cold start from disk (fresh pool, page cache dropped) of the
+2. Migration trace (coldstart_migrate): a popular model's long streams on two
+   devices and a short request for another model in every wave, replayed
+   under `tangram` and `tangram-migrate` (the controller's migration policy on).
+3. Templates: a cold start from disk (fresh pool, page cache dropped) of the
    largest model, with and without its start-up template, interleaved
    repeats; `template_speedup` = TTFT p50 without / with. Beside it, the
    machine's yardstick (overlap_probe): how much running a prefill beside a
@@ -29,6 +32,7 @@ import torch
 from rich.console import Console
 
 from tangram.bench.coldstart_client import one
+from tangram.bench.coldstart_migrate import FULL_MIGRATE, MIGRATE_CONFIGS, QUICK_MIGRATE, MigrateTrace, migrate_section
 from tangram.bench.coldstart_poolhit import pool_hit_section
 from tangram.bench.coldstart_replay import engine_config, run_config
 from tangram.bench.coldstart_workload import (
@@ -131,11 +135,12 @@ def run_coldstart_bench(*, quick: bool, json_path: Path | None, plot_dir: Path |
                         console: Console | None = None, progress: bool = True, configs: tuple[str, ...] = CONFIGS,
                         device: str = "auto", sizes: Sizes | None = None, models: list[ModelSpec] | None = None,
                         template_repeats: int | None = None, template_prompt: int = 128,
-                        workdir: Path | None = None) -> dict:
+                        workdir: Path | None = None, migrate: MigrateTrace | bool = True) -> dict:
     """The whole benchmark; returns (and optionally writes) the result document.
 
     `sizes`, `models`, `template_repeats` and `template_prompt` override the mode's (tests run a tiny set);
-    `workdir` caches the checkpoints (default: the data dir's bench/coldstart).
+    `workdir` caches the checkpoints (default: the data dir's bench/coldstart); `migrate`: the migration
+    trace (True: the mode's; False: none).
     """
     console = console or Console()
     dev = server_device(device)
@@ -155,27 +160,39 @@ def run_coldstart_bench(*, quick: bool, json_path: Path | None, plot_dir: Path |
     capacity = max(int(sum(unique.values()) * sizes.pool_fraction), int(1.1 * (max(sizes_of.values()) + reserve)))
     biggest = max(models, key=lambda m: sizes_of[m.name])
     t_repeats = template_repeats or (3 if quick else 5)
+    if migrate is True:
+        migrate = QUICK_MIGRATE if quick else FULL_MIGRATE
     per_config: dict[str, dict] = {}
-    with step_progress(console, 3 + len(configs) + 2 * t_repeats, "bench coldstart", progress) as bar:
+    m_rows: list[dict] = []
+    m_summary = m_facts = None
+    steps = 3 + len(configs) + 2 * t_repeats + (len(MIGRATE_CONFIGS) if migrate else 0)
+    with step_progress(console, steps, "bench coldstart", progress) as bar:
         bar.describe("recording templates")
         record_templates(paths, sizes, bar)
         for name in configs:
             bar.describe(f"replay: {name}")
             per_config[name] = run_config(configurations()[name], paths, trace, sizes, capacity)
             bar.advance()
+        if migrate:
+            by_name = {m.name: m for m in models}
+            m_rows, m_summary, m_facts = migrate_section(
+                configurations(), paths, migrate, sizes_of, {n: m.vocab for n, m in by_name.items()},
+                by_name[migrate.long_model].kv_bytes_per_token(), seed, bar)
         t_rows, t_summary = template_section(paths[biggest.name].ckpt, biggest.vocab,
                                              template_prompt, t_repeats, bar, device=str(dev))
         p_rows, p_summary = pool_hit_section(paths[biggest.name].ckpt, biggest.vocab, template_prompt,
                                              2 * t_repeats, bar)
     summary = {**summarize(per_config), **t_summary, **p_summary}
+    if m_summary is not None:
+        summary["migrate_trace"] = m_summary
     rows = [{"section": "replay", "config": n, **r} for n, run in per_config.items() for r in run["results"]]
-    rows += t_rows + p_rows
+    rows += m_rows + t_rows + p_rows
     rows += [{"section": "pool", "config": n, **s} for n, run in per_config.items() for s in run["samples"]]
     config = {"mode": sizes.models, "seed": seed, "configs": {n: vars(configurations()[n]) for n in configs},
               "pool_capacity": capacity, "unique_bytes": sum(unique.values()), "keep_alive_s": sizes.keep_alive_s,
               "trace": trace_stats(trace), "popularity": popularity, "template_model": biggest.name,
               "warm_ttft": {n: run["warm_ttft"] for n, run in per_config.items()},
-              "replay_s": {n: run["replay_s"] for n, run in per_config.items()},
+              "replay_s": {n: run["replay_s"] for n, run in per_config.items()}, "migrate_trace": m_facts,
               "seconds": time.perf_counter() - started}
     result = result_doc("coldstart", dev, config, rows, summary)
     _report(console, per_config, t_rows, summary)
@@ -203,8 +220,18 @@ def _report(console: Console, per_config: dict, t_rows: list[dict], summary: dic
         Column("p50", "TTFT p50 s", fmt_num(3)), Column("p95", "p95 s", fmt_num(3)),
         Column("o50", "overhead p50 s", fmt_num(3)), Column("o95", "p95 s", fmt_num(3)),
         Column("starts", "starts", str, "left"), Column("gb", "GB loaded", fmt_num(3))], table)
+    m = summary.get("migrate_trace")
+    if m:
+        print_table(console, "migration trace (two devices; a popular model's long streams, another model's start)", [
+            Column("config", "config", str, "left"), Column("p50", "TTFT p50 s", fmt_num(3)),
+            Column("p95", "p95 s", fmt_num(3)), Column("short", "others' TTFT p50 s", fmt_num(3)),
+            Column("smax", "max s", fmt_num(3)), Column("failed", "failed"), Column("drains", "drains"),
+            Column("migrations", "migrations")],
+            [{"config": n, "p50": m["ttft_p50"][n], "p95": m["ttft_p95"][n], "short": m["short_ttft_p50"][n],
+              "smax": m["short_ttft_max"][n], "failed": m["failed"][n], "drains": m["drains"][n],
+              "migrations": m["migrations"][n]} for n in m["ttft_p50"]])
     print_table(console, "cold start from disk, templates on / off", [
         Column("config", "config", str, "left"), Column("repeat", "#"), Column("ttft_s", "TTFT s", fmt_num(3)),
         Column("load_s", "load s", fmt_num(3)), Column("prefill_s", "prefill s", fmt_num(3)),
         Column("overlap_s", "overlap s", fmt_num(3))], t_rows)
-    print_summary(console, "summary", {k: v for k, v in summary.items() if k != "starts"})
+    print_summary(console, "summary", {k: v for k, v in summary.items() if k not in ("starts", "migrate_trace")})

@@ -9,6 +9,7 @@ client measures each model's warm-instance TTFT.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import subprocess
@@ -80,11 +81,15 @@ def _sampler(url: str, stop: threading.Event, out: list[dict], every: float = 0.
 
 
 def run_config(cfg: Configuration, paths: dict[str, ModelPaths], trace: list[TraceRequest], sizes: Sizes,
-               capacity: int) -> dict:
-    """Replay `trace` on a server set up as `cfg`; request results, warm TTFTs, bytes loaded, pool samples."""
+               capacity: int, deployments: list[Deployment] | None = None, warm_repeats: int = WARM_REPEATS) -> dict:
+    """Replay `trace` on a server set up as `cfg`; request results, warm TTFTs (none when `warm_repeats` is 0),
+    bytes loaded, pool samples, the controller's events counted by kind.
+
+    `deployments` replaces the default ones (every model, the configuration's engine, the mode's keep-alive)."""
+    deployments = deployments or _deployments(cfg, paths, sizes.keep_alive_s)
     serve = ServeConfig(port=0, pool_capacity=capacity, admin_token=TOKEN, cpu_devices=sizes.devices,
                         host_cache_bytes=(2 * capacity if cfg.host_cache else 0), scheduler=cfg.scheduler,
-                        pool=pool_config(cfg, paths), deployments=_deployments(cfg, paths, sizes.keep_alive_s))
+                        migration=cfg.migration, pool=pool_config(cfg, paths), deployments=deployments)
     server = Server(serve)
     for p in paths.values():  # every configuration starts from disk
         for f in [*Checkpoint(p.ckpt).data_files(), *p.hf.glob("*.safetensors")]:
@@ -102,11 +107,16 @@ def run_config(cfg: Configuration, paths: dict[str, ModelPaths], trace: list[Tra
         sampler.join()
         headers = {"Authorization": f"Bearer {TOKEN}"}
         status = httpx.get(server.url + "/admin/status", headers=headers, timeout=30).json()
-        for d in _deployments(cfg, paths, 600.0):  # keep instances up for the warm measurement
-            httpx.post(server.url + "/admin/deployments", headers=headers, json=d.model_dump(mode="json"),
-                       timeout=600).raise_for_status()
-        warm = _client(server.url, items, "--warm", str(WARM_REPEATS))
+        events = httpx.get(server.url + "/admin/pool-map", headers=headers, timeout=30).json()["events"]
+        warm: dict = {}
+        if warm_repeats:
+            for d in deployments:  # keep instances up for the warm measurement
+                d = d.model_copy(update={"keep_alive_s": 600.0})
+                httpx.post(server.url + "/admin/deployments", headers=headers, json=d.model_dump(mode="json"),
+                           timeout=600).raise_for_status()
+            warm = _client(server.url, items, "--warm", str(warm_repeats))
     bytes_loaded = sum(d["bytes_loaded"] for d in status["deployments"].values())
     warm_ttft = {m: sorted(v)[len(v) // 2] for m, v in warm.items() if v and None not in v}
+    kinds = collections.Counter(e["kind"] for e in events)
     return {"results": results, "warm_ttft": warm_ttft, "bytes_loaded": bytes_loaded, "samples": samples,
-            "replay_s": replay_s}
+            "replay_s": replay_s, "events": dict(sorted(kinds.items()))}

@@ -31,6 +31,7 @@ class Configuration:
     kv_mode: str  # "elastic" or "reserve"
     scheduler: str  # placement policy
     templates: bool
+    migration: bool = False  # the controller moves running requests by itself (docs/migration.md)
 
 
 def configurations() -> dict[str, Configuration]:
@@ -41,6 +42,8 @@ def configurations() -> dict[str, Configuration]:
         "tangram": Configuration("tangram", "tangram", True, True, True, "elastic", "tangram", True),
         "tangram-notemplate": Configuration("tangram-notemplate", "tangram", True, True, True, "elastic", "tangram",
                                             False),
+        "tangram-migrate": Configuration("tangram-migrate", "tangram", True, True, True, "elastic", "tangram", True,
+                                         migration=True),  # replayed on the migration trace (coldstart_migrate)
     }
 
 
