@@ -51,7 +51,7 @@ class MigrateTrace:
 
 
 QUICK_MIGRATE = MigrateTrace("solo-a", ("solo-b", "fam-base"), waves=3, wave_gap_s=9.0)
-FULL_MIGRATE = MigrateTrace("solo-a", ("solo-b", "fam-base", "fam-chat"), waves=6, wave_gap_s=9.0)
+FULL_MIGRATE = MigrateTrace("solo-a", ("solo-b", "fam-base", "fam-chat"), waves=5, wave_gap_s=15.0)  # streams take 9-12 s
 
 
 def migrate_trace(spec: MigrateTrace, vocab: dict[str, int], seed: int) -> list[TraceRequest]:
