@@ -76,6 +76,10 @@ def test_request_joins_mid_flight(llama):
     assert a.output_ids == reference_greedy(model, PROMPTS[0], 20)
     assert b.output_ids == reference_greedy(model, PROMPTS[2], 20)
     assert eng.totals.decode_steps < 40  # shared steps, not one after the other
+    t = eng.totals  # what live migration's estimate reads (scheduler/migration.py `measured`)
+    assert t.prefill_step_tokens >= len(PROMPTS[0]) + len(PROMPTS[2]) and 0 < t.prefill_step_s < t.decode_s
+    assert t.rates().step_s == t.decode_s / t.decode_steps
+    assert t.rates().prefill_s_per_token == t.prefill_step_s / t.prefill_step_tokens
 
 
 def test_kv_blocks_return_to_zero_after_every_request(llama):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from tangram.scheduler.migration import Busy, Rates, consolidate, migrate_s, room_plan, start_s, wait_s
+from tangram.scheduler.migration import Busy, Rates, consolidate, measured, migrate_s, room_plan, start_s, wait_s
 
 RATES = Rates(decode_s=0.02, prefill_s_per_token=0.001, handover_s=0.05)
 
@@ -39,3 +39,12 @@ def test_scale_in_empties_the_least_loaded_instance_when_the_others_can_take_its
     assert consolidate([2, 1], target=4, movable=[True, False]) == 0  # the other cannot move
     assert consolidate([0, 2], target=4, movable=[True, True]) is None  # the idle one scales in by keep-alive
     assert consolidate([5], target=8, movable=[True]) is None  # one instance: nothing to consolidate into
+
+
+def test_measured_speeds_replace_the_priors_and_can_change_the_choice():
+    assert measured(RATES, None, None) == RATES  # nothing measured yet
+    m = measured(RATES, 0.2, 0.004)
+    assert m == Rates(decode_s=0.2, prefill_s_per_token=0.004, handover_s=0.05)
+    b = Busy(remaining_tokens=20, context_tokens=400, can_migrate=True, dest_ready_s=0.0)
+    assert room_plan([b], RATES) == ["wait"]  # 0.4 s to wait against 0.45 s to move, with the priors
+    assert room_plan([b], m) == ["migrate"]  # a slow source: 4 s to wait, 1.65 s to move

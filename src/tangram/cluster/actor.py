@@ -32,7 +32,7 @@ from ray.actor import ActorHandle
 from tangram import threads
 from tangram.cluster.cache import NodeCacheClient
 from tangram.pool import PoolConfig
-from tangram.engine import EngineConfig, RequestError, RequestOutput, SamplingParams, StartCost
+from tangram.engine import EngineConfig, EngineRates, RequestError, RequestOutput, SamplingParams, StartCost
 from tangram.engine.migration import MigrationState
 from tangram.heap import freeze_startup_heap
 from tangram.store import CheckpointIndex, Loader
@@ -116,6 +116,11 @@ class WorkerActor:
         """`Worker.warm`: what a model expected here needs warm (see `Worker.warm`)."""
         return await asyncio.get_running_loop().run_in_executor(None, self.worker.warm, Path(checkpoint), engine,
                                                                 backend)
+
+    def rates(self, replica_id: str) -> EngineRates:
+        """`Worker.rates` of an instance here (nothing measured if it is gone)."""
+        replica = self.worker.replicas.get(replica_id)
+        return self.worker.rates(replica) if replica is not None else EngineRates()
 
     def freeable_bytes(self, replica_id: str) -> int:
         """`Worker.freeable_bytes` of an instance here (0 if it is gone)."""

@@ -28,7 +28,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayTaskError
 
 from tangram.cluster.actor import Moved
-from tangram.engine import EngineConfig, RequestError, RequestOutput, SamplingParams, StartCost
+from tangram.engine import EngineConfig, EngineRates, RequestError, RequestOutput, SamplingParams, StartCost
 from tangram.engine.migration import MigrationError, MigrationState
 from tangram.scheduler.adapter import stats_from_cost
 from tangram.store import CheckpointIndex, LoadStats
@@ -165,6 +165,10 @@ class RemoteWorker:
     async def load_stats(self, replica: RemoteReplica) -> LoadStats | None:
         """The load figures the reported cost implies."""
         return stats_from_cost(replica.cost)
+
+    async def rates(self, replica: RemoteReplica) -> EngineRates:
+        """What the instance's engine on the actor measured of its speed."""
+        return await self.actor.rates.remote(replica.id)
 
     async def freeable_bytes(self, replica: RemoteReplica) -> int:
         """Pool bytes that stopping the instance would give back on the actor (see `Worker.freeable_bytes`)."""

@@ -33,7 +33,7 @@ from tangram.control.state import DeploymentState, ReplicaState, UnknownDeployme
 from tangram.engine import RequestOutput
 from tangram.engine.migration import MigrationState
 from tangram.scheduler.adapter import start_seconds
-from tangram.scheduler.migration import INF, Busy, Rates, consolidate, room_plan
+from tangram.scheduler.migration import INF, Busy, Rates, consolidate, measured, migrate_s, room_plan, wait_s
 from tangram.worker import WorkerHandle
 
 log = logging.getLogger(__name__)
@@ -140,15 +140,25 @@ class Migrator:
         busy = Busy(remaining_tokens=max((st.params.max_tokens - len(st.output_ids) for st in live), default=0),
                     context_tokens=sum(len(st.prompt_ids) + len(st.output_ids) for st in live),
                     can_migrate=len(live) == victim.inflight, dest_ready_s=ready_s)
-        if room_plan([busy], self.settings.rates) != ["migrate"]:
+        rates = await self._rates(victim, min(peers, key=lambda r: r.inflight) if peers else victim)
+        if room_plan([busy], rates) != ["migrate"]:
+            log.info("draining %s by waiting: %.2f s, against %.2f s to migrate", victim.id, wait_s(busy, rates),
+                     migrate_s(busy, rates))
             return
-        log.info("migrating %d request(s) off draining %s instead of waiting (destination ready in %.2f s)",
-                 len(live), victim.id, ready_s)
+        log.info("migrating %d request(s) off draining %s instead of waiting (%.2f s, against %.2f s to wait; "
+                 "destination ready in %.2f s)", len(live), victim.id, migrate_s(busy, rates), wait_s(busy, rates),
+                 ready_s)
         if worker is not None:  # no running peer: start one where that is cheapest, then move there
             dst = await self._instance_on(state, worker)
             await asyncio.gather(*(self.move(state, victim, dst, st.request_id) for st in live))
         else:
             await self.evacuate(state, victim)
+
+    async def _rates(self, source: ReplicaState, destination: ReplicaState) -> Rates:
+        """The estimate's speeds: the source's measured step, the destination's measured prefill (a fresh
+        destination: the source's, the same model), each the prior until measured."""
+        src, dst = await asyncio.gather(source.worker.rates(source.ref), destination.worker.rates(destination.ref))
+        return measured(self.settings.rates, src.step_s, dst.prefill_s_per_token or src.prefill_s_per_token)
 
     async def _cheapest_start(self, state: DeploymentState, avoid: WorkerHandle) -> tuple[WorkerHandle | None, float]:
         """The other worker where an instance of `state` starts soonest, and the estimate (INF: none fits now)."""

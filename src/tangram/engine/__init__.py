@@ -6,8 +6,8 @@ from tangram.engine.errors import EngineError, RequestError
 from tangram.engine.instance import EngineConfig, Instance
 from tangram.engine.request import OutputQueue, RequestOutput
 from tangram.engine.sampling import SamplingParams
-from tangram.engine.stages import StartCost, Stages, Totals
+from tangram.engine.stages import EngineRates, StartCost, Stages, Totals
 
-__all__ = ["BACKENDS", "BackendFactory", "Engine", "EngineBackend", "EngineConfig", "EngineError", "Instance",
+__all__ = ["BACKENDS", "BackendFactory", "Engine", "EngineBackend", "EngineConfig", "EngineError", "EngineRates", "Instance",
            "OutputQueue", "RequestError", "RequestOutput", "SamplingParams", "StartCost", "Stages", "Totals",
            "start_backend"]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 from tangram.engine.prompt import Prompt
 from tangram.engine.request import RequestOutput
 from tangram.engine.sampling import SamplingParams
-from tangram.engine.stages import StartCost
+from tangram.engine.stages import EngineRates, StartCost
 
 if TYPE_CHECKING:
     from tangram.engine.instance import EngineConfig
@@ -68,6 +68,10 @@ class EngineBackend(Protocol):
 
     def mean_prefill_s(self, prior: float) -> float:
         """Mean prefill seconds this instance measured (`prior` before its first request)."""
+        ...
+
+    def rates(self) -> EngineRates:
+        """Its engine's step and prefill speed as measured so far (the live-migration estimate's inputs)."""
         ...
 
     def stop(self) -> None:

@@ -10,7 +10,7 @@ from tangram.engine.loop import EngineLoop
 from tangram.engine.migration import MigrationState
 from tangram.engine.prompt import Prompt
 from tangram.engine.sampling import SamplingParams
-from tangram.engine.stages import StartCost
+from tangram.engine.stages import EngineRates, StartCost
 from tangram.pool import DevicePool
 from tangram.store import Checkpoint, LoadStats
 
@@ -61,6 +61,10 @@ class BuiltinBackend:
         """Mean prefill seconds of the engine's finished requests (`prior` before the first)."""
         totals = self.instance.engine.totals
         return totals.prefill_s / totals.requests if totals.requests else prior
+
+    def rates(self) -> EngineRates:
+        """Step and prefill seconds its engine measured."""
+        return self.instance.engine.totals.rates()
 
     def stop(self) -> None:
         """Stop the engine thread, then close the instance (weights released to the pool, retained)."""

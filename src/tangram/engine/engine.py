@@ -171,8 +171,12 @@ class Engine:
             return True
         for w in plan.work:
             self.scheduler.advance(w)
+        seconds = self.clock() - t1
         self.totals.decode_steps += 1
-        self.totals.decode_s += self.clock() - t1
+        self.totals.decode_s += seconds
+        if plan.num_tokens > len(plan.work):  # some sequence ran more than one token: a prefill step
+            self.totals.prefill_step_tokens += plan.num_tokens
+            self.totals.prefill_step_s += seconds
         self.output.process(plan.work, logits, self.clock())
         return True
 

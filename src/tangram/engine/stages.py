@@ -52,6 +52,13 @@ class Stages(BaseModel):
         self.load_interval = (cost.load_begin, cost.load_end)
 
 
+class EngineRates(BaseModel):
+    """What an engine measured of its own speed (None: not measured yet, or the backend does not say)."""
+
+    step_s: float | None = None  # one engine step (a decode token for every running request)
+    prefill_s_per_token: float | None = None  # forward seconds per token of steps that prefilled
+
+
 class Totals(BaseModel):
     """Engine-wide sums over finished requests."""
 
@@ -69,8 +76,16 @@ class Totals(BaseModel):
     generated_tokens: int = 0
     decode_steps: int = 0
     decode_s: float = 0.0
+    prefill_step_tokens: int = 0  # tokens of the steps that prefilled something (every row of those steps)
+    prefill_step_s: float = 0.0  # and those steps' forward seconds
     preemptions: int = 0
     kv_waits: int = 0
+
+    def rates(self) -> EngineRates:
+        """Seconds per step and per prefilled token, as measured so far (None before any)."""
+        return EngineRates(step_s=self.decode_s / self.decode_steps if self.decode_steps else None,
+                           prefill_s_per_token=(self.prefill_step_s / self.prefill_step_tokens
+                                                if self.prefill_step_tokens else None))
 
     def add(self, stages: Stages, prompt_tokens: int, generated: int) -> None:
         """Fold one finished request in."""

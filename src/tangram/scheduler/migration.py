@@ -46,6 +46,13 @@ class Rates:
     handover_s: float = 0.05  # the last round and the resume
 
 
+def measured(prior: Rates, decode_s: float | None, prefill_s_per_token: float | None) -> Rates:
+    """`prior` with what the engines measured in its place: the source's seconds per step, the destination's
+    per prefilled token (None: not measured yet, the prior stays)."""
+    return Rates(decode_s if decode_s else prior.decode_s,
+                 prefill_s_per_token if prefill_s_per_token else prior.prefill_s_per_token, prior.handover_s)
+
+
 def wait_s(b: Busy, rates: Rates) -> float:
     """Seconds until `b` is empty if left to finish."""
     return b.remaining_tokens * rates.decode_s

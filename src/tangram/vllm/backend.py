@@ -28,7 +28,7 @@ from tangram.engine.prompt import Prompt, check_prompt, encode_prompt
 from tangram.engine.request import RequestOutput
 from tangram.engine.sampling import SamplingParams
 from tangram.engine.skeleton import RUNTIME
-from tangram.engine.stages import Stages, StartCost
+from tangram.engine.stages import EngineRates, Stages, StartCost
 from tangram.pool import DevicePool
 from tangram.store import Checkpoint, LoadStats
 from tangram.store.format import ALIGNMENT, align_up
@@ -233,6 +233,10 @@ class VllmBackend:
         """Mean time to first token of the finished requests (`prior` before the first)."""
         n, total = self._prefill
         return total / n if n else prior
+
+    def rates(self) -> EngineRates:
+        """Not measured: vLLM's engine steps in its own process, and its requests do not migrate."""
+        return EngineRates()
 
     def finished(self, ttft: float) -> None:
         """A request ended; fold its time to first token in."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from tangram.engine import EngineConfig, SamplingParams, StartCost
+    from tangram.engine import EngineConfig, EngineRates, SamplingParams, StartCost
     from tangram.engine.backend import Sink
     from tangram.store import CheckpointIndex, LoadStats
     from tangram.worker.worker import DeviceMap
@@ -84,6 +84,10 @@ class WorkerHandle(Protocol):
 
     async def load_stats(self, replica: ReplicaRef) -> LoadStats | None:
         """What the start loaded, from where, in how long (for the scheduler's bandwidth estimate)."""
+        ...
+
+    async def rates(self, replica: ReplicaRef) -> EngineRates:
+        """What the instance's engine measured of its speed (`EngineRates()` once it is gone)."""
         ...
 
     async def freeable_bytes(self, replica: ReplicaRef) -> int:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tangram.engine import EngineConfig, RequestOutput, SamplingParams, StartCost
+from tangram.engine import EngineConfig, EngineRates, RequestOutput, SamplingParams, StartCost
 from tangram.engine.backend import Sink
 from tangram.engine.migration import MigrationState
 from tangram.store import CheckpointIndex, LoadStats
@@ -62,6 +62,10 @@ class LocalWorker:
     async def load_stats(self, replica: Replica) -> LoadStats | None:
         """What the start loaded (waits for the load, off the loop)."""
         return await _off_loop(replica.backend.load_stats)
+
+    async def rates(self, replica: Replica) -> EngineRates:
+        """`Worker.rates` (a read of counters: on the loop)."""
+        return self.worker.rates(replica)
 
     async def freeable_bytes(self, replica: Replica) -> int:
         """`Worker.freeable_bytes` off the loop (it takes the pool's lock)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tangram.engine import EngineConfig, RequestOutput, SamplingParams, StartCost
+from tangram.engine import EngineConfig, EngineRates, RequestOutput, SamplingParams, StartCost
 from tangram.engine.backend import EngineBackend, prewarm_backend, start_backend, warm_engines
 from tangram.engine.dtype import compute_dtype
 from tangram.engine.migration import MigratableBackend, MigrationError, MigrationState
@@ -207,6 +207,10 @@ class Worker:
         with self._lock:
             self.replicas.pop(replica.id, None)
         log.info("stopped %s on %s", replica.id, self.name)
+
+    def rates(self, replica: Replica) -> EngineRates:
+        """What `replica`'s engine measured of its speed."""
+        return replica.backend.rates()
 
     def freeable_bytes(self, replica: Replica) -> int:
         """Pool bytes that stopping `replica` would give back: weights no other instance here holds, and its
