@@ -21,7 +21,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from migration_util import long_context_checkpoint  # noqa: E402
 from tangram.control import Deployment, ServeConfig  # noqa: E402
 from tangram.control.migrate import MigrationSettings  # noqa: E402
-from tangram.engine import EngineConfig  # noqa: E402
+from tangram.engine import EngineConfig, EngineRates  # noqa: E402
 from tangram.serve import Server  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -117,6 +117,17 @@ def test_a_migration_past_its_deadline_is_abandoned_cleanly(server):
         server.controller.migrator.settings = MigrationSettings()
     assert [m["outcome"] for m in report["moves"]] == ["abandoned"] and "deadline" in report["moves"][0]["error"]
     assert got["choices"][0]["text"] == twin["choices"][0]["text"]
+
+
+def test_an_actor_reports_what_its_engine_measured(server):
+    """The wait-or-migrate estimate's speeds cross the Ray boundary (`WorkerHandle.rates`)."""
+    import asyncio
+
+    complete(server, GREEDY)
+    replica = next(r for r in server.controller._states["m"].replicas)  # noqa: SLF001 - the controller's records
+    rates = asyncio.run(replica.worker.rates(replica.ref))
+    assert rates.step_s > 0 and rates.prefill_s_per_token > 0
+    assert ray.get(replica.worker.actor.rates.remote("no-such-instance")) == EngineRates()
 
 
 def test_the_destination_killed_mid_migration_loses_nothing(server):  # last: it leaves a restarted actor
