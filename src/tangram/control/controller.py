@@ -231,7 +231,7 @@ class Controller:
 
     async def _place(self, state: _State, fits: list[WorkerHandle]) -> WorkerHandle:
         """The worker to start on, among those that answer (a Ray actor restarting refuses calls), another than
-        its instances' when it fits there; recorded in `state.placing` (the caller removes it)."""
+        its instances' when it fits there; recorded in `state.placing` (`_start_on` removes it)."""
         states = await asyncio.gather(*(w.placement_state(state.index) for w in fits), return_exceptions=True)
         up = [(w, st) for w, st in zip(fits, states) if not isinstance(st, BaseException)]
         if not up:
@@ -245,13 +245,14 @@ class Controller:
     async def _start_on(self, state: _State, fits: list[WorkerHandle], arrival: float) -> None:
         spec = state.spec
         loop = asyncio.get_running_loop()
-        worker, placed = fits[0], False
+        worker = fits[0]
         try:
-            worker, placed = await self._place(state, fits), True
-            replica = await self._start_with_room(state, worker, arrival)
-        except Exception as exc:  # noqa: BLE001 - a bad checkpoint fails this deployment only
-            if placed:
+            worker = await self._place(state, fits)
+            try:
+                replica = await self._start_with_room(state, worker, arrival)
+            finally:  # up or failed; no await from here to the record of its replica
                 state.placing.remove(worker.name)
+        except Exception as exc:  # noqa: BLE001 - a bad checkpoint fails this deployment only
             log.exception("starting %s on %s failed", spec.name, worker.name)
             state.starting -= 1
             state.last_error = f"instance of {spec.name!r} failed to start: {exc}"
@@ -260,7 +261,6 @@ class Controller:
                 self._wake(state, DeploymentUnavailable(state.last_error))
             return
         state.starting -= 1
-        state.placing.remove(worker.name)
         if state.removed:
             await worker.stop(replica.ref)
             return

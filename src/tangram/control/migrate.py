@@ -140,7 +140,7 @@ class Migrator:
         busy = Busy(remaining_tokens=max((st.params.max_tokens - len(st.output_ids) for st in live), default=0),
                     context_tokens=sum(len(st.prompt_ids) + len(st.output_ids) for st in live),
                     can_migrate=len(live) == victim.inflight, dest_ready_s=ready_s)
-        rates = await self._rates(victim, min(peers, key=lambda r: r.inflight) if peers else victim)
+        rates = await self._rates(victim, min(peers, key=lambda r: r.inflight) if peers else None)
         if room_plan([busy], rates) != ["migrate"]:
             log.info("draining %s by waiting: %.2f s, against %.2f s to migrate", victim.id, wait_s(busy, rates),
                      migrate_s(busy, rates))
@@ -154,10 +154,11 @@ class Migrator:
         else:
             await self.evacuate(state, victim)
 
-    async def _rates(self, source: ReplicaState, destination: ReplicaState) -> Rates:
-        """The estimate's speeds: the source's measured step, the destination's measured prefill (a fresh
-        destination: the source's, the same model), each the prior until measured."""
-        src, dst = await asyncio.gather(source.worker.rates(source.ref), destination.worker.rates(destination.ref))
+    async def _rates(self, source: ReplicaState, peer: ReplicaState | None) -> Rates:
+        """The estimate's speeds: the source's measured step, the running peer's measured prefill (none, a
+        destination still to start: the source's, the same model), each the prior until measured."""
+        src = await source.worker.rates(source.ref)
+        dst = await peer.worker.rates(peer.ref) if peer is not None else src
         return measured(self.settings.rates, src.step_s, dst.prefill_s_per_token or src.prefill_s_per_token)
 
     async def _cheapest_start(self, state: DeploymentState, avoid: WorkerHandle) -> tuple[WorkerHandle | None, float]:

@@ -64,6 +64,12 @@ def worker_view(workers: Sequence[Worker], index: CheckpointIndex, *, request_pr
     return placement_view([w.placement_state(index, request_prior_s) for w in workers])
 
 
+def _params(bandwidths: BandwidthEstimator | Bandwidths | None, evict_weight: float) -> CostParams:
+    """The cost model's parameters: given bandwidths, or this process's measured ones."""
+    bw = bandwidths if bandwidths is not None else shared_estimator()
+    return CostParams(bw.bandwidths if isinstance(bw, BandwidthEstimator) else bw, evict_weight)
+
+
 def choose_placement(states: Sequence[PlacementState], model_bytes: int, policy: Policy | str = Policy.TANGRAM, *,
                      bandwidths: BandwidthEstimator | Bandwidths | None = None, evict_weight: float = 0.5,
                      rng: random.Random | None = None) -> int:
@@ -74,11 +80,8 @@ def choose_placement(states: Sequence[PlacementState], model_bytes: int, policy:
     """
     if not states:
         raise ValueError("no workers")
-    if bandwidths is None:
-        bandwidths = shared_estimator()
-    bw = bandwidths.bandwidths if isinstance(bandwidths, BandwidthEstimator) else bandwidths
     view = placement_view(states)
-    chosen = brute_force(view, MODEL, model_bytes, policy, CostParams(bw, evict_weight), rng or _rng)
+    chosen = brute_force(view, MODEL, model_bytes, policy, _params(bandwidths, evict_weight), rng or _rng)
     if chosen is None:
         chosen = max(range(len(states)), key=lambda i: view.devices[i].free_bytes + view.devices[i].retained_bytes)
     log.debug("placement (%s): worker %d of %d", Policy(policy).value, chosen, len(states))
@@ -93,11 +96,8 @@ def choose_scale_out(states: Sequence[PlacementState], model_bytes: int, hosting
     a device that hosts one shares that device's compute; elsewhere it adds its own), else over all."""
     others = [i for i, h in enumerate(hosting) if not h]
     if others and len(others) < len(states):
-        if bandwidths is None:
-            bandwidths = shared_estimator()
-        bw = bandwidths.bandwidths if isinstance(bandwidths, BandwidthEstimator) else bandwidths
         view = placement_view([states[i] for i in others])
-        j = brute_force(view, MODEL, model_bytes, policy, CostParams(bw, evict_weight), rng or _rng)
+        j = brute_force(view, MODEL, model_bytes, policy, _params(bandwidths, evict_weight), rng or _rng)
         if j is not None:
             return others[j]
     return choose_placement(states, model_bytes, policy, bandwidths=bandwidths, evict_weight=evict_weight, rng=rng)
@@ -107,10 +107,8 @@ def start_seconds(state: PlacementState, model_bytes: int, *,
                   bandwidths: BandwidthEstimator | Bandwidths | None = None, evict_weight: float = 0.5) -> float:
     """Estimated seconds to start a model of `model_bytes` on the device of `state` (Tangram's cost model; inf
     when it cannot fit there without stopping busy instances)."""
-    bw = bandwidths or shared_estimator()
-    bw = bw.bandwidths if isinstance(bw, BandwidthEstimator) else bw
     return start_cost(Policy.TANGRAM, model_bytes, state.resident, state.cached, state.free, state.retained,
-                      state.queue_s, CostParams(bw, evict_weight))
+                      state.queue_s, _params(bandwidths, evict_weight))
 
 
 def choose_worker(workers: Sequence[Worker], index: CheckpointIndex, policy: Policy | str = Policy.TANGRAM, *,
