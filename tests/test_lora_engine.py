@@ -10,7 +10,8 @@ import torch
 from conftest import engine_checkpoint, engine_model, reference_greedy
 from lora_util import LLAMA_TARGETS, make_adapter, peft_greedy
 from tangram.engine import EngineConfig, Instance, OutputQueue, RequestError, SamplingParams
-from tangram.engine.lora import WRAPPED, Adapter, plan
+from tangram.engine.lora import WRAPPED
+from tangram.engine.lora_update import Adapter, plan
 from tangram.pool import DevicePool
 from tangram.store import Checkpoint
 from tangram.store.adapter import AdapterInfo, convert_adapter
@@ -168,6 +169,32 @@ def test_batched_decodes_match_peft(setup, rows):
         inst.engine.run_until_idle()
         got = finals(sinks)
     assert got == refs
+
+
+def test_adjacent_groups_of_one_width_batch_on_their_slice():
+    """Groups the runner made adjacent and of one size are batched in place: no gather, no scatter."""
+    a, b = (Adapter(n, n, 1.0, {}, None) for n in "ab")
+    full = plan([(0, 2, a), (2, 4, b)], torch.device("cpu"))
+    assert full.batched.span == slice(0, 4) and full.batched.full and full.batched.gather is None
+    assert full.adapters == (a, b) and [g.rows for g in full.groups] == [slice(0, 2), slice(2, 4)]
+    part = plan([(0, 1, a), (1, 2, b), (2, 5, None)], torch.device("cpu"))
+    assert part.batched.span == slice(0, 2) and not part.batched.full
+    chunk = plan([(0, 40, a), (40, 80, b)], torch.device("cpu"))  # prompt chunks: two matmuls per group
+    assert chunk.batched is None and len(chunk.groups) == 2
+
+
+def test_runner_orders_a_step_by_adapter():
+    """Each adapter's sequences are made adjacent (first-appearance order, the base's last, stable)."""
+    from types import SimpleNamespace
+
+    from tangram.engine.batch import SeqWork
+    from tangram.engine.runner import by_adapter
+
+    a, b = (Adapter(n, n, 1.0, {}, None) for n in "ab")
+    work = [SeqWork(SimpleNamespace(adapter=x), 2, [i], True, [0]) for i, x in enumerate([a, None, b, a, None, b])]
+    assert [work.index(w) for w in by_adapter(work)] == [0, 3, 2, 5, 1, 4]
+    plain = [w for w in work if w.request.adapter is None]
+    assert by_adapter(plain) is plain
 
 
 def test_padded_path_matches_peft(setup, monkeypatch):

@@ -17,7 +17,7 @@ from tangram.engine.stages import Stages
 
 if TYPE_CHECKING:
     from tangram.engine.constrain import GrammarState
-    from tangram.engine.lora import Adapter
+    from tangram.engine.lora_update import Adapter
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -81,7 +81,7 @@ class Request:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # by prompt position
     prompt_logprobs_sent: bool = False
     grammar: GrammarState | None = None  # its structured-output matcher, when it has a constraint
-    adapter: Adapter | None = None  # the LoRA adapter its tokens run with (engine/lora.py), None: the base
+    adapter: Adapter | None = None  # the LoRA adapter its tokens run with (engine/lora_update.py), None: the base
     hold: bool = False  # migrating in: all its ids but the last are prefilled, nothing sampled until released
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from tangram.engine.attention import NAME, ChunkMeta, PackedStep, supports_packed, use_packed
 from tangram.engine.batch import SeqWork, StepPlan
-from tangram.engine.lora import Adapter, active, plan
+from tangram.engine.lora_update import Adapter, active, plan
 from tangram.kv import KVAllocator, PagedCache, SeqSlot
 
 
@@ -30,6 +30,19 @@ def cache_argument(model: PreTrainedModel) -> str:
 def _adapter(item: SeqWork) -> Adapter | None:
     """The LoRA adapter a sequence's tokens run with (None: the base alone)."""
     return None if item.request is None else item.request.adapter
+
+
+def by_adapter(work: list[SeqWork]) -> list[SeqWork]:
+    """`work` ordered by LoRA adapter (in order of first appearance, the base's sequences last; stable), so
+    that each adapter's tokens are one slice of the packed step; `work` itself when no sequence has one."""
+    slots: dict[int, int] = {}
+    for item in work:
+        adapter = _adapter(item)
+        if adapter is not None:
+            slots.setdefault(id(adapter), len(slots))
+    if not slots:
+        return work
+    return sorted(work, key=lambda item: slots.get(id(_adapter(item)), len(slots)))
 
 
 class ModelRunner:
@@ -95,22 +108,26 @@ class ModelRunner:
         decodes: list[SeqWork] = []
         decode_rows: list[int] = []
         spans = []  # (begin, end, adapter) of each sequence's tokens: the step's LoRA groups
-        for item in work:
+        placed: dict[int, tuple[int, int]] = {}
+        for item in by_adapter(work):  # each adapter's tokens one slice; logits still in plan order (keep)
             begin = len(ids)
             ids.extend(item.tokens)
             spans.append((begin, len(ids), _adapter(item)))
+            placed[id(item)] = (begin, len(ids))
             positions.extend(range(item.start, item.end))
             write.append(self._row_offsets(item.blocks, item.start, item.end))
-            if item.all_logits:
-                keep.extend(range(begin, len(ids)))
-            elif item.sample:
-                keep.append(len(ids) - 1)
             if len(item.tokens) == 1 and item.start > 0:
                 decodes.append(item)
                 decode_rows.append(begin)
             else:
                 read = None if item.start == 0 else self._row_offsets(item.blocks, 0, item.end)
                 chunks.append(ChunkMeta(begin, len(ids), item.start, read))
+        for item in work:
+            begin, end = placed[id(item)]
+            if item.all_logits:
+                keep.extend(range(begin, end))
+            elif item.sample:
+                keep.append(end - 1)
         rows = torch.cat(write)
         step = PackedStep(
             elements=self.kv.elements, rows=self._rows, blocks=self._blocks, layer_elems=spec.layer_elems, kv_heads=spec.kv_heads,
