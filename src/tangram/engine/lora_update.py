@@ -92,7 +92,6 @@ class LoraStep:
     groups: list[Group] = field(default_factory=list)
     batched: Batched | None = None
     adapters: tuple[Adapter, ...] = ()
-    key: tuple[int, ...] = ()  # the adapters, by identity
     last: list = field(default_factory=lambda: [None], compare=False)  # (input, its rows cast) of the step
     shares: dict = field(default_factory=dict, compare=False)  # (module, group) -> (input, its x @ A)
 
@@ -132,8 +131,7 @@ def plan(segments: Iterable[tuple[int, int, Adapter | None]], device: torch.devi
             rows = torch.cat([torch.arange(b, e) for b, e in spans]).to(device)
         groups.append(Group(adapter, rows))
     tokens = max(end for _, end, _ in segments)
-    return LoraStep(groups, _batched(list(ranges.values()), device, tokens), tuple(g.adapter for g in groups),
-                    tuple(id(g.adapter) for g in groups))
+    return LoraStep(groups, _batched(list(ranges.values()), device, tokens), tuple(g.adapter for g in groups))
 
 
 def _batched(ranges: list[tuple[Adapter, list[tuple[int, int]]]], device: torch.device, tokens: int
@@ -175,9 +173,8 @@ class Stack:
     """Module `name`'s update for a step's adapters, in their work dtype: A^T [G, in, r x (1 + siblings)]
     (the siblings' A too, when every adapter targets them with the same rank) and B^T * scaling [G, r, out],
     both transposed views of row-major stacks (a CPU bmm streams them faster so); None when not every adapter
-    targets the module with one rank. It holds the adapters: their ids in `key` cannot be reused meanwhile."""
+    targets the module with one rank. `adapters` (compared by identity) are the set it was stacked for."""
 
-    key: tuple[int, ...]
     adapters: tuple[Adapter, ...]
     a: torch.Tensor | None = None
     b: torch.Tensor | None = None
@@ -188,7 +185,7 @@ def stack(name: str, step: LoraStep) -> Stack:
     """`Stack` of module `name` for `step`'s adapters."""
     pairs = [a.modules.get(name) for a in step.adapters]
     if any(p is None for p in pairs) or len({(p.a.shape, p.a.dtype) for p in pairs}) != 1:
-        return Stack(step.key, step.adapters)
+        return Stack(step.adapters)
     dtype = work_dtype(pairs[0].a.dtype)
     parent, _, leaf = name.rpartition(".")
     siblings = tuple(f"{parent}.{s}" for s in SIBLINGS.get(leaf, ()))
@@ -198,7 +195,7 @@ def stack(name: str, step: LoraStep) -> Stack:
         siblings, extra = (), []
     a = torch.cat([torch.stack([p.a for p in ps]) for ps in (pairs, *extra)], dim=1).to(dtype)
     b = torch.stack([p.b.to(dtype) * ad.scaling for p, ad in zip(pairs, step.adapters)])
-    return Stack(step.key, step.adapters, a.transpose(1, 2), b.transpose(1, 2), siblings)
+    return Stack(step.adapters, a.transpose(1, 2), b.transpose(1, 2), siblings)
 
 
 def _rows(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,7 +291,7 @@ def hook(name: str) -> Callable[[torch.nn.Module, tuple, torch.Tensor], torch.Te
         if step is None:
             return None
         st = stacked[0]
-        if st is None or st.key != step.key:
+        if st is None or st.adapters != step.adapters:  # Adapter compares by identity
             st = stacked[0] = stack(name, step)
         if step.batched is not None and st.a is not None:  # every adapter of the step, one rank: two bmms
             return _batch(name, step, step.batched, st, args[0], output)
