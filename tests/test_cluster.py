@@ -84,6 +84,15 @@ def holder(srv, name: str) -> dict:
     return next(w for w in status(srv)["workers"] for i in w["instances"] if i["deployment"] == name)
 
 
+def started_on(srv, name: str) -> dict:
+    """The status entry of the worker that `name`'s last start went to: read from the start log, since an
+    instance with a short keep-alive may already have stopped when its status is asked for."""
+    starts = httpx.get(srv.url + "/admin/pool-map", headers={"Authorization": "Bearer test-token"},
+                       timeout=60).json()["starts"]
+    worker = [s["worker"] for s in starts if s["deployment"] == name][-1]
+    return next(w for w in status(srv)["workers"] if w["worker"] == worker)
+
+
 def instance_of(worker: dict, name: str) -> dict:
     """The status entry of `name`'s instance on a worker (another deployment's may share the worker)."""
     return next(i for i in worker["instances"] if i["deployment"] == name)
@@ -123,7 +132,7 @@ def test_restart_goes_to_the_node_and_device_that_hold_the_model(server):
     for name in ("b", "c", "a"):  # each cold start goes to the emptiest device: b, c fill node 0, a lands on node 1
         out = c.completions.create(model=name, prompt="w5 w6", max_tokens=4, temperature=0)
         assert out.model_extra["tangram"]["stages"]["start"] == "cold"
-        placed[name], outs[name] = holder(server, name), out
+        placed[name], outs[name] = started_on(server, name), out
         wait_instances(server, name, 0)
     assert [placed[n]["worker"] for n in ("b", "c", "a")] == ["cpu#0@node0", "cpu#1@node0", "cpu#2@node1"]
     a_at = placed["a"]
@@ -133,7 +142,7 @@ def test_restart_goes_to_the_node_and_device_that_hold_the_model(server):
 
     again = c.completions.create(model="a", prompt="w5 w6", max_tokens=4, temperature=0)
     stages = again.model_extra["tangram"]["stages"]
-    now = holder(server, "a")
+    now = started_on(server, "a")
     assert (now["worker"], now["node"], now["ray_node"]) == (a_at["worker"], 1, a_at["ray_node"])
     assert stages["start"] == "pool-hit" and stages["bytes_loaded"] == 0 and stages["bytes_reused"] > 0
     assert again.choices[0].text == outs["a"].choices[0].text
@@ -145,7 +154,7 @@ def test_a_device_of_the_same_node_starts_from_the_node_dram_cache(server):
     """Workers of one node share its cache: a start on the other device of the node loads from DRAM."""
     c = client(server)
     c.completions.create(model="b", prompt="w5", max_tokens=2)  # b is loaded (its first start cached it)
-    holder_w = next(w for w in server.workers if w.name == holder(server, "b")["worker"])
+    holder_w = next(w for w in server.workers if w.name == started_on(server, "b")["worker"])
     for w in server.workers:
         asyncio.run(w.wait_cache_idle())
     checkpoint = server.controller.describe("b")["resolved_checkpoint"]
