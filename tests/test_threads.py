@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 
+import pytest
 import torch
 
 from tangram import threads
@@ -47,3 +48,42 @@ def test_the_listening_socket_is_tcp_so_streamed_chunks_are_not_held_by_nagle():
         assert sock.proto == socket.IPPROTO_TCP  # asyncio sets TCP_NODELAY on what it accepts from such sockets
     finally:
         sock.close()
+
+
+def test_a_team_is_bound_only_when_it_spans_every_allowed_cpu():
+    team = threads.team_cpus({0, 1, 2, 3}, 4, slot=0)
+    assert team == threads.TeamCPUs(0, frozenset({1, 2, 3}), frozenset({0, 1, 2, 3}))
+    assert threads.team_cpus({4, 6}, 2, slot=3).master == 6  # masters take the CPUs in turn
+    assert threads.team_cpus({0, 1, 2, 3}, 2, slot=0) is None  # a smaller team shares the machine: left alone
+    assert threads.team_cpus({0, 1}, 1, slot=0) is None and threads.team_cpus({0}, 1, slot=0) is None
+
+
+def test_a_stepping_threads_workers_run_on_the_other_cpus_and_its_forward_on_its_own(monkeypatch):
+    import os
+
+    allowed = frozenset(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("binding needs two CPUs")
+    monkeypatch.setenv(threads.ENV, str(len(allowed)))
+    monkeypatch.delenv(threads.BIND_ENV, raising=False)
+    seen: dict[str, object] = {}
+
+    def step_thread() -> None:
+        before = set(os.listdir("/proc/self/task"))
+        threads.use_compute_threads(slot=1)
+        new = set(os.listdir("/proc/self/task")) - before
+        seen["team"] = {frozenset(os.sched_getaffinity(int(t))) for t in new}
+        seen["between"] = frozenset(os.sched_getaffinity(0))
+        with threads.on_team_cpus():
+            seen["forward"] = frozenset(os.sched_getaffinity(0))
+            torch.ones(1 << 16).sum()
+        seen["after"] = frozenset(os.sched_getaffinity(0))
+
+    t = threading.Thread(target=step_thread)
+    t.start()
+    t.join()
+    master = sorted(allowed)[1]
+    assert seen["team"] == {allowed - {master}}  # the OpenMP workers (made for this thread) avoid its CPU
+    assert seen["between"] == seen["after"] == allowed and seen["forward"] == {master}
+    with threads.on_team_cpus():  # a thread whose team is not bound: nothing changes
+        assert frozenset(os.sched_getaffinity(0)) == allowed

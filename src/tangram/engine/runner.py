@@ -18,6 +18,7 @@ from tangram.engine.attention import NAME, ChunkMeta, PackedStep, supports_packe
 from tangram.engine.batch import SeqWork, StepPlan
 from tangram.engine.lora_update import Adapter, active, plan
 from tangram.kv import KVAllocator, PagedCache, SeqSlot
+from tangram.threads import on_team_cpus
 
 
 def cache_argument(model: PreTrainedModel) -> str:
@@ -72,10 +73,8 @@ class ModelRunner:
     def run(self, plan: StepPlan) -> torch.Tensor:
         """Run a step's tokens; logits [sum of `logit_rows`, vocab] in plan order: the last position of each
         sampled sequence, every position of one with `all_logits` (prompt logprobs)."""
-        if self.packed:
-            logits = self._packed(plan.work)
-        else:
-            logits = self._padded(plan.work)
+        with on_team_cpus():  # a stepping thread's forward on its own CPU, its workers on the others (threads.py)
+            logits = self._packed(plan.work) if self.packed else self._padded(plan.work)
         if self.waits is not None and self.waits.finished:
             self.waits.remove()  # between forwards, on the engine thread
             self.waits = None

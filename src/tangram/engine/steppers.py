@@ -9,6 +9,7 @@ process alive.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -22,8 +23,8 @@ log = logging.getLogger(__name__)
 class _Stepper:
     """One parked daemon thread that runs the jobs it is given, one at a time."""
 
-    def __init__(self, pool: Steppers) -> None:
-        self._pool, self._jobs = pool, queue.SimpleQueue()
+    def __init__(self, pool: Steppers, slot: int) -> None:
+        self._pool, self._jobs, self.slot = pool, queue.SimpleQueue(), slot
         self.thread = threading.Thread(target=self._serve, name="engine", daemon=True)
         self.thread.start()
 
@@ -31,7 +32,7 @@ class _Stepper:
         self._jobs.put((job, name, done))
 
     def _serve(self) -> None:
-        use_compute_threads()  # the threads that step models are the ones that compute in parallel (threads.py)
+        use_compute_threads(self.slot)  # the threads that step models compute in parallel, bound to CPUs (threads.py)
         while True:
             job, name, done = self._jobs.get()
             threading.current_thread().name = name
@@ -51,13 +52,14 @@ class Steppers:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle: list[_Stepper] = []
+        self._slots = itertools.count()
 
     def run(self, job: Callable[[], None], name: str) -> threading.Event:
         """Run `job` on a parked thread (or a new one); the event is set once it has returned."""
         done = threading.Event()
         with self._lock:
             stepper = self._idle.pop() if self._idle else None
-        (stepper or _Stepper(self)).give(job, name, done)
+        (stepper or _Stepper(self, next(self._slots))).give(job, name, done)
         return done
 
     def park(self, stepper: _Stepper) -> None:
