@@ -90,3 +90,23 @@ def test_instances_hold_packed_weights_and_a_pool_hit_packs_nothing_new(tmp_path
     with Instance(ckpt, pool, EngineConfig(block_tokens=4, prepack="off")) as plain:
         assert plain.packed == [] and not any("forward" in m.__dict__ for m in plain.model.modules())
         assert plain.engine.generate([[5, 17, 33, 9]], params)[0].output_ids == ref
+
+
+def test_a_model_routed_before_for_the_same_tensors_keeps_its_routing_and_takes_the_holds_again():
+    lin = linear(torch.float32)
+    x = torch.randn(3, 24)
+    plain = lin(x)
+    cache = PackedCache(limit_bytes=0)  # nothing unheld stays cached
+    ids = {lin.weight.data_ptr(): "w", lin.bias.data_ptr(): "b"}
+    assert prepack(lin, ids, hint=2, cache=cache) == ["w"]
+    routed = lin.__dict__["forward"]
+    cache.release(["w"])
+    assert cache.get("w") is None  # evicted: the next hold packs it again, from the module's weight
+    assert prepack(lin, dict(ids), hint=2, cache=cache) == ["w"]
+    assert lin.__dict__["forward"] is routed and cache.get("w") is not None and cache._holds == {"w": 1}
+    torch.testing.assert_close(lin(x), plain)
+    other = {lin.weight.data_ptr(): "w2", lin.bias.data_ptr(): "b"}  # other bytes at the same address
+    assert prepack(lin, other, hint=2, cache=cache) == ["w2"]
+    assert lin.__dict__["forward"] is not routed and lin.__dict__["forward"].ident == "w2"
+    unpack(lin)
+    assert prepack(lin, other, hint=2, cache=cache) == ["w2"] and lin.__dict__["forward"].ident == "w2"

@@ -19,11 +19,14 @@ weight was evicted runs the plain `linear` until it is packed again.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -110,16 +113,41 @@ class PackedLinear:
         return torch.ops.mkldnn._linear_pointwise(x, packed, m.bias, "none", [], "")
 
 
+@dataclass
+class _Routes:
+    """How one model's linears were routed: for the tensors `identities` names (every bound tensor, by
+    `data_ptr`), the cache identities held, each with what builds its weight again (read from the module
+    when called: a re-bound skeleton has new parameter objects over the same bytes)."""
+
+    identities: dict[int, str]
+    hint: int
+    fuse: bool
+    cache: PackedCache
+    held: list[tuple[str, Callable[[], torch.Tensor]]]
+
+
+_ROUTED: weakref.WeakKeyDictionary[torch.nn.Module, _Routes] = weakref.WeakKeyDictionary()
+_ROUTED_LOCK = threading.Lock()
+
+
 def prepack(model: torch.nn.Module, identities: Mapping[int, str], *, hint: int,
             cache: PackedCache = PACKED, fuse: bool = True) -> list[str]:
     """Route every CPU `nn.Linear` of `model` whose weight has an identity (by `data_ptr`) through a packed
     copy: sibling projections (`fuse.py`) through one packed concatenation, when `fuse`; returns the
-    identities held (give them to `cache.release` when the instance stops)."""
+    identities held (give them to `cache.release` when the instance stops). A kept skeleton routed before
+    for the same tensors (a pool-hit restart) keeps its routing: only the holds are taken again."""
+    with _ROUTED_LOCK:
+        routes = _ROUTED.get(model)
+    if routes is not None and (routes.identities, routes.hint, routes.fuse, routes.cache) == (
+            identities, hint, fuse, cache):
+        for ident, weight in routes.held:
+            cache.acquire(ident, weight, hint)
+        return [ident for ident, _ in routes.held]
     unpack(model)
-    held: list[str] = []
+    held: list[tuple[str, Callable[[], torch.Tensor]]] = []
     for group in groups(model, identities, PACKABLE) if fuse else []:
         cache.acquire(group.ident, group.weight, hint)
-        held.append(group.ident)
+        held.append((group.ident, group.weight))
         fused = FusedProjection(group, cache, group.bias())
         for i, member in enumerate(group.members):
             member.forward = fused.part(i)  # an instance attribute: nn.Module calls it
@@ -131,14 +159,22 @@ def prepack(model: torch.nn.Module, identities: Mapping[int, str], *, hint: int,
         if ident is None:
             continue
         cache.acquire(ident, w, hint)
-        held.append(ident)
+        held.append((ident, functools.partial(_weight_of, module)))
         module.forward = PackedLinear(module, ident, cache)
+    with _ROUTED_LOCK:
+        _ROUTED[model] = _Routes(dict(identities), hint, fuse, cache, held)
     log.debug("packed %d linear weights (%d MiB cached)", len(held), cache.bytes >> 20)
-    return held
+    return [ident for ident, _ in held]
+
+
+def _weight_of(module: torch.nn.Linear) -> torch.Tensor:
+    return module.weight
 
 
 def unpack(model: torch.nn.Module) -> None:
     """Route every `nn.Linear` of `model` back through the plain `linear` (a kept skeleton packed before)."""
+    with _ROUTED_LOCK:
+        _ROUTED.pop(model, None)
     for module in model.modules():
         if isinstance(module.__dict__.get("forward"), (PackedLinear, FusedPart)):
             del module.forward
