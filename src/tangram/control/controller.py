@@ -75,8 +75,8 @@ class Controller:
             old.spec, old.need = spec, need
         else:
             self._states[spec.name] = _State(spec, path, index, need)
-        self.activity.record("deploy", f"{'updated' if old else 'deployed'} {spec.name} ({index.total_bytes / 1e6:.1f} "
-                             f"MB) from {path}", spec.name)
+        self.activity.record("deploy", f"{'updated' if old else 'deployed'} {spec.name} "
+                             f"({index.total_bytes / 1e6:.1f} MB) from {path}", spec.name)
         for _ in range(spec.min_instances - len(self._states[spec.name].replicas)):
             self._start(self._states[spec.name], time.perf_counter())
         return self.describe(spec.name)
@@ -122,10 +122,9 @@ class Controller:
         return float("inf") if self._capacities is None else self._capacities.get(worker.name, float("inf"))
 
     def _get(self, name: str) -> _State:
-        try:
-            return self._states[name]
-        except KeyError:
-            raise UnknownDeployment(name) from None
+        if name not in self._states:
+            raise UnknownDeployment(name)
+        return self._states[name]
 
     async def generate(self, name: str, prompt, params: SamplingParams, *, chat: bool = False,
                        adapter: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -231,16 +230,19 @@ class Controller:
 
     async def _place(self, state: _State, fits: list[WorkerHandle]) -> WorkerHandle:
         """The worker to start on, among those that answer (a Ray actor restarting refuses calls), another than
-        its instances' when it fits there; recorded in `state.placing` (`_start_on` removes it)."""
-        states = await asyncio.gather(*(w.placement_state(state.index) for w in fits), return_exceptions=True)
-        up = [(w, st) for w, st in zip(fits, states) if not isinstance(st, BaseException)]
-        if not up:
-            raise states[0]
-        hosts = state.hosts()  # read after the await: no other start can place in between
-        i = choose_scale_out([st for _, st in up], state.index.total_bytes, [w.name in hosts for w, _ in up],
-                             self.policy)
-        state.placing.append(up[i][0].name)
-        return up[i][0]
+        its instances' when it fits there (a single candidate is not asked: there is nothing to choose);
+        recorded in `state.placing` (`_start_on` removes it)."""
+        chosen = fits[0]
+        if len(fits) > 1:
+            states = await asyncio.gather(*(w.placement_state(state.index) for w in fits), return_exceptions=True)
+            up = [(w, st) for w, st in zip(fits, states) if not isinstance(st, BaseException)]
+            if not up:
+                raise states[0]
+            hosts = state.hosts()  # read after the await: no other start can place in between
+            chosen = up[choose_scale_out([st for _, st in up], state.index.total_bytes,
+                                         [w.name in hosts for w, _ in up], self.policy)][0]
+        state.placing.append(chosen.name)
+        return chosen
 
     async def _start_on(self, state: _State, fits: list[WorkerHandle], arrival: float) -> None:
         spec = state.spec
@@ -264,7 +266,6 @@ class Controller:
         if state.removed:
             await worker.stop(replica.ref)
             return
-        loop.create_task(self._observe(replica))  # refine the tier bandwidths with this load
         self.activity.started(spec.name, worker.name, replica.id, replica.cost)
         loop.create_task(self._count_start(state, replica))
         state.last_error = None
@@ -350,9 +351,7 @@ class Controller:
         state.bytes_loaded += cost.bytes_loaded
         state.bytes_reused += cost.bytes_reused
         self.activity.settled(replica.id, cost)
-
-    async def _observe(self, replica: ReplicaState) -> None:
-        observe_start(await replica.worker.load_stats(replica.ref))
+        observe_start(await replica.worker.load_stats(replica.ref))  # refine the tier bandwidths with this load
 
     def _wake(self, state: _State, error: Exception | None = None) -> None:
         waiters, state.waiters = state.waiters, []
