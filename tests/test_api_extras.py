@@ -83,3 +83,20 @@ def test_tokenizing_runs_off_the_event_loop(server, monkeypatch):
         release.set()
         sender.join(30)
     assert out[0].json()["tokens"] == [5]
+
+
+def test_an_idle_connection_outlives_the_clients_pool_expiry(server):
+    """httpx (and the openai client) retire a pooled connection after 5 s idle: the server keeps it longer, so
+    the client always closes first and never sends a request on a connection the server is closing."""
+    from tangram.serve.server import HTTP_KEEP_ALIVE_S
+
+    assert HTTP_KEEP_ALIVE_S > httpx.Limits().keepalive_expiry
+    ports = []
+    with httpx.Client(limits=httpx.Limits(keepalive_expiry=60)) as c:
+        for _ in range(2):
+            r = c.get(server.url + "/v1/models")
+            assert r.status_code == 200
+            ports.append(r.extensions["network_stream"].get_extra_info("client_addr")[1])
+            threading.Event().wait(6.0)  # idle past uvicorn's default 5 s keep-alive
+        assert c.get(server.url + "/v1/models").status_code == 200
+    assert ports[0] == ports[1]  # the same connection: the server had not closed it

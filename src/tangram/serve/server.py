@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 DEMO = Deployment(name="demo", checkpoint="demo", keep_alive_s=300)
 API_KEY_ENV = "TANGRAM_API_KEY"
 MIN_REMOTE_TOKEN = 16  # characters of an admin token that guards a non-loopback bind
+# An idle HTTP connection is kept this long. httpx (and so the openai client) retires pooled connections after
+# 5 s idle, uvicorn's default: at equal timeouts a request sent as the server closes the connection failed
+# with a ReadError (one request of a bench coldstart replay). Longer here, the client always closes first.
+HTTP_KEEP_ALIVE_S = 30
 
 
 def token_file(port: int) -> Path:
@@ -173,7 +177,8 @@ class Server:
 
     def _make(self) -> uvicorn.Server:
         cfg = uvicorn.Config(self.app, host=self.config.host, port=self.config.port, log_level="warning",
-                             lifespan="on", timeout_graceful_shutdown=5)
+                             lifespan="on", timeout_graceful_shutdown=5,
+                             timeout_keep_alive=HTTP_KEEP_ALIVE_S)
         self._uvicorn = uvicorn.Server(cfg)
         return self._uvicorn
 
