@@ -87,3 +87,29 @@ def test_a_stepping_threads_workers_run_on_the_other_cpus_and_its_forward_on_its
     assert seen["between"] == seen["after"] == allowed and seen["forward"] == {master}
     with threads.on_team_cpus():  # a thread whose team is not bound: nothing changes
         assert frozenset(os.sched_getaffinity(0)) == allowed
+
+
+def test_a_system_that_refuses_cpu_masks_leaves_the_team_unbound_with_its_threads(monkeypatch):
+    import os
+
+    allowed = frozenset(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("binding needs two CPUs")
+
+    def refuse(pid, mask):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setenv(threads.ENV, str(len(allowed)))
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    seen: list[object] = []
+
+    def step_thread() -> None:
+        threads.use_compute_threads(slot=0)
+        seen.append(torch.get_num_threads())
+        with threads.on_team_cpus():  # unbound: a no-op, and nothing raises
+            seen.append(frozenset(os.sched_getaffinity(0)))
+
+    t = threading.Thread(target=step_thread)
+    t.start()
+    t.join()
+    assert seen == [len(allowed), allowed]

@@ -107,16 +107,17 @@ def bind_team(team: TeamCPUs) -> None:
     new thread, before it runs any parallel op. Falls back to no binding when the system refuses."""
     import torch
 
+    torch.set_num_threads(len(team.allowed))
     try:
         os.sched_setaffinity(0, team.workers)
-        try:
-            torch.set_num_threads(len(team.allowed))
-            torch.empty(2 * GRAIN * len(team.allowed), dtype=torch.uint8).fill_(1)  # a parallel op: the team
-        finally:
-            os.sched_setaffinity(0, team.allowed)
     except OSError as exc:
         log.debug("compute threads not bound to CPUs: %s", exc)
         return
+    try:
+        torch.empty(2 * GRAIN * len(team.allowed), dtype=torch.uint8).fill_(1)  # a parallel op: the team
+    finally:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, team.allowed)
     _local.team = team
 
 
@@ -136,7 +137,8 @@ def on_team_cpus() -> Iterator[None]:
     try:
         yield
     finally:
-        os.sched_setaffinity(0, team.allowed)
+        with contextlib.suppress(OSError):  # the process's CPUs changed meanwhile: a forward never fails for it
+            os.sched_setaffinity(0, team.allowed)
 
 
 def _allowed() -> frozenset[int]:
