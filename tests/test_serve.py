@@ -305,3 +305,15 @@ def test_an_instance_whose_weights_fail_to_load_is_replaced_and_the_request_retr
         while worker.replicas and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not worker.replicas and worker.pool.snapshot()["totals"]["active"] == 0
+
+
+def test_a_start_on_the_only_device_asks_it_for_no_placement_state(model_dir, monkeypatch):
+    from tangram.worker.worker import Worker
+
+    def asked(*args, **kwargs):
+        raise AssertionError("a single candidate device was asked for its placement state")
+
+    monkeypatch.setattr(Worker, "placement_state", asked)
+    with serving([Deployment(name="a", checkpoint=str(model_dir))]) as srv:  # one device: nothing to choose
+        out = client(srv).completions.create(model="a", prompt="w5", max_tokens=2)
+    assert out.usage.completion_tokens == 2 and out.model_extra["tangram"]["stages"]["start"] == "cold"

@@ -22,7 +22,7 @@ one of them, the stepping thread itself to that one while a forward runs.
 Unbound, Linux placed a worker that had slept (an instance idle for a
 keep-alive) on the stepping thread's own CPU when it woke it, and the two
 took turns on one CPU while the other stayed idle: measured on the 2-core VM,
-a pool-hit start's first prefill spent 20-23 ms of its 60 ms runnable but not
+a pool-hit start's first prefill spent 19-23 ms of its 60 ms runnable but not
 running, and never the warm one right after it. vLLM's CPU backend binds its
 OpenMP threads for the same reason. `TANGRAM_BIND_THREADS=0` turns it off.
 """
@@ -44,10 +44,7 @@ _local = threading.local()
 
 
 def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return len(_allowed()) or os.cpu_count() or 1
 
 
 def compute_threads() -> int:
