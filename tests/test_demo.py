@@ -59,7 +59,8 @@ def test_engine_greedy_is_token_exact_with_transformers_on_smollm2(demo_ckpt):
     from tangram.pool import DevicePool
 
     prompts = ["What is the capital of France?", "Write one sentence about the sea.", "2 + 2 ="]
-    with Instance(demo_ckpt, DevicePool(400 << 20), EngineConfig(block_tokens=16)) as inst:
+    pool = DevicePool(read_index(demo_ckpt).total_bytes + (128 << 20))  # the weights in this CPU's dtype, and KV
+    with Instance(demo_ckpt, pool, EngineConfig(block_tokens=16)) as inst:
         eng = inst.engine
         ids = [eng.encode(p, chat=True) for p in prompts]
         outs = eng.generate(ids, SamplingParams(max_tokens=24))  # batched: three lengths at once

@@ -17,7 +17,9 @@ cold read's speed on the VM depends on what its disk read lately), medians. The 
 start-up heap frozen out of the garbage collector, as the server runs (`tangram.heap`), and the garbage of the
 previous state collected before each timed load, for both systems. Every load is checked: each module's A and B that Tangram bound equal PEFT's loaded ones, bit for bit. The
 mixed batch runs 16 greedy requests over 4 adapters in one engine, against the same 16 on the base; every
-output is checked against the same requests run one adapter per batch.
+output is checked against the same requests run one adapter per batch. The base computes in the dtype a
+deployment of it computes in on this machine (`choose_dtype` "auto": bf16 on a CPU with native bf16 matmul,
+else an fp32 copy), as the server would run it.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ from rich.console import Console
 
 from tangram.bench.common import Column, fmt_num, print_summary, print_table, ratio, result_doc, write_result
 from tangram.engine import EngineConfig, Instance, SamplingParams
+from tangram.engine.dtype import SHORT, choose_dtype
 from tangram.engine.lora import AdapterSet
 from tangram.heap import frozen_heap
 from tangram.paths import data_dir
 from tangram.pool import DevicePool
+from tangram.resolve import with_dtype
 from tangram.store import Checkpoint, HostCache, Loader, convert
 from tangram.store.adapter import AdapterInfo, convert_adapter
 from tangram.store.format import INDEX_FILE
@@ -318,9 +322,11 @@ def run_lora_bench(*, quick: bool, json_path: Path | None, console: Console | No
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(model, LoraConfig(r=1, target_modules=["q_proj"]), autocast_adapter_dtype=False)
-    capacity = base.index.total_bytes + 8 * Checkpoint(pairs[0][1]).index.total_bytes + (512 << 20)
+    dtype = choose_dtype("auto", spec.torch_dtype, "cpu")  # what a deployment of the base computes in here
+    served = Checkpoint(with_dtype(base.path, dtype))
+    capacity = served.index.total_bytes + 8 * Checkpoint(pairs[0][1]).index.total_bytes + (512 << 20)
     # as in a server: no full collection over the start-up objects (torch, PEFT) inside a timed load
-    with frozen_heap(), Instance(base.path, DevicePool(capacity, "cpu"),
+    with frozen_heap(), Instance(served.path, DevicePool(capacity, "cpu"),
                                  EngineConfig(templates=False, max_batch=sizes.requests)) as inst:
         console.print(f"loads: {sizes.timed} adapters of rank {sizes.rank}" + (f", one of rank {sizes.big_rank}"
                                                                               if big else ""))
@@ -336,7 +342,8 @@ def run_lora_bench(*, quick: bool, json_path: Path | None, console: Console | No
                "adapter_cold_load_s": round(ours_cold, 5),
                "adapter_pool_hit_ms": round(statistics.median(r["tangram_pool_ms"] for r in rows), 4),
                "mixed_batch_tokens_per_s_vs_base": ratio(mixed["mixed_tokens_per_s"], mixed["base_tokens_per_s"])}
-    config = {**asdict(sizes), "base": spec.name, "base_bytes": base.index.total_bytes, "targets": TARGETS,
+    config = {**asdict(sizes), "base": spec.name, "base_bytes": base.index.total_bytes, "compute_dtype": SHORT[dtype],
+              "targets": TARGETS,
               "mixed_batch": mixed, "mixed_batch_peft_default_targets": {**mixed_qv, "targets": PEFT_DEFAULT,
               "tokens_per_s_vs_base": ratio(mixed_qv["mixed_tokens_per_s"], mixed_qv["base_tokens_per_s"])}, "peer": "peft PeftModel.load_adapter (safetensors), the faster of "
               "low_cpu_mem_usage False / True", "torch_threads": torch.get_num_threads()}

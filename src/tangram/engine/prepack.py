@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from tangram.engine.fuse import FusedPart, FusedProjection, groups
 
 log = logging.getLogger(__name__)
-PACKABLE = (torch.float32, torch.bfloat16)
 DEFAULT_LIMIT = 4 << 30  # bytes of packed weights kept when no instance holds them
 
 
@@ -42,6 +41,15 @@ def available(device: torch.device | str) -> bool:
     """Whether this PyTorch can pack Linear weights for `device` (CPUs with oneDNN)."""
     return (torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+@functools.cache
+def packable() -> tuple[torch.dtype, ...]:
+    """The weight dtypes oneDNN packs on this CPU: float32, and bfloat16 where oneDNN's bf16 path runs
+    (AVX512-BF16/AMX, or AVX512BW+VL+DQ; an AVX2-only CPU refuses to pack a bf16 weight, so its bf16
+    linears stay plain)."""
+    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return (torch.float32, torch.bfloat16) if bf16 is not None and bf16() else (torch.float32,)
 
 
 class PackedCache:
@@ -145,7 +153,7 @@ def prepack(model: torch.nn.Module, identities: Mapping[int, str], *, hint: int,
         return [ident for ident, _ in routes.held]
     unpack(model)
     held: list[tuple[str, Callable[[], torch.Tensor]]] = []
-    for group in groups(model, identities, PACKABLE) if fuse else []:
+    for group in groups(model, identities, packable()) if fuse else []:
         cache.acquire(group.ident, group.weight, hint)
         held.append((group.ident, group.weight))
         fused = FusedProjection(group, cache, group.bias())
@@ -155,7 +163,7 @@ def prepack(model: torch.nn.Module, identities: Mapping[int, str], *, hint: int,
         if type(module) is not torch.nn.Linear or "forward" in module.__dict__:
             continue
         w = module.weight
-        ident = identities.get(w.data_ptr()) if w.device.type == "cpu" and w.dtype in PACKABLE else None
+        ident = identities.get(w.data_ptr()) if w.device.type == "cpu" and w.dtype in packable() else None
         if ident is None:
             continue
         cache.acquire(ident, w, hint)
