@@ -18,8 +18,8 @@ start-up heap frozen out of the garbage collector, as the server runs (`tangram.
 previous state collected before each timed load, for both systems. Every load is checked: each module's A and B that Tangram bound equal PEFT's loaded ones, bit for bit. The
 mixed batch runs 16 greedy requests over 4 adapters in one engine, against the same 16 on the base; every
 output is checked against the same requests run one adapter per batch. The base computes in the dtype a
-deployment of it computes in on this machine (`choose_dtype` "auto": bf16 on a CPU with native bf16 matmul,
-else an fp32 copy), as the server would run it.
+deployment of it computes in on this machine (`resolve_model` with dtype "auto", the server's own resolution:
+bf16 on a CPU with native bf16 matmul, else an fp32 copy).
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ from rich.console import Console
 
 from tangram.bench.common import Column, fmt_num, print_summary, print_table, ratio, result_doc, write_result
 from tangram.engine import EngineConfig, Instance, SamplingParams
-from tangram.engine.dtype import SHORT, choose_dtype
+from tangram.engine.dtype import SHORT, compute_dtype
 from tangram.engine.lora import AdapterSet
 from tangram.heap import frozen_heap
 from tangram.paths import data_dir
 from tangram.pool import DevicePool
-from tangram.resolve import with_dtype
+from tangram.resolve import resolve_model
 from tangram.store import Checkpoint, HostCache, Loader, convert
 from tangram.store.adapter import AdapterInfo, convert_adapter
 from tangram.store.format import INDEX_FILE
@@ -322,8 +322,8 @@ def run_lora_bench(*, quick: bool, json_path: Path | None, console: Console | No
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(model, LoraConfig(r=1, target_modules=["q_proj"]), autocast_adapter_dtype=False)
-    dtype = choose_dtype("auto", spec.torch_dtype, "cpu")  # what a deployment of the base computes in here
-    served = Checkpoint(with_dtype(base.path, dtype))
+    served = Checkpoint(resolve_model(base.path, dtype="auto", device="cpu"))  # what a deployment would serve
+    dtype = compute_dtype(e.torch_dtype for e in served.index.tensors.values())
     capacity = served.index.total_bytes + 8 * Checkpoint(pairs[0][1]).index.total_bytes + (512 << 20)
     # as in a server: no full collection over the start-up objects (torch, PEFT) inside a timed load
     with frozen_heap(), Instance(served.path, DevicePool(capacity, "cpu"),
