@@ -81,10 +81,11 @@ def plain_vllm(python: str, jobs: list[dict], workdir: Path) -> list[list[list[i
     return json.loads(out.read_text())
 
 
-def generate(backend, prompt, n: int, **params) -> RequestOutput:
-    """Submit one greedy request (eos ignored) and return its final output."""
+def generate(backend, prompt, n: int, adapter: str | None = None, **params) -> RequestOutput:
+    """Submit one greedy request (eos ignored; with LoRA `adapter`) and return its final output."""
     q = OutputQueue()
-    backend.submit(prompt, SamplingParams(max_tokens=n, ignore_eos=True, **params), q, arrival=time.perf_counter())
+    backend.submit(prompt, SamplingParams(max_tokens=n, ignore_eos=True, **params), q, arrival=time.perf_counter(),
+                   adapter=adapter)
     while True:
         out = q.get(timeout=120)
         if out.finished:

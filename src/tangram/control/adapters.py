@@ -79,23 +79,43 @@ def resolve_adapter(source: str | Path, base: Path) -> tuple[Path, AdapterInfo, 
     return resolved, check_adapter(index, base_index, resolved), index.total_bytes
 
 
+def engine_refusal(base: Deployment, info: AdapterInfo) -> str | None:
+    """Why the instances of `base` cannot serve an adapter of `info`, or None. The built-in engine serves any
+    adapter that fits the base's shapes; a vllm engine only with LoRA on and up to its `max_lora_rank`."""
+    if base.backend != "vllm":
+        return None
+    if base.engine.max_loras == 0:
+        return (f"base deployment {base.name!r} runs on vllm without LoRA: deploy it with engine.max_loras >= 1 "
+                "(vLLM's max_loras)")
+    if info.r > base.engine.max_lora_rank:
+        return (f"the adapter's rank {info.r} is above base deployment {base.name!r}'s engine.max_lora_rank "
+                f"{base.engine.max_lora_rank}")
+    return None
+
+
 class Adapters:
     """The adapter deployments of a controller, by name."""
 
     def __init__(self) -> None:
         self._states: dict[str, AdapterState] = {}
 
-    async def deploy(self, spec: Deployment, bases: Mapping[str, Path], activity: Activity) -> AdapterState:
+    async def deploy(self, spec: Deployment, bases: Mapping[str, tuple[Deployment, Path]], activity: Activity
+                     ) -> AdapterState:
         """Convert (once) and check the adapter against its base off the event loop, then register it.
-        `bases`: the base deployments' checkpoints. AdapterDeployError for a name or base that does not fit."""
+        `bases`: the base deployments and their checkpoints. AdapterDeployError for a name or base that does not
+        fit."""
         if spec.adapter is None or spec.name in bases:
             kind = "an adapter" if spec.adapter is None else "a base model"
             raise AdapterDeployError(f"{spec.name!r} is already deployed as {kind}; remove it first", "name")
         if spec.base not in bases:
             raise AdapterDeployError(f"base deployment {spec.base!r} does not exist", "base")
         loop = asyncio.get_running_loop()
-        path, info, size = await loop.run_in_executor(None, functools.partial(
-            resolve_adapter, spec.adapter, bases[spec.base]))
+        base, base_path = bases[spec.base]
+        path, info, size = await loop.run_in_executor(None, functools.partial(resolve_adapter, spec.adapter,
+                                                                              base_path))
+        refusal = engine_refusal(base, info)
+        if refusal is not None:
+            raise AdapterDeployError(refusal, "base")
         state = self._states[spec.name] = AdapterState(spec, path, info, size)
         activity.record("deploy", f"deployed adapter {spec.name} (rank {info.r}, {size / 1e6:.1f} MB) on "
                         f"{spec.base}", spec.name)
@@ -139,7 +159,7 @@ class LoraController(Controller):
         """A base model as `Controller.deploy`; an adapter converted (once) and checked against its base."""
         if spec.adapter is None and self.adapters.get(spec.name) is None:
             return await super().deploy(spec)
-        bases = {n: Path(self.describe(n)["resolved_checkpoint"]) for n in super().names()}
+        bases = {n: (self.spec(n), Path(self.describe(n)["resolved_checkpoint"])) for n in super().names()}
         await self.adapters.deploy(spec, bases, self.activity)
         return self.describe(spec.name)
 

@@ -39,11 +39,10 @@ log = logging.getLogger(__name__)
 
 
 class Controller:
-    """Deployments over a set of workers (one per device)."""
+    """Deployments over a set of workers (one per device, `WorkerHandle`s or this process's `Worker`s)."""
 
     def __init__(self, workers: list[WorkerHandle | Worker], policy: str = "tangram") -> None:
-        """`workers`: worker handles (a `Worker` of this process is wrapped in its `LocalWorker`)."""
-        if not workers:
+        if not workers:  # a `Worker` of this process is wrapped in its `LocalWorker`
             raise ValueError("a controller needs at least one worker")
         self.workers: list[WorkerHandle] = [LocalWorker(w) if isinstance(w, Worker) else w for w in workers]
         self.policy = policy
@@ -100,9 +99,12 @@ class Controller:
         """A deployment's settings and live state."""
         return self._get(name).describe()
 
+    def spec(self, name: str) -> Deployment:
+        """A deployment's settings."""
+        return self._get(name).spec
+
     def status(self) -> dict:
-        """Per device pool bytes and instances (as last known: a remote worker's refreshes behind, so a
-        `/metrics` scrape never waits for a worker); per deployment instances and queue."""
+        """Per device pool bytes and instances, as last known (a `/metrics` scrape never waits for a worker)."""
         return {"workers": [w.last_status() for w in self.workers],
                 "deployments": {n: self.describe(n) for n in self.names()}}
 
@@ -372,14 +374,13 @@ class Controller:
                                  state.spec.min_instances):
             return
         log.info("scaling %s to %d instance(s): %s idle", state.spec.name, len(live) - 1, replica.id)
-        kind = "scale-to-zero" if len(live) == 1 else "scale-down"
-        what = f"stopped {replica.id}, idle {now - replica.idle_since:.1f} s: {len(live) - 1} instance(s) left"
+        kind, what = ("scale-to-zero" if len(live) == 1 else "scale-down",
+                      f"stopped {replica.id}, idle {now - replica.idle_since:.1f} s: {len(live) - 1} instance(s) left")
         self._stop(state, replica, lambda: self.activity.record(kind, what, state.spec.name, replica.worker.name))
 
     def _stop(self, state: _State, replica: ReplicaState, recorded: Callable[[], None] | None = None) -> None:
-        """Stop `replica` in the background; once stopped (its weights retained), `recorded` logs the event, and
-        starts waiting for room there and the deployment's waiting requests (a drained instance leaves them
-        without one) look again."""
+        """Stop `replica` in the background; once stopped (weights retained), `recorded` logs it, and starts waiting
+        for room there and the deployment's waiting requests (a drained instance leaves them none) look again."""
         replica.stopping = True
         if replica in state.replicas:
             state.replicas.remove(replica)

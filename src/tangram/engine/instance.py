@@ -65,6 +65,11 @@ class EngineConfig(BaseModel):
         "outside the pool, cached by tensor identity: engine/prepack.py). auto: on where PyTorch has oneDNN")
     kv_cache_bytes: int = Field(1 << 30, ge=1 << 20, description="vllm backend: the KV cache its engine reserves "
                                 "(charged to the pool as active bytes while the instance runs)")
+    max_loras: int = Field(0, ge=0, le=256, description="vllm backend: LoRA adapters one engine step serves at "
+                           "once (vLLM's max_loras); 0: LoRA off in its engine. The built-in engine serves any "
+                           "number whatever this is")
+    max_lora_rank: int = Field(16, ge=1, le=512, description="vllm backend: the largest adapter rank its engine "
+                               "serves (vLLM's max_lora_rank)")
     templates: bool = Field(True, description="record a start-up template on the first run; with one, load in "
                             "first-use order and execute while loading")
     dtype: DtypeSetting = Field(

@@ -9,11 +9,9 @@ samples, detokenizes and stops. Its process dying fails only its own requests (`
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tangram.engine.backend import Sink
-from tangram.engine.errors import EngineError, RequestError
+from tangram.engine.errors import EngineError
 from tangram.engine.instance import EngineConfig
 from tangram.engine.logprobs import Candidate, TokenLogprob
 from tangram.engine.prompt import Prompt, check_prompt, encode_prompt
@@ -31,10 +29,9 @@ from tangram.engine.skeleton import RUNTIME
 from tangram.engine.stages import EngineRates, Stages, StartCost
 from tangram.pool import DevicePool
 from tangram.store import Checkpoint, LoadStats
-from tangram.store.format import ALIGNMENT, align_up
-from tangram.store.io import fd_path, shared_host_buffer
-from tangram.pool.records import Binding
-from tangram.vllm.messages import BindSpec, Delta, ShellSetup, TensorRef
+from tangram.vllm.adapters import VllmAdapters
+from tangram.vllm.binding import bind_spec, unstage, weights_identity
+from tangram.vllm.messages import BindSpec, Delta, LoraRef, ShellSetup
 from tangram.vllm.params import vllm_sampling
 from tangram.vllm.python import vllm_python
 from tangram.vllm.shell import Shell, ShellError
@@ -55,51 +52,9 @@ def engine_args(path: Path, config: EngineConfig) -> dict:
         args["max_model_len"] = config.max_model_len
     if config.max_batch is not None:
         args["max_num_seqs"] = config.max_batch
+    if config.max_loras:
+        args.update(enable_lora=True, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank)
     return args
-
-
-def weights_identity(index) -> str:
-    """The content identity of a checkpoint's weights: every tensor name with its content key, as one digest."""
-    pairs = sorted(f"{name}={entry.key}" for name, entry in index.tensors.items())
-    return hashlib.sha256("\n".join(pairs).encode()).hexdigest()[:32]
-
-
-Staging = tuple[torch.Tensor, int] | None  # a private arena's shared-memory copy and its descriptor, until bound
-
-
-def bind_spec(pool: DevicePool, binding: Binding, identity: str) -> tuple[BindSpec, Staging]:
-    """Where each tensor of an acquired model lies for the shell to map, and what must live until it has bound.
-
-    A shared CPU arena (`pool.shared`) or a CUDA arena is mapped as it is, no copy. A private CPU arena cannot be
-    mapped by another process: the tensors are staged through a shared-memory buffer (one host copy per start).
-    """
-    arena = pool.arena
-    tensors = binding.tensors
-
-    def ref(name: str, t: torch.Tensor, offset: int) -> TensorRef:
-        return TensorRef(name, offset, t.numel() * t.element_size(), str(t.dtype).removeprefix("torch."),
-                         tuple(t.shape))
-
-    if arena.device.type == "cpu" and arena.share_path is None:
-        total = sum(align_up(t.numel() * t.element_size(), ALIGNMENT) for t in tensors.values())
-        buf, fd = shared_host_buffer(total)
-        refs, at = [], 0
-        for name, t in tensors.items():
-            r = ref(name, t, at)
-            buf[at : at + r.nbytes].copy_(t.reshape(-1).view(torch.uint8))
-            refs.append(r)
-            at += align_up(r.nbytes, ALIGNMENT)
-        log.info("pool arena is private: staged %d bytes through shared memory (pool.shared = true maps it "
-                 "without this copy)", total)
-        return BindSpec(tuple(refs), total, fd_path(fd), None, key=identity), (buf, fd)
-    refs = [ref(name, t, arena.offset_of(t)) for name, t in tensors.items()]
-    return BindSpec(tuple(refs), arena.capacity, arena.share_path, arena.buffer if arena.device.type == "cuda"
-                    else None, key=identity), None
-
-
-def _unstage(staging: Staging) -> None:
-    if staging is not None:
-        os.close(staging[1])  # the shell's mapping keeps what it still reads
 
 
 def prewarm(checkpoint: Path, pool: DevicePool, config: EngineConfig) -> float:
@@ -149,8 +104,10 @@ class VllmBackend:
                     self.shell = Shell.spawn(found.python, ShellSetup(args, spec), key)
                     self.shells.serving(key)
             finally:
-                _unstage(staging)
+                unstage(staging)
             self.tokenizer = RUNTIME.tokenizer(checkpoint.path)
+            self.adapters = VllmAdapters(pool, checkpoint, self.shell, max_loras=config.max_loras,
+                                         max_rank=config.max_lora_rank)
         except BaseException:
             if self.shell is not None:  # a start that failed after it got its engine: that engine goes too
                 self.shells.done(self.shell.key)
@@ -194,17 +151,21 @@ class VllmBackend:
 
     def submit(self, prompt: Prompt, params: SamplingParams, sink: Sink, *, arrival: float, chat: bool = False,
                adapter: str | None = None) -> str:
-        """Tokenize and check here, then queue on the vLLM engine; its id. Raises RequestError."""
-        if adapter is not None:
-            raise RequestError("LoRA adapters are not served by the vllm backend yet")
+        """Tokenize and check here, bind its LoRA adapter (`adapter`: a converted adapter's path), then queue on the
+        vLLM engine; its id. Raises RequestError."""
         ids = encode_prompt(self.tokenizer, prompt, chat)
         check_prompt(ids, params, vocab=self.vocab, max_model_len=self.max_model_len)
         sampling = vllm_sampling(params)
         rid = f"vllm-{next(_ids)}"
-        stream = _Stream(self, rid, len(ids), params, sink, arrival)
+        lora = None
         try:
-            self.shell.add(rid, ids, sampling, stream.on_delta)
+            if adapter is not None:
+                lora = self.adapters.acquire(adapter)
+            stream = _Stream(self, rid, len(ids), params, sink, arrival, lora)
+            self.shell.add(rid, ids, sampling, stream.on_delta, lora)
         except ShellError as exc:  # the engine process is gone: this instance is failed, the request may retry
+            if lora is not None:
+                self.adapters.release(lora)
             sink(RequestOutput(rid, "", [], "", finished=True, finish_reason="error", error=str(exc),
                                prompt_tokens=len(ids), instance_failed=True))
         return rid
@@ -247,6 +208,7 @@ class VllmBackend:
     def stop(self) -> None:
         """Abort what runs, park the shell for the next start of this shape, release the weights (retained)."""
         shell = self.shell
+        self.adapters.close()  # before it can be parked: a shell bound to another model must hold no old views
         self.shells.done(shell.key)
         if shell.alive() and shell.running() == 0:
             self.shells.park(shell)
@@ -264,8 +226,9 @@ class _Stream:
     """One request's deltas from the shell as Tangram `RequestOutput`s, in order, to the request's sink."""
 
     def __init__(self, backend: VllmBackend, rid: str, prompt_tokens: int, params: SamplingParams, sink: Sink,
-                 arrival: float) -> None:
+                 arrival: float, lora: LoraRef | None = None) -> None:
         self.backend, self.rid, self.prompt_tokens, self.sink = backend, rid, prompt_tokens, sink
+        self.lora = lora
         self.arrival = arrival
         self.texts = [""] * params.n
         self.ids: list[list[int]] = [[] for _ in range(params.n)]
@@ -294,6 +257,8 @@ class _Stream:
         if d.finished:
             out.output_ids = list(self.ids[i])
             self.backend.finished(self.stages.ttft_s)
+            if self.lora is not None:
+                self.backend.adapters.release(self.lora)
         self.sink(out)
 
 

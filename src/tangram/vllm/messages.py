@@ -66,12 +66,55 @@ class Bound:
 
 
 @dataclass(frozen=True)
+class LoraRef:
+    """A LoRA adapter bound in a shell: vLLM's `lora_int_id` (unique per binding, never reused in a shell), the
+    name vLLM knows it by (unique too: vLLM compares LoRA requests by name), the converted adapter's directory
+    (its `adapter_config.json` is read there; its tensors never: they come from the pool)."""
+
+    lora_id: int
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class BindLora:
+    """Make an adapter's tensors (views of the pool's arena, `spec`) known to vLLM under `lora`."""
+
+    lora: LoraRef
+    spec: BindSpec
+
+
+@dataclass(frozen=True)
+class LoraBound:
+    """A `BindLora` is done: vLLM checked and loaded the adapter, in `seconds`."""
+
+    lora_id: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class DropLora:
+    """Remove an adapter from vLLM and forget its tensors (its pool binding is then released)."""
+
+    lora_id: int
+
+
+@dataclass(frozen=True)
+class LoraDropped:
+    """A `DropLora` is done: the shell holds no view of the adapter's tensors any more."""
+
+    lora_id: int
+
+
+@dataclass(frozen=True)
 class Add:
-    """Queue a request: prompt ids and vLLM SamplingParams keywords (`tangram.vllm.params`)."""
+    """Queue a request: prompt ids and vLLM SamplingParams keywords (`tangram.vllm.params`); `lora`: the bound
+    adapter it runs with."""
 
     request_id: str
     prompt_ids: list[int]
     sampling: dict[str, Any]
+    lora: LoraRef | None = None
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import tangram
 from tangram.paths import data_dir
-from tangram.vllm.messages import (Abort, Add, Bind, Bound, Delta, Deltas, Failed, Ready, ShellSetup, Stop)
+from tangram.vllm.messages import (Abort, Add, Bind, BindLora, Bound, Delta, Deltas, DropLora, Failed, LoraBound,
+                                   LoraDropped, LoraRef, Ready, ShellSetup, Stop)
 
 log = logging.getLogger(__name__)
 DeltaSink = Callable[[Delta], None]
 READY_TIMEOUT_S = 600.0  # a first start imports vLLM and builds its engine
 BIND_TIMEOUT_S = 300.0
+LORA_TIMEOUT_S = 120.0
 
 
 class ShellError(RuntimeError):
@@ -41,6 +43,8 @@ class Shell:
         self.ready: Ready | None = None
         self.bound: str | None = None  # the content identity of the weights its engine holds (None: zeros)
         self._send = threading.Lock()
+        self._rpc = threading.Lock()  # one command that waits for its reply at a time
+        self._dropping: dict[int, Callable[[], None]] = {}  # DropLora sent, by lora id: called once it is done
         self._sinks: dict[str, DeltaSink] = {}
         self._replies: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
@@ -95,6 +99,8 @@ class Shell:
             if isinstance(msg, Deltas):
                 for d in msg.items:
                     self._route(d)
+            elif isinstance(msg, LoraDropped):
+                self._dropped(msg.lora_id)
             else:
                 if isinstance(msg, Failed) and msg.fatal:
                     self.dead = msg.error
@@ -106,6 +112,16 @@ class Shell:
             sinks, self._sinks = list(self._sinks.items()), {}
         for rid, sink in sinks:
             sink(Delta(rid, 0, "", [], "error", finished=True, error=self.dead))
+        with self._lock:
+            dropping = list(self._dropping)
+        for lora_id in dropping:  # a dead process holds no view of anything
+            self._dropped(lora_id)
+
+    def _dropped(self, lora_id: int) -> None:
+        with self._lock:
+            done = self._dropping.pop(lora_id, None)
+        if done is not None:
+            done()
 
     def _route(self, d: Delta) -> None:
         with self._lock:
@@ -119,22 +135,56 @@ class Shell:
 
     def bind(self, spec) -> float:
         """Load new weights into the engine in place; seconds it took. Raises ShellError (the shell is then dead)."""
-        self._post(Bind(spec))
-        reply = self._reply(BIND_TIMEOUT_S)
+        with self._rpc:
+            self._post(Bind(spec))
+            reply = self._reply(BIND_TIMEOUT_S)
         if not isinstance(reply, Bound):
             self.kill()
             raise ShellError(f"binding weights in the vLLM shell failed: {getattr(reply, 'error', reply)}")
         self.bound = spec.key
         return reply.seconds
 
-    def add(self, request_id: str, prompt_ids: list[int], sampling: dict, sink: DeltaSink) -> None:
-        """Queue a request; its deltas go to `sink`. Raises ShellError when the shell is gone."""
+    def bind_lora(self, lora: LoraRef, spec) -> float:
+        """Load a LoRA adapter into the engine from the pool's tensors (`spec`); seconds it took. Raises ShellError
+        when the shell is gone, ValueError when vLLM refuses the adapter (the shell serves on)."""
+        with self._rpc:
+            if self.dead is not None:
+                raise ShellError(self.dead)
+            try:
+                self._post(BindLora(lora, spec))
+            except OSError as exc:
+                raise ShellError(f"the vLLM engine process is gone: {exc}") from None
+            reply = self._reply(LORA_TIMEOUT_S)
+        if isinstance(reply, LoraBound) and reply.lora_id == lora.lora_id:
+            return reply.seconds
+        if isinstance(reply, Failed) and not reply.fatal:
+            raise ValueError(reply.error)
+        raise ShellError(getattr(reply, "error", f"unexpected answer from the vLLM shell: {reply!r}"))
+
+    def drop_lora(self, lora_id: int, done: Callable[[], None]) -> None:
+        """Remove a LoRA adapter from the engine; `done` is called (on the reader thread, or now when the shell is
+        gone) once the shell holds no view of its tensors."""
+        with self._lock:
+            self._dropping[lora_id] = done
+            gone = self.dead is not None
+        if not gone:
+            try:
+                self._post(DropLora(lora_id))
+                return
+            except OSError:
+                pass
+        self._dropped(lora_id)
+
+    def add(self, request_id: str, prompt_ids: list[int], sampling: dict, sink: DeltaSink,
+            lora: LoraRef | None = None) -> None:
+        """Queue a request (with a bound LoRA adapter); its deltas go to `sink`. Raises ShellError when the shell
+        is gone."""
         with self._lock:
             if self.dead is not None:
                 raise ShellError(self.dead)
             self._sinks[request_id] = sink
         try:
-            self._post(Add(request_id, prompt_ids, sampling))
+            self._post(Add(request_id, prompt_ids, sampling, lora))
         except OSError as exc:
             with self._lock:
                 self._sinks.pop(request_id, None)

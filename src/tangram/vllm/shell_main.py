@@ -2,7 +2,7 @@
 
 Run as `<vllm python> -m tangram.vllm.shell_main FD PARENT_PID`: it reads a `ShellSetup`, builds the engine
 (vLLM's `LLMEngine`, its engine core in this process) with the `tangram` model loader, answers `Ready`, then
-serves `Add` / `Abort` / `Bind` / `Stop`, stepping the engine while requests run and sending each step's
+serves `Add` / `Abort` / `Bind` / `BindLora` / `DropLora` / `Stop`, stepping the engine while requests run and sending each step's
 `Deltas`. It exits on `Stop` or when the connection closes (its parent ended).
 """
 
@@ -15,7 +15,8 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 
-from tangram.vllm.messages import (Abort, Add, Bind, Bound, Delta, Deltas, Failed, Ready, ShellSetup, Stop)
+from tangram.vllm.messages import (Abort, Add, Bind, BindLora, Bound, Delta, Deltas, DropLora, Failed, LoraBound,
+                                   LoraDropped, LoraRef, Ready, ShellSetup, Stop)
 
 log = logging.getLogger("tangram.vllm.shell")
 
@@ -45,8 +46,9 @@ def _logprobs(ids: list[int], entries, k: int) -> list | None:
 class Shell:
     """The engine and the command loop of this process."""
 
-    def __init__(self, conn: Connection, engine, sampling_type, delta_kind, structured_type) -> None:
+    def __init__(self, conn: Connection, engine, sampling_type, delta_kind, structured_type, lora_type) -> None:
         self.conn, self.engine = conn, engine
+        self.lora_type = lora_type
         self.top_k: dict[str, int] = {}  # top logprobs asked for, by request
         self.sampling_type, self.delta_kind, self.structured_type = sampling_type, delta_kind, structured_type
 
@@ -60,6 +62,10 @@ class Shell:
             self.conn.send(Deltas([Delta(msg.request_id, 0, "", [], "abort", finished=True)]))
         elif isinstance(msg, Bind):
             self.bind(msg)
+        elif isinstance(msg, BindLora):
+            self.bind_lora(msg)
+        elif isinstance(msg, DropLora):
+            self.drop_lora(msg)
         elif isinstance(msg, Stop):
             return False
         return True
@@ -72,7 +78,8 @@ class Shell:
             if so is not None:
                 kw["structured_outputs"] = self.structured_type(**so)
             params = self.sampling_type(**kw, output_kind=self.delta_kind)
-            self.engine.add_request(msg.request_id, {"prompt_token_ids": msg.prompt_ids}, params)
+            lora = None if msg.lora is None else self._lora(msg.lora)
+            self.engine.add_request(msg.request_id, {"prompt_token_ids": msg.prompt_ids}, params, lora_request=lora)
             if kw.get("logprobs") is not None:
                 self.top_k[msg.request_id] = kw["logprobs"]
         except Exception as exc:  # noqa: BLE001 - vLLM's validation errors are the request's, not the shell's
@@ -90,6 +97,34 @@ class Shell:
             self.conn.send(Failed(f"binding the weights failed: {exc}", fatal=True))
             raise
         self.conn.send(Bound(time.perf_counter() - t0))
+
+    def _lora(self, ref: LoraRef):
+        return self.lora_type(ref.name, ref.lora_id, ref.path)
+
+    def bind_lora(self, msg: BindLora) -> None:
+        """Load an adapter into vLLM from the pool's tensors; an adapter vLLM refuses fails alone."""
+        from tangram.vllm import lora
+
+        t0 = time.perf_counter()
+        lora.bind(msg.lora.lora_id, msg.spec)
+        try:
+            self.engine.add_lora(self._lora(msg.lora))
+        except Exception as exc:  # noqa: BLE001 - vLLM's checks of the adapter (rank, modules) are the adapter's
+            lora.unbind(msg.lora.lora_id)
+            self.conn.send(Failed(f"vLLM refused the LoRA adapter: {type(exc).__name__}: {exc}"))
+            return
+        self.conn.send(LoraBound(msg.lora.lora_id, time.perf_counter() - t0))
+
+    def drop_lora(self, msg: DropLora) -> None:
+        """Remove an adapter from vLLM, then its views of the pool (the parent releases its binding on reply)."""
+        from tangram.vllm import lora
+
+        try:
+            self.engine.remove_lora(msg.lora_id)
+        except Exception:  # noqa: BLE001 - not loaded (vLLM refused it): nothing of it is left to remove
+            log.warning("removing LoRA adapter %d:\n%s", msg.lora_id, traceback.format_exc())
+        lora.unbind(msg.lora_id)
+        self.conn.send(LoraDropped(msg.lora_id))
 
     def step(self) -> None:
         """One engine step; its outputs to the parent."""
@@ -131,6 +166,8 @@ def main(argv: list[str]) -> int:
         import vllm
         from vllm import SamplingParams
         from vllm.engine.arg_utils import EngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.platforms import current_platform
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
         from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -143,8 +180,16 @@ def main(argv: list[str]) -> int:
             loader.PENDING.append(setup.bind)
             extra = loader.spec_to_config(setup.bind)
         args = EngineArgs(**setup.engine_args, load_format=plugin.LOAD_FORMAT, model_loader_extra_config=extra)
+        if args.enable_lora and current_platform.is_cpu():
+            from tangram.vllm.lora import fix_no_lora_rows
+
+            fix_no_lora_rows()
         engine = LLMEngine.from_engine_args(args)
         loader.PENDING.clear()
+        if args.enable_lora:
+            from tangram.vllm.lora import use_pool_loras
+
+            engine.collective_rpc(use_pool_loras)
         kv_tokens = int(getattr(engine.vllm_config.cache_config, "num_gpu_blocks", 0) or 0) * int(
             engine.vllm_config.cache_config.block_size or 0)
     except Exception as exc:  # noqa: BLE001 - whatever stops the build is reported to the parent
@@ -153,7 +198,7 @@ def main(argv: list[str]) -> int:
         return 1
     conn.send(Ready(time.perf_counter() - t0, import_s, sum(loader.LOADS), vllm.__version__, kv_tokens))
     try:
-        Shell(conn, engine, SamplingParams, RequestOutputKind.DELTA, StructuredOutputsParams).run()
+        Shell(conn, engine, SamplingParams, RequestOutputKind.DELTA, StructuredOutputsParams, LoRARequest).run()
     except (EOFError, OSError):
         pass  # the parent went away
     return 0
