@@ -63,6 +63,8 @@ def test_greedy_equals_plain_vllm_and_a_pool_hit_rebinds_the_warm_shell(world):
         try:
             got = [generate(first, p, N).output_ids for p in PROMPTS]
             assert first.cost.start == "cold" and first.cost.bytes_loaded > 0
+            with pytest.raises(RequestError, match="max_loras"):  # an engine built without LoRA serves no adapter
+                generate(first, PROMPTS[0], N, adapter=str(ckpt.path))
         finally:
             first.stop()
         assert got == world["refs"][name], name

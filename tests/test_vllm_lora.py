@@ -50,7 +50,8 @@ def world(tmp_path_factory):
     adapters["other"] = root / "other-ckpt"
     convert_adapter(make_adapter(other, root / "peft-other", seed=4), adapters["other"], Checkpoint(other_base).index)
     refs = {name: [peft_greedy(base, peft.get(name), p, N) for p in PROMPTS] for name in ("base", "a1", "a2")}
-    return {"base": ckpt, "adapters": {k: str(v) for k, v in adapters.items()}, "refs": refs}
+    return {"base": ckpt, "adapters": {k: str(v) for k, v in adapters.items()}, "refs": refs,
+            "peft": {k: str(v) for k, v in peft.items()}}
 
 
 def _active(pool: DevicePool) -> int:
@@ -114,3 +115,86 @@ def test_bad_adapters_fail_alone(world):
         assert generate(backend, PROMPTS[1], N).output_ids == world["refs"]["base"][1]
     finally:
         backend.stop()
+
+
+def test_served_over_the_api_equal_peft(world):
+    import asyncio
+
+    import httpx
+    import openai
+    from transformers import AutoTokenizer
+
+    from serving import serving
+    from tangram.control import Deployment
+
+    admin = {"Authorization": "Bearer test-token"}
+    base = Deployment(name="qwen", checkpoint=str(world["base"]), backend="vllm", engine=CFG, keep_alive_s=600)
+    with serving([base], pool_bytes=2 << 30) as srv:
+        for name in ("a1", "a2"):  # PEFT directories, converted at deploy
+            r = httpx.post(srv.url + "/admin/deployments", headers=admin, timeout=120,
+                           json={"name": f"qwen-{name}", "adapter": world["peft"][name], "base": "qwen"})
+            assert r.status_code == 200, r.text
+        r = httpx.post(srv.url + "/admin/deployments", headers=admin, timeout=120,
+                       json={"name": "qwen-wide", "adapter": world["peft"]["wide"], "base": "qwen"})
+        assert r.status_code == 400 and "max_lora_rank 8" in r.text  # rank 16: refused at deploy, not per request
+        listed = {m["id"]: m["parent"] for m in httpx.get(srv.url + "/v1/models").json()["data"]}
+        assert listed == {"qwen": None, "qwen-a1": "qwen", "qwen-a2": "qwen"}
+        jobs = [(model, i) for model in ("qwen", "qwen-a1", "qwen-a2") for i in range(len(PROMPTS))]
+
+        async def run() -> list[str]:
+            c = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+            outs = await asyncio.gather(*(c.completions.create(model=m, prompt=PROMPTS[i], max_tokens=N,
+                                                               temperature=0, extra_body={"ignore_eos": True})
+                                          for m, i in jobs))
+            return [o.choices[0].text for o in outs]
+
+        tok = AutoTokenizer.from_pretrained(world["base"])
+        refs = {"qwen": "base", "qwen-a1": "a1", "qwen-a2": "a2"}
+        want = [tok.decode(world["refs"][refs[m]][i], skip_special_tokens=True) for m, i in jobs]
+        assert asyncio.run(run()) == want
+
+
+FIX_CHECK = """
+import json, torch
+from vllm.lora.ops.torch_ops import lora_ops
+from vllm.lora.punica_wrapper import punica_cpu
+from tangram.vllm import lora
+ops = {n: getattr(lora_ops, n) for n in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")}
+faulty = not lora._skips_no_lora_rows(ops["bgmv_shrink"])
+applied = lora.fix_no_lora_rows()
+torch.manual_seed(0)
+idx = torch.tensor([1, -1, 0, -1])
+x, a, b = torch.randn(4, 8), torch.randn(2, 3, 8), torch.randn(2, 6, 3)
+h, h0 = torch.zeros(4, 3), torch.zeros(4, 3)
+lora_ops.bgmv_shrink(x, a, h, idx, 0.5)
+ops["bgmv_shrink"](x, a, h0, idx.clamp(min=0), 0.5)
+y, y0, base = torch.randn(4, 6), None, None
+y0 = y.clone()
+punica_cpu.bgmv_expand(h, b, y, idx, True)
+z = torch.randn(4, 10)
+z0 = z.clone()
+lora_ops.sgmv_expand_slice(h, b, z, None, torch.tensor([1, 1, 1, 1]), idx, 4, 1, 4, 2, 6, True)
+keep = idx >= 0
+print(json.dumps({"faulty": faulty, "applied": applied,
+                  "shrink_none_zero": bool((h[~keep] == 0).all()), "shrink_rows": bool(torch.equal(h[keep], h0[keep])),
+                  "expand_none_unchanged": bool(torch.equal(y[~keep], y0[~keep])),
+                  "expand_rows_changed": bool((y[keep] != y0[keep]).all(dim=1).all()),
+                  "slice_none_unchanged": bool(torch.equal(z[~keep], z0[~keep])),
+                  "slice_outside_unchanged": bool(torch.equal(z[:, :2], z0[:, :2]))}))
+"""
+
+
+def test_the_cpu_lora_ops_leave_rows_of_no_adapter_alone_once_fixed(tmp_path):
+    import json
+    import subprocess
+    from pathlib import Path
+
+    import tangram
+
+    src = str(Path(tangram.__file__).resolve().parents[1])
+    proc = subprocess.run([vllm_or_fail(), "-c", FIX_CHECK], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": src})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got.pop("applied") == got.pop("faulty")  # applied exactly where the installed ops have the fault
+    assert all(got.values()), got

@@ -122,3 +122,23 @@ def test_tied_groups_find_the_modules_sharing_one_weight():
     model = torch.nn.ModuleDict({"embed": embed, "head": head, "other": other})
     groups = tied_groups(model)
     assert len(groups) == 1 and groups[0][0] is embed and groups[0][1] == [head]
+
+
+def test_an_adapter_on_a_vllm_base_needs_lora_on_and_a_rank_it_takes():
+    from tangram.control import Deployment
+    from tangram.control.adapters import engine_refusal
+    from tangram.engine.instance import EngineConfig
+    from tangram.store.adapter import AdapterInfo
+    from tangram.vllm.backend import engine_args
+
+    info = AdapterInfo(r=16, alpha=32, scaling=2.0, modules=["model.layers.0.self_attn.q_proj"])
+    off = Deployment(name="b", checkpoint="demo", backend="vllm")
+    on = Deployment(name="b", checkpoint="demo", backend="vllm", engine=EngineConfig(max_loras=4, max_lora_rank=16))
+    assert "max_loras" in engine_refusal(off, info)
+    assert engine_refusal(on, info) is None
+    assert "max_lora_rank 8" in engine_refusal(on.model_copy(update={"engine": EngineConfig(max_loras=4,
+                                                                                            max_lora_rank=8)}), info)
+    assert engine_refusal(Deployment(name="b", checkpoint="demo"), info) is None  # the built-in engine: any rank
+    args = engine_args(Path("m"), on.engine)
+    assert (args["enable_lora"], args["max_loras"], args["max_lora_rank"]) == (True, 4, 16)
+    assert "enable_lora" not in engine_args(Path("m"), off.engine)
