@@ -10,7 +10,7 @@ from tangram.workload import ModelSpec
 pytest.importorskip("peft")
 
 TINY = ModelSpec("tiny-lora-base", "Qwen2Config", dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
     vocab_size=512, max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
     pad_token_id=0), "float32", seed=5)
 SMALL = Sizes("small", adapters=3, rank=4, timed=2, pool_hits=3, big_rank=16, requests=4, batch_adapters=2,
@@ -22,8 +22,12 @@ def test_bench_lora_tiny(tmp_path):
                             sizes=SMALL)
     summary = result["summary"]
     assert sorted(summary) == sorted(["adapter_load_speedup_vs_peft", "adapter_cold_load_s", "adapter_pool_hit_ms",
-                                      "mixed_batch_tokens_per_s_vs_base"])
+                                      "mixed_batch_tokens_per_s_vs_base", "vllm_backend_adapter_load_s",
+                                      "vllm_adapter_load_s", "vllm_backend_adapter_load_speedup",
+                                      "vllm_backend_adapter_pool_hit_ms"])  # vLLM rows: `make test` installs vLLM
     assert all(v is not None and v > 0 for v in summary.values())
+    vllm = result["config"]["vllm"]
+    assert vllm["greedy_equal"] and len(vllm["rows"]) == 2 and vllm["dtype"] == "bfloat16"
     rows = result["rows"]
     assert [r["rank"] for r in rows] == [4, 4, 16] and all(r["equal"] and r["modules"] == 14 for r in rows)
     assert [r["repeats"] for r in rows] == [1, 1, 2] and len(rows[-1]["tangram_cold_runs_s"]) == 2

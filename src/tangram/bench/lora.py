@@ -19,7 +19,8 @@ previous state collected before each timed load, for both systems. Every load is
 mixed batch runs 16 greedy requests over 4 adapters in one engine, against the same 16 on the base; every
 output is checked against the same requests run one adapter per batch. The base computes in the dtype a
 deployment of it computes in on this machine (`resolve_model` with dtype "auto", the server's own resolution:
-bf16 on a CPU with native bf16 matmul, else an fp32 copy).
+bf16 on a CPU with native bf16 matmul, else an fp32 copy). Where a vLLM interpreter is found, the vllm
+backend's adapter loads are timed against plain vLLM's (`bench/lora_vllm.py`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from tangram.bench.lora_vllm import vllm_rows
 from tangram.bench.common import Column, fmt_num, print_summary, print_table, ratio, result_doc, write_result
 from tangram.engine import EngineConfig, Instance, SamplingParams
 from tangram.engine.dtype import SHORT, compute_dtype
@@ -335,18 +337,22 @@ def run_lora_bench(*, quick: bool, json_path: Path | None, console: Console | No
         console.print(f"mixed batch: {sizes.requests} requests over {sizes.batch_adapters} adapters, and on the base")
         mixed = mixed_batch(inst, [c for _, c in pairs[:sizes.batch_adapters]], sizes)
         mixed_qv = mixed_batch(inst, [c for _, c in qv], sizes)
+    console.print(f"vLLM rows: {sizes.timed} adapters of rank {sizes.rank} on the vllm backend and on plain vLLM")
+    vllm = vllm_rows(base, root / "base-hf", pairs[:sizes.timed], sizes.rank, sizes.repeats, root)
     largest = [r for r in rows if r["rank"] == max(r["rank"] for r in rows)]
     ours_cold = statistics.median(r["tangram_cold_s"] for r in largest)
     peer_cold = statistics.median(min(r["peft_cold_s"], r["peft_cold_lowmem_s"]) for r in largest)
     summary = {"adapter_load_speedup_vs_peft": ratio(peer_cold, ours_cold),
                "adapter_cold_load_s": round(ours_cold, 5),
                "adapter_pool_hit_ms": round(statistics.median(r["tangram_pool_ms"] for r in rows), 4),
-               "mixed_batch_tokens_per_s_vs_base": ratio(mixed["mixed_tokens_per_s"], mixed["base_tokens_per_s"])}
+               "mixed_batch_tokens_per_s_vs_base": ratio(mixed["mixed_tokens_per_s"], mixed["base_tokens_per_s"]),
+               **vllm.get("summary", {})}
     config = {**asdict(sizes), "base": spec.name, "base_bytes": base.index.total_bytes, "compute_dtype": SHORT[dtype],
               "targets": TARGETS,
               "mixed_batch": mixed, "mixed_batch_peft_default_targets": {**mixed_qv, "targets": PEFT_DEFAULT,
               "tokens_per_s_vs_base": ratio(mixed_qv["mixed_tokens_per_s"], mixed_qv["base_tokens_per_s"])}, "peer": "peft PeftModel.load_adapter (safetensors), the faster of "
-              "low_cpu_mem_usage False / True", "torch_threads": torch.get_num_threads()}
+              "low_cpu_mem_usage False / True", "torch_threads": torch.get_num_threads(),
+              "vllm": {k: v for k, v in vllm.items() if k != "summary"}}
     result = result_doc("lora", "cpu", config, rows, summary)
     cols = [Column("adapter", "adapter", justify="left"), Column("bytes", "bytes"),
             Column("tangram_cold_s", "tangram cold s", fmt_num(4)), Column("tangram_dram_s", "dram s", fmt_num(4)),
@@ -357,6 +363,7 @@ def run_lora_bench(*, quick: bool, json_path: Path | None, console: Console | No
     print_table(console, "adapter loads (every bound adapter equal to PEFT's)", cols, rows)
     console.print(f"mixed batch: {mixed}")
     console.print(f"mixed batch, adapters on PEFT's default targets {PEFT_DEFAULT}: {mixed_qv}")
+    console.print(f"vLLM rows: {vllm.get('rows', vllm.get('note'))}")
     print_summary(console, "bench lora summary", summary)
     if json_path is not None:
         write_result(result, json_path)

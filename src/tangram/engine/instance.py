@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 RESERVE_BATCH = 16  # the batch a KV reservation is sized for unless max_batch says otherwise
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM 0.32 accepts
+
+
 class EngineConfig(BaseModel):
     """Engine settings of an instance."""
 
@@ -68,8 +71,9 @@ class EngineConfig(BaseModel):
     max_loras: int = Field(0, ge=0, le=256, description="vllm backend: LoRA adapters one engine step serves at "
                            "once (vLLM's max_loras); 0: LoRA off in its engine. The built-in engine serves any "
                            "number whatever this is")
-    max_lora_rank: int = Field(16, ge=1, le=512, description="vllm backend: the largest adapter rank its engine "
-                               "serves (vLLM's max_lora_rank)")
+    max_lora_rank: Literal[VLLM_LORA_RANKS] = Field(  # type: ignore[valid-type]
+        16, description="vllm backend: the largest adapter rank its engine serves (vLLM's max_lora_rank, one of "
+        "the values vLLM 0.32 accepts)")
     templates: bool = Field(True, description="record a start-up template on the first run; with one, load in "
                             "first-use order and execute while loading")
     dtype: DtypeSetting = Field(

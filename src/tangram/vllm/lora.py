@@ -2,9 +2,9 @@
 
 vLLM's worker loads an adapter with `LoRAModel.from_local_checkpoint(directory, ...)`, which reads the
 directory's safetensors. A shell sets its worker's LoRA model class to `PoolLoRAModel` (`use_pool_loras`): its
-loader takes the tensors the parent bound under that adapter's id (`bind`: views of the pool's arena) and never
-reads a tensor file (it copies them once: vLLM scales them in place), and vLLM's own code does the rest (the PEFT config, its checks, the copy into its LoRA
-slots, the punica kernels). Imported only in a vLLM process.
+loader takes the tensors the parent bound under that adapter's id (`bind`: copied once from the pool's arena,
+since vLLM scales them in place) and never reads a tensor file, and vLLM's own code does the rest (the PEFT
+config, its checks, the copy into its LoRA slots, the punica kernels). Imported only in a vLLM process.
 
 `fix_no_lora_rows` corrects vLLM's CPU LoRA ops, which apply the last slot's adapter to rows of no adapter.
 """

@@ -2,8 +2,8 @@
 
 Run as `<vllm python> -m tangram.vllm.shell_main FD PARENT_PID`: it reads a `ShellSetup`, builds the engine
 (vLLM's `LLMEngine`, its engine core in this process) with the `tangram` model loader, answers `Ready`, then
-serves `Add` / `Abort` / `Bind` / `BindLora` / `DropLora` / `Stop`, stepping the engine while requests run and sending each step's
-`Deltas`. It exits on `Stop` or when the connection closes (its parent ended).
+serves `Add` / `Abort` / `Bind` / `BindLora` / `DropLora` / `Stop`, stepping the engine while requests run and
+sending each step's `Deltas`. It exits on `Stop` or when the connection closes (its parent ended).
 """
 
 from __future__ import annotations
