@@ -141,3 +141,16 @@ def test_every_serving_option_and_argument_has_help():
         for param in commands[name].params:
             assert param.help, f"{name} {param.name} has no help text"
     assert "Deployment to remove" in runner.invoke(app, ["rm", "--help"]).output
+
+
+def test_deploy_sends_the_engine_settings_it_was_given(monkeypatch, tmp_path):
+    from tangram.serve.client import AdminClient
+
+    sent = []
+    monkeypatch.setattr(AdminClient, "deploy", lambda self, spec: sent.append(spec) or
+                        {"name": spec["name"], "bytes": 0, "resolved_checkpoint": "x"})
+    result = runner.invoke(app, ["deploy", "q2", "--checkpoint", "demo", "--backend", "vllm", "--max-loras", "4",
+                                 "--max-lora-rank", "32", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert sent[0]["backend"] == "vllm"
+    assert sent[0]["engine"] == {"dtype": "float32", "max_loras": 4, "max_lora_rank": 32}

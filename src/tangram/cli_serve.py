@@ -128,6 +128,11 @@ def register(app: typer.Typer) -> None:
         backend: Annotated[str, typer.Option(
             "--backend", help="Engine backend: builtin (Tangram's engine) or vllm (vLLM engine processes bound to "
             "the pool; docs/vllm.md).")] = "builtin",
+        max_loras: Annotated[int, typer.Option(
+            "--max-loras", help="vllm backend: LoRA adapters one step serves at once (vLLM's --max-loras); 0: its "
+            "engine runs without LoRA and serves no adapter.")] = 0,
+        max_lora_rank: Annotated[int, typer.Option(
+            "--max-lora-rank", help="vllm backend: the largest adapter rank it serves (vLLM's --max-lora-rank).")] = 16,
         url: Annotated[str, URL] = "http://127.0.0.1:8000",
         token: Annotated[Optional[str], TOKEN] = None,
     ) -> None:
@@ -142,7 +147,8 @@ def register(app: typer.Typer) -> None:
             path = Path(checkpoint)
             spec = {"name": name, "checkpoint": str(path.resolve()) if path.exists() else checkpoint,
                     "keep_alive_s": keep_alive, "max_instances": max_instances, "min_instances": min_instances,
-                    "target_concurrency": target_concurrency, "engine": {"dtype": dtype}, "backend": backend}
+                    "target_concurrency": target_concurrency, "backend": backend,
+                    "engine": {"dtype": dtype, "max_loras": max_loras, "max_lora_rank": max_lora_rank}}
         try:
             d = AdminClient(url, token).deploy(spec)
         except AdminError as exc:
