@@ -71,7 +71,10 @@ def test_bench_commands_are_mounted_through_the_entry_point():
 
 
 def test_only_the_backend_registry_starts_the_vllm_backend_and_only_its_shell_imports_vllm():
-    assert importers_of("tangram.vllm", "vllm") == ["bench/serve_peer.py", "engine/backend.py"]  # its interpreter
+    # the benches' peers find vLLM's interpreter
+    assert importers_of("tangram.vllm", "vllm") == ["bench/lora_vllm.py", "bench/serve_peer.py", "engine/backend.py"]
     uses_vllm = sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
                        if any(m == "vllm" or m.startswith("vllm.") for m in imported_modules(p)))
-    assert uses_vllm == ["vllm/loader.py", "vllm/plugin.py", "vllm/shell_main.py"]  # the shell's side only
+    # the shell's side, and bench lora's plain-vLLM peer (a program vLLM's interpreter runs)
+    assert uses_vllm == ["bench/lora_vllm_peer.py", "vllm/loader.py", "vllm/lora.py", "vllm/plugin.py",
+                         "vllm/shell_main.py"]
