@@ -32,7 +32,7 @@ CFG = EngineConfig(dtype="float32", kv_cache_bytes=256 << 20, max_model_len=256,
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A Qwen2 base as a Tangram checkpoint, converted PEFT adapters of it (and one of another model), and
-    PEFT's greedy continuations of PROMPTS for the base and each adapter."""
+    PEFT's greedy continuations of PROMPTS for the base and each adapter; one shared-arena pool for the tests."""
     os.environ.setdefault("TANGRAM_VLLM_PYTHON", vllm_or_fail())
     root = tmp_path_factory.mktemp("vllm-lora")
     base = tiny_qwen2()
@@ -51,7 +51,8 @@ def world(tmp_path_factory):
     convert_adapter(make_adapter(other, root / "peft-other", seed=4), adapters["other"], Checkpoint(other_base).index)
     refs = {name: [peft_greedy(base, peft.get(name), p, N) for p in PROMPTS] for name in ("base", "a1", "a2")}
     return {"base": ckpt, "adapters": {k: str(v) for k, v in adapters.items()}, "refs": refs,
-            "peft": {k: str(v) for k, v in peft.items()}}
+            "peft": {k: str(v) for k, v in peft.items()},
+            "pool": DevicePool(2 << 30, "cpu", PoolConfig(shared=True))}  # one pool: its parked shell serves both
 
 
 def _active(pool: DevicePool) -> int:
@@ -68,7 +69,7 @@ def _settles(pool: DevicePool, active: int, timeout: float = 30.0) -> bool:
 
 
 def test_adapters_in_a_mixed_batch_equal_peft_and_come_from_the_pool(world):
-    pool = DevicePool(2 << 30, "cpu", PoolConfig(shared=True))
+    pool = world["pool"]
     backend = start_backend("vllm", Checkpoint(world["base"]), pool, CFG, name="qwen", arrival=0.0)
     adapters = world["adapters"]
     try:
@@ -101,7 +102,7 @@ def test_adapters_in_a_mixed_batch_equal_peft_and_come_from_the_pool(world):
 
 
 def test_bad_adapters_fail_alone(world):
-    pool = DevicePool(2 << 30, "cpu", PoolConfig(shared=True))
+    pool = world["pool"]
     backend = start_backend("vllm", Checkpoint(world["base"]), pool, CFG, name="qwen", arrival=0.0)
     adapters = world["adapters"]
     try:

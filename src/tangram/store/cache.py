@@ -125,8 +125,9 @@ class HostCache:
         """Cache (content hash, bytes) pairs later, on the background thread: each is copied there and served only
         if the copy matches its hash (a source changed before its copy is left out). For sources that stay put
         for a while but may be reused (a pool's tensors after a load); the caller never waits for the copies."""
-        todo = [(key, data) for key, data in items
-                if self.capacity_bytes > 0 and key not in self and _flat_bytes(data).numel() <= self.capacity_bytes]
+        todo = [(key, data) for key, data in items  # sizes from metadata: no view on the load's path
+                if self.capacity_bytes > 0 and key not in self and data.numel() * data.element_size()
+                <= self.capacity_bytes]
         if todo:
             self._pending.add(self._filler.submit(self._copy_checked, todo))
 
