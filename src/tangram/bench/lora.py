@@ -338,7 +338,11 @@ def run_lora_bench(*, quick: bool, json_path: Path | None, console: Console | No
         mixed = mixed_batch(inst, [c for _, c in pairs[:sizes.batch_adapters]], sizes)
         mixed_qv = mixed_batch(inst, [c for _, c in qv], sizes)
     console.print(f"vLLM rows: {sizes.timed} adapters of rank {sizes.rank} on the vllm backend and on plain vLLM")
-    vllm = vllm_rows(base, root / "base-hf", pairs[:sizes.timed], sizes.rank, sizes.repeats, root)
+    try:
+        vllm = vllm_rows(base, root / "base-hf", pairs[:sizes.timed], sizes.rank, sizes.repeats, root)
+    except Exception as exc:  # noqa: BLE001 - recorded and shown: the rows above are kept, the vLLM keys left out
+        log.exception("bench lora: the vLLM rows failed")
+        vllm = {"error": f"{type(exc).__name__}: {exc}"}
     largest = [r for r in rows if r["rank"] == max(r["rank"] for r in rows)]
     ours_cold = statistics.median(r["tangram_cold_s"] for r in largest)
     peer_cold = statistics.median(min(r["peft_cold_s"], r["peft_cold_lowmem_s"]) for r in largest)
@@ -363,7 +367,8 @@ def run_lora_bench(*, quick: bool, json_path: Path | None, console: Console | No
     print_table(console, "adapter loads (every bound adapter equal to PEFT's)", cols, rows)
     console.print(f"mixed batch: {mixed}")
     console.print(f"mixed batch, adapters on PEFT's default targets {PEFT_DEFAULT}: {mixed_qv}")
-    console.print(f"vLLM rows: {vllm.get('rows', vllm.get('note'))}")
+    console.print(f"vLLM rows: {vllm.get('rows', vllm.get('note'))}" if "error" not in vllm
+                  else f"[red]vLLM rows failed: {vllm['error']}[/red]")
     print_summary(console, "bench lora summary", summary)
     if json_path is not None:
         write_result(result, json_path)

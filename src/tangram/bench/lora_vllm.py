@@ -71,9 +71,11 @@ def _greedy(backend, adapter: Path) -> list[int]:
 
 def _ours(base: Checkpoint, adapters: list[Path], rank: int, repeats: int) -> tuple[list[dict], list[int]]:
     adapter_bytes = sum(Checkpoint(a).index.total_bytes for a in adapters)
-    pool = DevicePool(base.index.total_bytes + adapter_bytes + (1 << 30), "cpu", PoolConfig(shared=True))
     cfg = EngineConfig(dtype=DTYPE, kv_cache_bytes=256 << 20, max_model_len=MAX_MODEL_LEN, max_loras=1,
                        max_lora_rank=rank)
+    # the weights, the engine's own copy and its KV cache (both charged to the pool), the adapters, a margin
+    capacity = 2 * base.index.total_bytes + cfg.kv_cache_bytes + adapter_bytes + (256 << 20)
+    pool = DevicePool(capacity, "cpu", PoolConfig(shared=True))
     backend = start_backend("vllm", base, pool, cfg, name="lora-base", arrival=time.perf_counter())
     rows = []
     try:
