@@ -161,7 +161,7 @@ from vllm.lora.ops.torch_ops import lora_ops
 from vllm.lora.punica_wrapper import punica_cpu
 from tangram.vllm import lora
 ops = {n: getattr(lora_ops, n) for n in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")}
-faulty = not lora._skips_no_lora_rows(ops["bgmv_shrink"])
+faulty = not lora.skips_no_lora_rows(ops["bgmv_shrink"])
 applied = lora.fix_no_lora_rows()
 torch.manual_seed(0)
 idx = torch.tensor([1, -1, 0, -1])

@@ -22,7 +22,7 @@ from tangram.pool.records import Binding
 from tangram.store import Checkpoint
 from tangram.store.adapter import AdapterInfo, check_adapter
 from tangram.store.errors import CheckpointError
-from tangram.vllm.binding import bind_spec, unstage, weights_identity
+from tangram.vllm.binding import bind_spec, unstage
 from tangram.vllm.messages import LoraRef
 from tangram.vllm.shell import Shell
 
@@ -69,7 +69,7 @@ class VllmAdapters:
             try:
                 lora_id = next(_ids)
                 ref = LoraRef(lora_id, f"{Path(key).name}#{lora_id}", key)
-                spec, staging = bind_spec(self.pool, binding, weights_identity(ckpt.index))
+                spec, staging = bind_spec(self.pool, binding, "")  # no identity: only weight binds use one
                 try:
                     seconds = self.shell.bind_lora(ref, spec)
                 finally:

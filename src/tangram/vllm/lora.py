@@ -67,7 +67,7 @@ def use_pool_loras(worker) -> None:
     manager._lora_model_cls = PoolLoRAModel  # the class its loader calls (a constructor argument vLLM keeps)
 
 
-def _skips_no_lora_rows(op) -> bool:
+def skips_no_lora_rows(op) -> bool:
     """Whether `op` (a bgmv shrink) leaves a row of index -1 ("no adapter") alone."""
     out = torch.zeros(1, 2)
     op(torch.ones(1, 3), torch.ones(1, 2, 3), out, torch.tensor([-1]), 1.0)
@@ -97,7 +97,7 @@ def fix_no_lora_rows() -> bool:
     from vllm.lora.ops.torch_ops import lora_ops
     from vllm.lora.punica_wrapper import punica_cpu
 
-    if _skips_no_lora_rows(lora_ops.bgmv_shrink):
+    if skips_no_lora_rows(lora_ops.bgmv_shrink):
         return False
     for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
         fixed = _masked(getattr(lora_ops, name))
