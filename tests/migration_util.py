@@ -59,7 +59,7 @@ async def stream(ctl: Controller, params: SamplingParams, prompt: list[int], *, 
     task = None
     if move_after is not None:  # a busy source: on a loaded machine the move still lands mid-stream
         for r in ctl._states["m"].replicas:  # noqa: SLF001 - a test reads the controller's records
-            slow_steps(r, 0.002)
+            slow_steps(r, BUSY_STEP_S)
     async for out in ctl.generate("m", prompt, params):
         seen.ids += out.token_ids
         seen.text += out.delta
@@ -77,6 +77,9 @@ def other_worker(ctl: Controller) -> str:
     """The name of the worker that does not hold the deployment's (only) instance."""
     here = ctl._states["m"].replicas[0].worker.name  # noqa: SLF001 - a test reads the controller's records
     return next(w.name for w in ctl.workers if w.name != here)
+
+
+BUSY_STEP_S = 0.01  # per source step: long enough for a move to land mid-stream on a 2-core machine running two tests
 
 
 def slow_steps(replica_state, seconds: float) -> None:

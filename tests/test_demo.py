@@ -22,8 +22,8 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def demo_ckpt(tmp_path_factory):
-    return fetch_demo(tmp_path_factory.mktemp("demo-home"), dtype=default_compute_dtype("cpu"))
+def demo_ckpt(demo_checkpoint):
+    return demo_checkpoint(default_compute_dtype("cpu"))
 
 
 def test_demo_checkpoint_is_complete(demo_ckpt):

