@@ -89,7 +89,7 @@ browser:
 # keeps each module, and the Ray modules together, on one worker). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: install-dev install-vllm browser
-	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
 
 bench-load: install-peers
 	$(VENV)/bin/tangram bench load --json bench-results/load.json

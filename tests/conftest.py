@@ -23,23 +23,33 @@ READ_METHODS = ("pread", "odirect", "mmap", "auto")
 
 # --------------------------------------------------------------------------- workers
 
-# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup). Each module runs whole on one worker,
-# so its module-scoped fixtures (vLLM references, parked shells, converted models) are built once. The modules that
-# start local Ray clusters share one worker: two clusters at once contend for Ray's ports and its node resources.
+# `make test` runs the suite on two pytest-xdist workers. Each module runs whole on one worker, so its
+# module-scoped fixtures (vLLM references, parked shells, converted models) are built once. The modules that start
+# local Ray clusters share one worker: two clusters at once contend for Ray's ports and its node resources.
+# (xdist's own `loadgroup` does not group under pytest 9.2, whose node ids xdist can no longer rename.)
 RAY_MODULES = frozenset({"test_cluster.py", "test_dashboard_cluster.py", "test_migration_cluster.py"})
 
 
-def xdist_group(item: pytest.Item) -> str:
-    """The worker group of a test: its module, or "ray" for the modules that start Ray clusters."""
-    name = item.path.name
-    return "ray" if name in RAY_MODULES else name
+def worker_scope(nodeid: str) -> str:
+    """The unit a worker runs whole: the test's module, or "ray" for the modules that start Ray clusters."""
+    module = nodeid.split("::", 1)[0]
+    return "ray" if Path(module).name in RAY_MODULES else module
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """xdist's scope scheduling with `worker_scope` as the scope."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_scope(nodeid)
+
+    return ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Group each test by `xdist_group`, and send the vLLM modules (the longest) first so none starts last."""
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+    """Send the vLLM modules (the longest) first, so that none of them starts last."""
     items.sort(key=lambda item: item.get_closest_marker("vllm") is None)  # stable: file order within each part
 
 

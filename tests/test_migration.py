@@ -228,11 +228,13 @@ def test_a_destination_failing_after_the_move_retires_the_destination_not_the_so
 
 def test_a_draining_instance_without_a_peer_moves_to_an_instance_started_where_it_is_cheapest(ckpt):
     async def body(ctl):
-        twin = await stream(ctl, SEEDED, PROMPT)
+        # long: waiting out the stream (priced at the victim's rate before it slowed) must clearly cost more than
+        # a start elsewhere, even on a loaded machine where that start's estimate is longer
+        twin = await stream(ctl, LONG, PROMPT)
         state = ctl._states["m"]  # noqa: SLF001 - a test reads the controller's records
         victim = state.replicas[0]
         ctl.migrator.settings = MigrationSettings(auto=True)
-        task = asyncio.ensure_future(stream(ctl, SEEDED, PROMPT))
+        task = asyncio.ensure_future(stream(ctl, LONG, PROMPT))
         while victim.inflight == 0:
             await asyncio.sleep(0.001)
         slow_steps(victim, BUSY_STEP_S)
