@@ -168,44 +168,73 @@ class Ledger:
         return sorted(out, key=lambda e: e.offset)
 
 
-def allocate(ledger: Ledger, sizes: list[tuple[str, int]], extents: Sequence[Extent], policy: PoolPolicy,
-             evict: Callable[[str], bool]) -> dict[str, Placement]:
+def allocate(ledger: Ledger, sizes: list[tuple[str, int]], extents: Callable[[], Sequence[Extent]],
+             policy: PoolPolicy, evict: Callable[[str], bool]) -> dict[str, Placement]:
     """Place (key, size) pairs of one start: the placement rule of every pool.
 
     LedgerFull at once when the sizes exceed free + retained bytes. `tangram`:
     all together in the window `find_window` picks (least retained gain),
     evicting its retained extents; otherwise, or with no window, `place_each`.
-    `evict(key)` frees a retained key's range and says whether it did.
+    `extents()` describes the arena (called only when the free ranges do not
+    settle it); `evict(key)` frees a retained key's range and says whether it did.
     """
-    total = sum(s for _, s in sizes)
     if not sizes:
         return {}
-    available = sum(e.size for e in extents if e.state is not State.ACTIVE)
+    total = sum(s for _, s in sizes)
+    if policy is PoolPolicy.TANGRAM:
+        # A free range that holds them all is the window find_window would pick (it evicts nothing, so it costs
+        # 0, and the lowest such range wins the tie): found without describing every used extent, which on a
+        # pool of thousands of retained tensors costs more than the load itself.
+        off = ledger.first_fit(total)
+        if off is not None:
+            return _pack(ledger, sizes, off)
+    ext = extents()
+    available = sum(e.size for e in ext if e.state is not State.ACTIVE)
     if total > available:
         raise LedgerFull(total, available, [], fragmented=False)
     if policy is PoolPolicy.TANGRAM:
-        window = find_window(extents, total, lambda e: e.gain)
+        window = find_window(ext, total, lambda e: e.gain)
         if window is not None:  # pack the missing tensors together
             for i in window.evict:
-                evict(extents[i].key)  # type: ignore[arg-type]
-            placed, pos = {}, window.offset
-            for k, s in sizes:
-                placed[k] = ledger.place(pos, s, k)
-                pos += s
-            return placed
-    return place_each(ledger, sizes, extents, policy, evict)
+                evict(ext[i].key)  # type: ignore[arg-type]
+            return _pack(ledger, sizes, window.offset)
+    return place_each(ledger, sizes, lambda: ext, policy, evict)
 
 
-def place_each(ledger: Ledger, sizes: list[tuple[str, int]], extents: Sequence[Extent], policy: PoolPolicy,
-               evict: Callable[[str], bool]) -> dict[str, Placement]:
+def _pack(ledger: Ledger, sizes: list[tuple[str, int]], offset: int) -> dict[str, Placement]:
+    """Place `sizes` one after the other from `offset` (a range known to be free)."""
+    placed, pos = {}, offset
+    for k, s in sizes:
+        placed[k] = ledger.place(pos, s, k)
+        pos += s
+    return placed
+
+
+def place_each(ledger: Ledger, sizes: list[tuple[str, int]], extents: Callable[[], Sequence[Extent]],
+               policy: PoolPolicy, evict: Callable[[str], bool]) -> dict[str, Placement]:
     """Size by size (big ones first: less fragmentation), first fit, evicting in `eviction_order` until each fits.
 
-    On failure LedgerFull: what was placed is freed again, what was evicted stays evicted (listed in the error).
+    `extents()` (the arena before this call) is described only when something must be evicted: a first pass
+    places without evicting and, if one size does not fit, is undone before the pass that evicts (which places
+    the same sizes in the same ranges up to that one). On failure LedgerFull: what was placed is freed again,
+    what was evicted stays evicted (listed in the error).
     """
+    order = sorted(sizes, key=lambda ks: -ks[1])
     placed: dict[str, Placement] = {}
+    for k, s in order:
+        off = ledger.first_fit(s)
+        if off is None:
+            for p in placed.values():
+                ledger.free(p.offset)
+            break
+        placed[k] = ledger.place(off, s, k)
+    else:
+        return placed
+    placed = {}
     evicted: list[str] = []
-    victims = [extents[i].key for i in eviction_order(extents, policy)]
-    for k, s in sorted(sizes, key=lambda ks: -ks[1]):
+    ext = extents()
+    victims = [ext[i].key for i in eviction_order(ext, policy)]
+    for k, s in order:
         off = ledger.first_fit(s)
         while off is None and victims:
             victim = victims.pop(0)

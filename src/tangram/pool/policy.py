@@ -94,7 +94,7 @@ def find_window(extents: Sequence[Extent], need: int, cost: Callable[[Extent], f
     """
     if need <= 0:
         return Window(extents[0].offset if extents else 0, 0, (), 0.0)
-    best: Window | None = None
+    span: tuple[int, int, int, float] | None = None
     best_key: tuple[float, int, int] | None = None
     n = len(extents)
     j = 0
@@ -117,15 +117,17 @@ def find_window(extents: Sequence[Extent], need: int, cost: Callable[[Extent], f
         if size >= need:
             key = (acc, evicted, extents[i].offset)
             if best_key is None or key < best_key:
-                chosen = tuple(k for k in range(i, j) if extents[k].state is State.RETAINED)
-                best, best_key = Window(extents[i].offset, size, chosen, acc), key
+                best_key, span = key, (i, j, size, acc)  # the window's list is built once, for the winner
         # slide: drop extent i from the window
         e = extents[i]
         size -= e.size
         if e.state is State.RETAINED:
             acc -= cost(e)
             evicted -= e.size
-    return best
+    if span is None:
+        return None
+    i, j, size, acc = span
+    return Window(extents[i].offset, size, tuple(k for k in range(i, j) if extents[k].state is State.RETAINED), acc)
 
 
 def eviction_order(extents: Sequence[Extent], policy: PoolPolicy) -> list[int]:

@@ -125,18 +125,18 @@ class DevicePool:
             reused_set = set(reused)
             missing = [k for k in by_key if k not in reused_set]
             for k in reused:
-                self._pin(self._tensors[k], model, now)
+                self._tensors[k].pin(model, now)
             try:  # a pool hit places nothing: no extents to compute
                 placed = self._allocate([(k, by_key[k][1].nbytes) for k in missing], model) if missing else {}
             except PoolFullError:
                 for k in reused:
-                    self._unpin(self._tensors[k])
+                    self._tensors[k].unpin()
                 stats.rate, stats.last = before  # a retried acquire must not count twice
                 raise
             for k, block in placed.items():
                 r = Resident(key=k, block=block, nbytes=by_key[k][1].nbytes)
                 self._tensors[k] = r
-                self._pin(r, model, now)
+                r.pin(model, now)
             pinned = [self._tensors[k] for k in by_key]
         views: dict[str, torch.Tensor] = {}
         ready: dict[str, threading.Event] = {}
@@ -191,7 +191,7 @@ class DevicePool:
     def _unpin_all(self, pinned: list[Resident]) -> None:
         with self._lock:
             for r in [r for r in pinned if not r.failed]:
-                self._unpin(r)
+                r.unpin()
 
     def release(self, binding: Binding) -> None:
         """Drop a binding's references; its tensors stay retained until space is needed."""
@@ -201,7 +201,7 @@ class DevicePool:
             binding.released = True
             for r in binding.residents:
                 if not r.failed:
-                    self._unpin(r)
+                    r.unpin()
                     if not self.config.retain and r.refs == 0 and self._tensors.get(r.key) is r:
                         self._evict(r.key)  # a conventional engine keeps nothing once an instance ends
             self._space.notify_all()
@@ -235,33 +235,29 @@ class DevicePool:
         with self._space:
             return self._space.wait(timeout)
 
-    def _pin(self, r: Resident, model: str, now: float) -> None:
-        r.pin(model, now)
-
-    def _unpin(self, r: Resident) -> None:
-        r.unpin()
-
     # ------------------------------------------------------------------ placement
 
     def extents(self) -> list[Extent]:
         """The arena as the policies see it: used and free extents in offset order, with gains (idle KV blocks
         are handed back first: they are free bytes)."""
+        self._reclaim_kv()
+        return self._describe()
+
+    def _reclaim_kv(self) -> None:
         for region in list(self._regions):
             region.reclaim()
-        now = self.clock()
+
+    def _describe(self) -> list[Extent]:
+        now, half = self.clock(), self.config.half_life_s
+        rates = {m: decayed_rate(s.rate, s.last, now, half) for m, s in self._models.items()}  # once per model
 
         def describe(b: Placement) -> Extent:
             if b.key in self._kv:  # KV cache blocks are active while they exist
                 return Extent(b.offset, b.size, State.ACTIVE, None)
             r = self._tensors[b.key]
-            return Extent(b.offset, b.size, State.ACTIVE if r.refs else State.RETAINED, r.key,
-                          self._gain(r, now), r.last_used, r.uses)
+            gain = retention_gain([rates[m] for m in r.models], r.nbytes, self.config.reload_bandwidth)
+            return Extent(b.offset, b.size, State.ACTIVE if r.refs else State.RETAINED, r.key, gain, r.last_used, r.uses)
         return self.arena.ledger.extents(describe)
-
-    def _gain(self, r: Resident, now: float) -> float:
-        half = self.config.half_life_s
-        rates = [decayed_rate(self._models[m].rate, self._models[m].last, now, half) for m in r.models]
-        return retention_gain(rates, r.nbytes, self.config.reload_bandwidth)
 
     def _evict(self, key: str) -> Resident:
         r = self._tensors.pop(key)
@@ -289,8 +285,9 @@ class DevicePool:
         sizes = [(k, self.arena.size_of(n)) for k, n in wants]
         evicted: list[Resident] = []
         rule = place_each if each else allocate
+        self._reclaim_kv()  # before the free ranges are searched, as `extents` would
         try:
-            placed = rule(self.arena.ledger, sizes, self.extents(), self.policy, self._evictable(evicted))
+            placed = rule(self.arena.ledger, sizes, self._describe, self.policy, self._evictable(evicted))
         except LedgerFull as exc:
             raise PoolFullError(str(self.device), exc.need, exc.available) from None
         finally:

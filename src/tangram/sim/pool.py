@@ -99,7 +99,7 @@ class SimPool:
                     return True
                 return False
             try:
-                placed = allocate(self.ledger, missing, self.extents(now), self.policy, evict)
+                placed = allocate(self.ledger, missing, lambda: self.extents(now), self.policy, evict)
             except LedgerFull as exc:
                 for k in reused:
                     self._unpin(k)
