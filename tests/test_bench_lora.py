@@ -28,6 +28,9 @@ def test_bench_lora_tiny(tmp_path):
     assert all(v is not None and v > 0 for v in summary.values())
     vllm = result["config"]["vllm"]
     assert vllm["greedy_equal"] and len(vllm["rows"]) == 2 and vllm["dtype"] == "bfloat16"
+    for r in vllm["rows"]:  # the cold bind's two parts are each measured and fit inside it
+        assert 0 < r["tangram_vllm_cold_pool_s"] and 0 < r["tangram_vllm_cold_shell_s"]
+        assert r["tangram_vllm_cold_pool_s"] + r["tangram_vllm_cold_shell_s"] <= r["tangram_vllm_cold_s"]
     rows = result["rows"]
     assert [r["rank"] for r in rows] == [4, 4, 16] and all(r["equal"] and r["modules"] == 14 for r in rows)
     assert [r["repeats"] for r in rows] == [1, 1, 2] and len(rows[-1]["tangram_cold_runs_s"]) == 2

@@ -81,7 +81,7 @@ def _ours(base: Checkpoint, adapters: list[Path], rank: int, repeats: int) -> tu
     try:
         idle = pool.totals()["active"]
         for path in adapters:
-            times: dict[str, list[float]] = {"cold": [], "pool": []}
+            times: dict[str, list[float]] = {"cold": [], "pool": [], "split": []}
             for f in path.iterdir():
                 evict_from_page_cache(f)
             for state in ["cold"] + ["pool"] * repeats:
@@ -91,6 +91,8 @@ def _ours(base: Checkpoint, adapters: list[Path], rank: int, repeats: int) -> tu
                 loaded = backend.adapters.last_bind.bytes_loaded
                 if (state == "cold") != (loaded > 0):
                     raise RuntimeError(f"a {state} adapter load read {loaded} bytes")
+                if state == "cold":  # where a cold bind's time goes: the pool's acquire, then the shell's bind
+                    times["split"] = [backend.adapters.last_bind.seconds, backend.adapters.last_shell_s]
                 backend.adapters.release(ref)
                 _settle(pool, idle)
             rows.append({"adapter": str(path), **times})
@@ -113,6 +115,7 @@ def vllm_rows(base: Checkpoint, base_hf: Path, pairs: list[tuple[Path, Path]], r
     if greedy != peer["greedy"]:
         raise RuntimeError(f"the vllm backend's adapter output {greedy} differs from plain vLLM's {peer['greedy']}")
     rows = [{"adapter": Path(o["adapter"]).name, "tangram_vllm_cold_s": o["cold"][0],
+             "tangram_vllm_cold_pool_s": round(o["split"][0], 5), "tangram_vllm_cold_shell_s": round(o["split"][1], 5),
              "tangram_vllm_pool_ms": statistics.median(o["pool"]) * 1e3, "vllm_cold_s": statistics.median(p["cold"]),
              "vllm_warm_s": statistics.median(p["warm"]), "vllm_cold_runs_s": [round(x, 4) for x in p["cold"]]}
             for o, p in zip(ours, peer["loads"])]

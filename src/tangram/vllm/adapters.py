@@ -49,6 +49,7 @@ class VllmAdapters:
         self._bound: dict[str, _Bound] = {}
         self._checked: dict[str, tuple[Checkpoint, AdapterInfo]] = {}
         self.last_bind: Binding | None = None  # the latest first-use binding (what it loaded, for tests and logs)
+        self.last_shell_s = 0.0  # that bind's seconds in the shell (vLLM's side), for the bench and logs
 
     def acquire(self, path: str) -> LoraRef:
         """The adapter at `path`, bound for one more request. Raises RequestError for an adapter this instance
@@ -82,7 +83,7 @@ class VllmAdapters:
                 raise
             with self._lock:
                 self._bound[key] = _Bound(ref, binding, users=1)
-            self.last_bind = binding
+            self.last_bind, self.last_shell_s = binding, seconds
         log.debug("bound adapter %s in vLLM (%d B loaded, %d B reused, %.3f s in the shell)", ref.name,
                   binding.bytes_loaded, binding.bytes_reused, seconds)
         return ref
