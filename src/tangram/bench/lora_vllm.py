@@ -81,7 +81,8 @@ def _ours(base: Checkpoint, adapters: list[Path], rank: int, repeats: int) -> tu
     try:
         idle = pool.totals()["active"]
         for path in adapters:
-            times: dict[str, list[float]] = {"cold": [], "pool": [], "split": []}
+            times: dict[str, list[float]] = {"cold": [], "pool": []}
+            split: tuple[float, float] = (0.0, 0.0)  # the cold bind's time: the pool's acquire, the shell's bind
             for f in path.iterdir():
                 evict_from_page_cache(f)
             for state in ["cold"] + ["pool"] * repeats:
@@ -91,11 +92,11 @@ def _ours(base: Checkpoint, adapters: list[Path], rank: int, repeats: int) -> tu
                 loaded = backend.adapters.last_bind.bytes_loaded
                 if (state == "cold") != (loaded > 0):
                     raise RuntimeError(f"a {state} adapter load read {loaded} bytes")
-                if state == "cold":  # where a cold bind's time goes: the pool's acquire, then the shell's bind
-                    times["split"] = [backend.adapters.last_bind.seconds, backend.adapters.last_shell_s]
+                if state == "cold":
+                    split = (backend.adapters.last_bind.seconds, backend.adapters.last_shell_s)
                 backend.adapters.release(ref)
                 _settle(pool, idle)
-            rows.append({"adapter": str(path), **times})
+            rows.append({"adapter": str(path), **times, "split": split})
         greedy = _greedy(backend, adapters[0])
     finally:
         backend.stop()

@@ -256,7 +256,8 @@ class DevicePool:
                 return Extent(b.offset, b.size, State.ACTIVE, None)
             r = self._tensors[b.key]
             gain = retention_gain([rates[m] for m in r.models], r.nbytes, self.config.reload_bandwidth)
-            return Extent(b.offset, b.size, State.ACTIVE if r.refs else State.RETAINED, r.key, gain, r.last_used, r.uses)
+            state = State.ACTIVE if r.refs else State.RETAINED
+            return Extent(b.offset, b.size, state, r.key, gain, r.last_used, r.uses)
         return self.arena.ledger.extents(describe)
 
     def _evict(self, key: str) -> Resident:
