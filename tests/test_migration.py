@@ -210,14 +210,20 @@ def test_a_destination_failing_after_the_move_retires_the_destination_not_the_so
         await stream(ctl, SEEDED, PROMPT)
         state = ctl._states["m"]  # noqa: SLF001 - a test reads the controller's records
         src = state.replicas[0]
+        to = other_worker(ctl)
+        # both sides busy: the move lands mid-stream, and the destination cannot finish the stream in the moment
+        # between the move's end and the injected fault on a loaded machine
+        dst = await ctl.migrator._instance_on(state, next(w for w in ctl.workers if w.name == to))  # noqa: SLF001
+        slow_steps(src, BUSY_STEP_S)
+        slow_steps(dst, BUSY_STEP_S)
         seen = Stream()
-        async for out in ctl.generate("m", PROMPT, SEEDED):
+        async for out in ctl.generate("m", PROMPT, LONG):
             seen.ids += out.token_ids
             if out.finished:
                 seen.finish, seen.error = out.finish_reason, out.error
             if len(seen.ids) == 20:
-                report = await ctl.migrator.migrate("m", to=other_worker(ctl))
-                dst = next(r for r in state.replicas if r.id == report["instance"])
+                report = await ctl.migrator.migrate("m", to=to)
+                assert report["instance"] == dst.id and report["moved"] == 1
                 dst.ref.backend.instance.engine.failed = "injected: its weights went bad"
         return seen, src.draining, dst.draining
 
