@@ -56,6 +56,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # --------------------------------------------------------------------------- environment
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_environment(tmp_path_factory):
+    """The same environment for what module- and session-scoped fixtures start before any test's own
+    (`tangram_home`): a module's server would otherwise probe the real disk on a thread that outlives it, in
+    the user's ~/.cache, and its reads would land in later tests' spies and hold the probe's lock."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TANGRAM_HOME", str(tmp_path_factory.mktemp("tangram-session-home")))
+        mp.delenv(probe.ENV_METHOD, raising=False)
+        mp.setenv("TANGRAM_PROBE", "off")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def tangram_home(tmp_path_factory, monkeypatch):
     """A private TANGRAM_HOME per test, so the read-method probe cache never touches ~/.cache."""
