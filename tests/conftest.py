@@ -65,7 +65,6 @@ def session_environment(tmp_path_factory):
         mp.setenv("TANGRAM_HOME", str(tmp_path_factory.mktemp("tangram-session-home")))
         mp.delenv(probe.ENV_METHOD, raising=False)
         mp.setenv("TANGRAM_PROBE", "off")
-        mp.setenv("TANGRAM_BENCH_PREFAULT", "0")  # a `tangram bench` command would write the free memory once
         yield
 
 

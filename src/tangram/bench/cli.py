@@ -11,22 +11,7 @@ import typer
 from tangram.cli_common import console
 from tangram.cli_common import fail as _fail
 
-PREFAULT_LIMIT_BYTES = 24 << 30  # the largest benchmark's memory budget (full `bench load`: 18.5 GB) and more
 bench_app = typer.Typer(help="Benchmarks (protocol and results: docs/benchmarks.md).", no_args_is_help=True)
-
-
-@bench_app.callback()
-def bench_options(
-    prefault: Annotated[bool, typer.Option("--prefault/--no-prefault", envvar="TANGRAM_BENCH_PREFAULT",
-                                           help="Write the free memory (up to 24 GiB) once first, so no system "
-                                           "measured pays a VM's first touch of it (docs/benchmarks.md)")] = True,
-) -> None:
-    """Options of every benchmark."""
-    if prefault:
-        from tangram.bench.prefault import prefault_host_memory
-
-        done = prefault_host_memory(PREFAULT_LIMIT_BYTES, console=console)
-        console.print(f"touched {done['bytes'] / 1e9:.1f} GB of free memory once ({done.get('seconds', 0)} s)")
 
 
 def register(app: typer.Typer) -> None:

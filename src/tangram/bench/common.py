@@ -83,9 +83,6 @@ def host_info() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    from tangram.bench.prefault import last_prefault  # imports this module
-
-    info["memory_prefault"] = last_prefault()
     return info
 
 
