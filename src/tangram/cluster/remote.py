@@ -50,7 +50,7 @@ class RemoteReplica:
 def _failed(request_id: str, exc: BaseException | None) -> RequestOutput:
     reason = f"the worker actor failed: {exc}" if exc else "the worker actor ended the stream early"
     return RequestOutput(request_id, "", [], "", finished=True, finish_reason="error", error=reason,
-                         instance_failed=True)
+                         instance_failed=True, worker_failed=isinstance(exc, RayActorError))
 
 
 async def _pump(gen, request_id: str, sink: Callable[[RequestOutput], None],

@@ -1,10 +1,9 @@
 """The controller: deployments, request dispatch, scale-out, scale-to-zero. Runs on the server's event loop.
 
-Per deployment, a request goes to the least-loaded ready instance under its
-target concurrency; otherwise a new instance starts (up to `max_instances`)
-and the request waits for it; at the limit, the least-loaded instance takes it
-(its engine queues). An instance idle for `keep_alive_s` is stopped: its
-weights go back to the pool as retained, so the next start is a pool hit.
+Per deployment, a request goes to the least-loaded ready instance under its target concurrency; otherwise a
+new instance starts (up to `max_instances`) and the request waits for it; at the limit, the least-loaded
+instance takes it (its engine queues). An instance idle for `keep_alive_s` is stopped: its weights go back to
+the pool as retained, so the next start is a pool hit. A dead worker retires every instance it held.
 A deployment whose weights plus least KV exceed every device pool is refused
 at deploy (`control.fit`), and a start only goes to a device whose pool could
 hold it. A start that finds its device's pool full of active bytes stops idle
@@ -26,7 +25,8 @@ from tangram.control.autoscale import drain_victim, idle_victim, least_loaded, p
 from tangram.control.deployments import Deployment
 from tangram.control.events import Activity
 from tangram.control.migrate import Migrator
-from tangram.control.state import DeploymentState as _State, DeploymentUnavailable, ReplicaState, UnknownDeployment
+from tangram.control.state import (DeploymentState as _State, DeploymentUnavailable, ReplicaState, UnknownDeployment,
+                                   retire_failed)
 from tangram.control.fit import DoesNotFit, check_fits, footprint
 from tangram.scheduler.adapter import choose_scale_out, observe_start
 from tangram.engine import RequestOutput, SamplingParams
@@ -157,7 +157,7 @@ class Controller:
                     out = await queue.get()
                     finished = out.finished
                     if out.instance_failed:
-                        replica.route(submitted.result()).retire(out.error)  # where it failed
+                        retire_failed(self._states.values(), replica.route(submitted.result()), out)
                         retry = attempt == 0 and not streamed
                         if retry:
                             break

@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tangram.control.deployments import Deployment
 from tangram.control.fit import Footprint
-from tangram.engine import StartCost
+from tangram.engine import RequestOutput, StartCost
 from tangram.store import CheckpointIndex
 from tangram.worker import ReplicaRef, WorkerHandle
 
 log = logging.getLogger(__name__)
-__all__ = ["ControlState", "DeploymentState", "DeploymentUnavailable", "ReplicaState", "UnknownDeployment"]
+__all__ = ["ControlState", "DeploymentState", "DeploymentUnavailable", "ReplicaState", "UnknownDeployment",
+           "retire_failed"]
 
 
 class UnknownDeployment(KeyError):
@@ -108,3 +110,14 @@ class DeploymentState:
     def hosts(self) -> set[str]:
         """The workers that run an instance of it, or where one is starting."""
         return {r.worker.name for r in self.replicas if not r.stopping} | set(self.placing)
+
+
+def retire_failed(states: Iterable[DeploymentState], replica: ReplicaState, out: RequestOutput) -> None:
+    """`replica` failed a request (`out`): retire it, and where its worker process died (`worker_failed`) every
+    instance of every deployment on that worker, which went with the process (a restarted actor holds none)."""
+    replica.retire(out.error)
+    if out.worker_failed:
+        for state in states:
+            for r in state.replicas:
+                if r.worker is replica.worker:
+                    r.retire(out.error)

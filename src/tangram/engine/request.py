@@ -46,6 +46,7 @@ class RequestOutput:
     stages: Stages | None = None
     output_ids: list[int] | None = None  # every generated id, on the final output only
     instance_failed: bool = False  # the instance can serve nothing more (its weights failed to load)
+    worker_failed: bool = False  # its worker process died: none of the instances it held can serve
     # a request of n > 1 sequences: which sequence this output is of; `finished` is set on the last output of
     # the last sequence only, `finish_reason` on each sequence's last output; completion_tokens counts all
     index: int = 0
