@@ -56,15 +56,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # --------------------------------------------------------------------------- environment
 
 
+def _private_environment(mp: pytest.MonkeyPatch, home: Path) -> None:
+    """A private TANGRAM_HOME, no forced read method, no read-speed measurement at server start or after convert."""
+    mp.setenv("TANGRAM_HOME", str(home))
+    mp.delenv(probe.ENV_METHOD, raising=False)
+    mp.setenv("TANGRAM_PROBE", "off")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_environment(tmp_path_factory):
     """The same environment for what module- and session-scoped fixtures start before any test's own
     (`tangram_home`): a module's server would otherwise probe the real disk on a thread that outlives it, in
     the user's ~/.cache, and its reads would land in later tests' spies and hold the probe's lock."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TANGRAM_HOME", str(tmp_path_factory.mktemp("tangram-session-home")))
-        mp.delenv(probe.ENV_METHOD, raising=False)
-        mp.setenv("TANGRAM_PROBE", "off")
+        _private_environment(mp, tmp_path_factory.mktemp("tangram-session-home"))
         yield
 
 
@@ -72,9 +77,7 @@ def session_environment(tmp_path_factory):
 def tangram_home(tmp_path_factory, monkeypatch):
     """A private TANGRAM_HOME per test, so the read-method probe cache never touches ~/.cache."""
     home = tmp_path_factory.mktemp("tangram-home")
-    monkeypatch.setenv("TANGRAM_HOME", str(home))
-    monkeypatch.delenv(probe.ENV_METHOD, raising=False)
-    monkeypatch.setenv("TANGRAM_PROBE", "off")  # no read-speed measurement at server start or after convert
+    _private_environment(monkeypatch, home)
     probe.forget()  # with TANGRAM_HOME already private: only this test's file can go
     yield home
     probe.forget_memo()  # not the file: at teardown another fixture may have restored the real TANGRAM_HOME

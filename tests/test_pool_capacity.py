@@ -129,6 +129,15 @@ def test_placed_memory_is_touched_ahead_of_the_highest_placement():
     assert arena.toucher.idle.is_set() and arena.toucher.target == 296 * MiB
 
 
+def test_touch_all_makes_the_whole_arena_resident_and_keeps_its_bytes():
+    arena = Arena(64 * MiB, CPU, 4096, touch_ahead=4 * MiB)
+    assert arena.toucher.idle.wait(30) and resident(arena.buffer, 32 * MiB, 32 * MiB) == 0.0
+    arena.buffer[:4096] = 7
+    arena.toucher.touch_all()
+    assert arena.toucher.idle.wait(30) and arena.toucher.mark == 64 * MiB
+    assert resident(arena.buffer, 0, 64 * MiB) == 1.0 and bool((arena.buffer[:4096] == 7).all())
+
+
 def test_loads_land_intact_in_memory_touched_while_they_write(tmp_path, monkeypatch):
     monkeypatch.setattr(touch, "TOUCH_AHEAD_BYTES", 64 << 10)  # every placement runs ahead of the touched mark
     monkeypatch.setattr(touch, "CHUNK_BYTES", 64 << 10)  # many small populates racing the load's writes

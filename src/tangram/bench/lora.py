@@ -172,8 +172,7 @@ def _written_pool(capacity: int, loader: Loader) -> DevicePool:
     pool = DevicePool(capacity, "cpu", loader=loader)
     toucher = pool.arena.toucher
     if toucher is not None:
-        toucher.ahead = pool.capacity
-        toucher.need(0)
+        toucher.touch_all()
         toucher.idle.wait(TOUCH_WAIT_S)
     return pool
 

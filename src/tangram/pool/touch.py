@@ -73,7 +73,13 @@ class Toucher:
         what lies above the frontier is left to its writer)."""
         page = mmap.PAGESIZE  # every madvise starts on a page boundary
         end = min(self.size, -(-max(end, 0) // page) * page)
-        target = min(self.size, end + -(-self.ahead // page) * page)
+        self._extend(end, min(self.size, end + -(-self.ahead // page) * page))
+
+    def touch_all(self) -> None:
+        """Touch the whole buffer in the background (`idle` tells when it is done), whatever is placed."""
+        self._extend(0, self.size)
+
+    def _extend(self, end: int, target: int) -> None:
         with self._lock:
             self._mark = max(self._mark, end)
             if target <= self._target or self._failed:
