@@ -20,7 +20,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from tangram.store.format import ALIGNMENT, align_up
 from tangram.store.landing import Aborted, Landing
 from tangram.store.stages import BouncePool, HashStage, read_hashed
 from tangram.store.plan import CopyRun, Piece, ReadRun, Segment, task_chains
+from tangram.store.workers import KEPT
 
 
 AUTO_CACHED = 0.5  # AUTO reads a chunk through the page cache when at least this much of it is there
@@ -45,6 +46,7 @@ HOT_PART = 1 << 20  # the L2 cache of one core of the development VM
 # 1 GB) and hashes continuation chains from DRAM instead of from the CPU cache; with more cores than reader threads
 # it lets every reader copy while one hashes (to be measured there).
 DEFER_HASH = False
+_END = object()  # run_all: no item left
 
 
 @dataclass(frozen=True)
@@ -327,7 +329,8 @@ def _trim(segments: list[Segment], need: int) -> list[Segment]:
 
 
 def run_all(fn: Callable, items: list, threads: int) -> None:
-    """Run fn over items on `threads` threads, in order; the first error cancels the rest and is raised.
+    """Run fn over items on `threads` threads (kept across loads: store/workers.py), started in order; the first
+    error stops the rest from starting and is raised once the running ones have ended.
 
     An `Aborted` (a thread stopped because another failed) is raised only when no other error is there.
     """
@@ -335,13 +338,24 @@ def run_all(fn: Callable, items: list, threads: int) -> None:
         for item in items:
             fn(item)
         return
-    with ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="tangram-load") as pool:
-        futures = [pool.submit(fn, item) for item in items]
-        wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
-        if failed:
-            for other in futures:
-                other.cancel()
-            wait(futures)  # the threads still running finish (or stop, aborted) before the error is chosen
-            errors = [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
-            raise next((e for e in errors if not isinstance(e, Aborted)), errors[0])  # type: ignore[misc]
+    todo = iter(items)
+    take = threading.Lock()
+    failed = threading.Event()
+
+    def worker() -> None:
+        while not failed.is_set():
+            with take:
+                item = next(todo, _END)
+            if item is _END:
+                return
+            try:
+                fn(item)
+            except BaseException:
+                failed.set()
+                raise
+
+    futures = [KEPT.submit(worker, "tangram-load") for _ in range(min(threads, len(items)))]
+    wait(futures)
+    errors = [e for f in futures if (e := f.exception()) is not None]
+    if errors:
+        raise next((e for e in errors if not isinstance(e, Aborted)), errors[0])

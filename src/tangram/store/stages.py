@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from tangram.store import io
 from tangram.store.landing import Aborted, Landing
 from tangram.store.plan import Piece, ReadRun
+from tangram.store.workers import KEPT
 
 
 def read_hashed(fd: int, run: ReadRun, path: Path, tracker: Landing, part_bytes: int,
@@ -87,7 +89,8 @@ class HashStage:
 
     A reader's chunks are queued in its plan order, so a hashing thread only ever
     waits (Landing.arrived) for a part planned before its own, which another
-    hashing thread already holds or will get: no cycle, no deadlock.
+    hashing thread already holds or will get: no cycle, no deadlock. The threads
+    are kept across loads (store/workers.py).
     """
 
     def __init__(self, land: Callable[[ReadRun], None], tracker: Landing) -> None:
@@ -95,35 +98,37 @@ class HashStage:
         self._tracker = tracker
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._pools: list[ThreadPoolExecutor] = []
-        self._futures: list[Future] = []
+        self._lanes: list[tuple[queue.SimpleQueue[ReadRun | None], Future]] = []
         self.failed = threading.Event()
 
     def submit(self, run: ReadRun) -> None:
         """Queue `run` (its bytes are in their destinations) on the calling reader's hashing thread."""
-        pool = getattr(self._local, "pool", None)
-        if pool is None:
-            pool = self._local.pool = ThreadPoolExecutor(1, thread_name_prefix="tangram-hash")
+        lane = getattr(self._local, "lane", None)
+        if lane is None:
+            lane = self._local.lane = queue.SimpleQueue()
+            future = KEPT.submit(lambda: self._drain(lane), "tangram-hash")
             with self._lock:
-                self._pools.append(pool)
-        future = pool.submit(self._run, run)
-        with self._lock:
-            self._futures.append(future)
+                self._lanes.append((lane, future))
+        lane.put(run)
 
-    def _run(self, run: ReadRun) -> None:
-        try:
-            self._land(run)
-        except Aborted:
-            raise
-        except BaseException:
-            self.failed.set()  # readers stop taking chunks; hashing threads waiting on a part stop
-            self._tracker.abort()
-            raise
+    def _drain(self, lane: queue.SimpleQueue[ReadRun | None]) -> list[BaseException]:
+        """Land the runs of one reader's lane in order until it is closed; the errors raised, in order."""
+        errors: list[BaseException] = []
+        while (run := lane.get()) is not None:
+            try:
+                self._land(run)
+            except Aborted as exc:
+                errors.append(exc)
+            except BaseException as exc:
+                self.failed.set()  # readers stop taking chunks; hashing threads waiting on a part stop
+                self._tracker.abort()
+                errors.append(exc)
+        return errors
 
     def close(self) -> list[BaseException]:
-        """Wait until every queued chunk is hashed or aborted; returns the errors raised, in queue order."""
+        """Wait until every queued chunk is hashed or aborted; returns the errors raised, lane by lane in order."""
         with self._lock:
-            pools = list(self._pools)
-        for pool in pools:
-            pool.shutdown(wait=True)
-        return [e for f in self._futures if (e := f.exception()) is not None]
+            lanes = list(self._lanes)
+        for lane, _ in lanes:
+            lane.put(None)
+        return [e for _, future in lanes for e in future.result()]
