@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -33,7 +34,7 @@ class KeptThreads:
         self.keep, self.idle_s = keep, idle_s
         self._lock = threading.Lock()
         self._idle: list[queue.SimpleQueue[_Job]] = []  # the job slot of each idle thread, last idle last
-        os.register_at_fork(after_in_child=self._forget)
+        _ALL.add(self)
 
     def submit(self, fn: Callable[[], Any], name: str) -> Future:
         """Run `fn()` now on a thread named `name` while it runs; its future."""
@@ -91,4 +92,11 @@ class KeptThreads:
         self._idle = []
 
 
+def _forget_all() -> None:
+    for kept in list(_ALL):
+        kept._forget()
+
+
+_ALL: weakref.WeakSet[KeptThreads] = weakref.WeakSet()  # one fork handler for every instance, none kept alive
+os.register_at_fork(after_in_child=_forget_all)
 KEPT = KeptThreads()
