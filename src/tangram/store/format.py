@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import xxhash
 from pydantic import BaseModel, Field, ValidationError
 
 from tangram.store.errors import CorruptCheckpointError, MissingFileError
+from tangram.store.hashing import hash_bytes
 
 FORMAT_NAME = "tangram"
 FORMAT_VERSION = 1
@@ -122,11 +122,6 @@ class CheckpointIndex(BaseModel):
         """Bytes of tensor data (each stored tensor once, without padding)."""
         return sum(e.nbytes for e in self.tensors.values())
 
-    def validate_against(self, directory: Path) -> None:
-        """Check the index is self-consistent and its data files exist with the recorded sizes."""
-        self.check_entries(directory / INDEX_FILE)
-        self.check_files(directory)
-
     def check_files(self, directory: Path) -> None:
         """Check that every data file exists with the size the index records."""
         for df in self.files:
@@ -176,7 +171,7 @@ class CheckpointIndex(BaseModel):
                 )
 
 
-_PARSED: OrderedDict[bytes, CheckpointIndex] = OrderedDict()
+_PARSED: OrderedDict[str, CheckpointIndex] = OrderedDict()
 _PARSED_LOCK = threading.Lock()
 
 
@@ -193,7 +188,7 @@ def read_index(path: str | Path) -> CheckpointIndex:
     if not index_path.is_file():
         raise MissingFileError(index_path, "no Tangram index here (not a Tangram checkpoint, or an unfinished write)")
     data = index_path.read_bytes()
-    digest = xxhash.xxh3_128_digest(data)
+    digest = hash_bytes(data)
     with _PARSED_LOCK:
         index = _PARSED.get(digest)
         if index is not None:
