@@ -89,7 +89,7 @@ def test_a_mismatch_in_a_later_part_fails_the_load_and_is_never_reported(ckpt, p
     assert "w2" not in landed
 
 
-def test_hold_waits_for_the_earlier_bytes_and_release_passes_the_position_on():
+def test_hold_waits_for_the_earlier_bytes_and_a_feed_passes_the_position_on():
     buf = make_tensor((3 * A,), torch.uint8, seed=3)
     piece = Piece("p", 0, 0, buf.numel(), buf, hash_bytes(buf))
     tracker = Landing([piece], lambda f: f"file{f}")
@@ -97,13 +97,13 @@ def test_hold_waits_for_the_earlier_bytes_and_release_passes_the_position_on():
     got: list[object] = []
     later = threading.Thread(target=lambda: got.append(tracker.hold(piece, A)))
     later.start()
-    hasher = tracker.hold(piece, 0)
-    hasher.update(memoryview(buf[:A].numpy()))
+    feed = tracker.hold(piece, 0)
+    feed.update(buf[:A])
     assert tracker.release(piece, A) is None  # not whole yet
     later.join(10)
-    assert not later.is_alive() and got == [hasher]
+    assert not later.is_alive() and len(got) == 1 and got[0].at == A  # hashed up to A: the later part goes on
     assert tracker.ready(piece, A)
-    hasher.update(memoryview(buf[A:].numpy()))
+    got[0].update(buf[A:])
     assert tracker.release(piece, 2 * A) == []  # whole, digest matched: its (no) copy events
 
 
@@ -133,12 +133,10 @@ def test_probe_reads_are_verified_in_pieces(tmp_path):
         probe.read_gbps(data, buf, cfg, "warm", wrong)
 
 
-@pytest.mark.parametrize("defer", [False, True])
 @pytest.mark.parametrize("threads", [2, 3])
-def test_a_piece_split_over_chains_lands_whole(tmp_path, parts, monkeypatch, threads, defer):
+def test_a_piece_split_over_chains_lands_whole(tmp_path, parts, threads):
     """A piece larger than a chain continues on other threads: a run that starts where another thread still
     holds the piece's hash is read whole first, then hashed in order; either way every byte is checked."""
-    monkeypatch.setattr(store_execute, "DEFER_HASH", defer)
     state = {"big": make_tensor((160 * A + 9,), torch.uint8, seed=1), "small": make_tensor((300,), torch.uint8)}
     save(state, tmp_path / "c")
     for p in (tmp_path / "c").glob("data-*.bin"):
@@ -149,45 +147,8 @@ def test_a_piece_split_over_chains_lands_whole(tmp_path, parts, monkeypatch, thr
     assert parts["runs"]
 
 
-def _three_parts(bad_hash: bool = False):
-    buf = make_tensor((3 * A,), torch.uint8, seed=5)
-    piece = Piece("p", 0, 0, buf.numel(), buf, "0" * 32 if bad_hash else hash_bytes(buf))
-    return buf, piece, Landing([piece], lambda f: f"file{f}", defer=True)
-
-
-def test_deferred_parts_are_hashed_by_the_thread_that_reaches_them():
-    buf, piece, tracker = _three_parts()
-    returned: list[object] = []
-    later = threading.Thread(target=lambda: returned.extend(
-        [tracker.arrived(piece, 2 * A, buf[2 * A :]), tracker.arrived(piece, A, buf[A : 2 * A])]))
-    later.start()
-    later.join(10)
-    assert not later.is_alive() and returned == [None, None]  # set aside: no wait for the first part
-    assert tracker.incomplete() == ["p"]
-    assert tracker.arrived(piece, 0, buf[:A]) == []  # this thread hashes all three, in order: whole, matched
-    assert tracker.incomplete() == []
-
-
-def test_a_mismatch_of_deferred_parts_is_raised_by_the_thread_that_hashes_the_last():
-    buf, piece, tracker = _three_parts(bad_hash=True)
-    assert tracker.arrived(piece, A, buf[A : 2 * A]) is None
-    assert tracker.arrived(piece, 2 * A, buf[2 * A :]) is None
-    with pytest.raises(HashMismatchError, match="'p'"):
-        tracker.arrived(piece, 0, buf[:A])
-
-
-def test_a_deferred_part_after_an_abort_raises():
-    buf, piece, tracker = _three_parts()
-    tracker.abort()
-    with pytest.raises(Aborted):
-        tracker.arrived(piece, A, buf[A : 2 * A])
-
-
-@pytest.mark.parametrize("defer", [False, True])
 @pytest.mark.parametrize("method", ["pread", "odirect", "auto"])
-def test_a_piece_over_several_chains_is_reported_once_and_its_late_corruption_found(tmp_path, parts, monkeypatch,
-                                                                                    method, defer):
-    monkeypatch.setattr(store_execute, "DEFER_HASH", defer)
+def test_a_piece_over_several_chains_is_reported_once_and_its_late_corruption_found(tmp_path, parts, method):
     state = {"big": make_tensor((200 * A + 3,), torch.uint8, seed=2), "tail": make_tensor((5 * A,), torch.uint8)}
     save(state, tmp_path / "c")
     if method == "odirect":

@@ -27,7 +27,7 @@ from tangram.workload import ModelSpec  # the one model description (re-exported
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-GENERATOR_VERSION = 1  # bump when the contents or layout of generated files change
+GENERATOR_VERSION = 2  # bump when the contents or layout of generated files change
 SEED = 20240611
 
 FORMATS = ("tangram", "safetensors", "torch", "tensorizer")

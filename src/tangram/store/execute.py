@@ -41,11 +41,6 @@ HASH_STAGE = True  # CPU, O_DIRECT chunks: hashed on a per-reader hashing thread
 # the CPU cache (0: the whole chunk is read, then hashed from memory). A warm load is bound by memory bandwidth;
 # hashing a chunk after the copy read every byte from DRAM a second time.
 HOT_PART = 1 << 20  # the L2 cache of one core of the development VM
-# CPU: a part that arrives before the bytes ahead of it were hashed is hashed later, by the thread that gets there,
-# instead of its reader waiting. Off: on the 2-core VM it measured no gain (three interleaved A/Bs, warm 0.33 and
-# 1 GB) and hashes continuation chains from DRAM instead of from the CPU cache; with more cores than reader threads
-# it lets every reader copy while one hashes (to be measured there).
-DEFER_HASH = False
 _END = object()  # run_all: no item left
 
 
@@ -118,8 +113,7 @@ def execute(
     bounces_lock = threading.Lock()
     local = threading.local()
     pieces = [s.piece for r in runs if isinstance(r, ReadRun) for s in r.segments if s.piece is not None]
-    tracker = Landing([*pieces, *(r.piece for r in runs if isinstance(r, CopyRun))], lambda f: paths[f],
-                      defer=DEFER_HASH and device.type == "cpu")  # CPU: hashed from destinations, which stay put
+    tracker = Landing([*pieces, *(r.piece for r in runs if isinstance(r, CopyRun))], lambda f: paths[f])
 
     def bounce() -> torch.Tensor:
         if not hasattr(local, "bounce"):
@@ -199,7 +193,7 @@ def execute(
         if progress:
             progress(run.payload)
 
-    verified = device.type == "cpu" and any(p.hash is not None for p in pieces)
+    verified = device.type == "cpu" and any(p.hash is not None or p.blocks for p in pieces)
     stage = HashStage(land_counted, tracker) if HASH_STAGE and verified else None
     hot_parts = HOT_PART if verified and 0 < HOT_PART < config.chunk_bytes else 0
 

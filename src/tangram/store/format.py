@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 
 from tangram.store.errors import CorruptCheckpointError, MissingFileError
-from tangram.store.hashing import hash_bytes
+from tangram.store.hashing import BLOCK_BYTES, hash_bytes
 
 FORMAT_NAME = "tangram"
 FORMAT_VERSION = 1
@@ -75,6 +75,9 @@ class TensorEntry(BaseModel):
     offset: int = Field(ge=0)
     nbytes: int = Field(ge=0)
     hash: str
+    # xxh3-128 of each `block_bytes` block, for tensors of more than one block (hashing.block_hashes): a load
+    # verifies these, in parallel; empty in indexes written before them (the identity hash is checked then)
+    blocks: list[str] = Field(default_factory=list)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -94,6 +97,7 @@ class CheckpointIndex(BaseModel):
     version: int = FORMAT_VERSION
     alignment: int = ALIGNMENT
     hash_algo: str = HASH_ALGO
+    block_bytes: int = BLOCK_BYTES
     files: list[DataFile]
     tensors: dict[str, TensorEntry]
     # name -> stored tensor name, for tied or content-equal tensors stored once
@@ -143,6 +147,9 @@ class CheckpointIndex(BaseModel):
             raise CorruptCheckpointError(
                 index_path, f"format version {self.version} is newer than this Tangram supports ({FORMAT_VERSION})"
             )
+        if self.block_bytes <= 0 or self.block_bytes % ALIGNMENT:
+            raise CorruptCheckpointError(index_path, f"block_bytes {self.block_bytes} is not a positive multiple of "
+                                         f"{ALIGNMENT}")
         for name, target in self.aliases.items():
             if target not in self.tensors:
                 raise CorruptCheckpointError(index_path, f"alias {name!r} points to unknown tensor {target!r}")
@@ -162,6 +169,9 @@ class CheckpointIndex(BaseModel):
                 raise CorruptCheckpointError(
                     index_path, f"tensor {name!r} starts at offset {e.offset}, not aligned to {ALIGNMENT} bytes"
                 )
+            if e.blocks and len(e.blocks) != -(-e.nbytes // self.block_bytes):
+                raise CorruptCheckpointError(index_path, f"tensor {name!r}: {len(e.blocks)} block hashes recorded, "
+                                             f"{-(-e.nbytes // self.block_bytes)} expected")
             end = e.offset + e.nbytes
             size = self.files[e.file].size
             if end > size:

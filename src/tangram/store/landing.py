@@ -1,27 +1,30 @@
 """Which pieces have landed whole, and verified, while reader threads deliver their bytes in any order.
 
-A piece with an expected hash (`Piece.hash`) is streamed through xxh3-128 in
-file order, from the host bytes the delivering thread holds (the destination
-on CPU, the pinned staging chunk on CUDA, so the bytes hashed are the bytes
-copied): a thread with a later part of a piece waits until the earlier part
-has been hashed by the thread that read it. Such a wait is short and cannot
-deadlock: reader threads take chunks in plan order, so the earlier part is
-already being read by a running thread. With `defer` (CPU destinations, whose
-bytes stay put) a later part does not wait: it is set aside, and the thread
-that hashes up to its start hashes it next, so a tensor larger than a chain
-is copied by several threads at once while one hashes it. A piece is reported
-whole only once its digest matched (by the thread that hashed its last bytes);
-a mismatch raises HashMismatchError naming the file and the tensor. A piece
-without an expected hash is whole when its bytes are in.
+A verified piece is checked in *spans*: each block of `Piece.block_bytes`
+against its block hash when the index has them (`Piece.blocks`), else the
+whole piece against its identity hash (`Piece.hash`). A span is streamed
+through xxh3-128 in order, from the host bytes the delivering thread holds
+(the destination on CPU, the pinned staging chunk on CUDA, so the bytes hashed
+are the bytes copied). A thread with a later part of a span waits until the
+earlier part has been hashed by the thread that read it; a part that starts a
+span never waits, so with blocks every reader thread hashes its own chunks at
+once. Such a wait is short and cannot deadlock: reader threads take chunks in
+plan order, so the earlier part is already being read by a running thread. A
+span is checked by the thread that hashes its last byte (a mismatch raises
+HashMismatchError naming the file, the tensor and the bytes), so a piece is
+reported whole only once every span matched. A piece without a hash is whole
+when its bytes are in.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import xxhash
 
@@ -33,22 +36,61 @@ class Aborted(Exception):
     """Another reader thread of the same load failed; this one stops waiting."""
 
 
-class Landing:
-    """Thread-safe per-piece bookkeeping of delivered bytes, with in-order hashing of verified pieces."""
+@dataclass
+class _Span:
+    """Bytes [start, end) of a piece, checked against one expected digest."""
 
-    def __init__(self, pieces: Iterable[Piece], path_of: Callable[[int], Path], *, defer: bool = False) -> None:
-        """`defer`: a verified part that arrives before the bytes ahead of it were hashed is kept (its `data`
-        must stay valid until the load ends) and hashed by whoever gets there, instead of waiting."""
+    start: int
+    end: int
+    expected: str
+    pos: int = 0  # bytes before this offset have been hashed
+    waiting: int = 0  # threads waiting for `pos` to move
+    hasher: Any = field(default_factory=xxhash.xxh3_128)
+
+    def __post_init__(self) -> None:
+        self.pos = self.start
+
+
+def _spans(piece: Piece) -> list[_Span]:
+    if piece.blocks:
+        b = piece.block_bytes
+        return [_Span(k * b, min((k + 1) * b, piece.nbytes), h) for k, h in enumerate(piece.blocks)]
+    return [_Span(0, piece.nbytes, piece.hash)] if piece.hash is not None else []
+
+
+class Feed:
+    """The right, held by one thread, to hash a piece's bytes from `at` on, in order (Landing.hold)."""
+
+    def __init__(self, landing: Landing, piece: Piece, spans: list[_Span], at: int) -> None:
+        self._landing, self._piece, self._spans, self.at = landing, piece, spans, at
+        self._k = landing.span_index(piece, spans, at)
+
+    def update(self, data: torch.Tensor | np.ndarray) -> None:
+        """Hash the next bytes of the piece (flat uint8, host memory); checks every span they complete."""
+        view = memoryview(data.numpy() if isinstance(data, torch.Tensor) else data)
+        done = 0
+        while done < len(view):
+            span = self._spans[self._k]
+            take = min(len(view) - done, span.end - self.at)
+            span.hasher.update(view[done : done + take])
+            done += take
+            self.at += take
+            if self.at == span.end:
+                self._landing.check(self._piece, span)
+                self._k += 1
+            self._landing.advance(span, self.at)
+
+
+class Landing:
+    """Thread-safe per-piece bookkeeping of delivered bytes, with in-order hashing of verified spans."""
+
+    def __init__(self, pieces: Iterable[Piece], path_of: Callable[[int], Path]) -> None:
         self._path_of = path_of
-        self._defer = defer
-        self._stash: dict[int, dict[int, torch.Tensor]] = {}  # deferred parts per piece, by start
         self._cond = threading.Condition()
         self._aborted = False
         self._left: dict[int, int] = {}
-        self._pos: dict[int, int] = {}
-        self._hashers: dict[int, Any] = {}
+        self._spans: dict[int, list[_Span]] = {}
         self._events: dict[int, list[Any]] = {}
-        self._waiting: dict[int, int] = {}  # threads waiting in `hold`, per piece
         self._names: dict[int, str] = {}
         for p in pieces:
             if id(p) in self._left:
@@ -56,9 +98,8 @@ class Landing:
             self._names[id(p)] = p.name
             self._left[id(p)] = p.nbytes
             self._events[id(p)] = []
-            if p.hash is not None:
-                self._pos[id(p)] = 0
-                self._hashers[id(p)] = xxhash.xxh3_128()
+            if spans := _spans(p):
+                self._spans[id(p)] = spans
 
     def arrived(self, piece: Piece, start: int, data: torch.Tensor | None, event: Any = None) -> list[Any] | None:
         """Bytes [start, start + n) of `piece` are in its destination (or being copied there, with `event`).
@@ -66,70 +107,66 @@ class Landing:
         `data` holds those bytes in host memory (flat uint8; needed when the piece
         is verified, else only its length counts). Returns None while the piece
         is incomplete, else the events of all its copies (wait on them before
-        using it on a device). Raises HashMismatchError when the last byte of a
-        verified piece arrives and its digest differs from the index.
+        using it on a device). Raises HashMismatchError when the bytes complete a
+        span whose digest differs from the index.
         """
         n = data.numel() if data is not None else 0
-        if self._defer and id(piece) in self._hashers:
+        feed = self.hold(piece, start)
+        if feed is not None and n:
             assert data is not None, "a verified piece needs its bytes"
-            with self._cond:
-                if self._aborted:
-                    raise Aborted()
-                if self._pos[id(piece)] != start:
-                    self._stash.setdefault(id(piece), {})[start] = data  # the thread that gets here hashes it
-                    return None
-        hasher = self.hold(piece, start)
-        if hasher is not None:
-            assert data is not None, "a verified piece needs its bytes"
-            if n:
-                hasher.update(memoryview(data.numpy()))  # only this thread is at this position of the piece
+            feed.update(data)
         return self.release(piece, n, event)
 
-    def hold(self, piece: Piece, start: int) -> Any | None:
-        """Wait until the bytes of `piece` before `start` are hashed; return its hasher (None: not verified).
+    def hold(self, piece: Piece, start: int) -> Feed | None:
+        """Wait until the bytes of `piece`'s span before `start` are hashed; return the feed that hashes on from
+        `start` (None: not verified). The caller alone then feeds it the piece's next bytes, in order, and calls
+        `release` with how many it fed (`arrived` does both for one part)."""
+        spans = self._spans.get(id(piece))
+        if spans is None:
+            return None
+        span = spans[self.span_index(piece, spans, start)]
+        with self._cond:
+            while span.pos != start and not self._aborted:
+                span.waiting += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    span.waiting -= 1
+            if self._aborted:
+                raise Aborted()
+        return Feed(self, piece, spans, start)
 
-        The caller alone then feeds the hasher the piece's next bytes, in order, and
-        calls `release` with how many it fed (`arrived` does both for one part).
-        """
-        hasher = self._hashers.get(id(piece))
-        if hasher is not None:
-            key = id(piece)
-            with self._cond:
-                while self._pos[key] != start and not self._aborted:
-                    self._waiting[key] = self._waiting.get(key, 0) + 1
-                    try:
-                        self._cond.wait()
-                    finally:
-                        self._waiting[key] -= 1
-                if self._aborted:
-                    raise Aborted()
-        return hasher
+    @staticmethod
+    def span_index(piece: Piece, spans: list[_Span], at: int) -> int:
+        """Index of the span holding byte `at` of `piece` (the last span for `at == nbytes`)."""
+        return min(at // piece.block_bytes, len(spans) - 1) if piece.blocks else 0
 
     def ready(self, piece: Piece, start: int) -> bool:
         """Whether `hold(piece, start)` would return at once (the bytes before `start` are hashed, or none need)."""
-        key = id(piece)
-        if key not in self._hashers:
+        spans = self._spans.get(id(piece))
+        if spans is None:
             return True
         with self._cond:
-            return self._pos[key] == start
+            return spans[self.span_index(piece, spans, start)].pos == start
+
+    def advance(self, span: _Span, pos: int) -> None:
+        """`span` is hashed up to `pos` (Feed); wakes the threads waiting for it."""
+        with self._cond:
+            span.pos = pos
+            if span.waiting:  # one condition serves every span: wake threads only when one waits for this
+                self._cond.notify_all()
+
+    def check(self, piece: Piece, span: _Span) -> None:
+        """Compare a fully hashed span with the index (HashMismatchError when it differs)."""
+        got = span.hasher.hexdigest()
+        if got != span.expected:
+            where = f"bytes {span.start}..{span.end}" if piece.blocks else "content"
+            raise HashMismatchError(self._path_of(piece.file), f"tensor {piece.name!r}: {where} hash {got} differs "
+                                    f"from the index ({span.expected}); the data file is corrupt")
 
     def release(self, piece: Piece, n: int, event: Any = None) -> list[Any] | None:
-        """`n` more bytes of `piece` are in (fed to its hasher since `hold`); returns as `arrived` does."""
-        key = id(piece)
-        hasher = self._hashers.get(key)
-        total = n
-        while hasher is not None:
-            with self._cond:
-                self._pos[key] += n
-                if self._waiting.get(key):  # one condition serves every piece: wake threads only for this one
-                    self._cond.notify_all()
-                later = self._stash.get(key, {}).pop(self._pos[key], None) if not self._aborted else None
-            if later is None:
-                break
-            n = later.numel()  # a part that arrived early: this thread is now at its position
-            hasher.update(memoryview(later.numpy()))
-            total += n
-        return self._count(piece, total, event)
+        """`n` more bytes of `piece` are in (hashed through its feed, when verified); returns as `arrived` does."""
+        return self._count(piece, n, event)
 
     def arrived_unhashed(self, piece: Piece, nbytes: int, event: Any = None) -> list[Any] | None:
         """Like `arrived` for bytes that need no check (host-cache hits, verified when cached)."""
@@ -143,14 +180,7 @@ class Landing:
             self._left[key] -= n
             if self._left[key] > 0:
                 return None
-            events = self._events.pop(key, [])
-        hasher = self._hashers.pop(key, None)
-        if hasher is not None:
-            got = hasher.hexdigest()
-            if got != piece.hash:
-                raise HashMismatchError(self._path_of(piece.file), f"tensor {piece.name!r}: content hash {got} "
-                                        f"differs from the index ({piece.hash}); the data file is corrupt")
-        return events
+            return self._events.pop(key, [])
 
     def incomplete(self) -> list[str]:
         """Names of the pieces not yet whole (and verified): none once a load has delivered every byte."""

@@ -144,9 +144,10 @@ class Loader:
                     empty.append(name)
                     continue
                 cached = self.cache.get(entry.hash) if self.cache is not None else None
-                piece = Piece(name, entry.file, entry.offset, entry.nbytes, dest, entry.hash if verify else None)
+                piece = Piece(name, entry.file, entry.offset, entry.nbytes, dest, entry.hash if verify else None,
+                              tuple(entry.blocks) if verify else (), index.block_bytes)
                 if cached is not None and cached.numel() == entry.nbytes:
-                    hits[g].append((replace(piece, hash=None), cached))
+                    hits[g].append((replace(piece, hash=None, blocks=()), cached))
                     stats.bytes_from_cache += entry.nbytes
                 else:
                     pieces[g].append(piece)

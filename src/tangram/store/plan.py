@@ -26,6 +26,8 @@ class Piece:
     nbytes: int
     dest: torch.Tensor  # flat uint8, exactly nbytes long, on the target device
     hash: str | None = None  # the index's content hash: the bytes are checked against it as they land
+    blocks: tuple[str, ...] = ()  # or, when the index has them, the hash of each block (checked instead, in parallel)
+    block_bytes: int = 0
 
 
 @dataclass(frozen=True)

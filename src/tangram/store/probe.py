@@ -43,7 +43,7 @@ from tangram.paths import data_dir
 from tangram.store import io
 from tangram.store.execute import ReadConfig, execute
 from tangram.store.format import ALIGNMENT
-from tangram.store.hashing import hash_bytes
+from tangram.store.hashing import BLOCK_BYTES, block_hashes, hash_bytes
 from tangram.store.io import ReadMethod
 from tangram.store.plan import Piece, ReadRun, plan_reads
 
@@ -56,8 +56,9 @@ LARGE_FINALISTS = 3
 LARGE_REPEATS = 2
 MIN_PROBE_BYTES = 8 << 20  # smaller files say nothing useful about bandwidth
 PROBE_PIECE_BYTES = 32 << 20  # a probe read is verified in pieces of a large layer weight's size
-# Stored answers of another version are measured again: 2 = reads verified as loads are (1 measured them unchecked).
-PROBE_VERSION = 2
+# Stored answers of another version are measured again: 2 = reads verified as loads are (1 measured them unchecked),
+# 3 = verified by blocks, as loads of indexes with block hashes are.
+PROBE_VERSION = 3
 REPEATS = 3
 SPREAD = 1.5  # samples of one candidate and state further apart than this ratio are re-measured
 MAX_EXTRA = 2
@@ -158,14 +159,16 @@ def measure_samples(path: Path, nbytes: int = PROBE_BYTES, repeats: int = REPEAT
 
 def probe_pieces(path: Path, buf: torch.Tensor, piece_bytes: int = PROBE_PIECE_BYTES) -> list[Piece]:
     """The first `buf.numel()` bytes of `path` as tensor-sized pieces into `buf`, each with the xxh3-128 of its
-    bytes (read and hashed here, untimed), so a probe read verifies them as a load verifies its tensors."""
+    bytes and of its blocks (read and hashed here, untimed), so a probe read verifies them as a load verifies its
+    tensors."""
     fd = io.open_data_file(path, direct=False)
     try:
         io.preadv_full(fd, [memoryview(buf.numpy())], 0, path, ReadRun(0, 0))
     finally:
         os.close(fd)
     return [Piece(f"probe@{at}", 0, at, min(piece_bytes, buf.numel() - at), buf[at : at + piece_bytes],
-                  hash_bytes(buf[at : at + piece_bytes])) for at in range(0, buf.numel(), piece_bytes)]
+                  hash_bytes(buf[at : at + piece_bytes]), tuple(block_hashes(buf[at : at + piece_bytes])), BLOCK_BYTES)
+            for at in range(0, buf.numel(), piece_bytes)]
 
 
 def read_gbps(path: Path, buf: torch.Tensor, cfg: ReadConfig, state: str,

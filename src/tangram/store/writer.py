@@ -20,6 +20,7 @@ import torch
 from tangram import __version__
 from tangram.store.errors import CheckpointError, DestinationExistsError
 from tangram.store.format import (
+    ALIGNMENT,
     INDEX_FILE,
     CheckpointIndex,
     DataFile,
@@ -27,7 +28,7 @@ from tangram.store.format import (
     align_up,
     dtype_name,
 )
-from tangram.store.hashing import as_bytes, hash_bytes
+from tangram.store.hashing import BLOCK_BYTES, as_bytes, block_hashes, hash_bytes
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ def save(
     extra_files: Mapping[str, Path] | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    block_bytes: int = BLOCK_BYTES,
     progress: Any = None,
     **metadata: Any,
 ) -> CheckpointIndex:
@@ -109,10 +111,13 @@ def save(
     tensor in memory at a time). Tensors with equal identity (tied weights or
     equal content) are stored once and recorded as aliases. `extra_files` maps
     file names in the checkpoint to source files copied through (config,
-    tokenizer...). `progress(nbytes)` is called after each tensor. Keyword
-    `metadata` is stored in the index.
+    tokenizer...). Tensors larger than `block_bytes` also record the hash of
+    each block (loads verify those in parallel). `progress(nbytes)` is called
+    after each tensor. Keyword `metadata` is stored in the index.
     """
     dst = Path(path)
+    if block_bytes <= 0 or block_bytes % ALIGNMENT:
+        raise ValueError(f"block_bytes must be a positive multiple of {ALIGNMENT}, not {block_bytes}")
     if dst.exists() and not overwrite:
         raise DestinationExistsError(dst, "destination already exists (pass overwrite=True / --force to replace it)")
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -134,6 +139,7 @@ def save(
                 if entry.key in by_key:
                     aliases[name] = by_key[entry.key]
                 else:
+                    entry.blocks = block_hashes(data, block_bytes)
                     entry.file, entry.offset = shards.write(data)
                     tensors[name] = entry
                     by_key[entry.key] = name
@@ -146,7 +152,8 @@ def save(
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
         metadata.setdefault("created_by", f"tangram {__version__}")
-        index = CheckpointIndex(files=shards.files, tensors=tensors, aliases=aliases, metadata=metadata)
+        index = CheckpointIndex(files=shards.files, tensors=tensors, aliases=aliases, metadata=metadata,
+                                block_bytes=block_bytes)
         index_tmp = tmp / INDEX_FILE
         with open(index_tmp, "w") as fh:
             json.dump(index.model_dump(), fh, indent=1)
