@@ -56,6 +56,17 @@ def test_background_probe_uses_a_temporary_file_in_the_data_dir_and_removes_it(t
     assert not os.path.exists(path) and not list(data_dir().glob(".read-probe-*"))
 
 
+def test_a_benchmark_measures_now_what_a_server_would_measure_in_the_background(tmp_path, measured, monkeypatch):
+    ckpt = big_checkpoint(tmp_path / "c")
+    monkeypatch.setenv(probe_auto.ENV_PROBE, "off")
+    assert probe_auto.measure_pending([ckpt]) == [] and measured == []
+    monkeypatch.delenv(probe_auto.ENV_PROBE)
+    results = probe_auto.measure_pending([ckpt])  # synchronous: done when it returns
+    assert [r.config.label for r in results] == ["mmap/2x16MiB"]
+    assert measured == [(str(ckpt / "data-00000.bin"), 12 << 20)]
+    assert probe_auto.measure_pending([ckpt]) == [] and probe_auto.probe_in_background([ckpt]) is None  # known now
+
+
 def test_no_automatic_probe_when_turned_off_or_forced(tmp_path, measured, monkeypatch):
     ckpt = big_checkpoint(tmp_path / "c")
     monkeypatch.setenv(probe_auto.ENV_PROBE, "off")

@@ -122,15 +122,28 @@ def measure_filesystems(paths: Sequence[Path], *, temp_dir: Path | None = None, 
     return results
 
 
-def probe_in_background(checkpoints: Iterable[Path]) -> threading.Thread | None:
-    """At server start: measure, on a daemon thread, the filesystems of the data dir and of `checkpoints` that
-    have no answer yet; loads meanwhile use the default. None when there is nothing to do."""
+def _unmeasured(checkpoints: Iterable[Path]) -> list[Path] | None:
+    """`checkpoints` as paths when the probe is on and their filesystems or the data dir's lack an answer."""
     if not auto_enabled():
         return None
     paths = [Path(c) for c in checkpoints]
-    root = data_dir()
-    if not pending([root, *paths]):
+    return paths if pending([data_dir(), *paths]) else None
+
+
+def measure_pending(checkpoints: Iterable[Path]) -> list[ProbeResult]:
+    """Measure now what a server started with `checkpoints` would measure in the background (nothing when it is
+    known, or the probe is off): a benchmark calls this before it times anything."""
+    paths = _unmeasured(checkpoints)
+    return measure_filesystems(paths, temp_dir=data_dir()) if paths is not None else []
+
+
+def probe_in_background(checkpoints: Iterable[Path]) -> threading.Thread | None:
+    """At server start: measure, on a daemon thread, the filesystems of the data dir and of `checkpoints` that
+    have no answer yet; loads meanwhile use the default. None when there is nothing to do."""
+    paths = _unmeasured(checkpoints)
+    if paths is None:
         return None
+    root = data_dir()
 
     def run() -> None:
         try:
