@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -36,6 +38,26 @@ def test_a_job_runs_under_its_name_and_the_thread_is_kept_for_the_next():
     assert second.result(5) == ("job-b", ident)  # the same thread, under the new job's name
     assert _until(lambda: kept.idle() == 1)
     assert any(t.ident == ident and t.name == IDLE_NAME for t in threading.enumerate())
+
+
+def test_an_idle_kept_thread_holds_nothing_of_the_jobs_it_ran():
+    """Neither a new thread's first job nor a later one stays reachable from the idle thread: a load's closure
+    refers to its destinations and host cache (a kept thread that held its first job pinned a 6 GB DRAM tier
+    until it ended, and bench load ran out of memory)."""
+
+    class Job:
+        def __call__(self) -> int:
+            return 1
+
+    kept = KeptThreads(keep=2, idle_s=30)
+    for _ in range(2):  # the first job of a new thread, then a job handed to the kept thread
+        job = Job()
+        gone = weakref.ref(job)
+        assert kept.submit(job, "job").result(5) == 1
+        assert _until(lambda: kept.idle() == 1)
+        del job
+        gc.collect()
+        assert gone() is None
 
 
 def test_an_error_reaches_the_future_and_the_thread_survives():

@@ -42,10 +42,10 @@ class KeptThreads:
         job = (fn, future, name)
         with self._lock:
             slot = self._idle.pop() if self._idle else None
-        if slot is not None:
-            slot.put(job)
-        else:
-            threading.Thread(target=self._loop, args=(queue.SimpleQueue(), job), name=name, daemon=True).start()
+        if slot is None:  # a new thread: its first job goes through its slot too, never through Thread's args,
+            slot = queue.SimpleQueue()  # which keep it (and all it refers to) alive as long as the thread runs
+            threading.Thread(target=self._loop, args=(slot,), name=name, daemon=True).start()
+        slot.put(job)
         return future
 
     def idle(self) -> int:
@@ -53,8 +53,9 @@ class KeptThreads:
         with self._lock:
             return len(self._idle)
 
-    def _loop(self, slot: queue.SimpleQueue[_Job], job: _Job | None) -> None:
+    def _loop(self, slot: queue.SimpleQueue[_Job]) -> None:
         me = threading.current_thread()
+        job: _Job | None = slot.get()
         while job is not None:
             fn, future, name = job
             me.name = name
