@@ -169,9 +169,9 @@ class CheckpointIndex(BaseModel):
                 raise CorruptCheckpointError(
                     index_path, f"tensor {name!r} starts at offset {e.offset}, not aligned to {ALIGNMENT} bytes"
                 )
-            if e.blocks and len(e.blocks) != -(-e.nbytes // self.block_bytes):
+            if e.blocks and len(e.blocks) != (want := -(-e.nbytes // self.block_bytes)):
                 raise CorruptCheckpointError(index_path, f"tensor {name!r}: {len(e.blocks)} block hashes recorded, "
-                                             f"{-(-e.nbytes // self.block_bytes)} expected")
+                                             f"{want} expected")
             end = e.offset + e.nbytes
             size = self.files[e.file].size
             if end > size:

@@ -43,19 +43,16 @@ class _Span:
     start: int
     end: int
     expected: str
-    pos: int = 0  # bytes before this offset have been hashed
+    pos: int  # bytes before this offset have been hashed (starts at `start`)
     waiting: int = 0  # threads waiting for `pos` to move
     hasher: Any = field(default_factory=xxhash.xxh3_128)
-
-    def __post_init__(self) -> None:
-        self.pos = self.start
 
 
 def _spans(piece: Piece) -> list[_Span]:
     if piece.blocks:
         b = piece.block_bytes
-        return [_Span(k * b, min((k + 1) * b, piece.nbytes), h) for k, h in enumerate(piece.blocks)]
-    return [_Span(0, piece.nbytes, piece.hash)] if piece.hash is not None else []
+        return [_Span(k * b, min((k + 1) * b, piece.nbytes), h, k * b) for k, h in enumerate(piece.blocks)]
+    return [_Span(0, piece.nbytes, piece.hash, 0)] if piece.hash is not None else []
 
 
 class Feed:
@@ -166,13 +163,6 @@ class Landing:
 
     def release(self, piece: Piece, n: int, event: Any = None) -> list[Any] | None:
         """`n` more bytes of `piece` are in (hashed through its feed, when verified); returns as `arrived` does."""
-        return self._count(piece, n, event)
-
-    def arrived_unhashed(self, piece: Piece, nbytes: int, event: Any = None) -> list[Any] | None:
-        """Like `arrived` for bytes that need no check (host-cache hits, verified when cached)."""
-        return self._count(piece, nbytes, event)
-
-    def _count(self, piece: Piece, n: int, event: Any) -> list[Any] | None:
         key = id(piece)
         with self._cond:
             if event is not None:
@@ -181,6 +171,10 @@ class Landing:
             if self._left[key] > 0:
                 return None
             return self._events.pop(key, [])
+
+    def arrived_unhashed(self, piece: Piece, nbytes: int, event: Any = None) -> list[Any] | None:
+        """Like `arrived` for bytes that need no check (host-cache hits, verified when cached)."""
+        return self.release(piece, nbytes, event)
 
     def incomplete(self) -> list[str]:
         """Names of the pieces not yet whole (and verified): none once a load has delivered every byte."""
