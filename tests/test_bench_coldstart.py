@@ -83,7 +83,11 @@ def test_overlap_bound_is_two_when_nothing_contends_and_one_when_serialised():
     assert overlap_bound(0.09, 0.12) < 1.0  # running them together made both slower
 
 
-def test_small_run_end_to_end(tmp_path):
+def test_small_run_end_to_end(tmp_path, monkeypatch):
+    import tangram.bench.coldstart as bench_coldstart
+
+    asked: list[list] = []  # the read-speed probe runs before anything is timed, on every model's checkpoint
+    monkeypatch.setattr(bench_coldstart, "measure_pending", lambda paths: asked.append(list(paths)) or [])
     result = run_coldstart_bench(quick=True, json_path=tmp_path / "c.json", plot_dir=tmp_path / "plots",
                                  console=Console(quiet=True), progress=False, sizes=COLDSTART_SMALL,
                                  models=coldstart_models(), template_repeats=1, template_prompt=16,
@@ -108,3 +112,5 @@ def test_small_run_end_to_end(tmp_path):
     assert s["bytes_loaded"]["tangram"] <= s["bytes_loaded"]["sllm"]
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"ttft_cdf.png", "start_stages.png",
                                                                  "pool_occupancy.png"}
+    assert len(asked) == 1 and len(asked[0]) == len(coldstart_models())
+    assert result["config"]["read_probe_before_starts"] == []

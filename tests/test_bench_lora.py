@@ -17,7 +17,11 @@ SMALL = Sizes("small", adapters=3, rank=4, timed=2, pool_hits=3, big_rank=16, re
               prompt_tokens=6, max_tokens=4, repeats=1, big_repeats=2)
 
 
-def test_bench_lora_tiny(tmp_path):
+def test_bench_lora_tiny(tmp_path, monkeypatch):
+    import tangram.bench.lora as bench_lora
+
+    asked: list[list] = []  # the read-speed probe runs before the timed loads, on what they read
+    monkeypatch.setattr(bench_lora, "measure_pending", lambda paths: asked.append(list(paths)) or [])
     result = run_lora_bench(quick=True, json_path=tmp_path / "lora.json", workdir=tmp_path / "work", spec=TINY,
                             sizes=SMALL)
     summary = result["summary"]
@@ -38,3 +42,5 @@ def test_bench_lora_tiny(tmp_path):
     mixed = result["config"]["mixed_batch"]
     assert mixed["outputs_equal_one_adapter_per_batch"] == 4 and mixed["outputs_differ_from_base"] >= 1
     assert (tmp_path / "lora.json").is_file()
+    assert len(asked) == 1 and {p.name for p in asked[0][1:]} == {"r4-0", "r16-0"}
+    assert result["config"]["read_probe_before_loads"] == []

@@ -15,7 +15,9 @@ are exactly PEFT's; Tangram converts them at "deploy" (`store/adapter.py`). Per 
 The large adapter of full mode is timed `big_repeats` times per system, which system goes first alternating (a
 cold read's speed on the VM depends on what its disk read lately), medians. The timed part runs with the
 start-up heap frozen out of the garbage collector, as the server runs (`tangram.heap`), and the garbage of the
-previous state collected before each timed load, for both systems. Every load is checked: each module's A and B that Tangram bound equal PEFT's loaded ones, bit for bit. The
+previous state collected before each timed load, for both systems. The read-speed probe a server runs in the
+background at its start runs first, untimed (`probe_auto.measure_pending`; nothing when this machine's answer is
+kept): without it every cold load reads with the default configuration. Every load is checked: each module's A and B that Tangram bound equal PEFT's loaded ones, bit for bit. The
 mixed batch runs 16 greedy requests over 4 adapters in one engine, against the same 16 on the base; every
 output is checked against the same requests run one adapter per batch. The base computes in the dtype a
 deployment of it computes in on this machine (`resolve_model` with dtype "auto", the server's own resolution:
@@ -50,6 +52,7 @@ from tangram.store import Checkpoint, HostCache, Loader, convert
 from tangram.store.adapter import AdapterInfo, convert_adapter
 from tangram.store.format import INDEX_FILE
 from tangram.store.io import evict_from_page_cache
+from tangram.store.probe_auto import measure_pending
 from tangram.workload import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -339,6 +342,8 @@ def run_lora_bench(*, quick: bool, json_path: Path | None, console: Console | No
 
     peft_model = get_peft_model(model, LoraConfig(r=1, target_modules=["q_proj"]), autocast_adapter_dtype=False)
     served = Checkpoint(resolve_model(base.path, dtype="auto", device="cpu"))  # what a deployment would serve
+    # untimed, as a server's background probe would have by the time its adapters load (else: the default)
+    probed = [r.config.label for r in measure_pending([served.path, *(c for _, c in pairs[:1] + big)])]
     dtype = compute_dtype(e.torch_dtype for e in served.index.tensors.values())
     capacity = served.index.total_bytes + 8 * Checkpoint(pairs[0][1]).index.total_bytes + (512 << 20)
     # as in a server: no full collection over the start-up objects (torch, PEFT) inside a timed load
@@ -366,6 +371,7 @@ def run_lora_bench(*, quick: bool, json_path: Path | None, console: Console | No
                "mixed_batch_tokens_per_s_vs_base": ratio(mixed["mixed_tokens_per_s"], mixed["base_tokens_per_s"]),
                **vllm.get("summary", {})}
     config = {**asdict(sizes), "base": spec.name, "base_bytes": base.index.total_bytes, "compute_dtype": SHORT[dtype],
+              "read_probe_before_loads": probed,
               "targets": TARGETS,
               "mixed_batch": mixed, "mixed_batch_peft_default_targets": {**mixed_qv, "targets": PEFT_DEFAULT,
               "tokens_per_s_vs_base": ratio(mixed_qv["mixed_tokens_per_s"], mixed_qv["base_tokens_per_s"])}, "peer": "peft PeftModel.load_adapter (safetensors), the faster of "
