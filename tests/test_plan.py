@@ -138,19 +138,20 @@ def layouts(draw):
     return pieces
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(
     pieces=layouts(),
     chunk_blocks=st.integers(1, 6),
     max_gap=st.sampled_from([0, 100, A, 8 * A, 64 << 10]),
     max_segments=st.integers(3, 12),
     shuffle=st.randoms(use_true_random=False),
+    piece_cuts=st.booleans(),
 )
-def test_plan_property(pieces, chunk_blocks, max_gap, max_segments, shuffle):
+def test_plan_property(pieces, chunk_blocks, max_gap, max_segments, shuffle, piece_cuts):
     order = list(pieces)
     shuffle.shuffle(order)
     chunk = chunk_blocks * A
-    runs = plan_reads(order, chunk_bytes=chunk, max_gap=max_gap, max_segments=max_segments)
+    runs = plan_reads(order, chunk_bytes=chunk, max_gap=max_gap, max_segments=max_segments, piece_cuts=piece_cuts)
     for r in runs:
         assert r.offset % A == 0
         assert 0 < r.length <= chunk

@@ -126,17 +126,21 @@ def plan_copies(hits: list[tuple[Piece, torch.Tensor]], *, chunk_bytes: int = 16
 
 
 def _cut(run: ReadRun, chunk_bytes: int, max_segments: int, piece_cuts: bool = False) -> list[ReadRun]:
-    """Split one run into chunks of at most chunk_bytes (cuts on aligned file offsets)."""
+    """Split one run into chunks of at most chunk_bytes (cuts on aligned file offsets).
+
+    The current chunk's length and payload are running sums: a run of many small pieces (an adapter's hundreds
+    of tensors) would otherwise sum its segments again at every piece."""
     out: list[ReadRun] = []
     cur = ReadRun(run.file, run.offset)
     room = chunk_bytes
+    length = payload = 0  # of `cur`
     for seg in run.segments:
         start = 0
-        if (piece_cuts and seg.piece is not None and seg.length > room and cur.payload
-                and (cur.offset + cur.length) % ALIGNMENT == 0):
+        if (piece_cuts and seg.piece is not None and seg.length > room and payload
+                and (cur.offset + length) % ALIGNMENT == 0):
             out.append(cur)  # this piece starts the next chunk instead of straddling two
-            cur = ReadRun(run.file, cur.offset + cur.length)
-            room = chunk_bytes
+            cur = ReadRun(run.file, cur.offset + length)
+            room, length, payload = chunk_bytes, 0, 0
         while start < seg.length:
             take = min(seg.length - start, room)
             if take > 0:
@@ -145,16 +149,20 @@ def _cut(run: ReadRun, chunk_bytes: int, max_segments: int, piece_cuts: bool = F
                 )
                 start += take
                 room -= take
+                length += take
+                payload += take if seg.dest is not None else 0
             if room == 0 or len(cur.segments) >= max_segments:
-                nxt = cur.offset + cur.length
+                nxt = cur.offset + length
                 if nxt % ALIGNMENT:  # only reachable through max_segments: back off to an aligned cut
                     cur, carry = _split_aligned(cur)
                     out.append(cur)
                     cur = carry
+                    length, payload = carry.length, carry.payload
                 else:
                     out.append(cur)
                     cur = ReadRun(run.file, nxt)
-                room = chunk_bytes - cur.length
+                    length = payload = 0
+                room = chunk_bytes - length
     if cur.segments:
         out.append(cur)
     return out
