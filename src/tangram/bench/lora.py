@@ -17,9 +17,10 @@ cold read's speed on the VM depends on what its disk read lately), medians. The 
 start-up heap frozen out of the garbage collector, as the server runs (`tangram.heap`), and the garbage of the
 previous state collected before each timed load, for both systems. The read-speed probe a server runs in the
 background at its start runs first, untimed (`probe_auto.measure_pending`; nothing when this machine's answer is
-kept): without it every cold load reads with the default configuration. Every load is checked: each module's A and B that Tangram bound equal PEFT's loaded ones, bit for bit. The
-mixed batch runs 16 greedy requests over 4 adapters in one engine, against the same 16 on the base; every
-output is checked against the same requests run one adapter per batch. The base computes in the dtype a
+kept): without it every cold load reads with the default configuration. Every load is checked: each module's A
+and B that Tangram bound equal PEFT's loaded ones, bit for bit. The mixed batch runs 16 greedy requests over 4
+adapters in one engine, against the same 16 on the base; every output is checked against the same requests run
+one adapter per batch. The base computes in the dtype a
 deployment of it computes in on this machine (`resolve_model` with dtype "auto", the server's own resolution:
 bf16 on a CPU with native bf16 matmul, else an fp32 copy). Where a vLLM interpreter is found, the vllm
 backend's adapter loads are timed against plain vLLM's (`bench/lora_vllm.py`).
