@@ -17,6 +17,7 @@ import torch
 from tangram.store import probe
 from tangram.store.format import DTYPES
 from tangram.store.io import odirect_supported
+from tangram.store.verified import VERIFIED
 
 READ_METHODS = ("pread", "odirect", "mmap", "auto")
 
@@ -79,6 +80,7 @@ def tangram_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("tangram-home")
     _private_environment(monkeypatch, home)
     probe.forget()  # with TANGRAM_HOME already private: only this test's file can go
+    VERIFIED.forget()  # what an earlier test's loads verified is not this test's to trust
     yield home
     probe.forget_memo()  # not the file: at teardown another fixture may have restored the real TANGRAM_HOME
 

@@ -68,7 +68,7 @@ def test_summary_keys(result: tuple[dict, Path, str]) -> None:
     assert set(summary) == set(bench_load.SUMMARY_KEYS)
     for key in ("cold_vs_best_peer", "cold_vs_limit", "warm_vs_limit", "dram_speedup", "pool_speedup"):
         assert isinstance(summary[key], float) and summary[key] > 0, key
-    for key in ("verify_overhead_cold", "verify_overhead_warm"):  # with the hash check over without, minus 1
+    for key in ("verify_overhead_cold", "verify_overhead_warm", "rehash_overhead_cold", "rehash_overhead_warm"):
         assert isinstance(summary[key], float) and summary[key] > -1, key
 
 
@@ -76,15 +76,16 @@ def test_every_method_checked(result: tuple[dict, Path, str]) -> None:
     rows = result[0]["rows"]
     loaders = [r for r in rows if r["kind"] == "loader" and r["method"] != "broken_peer"]
     names = {r["method"] for r in loaders}
-    assert {"tangram", "tangram_noverify", "safetensors", "torch_mmap"} <= names
+    assert {"tangram", "tangram_noverify", "tangram_rehash", "safetensors", "torch_mmap"} <= names
     for r in loaders:
         assert r.get("error") is None, r
         assert r["checked"] is True and len(r["runs"]) == 1, r
     states = {(r["state"], r["method"]) for r in rows}
     assert {("cold", "tangram"), ("warm", "tangram"), ("dram", "tangram"), ("pool", "tangram")} <= states
-    assert {("cold", "tangram_noverify"), ("warm", "tangram_noverify")} <= states
+    assert {("cold", "tangram_noverify"), ("warm", "tangram_noverify"), ("warm", "tangram_rehash")} <= states
     settings = {r["method"]: r["settings"] for r in rows if r["state"] == "cold"}
     assert settings["tangram"]["verify"] is True and settings["tangram_noverify"]["verify"] is False
+    assert settings["tangram"]["reverify"] is False and settings["tangram_rehash"]["reverify"] is True
     assert {("cold", "raw_read"), ("warm", "memcpy")} <= states
     pool = [r for r in rows if r["state"] == "pool"]
     assert len(pool) == 1 and pool[0]["checked"] is True  # the re-bound pool tensors were hash-checked
@@ -121,10 +122,12 @@ def test_summary_verify_overhead_and_peers_exclude_tangram_rows():
                 "gbps": 1.0 / seconds}
 
     rows = [row("cold", "tangram", 0.5), row("cold", "tangram_noverify", 0.4), row("cold", "safetensors", 1.0),
-            row("warm", "tangram", 0.11), row("warm", "tangram_noverify", 0.1)]
+            row("warm", "tangram", 0.11), row("warm", "tangram_noverify", 0.1), row("warm", "tangram_rehash", 0.2),
+            row("cold", "tangram_rehash", 0.3)]
     s = bench_load.model_summary(rows, "m")
-    assert s["cold_vs_best_peer"] == 2.0  # the loader without its check is Tangram, not a peer
+    assert s["cold_vs_best_peer"] == 2.0  # the loaders without / with every check are Tangram, not peers
     assert abs(s["verify_overhead_cold"] - 0.25) < 1e-9 and abs(s["verify_overhead_warm"] - 0.1) < 1e-9
+    assert abs(s["rehash_overhead_warm"] - 1.0) < 1e-9 and abs(s["rehash_overhead_cold"] + 0.25) < 1e-9
     assert bench_load.model_summary(rows[:1], "m")["verify_overhead_cold"] is None
 
 

@@ -9,9 +9,12 @@ the checkpoint); limits `raw_read` (best plain cold read of the same bytes) and
 `memcpy` (plain host copy of the same bytes), plus `h2d_pinned` on CUDA.
 Repeats are repeat-major, the method order rotated each repeat, so drift on a
 shared machine hits every method alike; numbers are medians. Tangram's loader
-checks every tensor it reads against its hash; the row `tangram_noverify` runs
-it without that check, in the same run, and `verify_overhead_cold` /
-`verify_overhead_warm` are its time with the check over the time without, minus 1.
+checks every tensor it reads against its hash, except bytes this process
+verified before in a file unchanged since (store/verified.py: the row `tangram`,
+as a long-lived server loads); the row `tangram_rehash` hashes every read (a
+process's first load of a file), `tangram_noverify` none, all in the same run.
+`verify_overhead_*` / `rehash_overhead_*` (cold, warm) are the time of `tangram` /
+`tangram_rehash` over the time of `tangram_noverify`, minus 1.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ QUICK_MODELS = ("qwen2-0.5b-2l",)
 FULL_REPEATS = 5
 QUICK_REPEATS = 3
 SUMMARY_KEYS = ("cold_vs_best_peer", "cold_vs_limit", "warm_vs_limit", "pool_speedup", "dram_speedup",
-                "verify_overhead_cold", "verify_overhead_warm")
+                "verify_overhead_cold", "verify_overhead_warm", "rehash_overhead_cold", "rehash_overhead_warm")
 PEER_PACKAGES = ("safetensors", "fastsafetensors", "runai-model-streamer", "tensorizer", "transformers")
 
 
@@ -271,12 +274,15 @@ def model_summary(rows: list[dict[str, Any]], model: str) -> dict[str, Any]:
         "dram_speedup": ratio(t_cold["seconds"] if t_cold else None, t_dram["seconds"] if t_dram else None),
         "verify_overhead_cold": _overhead(rows, model, "cold"),
         "verify_overhead_warm": _overhead(rows, model, "warm"),
+        "rehash_overhead_cold": _overhead(rows, model, "cold", "tangram_rehash"),
+        "rehash_overhead_warm": _overhead(rows, model, "warm", "tangram_rehash"),
     }
 
 
-def _overhead(rows: list[dict[str, Any]], model: str, state: str) -> float | None:
-    """Time of Tangram's loader with its hash check over the time without it, minus 1 (same run, medians)."""
-    on, off = _find(rows, model, state, "tangram"), _find(rows, model, state, "tangram_noverify")
+def _overhead(rows: list[dict[str, Any]], model: str, state: str, method: str = "tangram") -> float | None:
+    """Time of Tangram's loader as `method` checks hashes over its time without the check, minus 1 (same run,
+    medians)."""
+    on, off = _find(rows, model, state, method), _find(rows, model, state, "tangram_noverify")
     r = ratio(on["seconds"] if on else None, off["seconds"] if off else None)
     return None if r is None else r - 1.0
 

@@ -154,16 +154,22 @@ class TangramMethod(Method):
     """Tangram's Loader with its defaults (read method, threads and chunk size measured by the store's probe).
 
     `verify=False` (row `tangram_noverify`) turns off the hash check of the bytes read, to measure its cost.
+    The default row, like a long-lived server, does not hash again what this process verified before in an
+    unchanged file (store/verified.py); `reverify=True` (row `tangram_rehash`) hashes every read, as a process
+    loading a file for the first time does.
     """
 
-    def __init__(self, cache: bool = False, verify: bool = True) -> None:
-        super().__init__("tangram" if verify else "tangram_noverify", "tangram")
-        self.verify = verify
-        self.loader = Loader(verify=verify)
+    def __init__(self, cache: bool = False, verify: bool = True, reverify: bool | None = None) -> None:
+        super().__init__("tangram_rehash" if reverify else "tangram" if verify else "tangram_noverify", "tangram")
+        self.verify, self.reverify = verify, reverify
+        self.loader = self._new_loader()
         self.cached = cache
         self.cache: HostCache | None = None  # the DRAM tier, filled by `prepare`
         self.settings = {"threads": self.loader.threads, "chunk_bytes": self.loader.chunk_bytes, "method": None,
-                         "verify": verify}
+                         "verify": verify, "reverify": self.loader.reverify}
+
+    def _new_loader(self, cache: HostCache | None = None) -> Loader:
+        return Loader(cache=cache, verify=self.verify, reverify=self.reverify)
 
     def prepare(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
         opened = Checkpoint(ckpt.tangram_dir)
@@ -180,7 +186,7 @@ class TangramMethod(Method):
             self.settings.update(method=cfg.method.value, threads=cfg.threads, chunk_bytes=cfg.chunk_bytes)
         if self.cached:
             self.cache = HostCache(opened.index.total_bytes + (64 << 20))
-            self.loader = Loader(cache=self.cache, verify=self.verify)
+            self.loader = self._new_loader(self.cache)
             self.loader.load_into(opened, target.views)
             self.cache.wait_idle()
             missing = [n for n, e in opened.index.tensors.items() if e.hash not in self.cache]
@@ -197,7 +203,7 @@ class TangramMethod(Method):
     def release(self) -> None:
         if self.cached:  # drop the DRAM tier: the loader holding it goes too
             self.cache = None
-            self.loader = Loader(verify=self.verify)
+            self.loader = self._new_loader()
 
 
 class SafetensorsMethod(Method):
@@ -349,8 +355,8 @@ class PoolMethod(Method):
 def loader_methods(formats: list[str]) -> tuple[list[Method], dict[str, str]]:
     """Tangram and every importable peer whose file format was generated; plus the skipped ones with reasons."""
     candidates: list[Method] = [
-        TangramMethod(), TangramMethod(verify=False), SafetensorsMethod(), TorchMmapMethod(), FastSafetensorsMethod(), RunaiMethod(),
-        TensorizerMethod(),
+        TangramMethod(), TangramMethod(verify=False), TangramMethod(reverify=True), SafetensorsMethod(),
+        TorchMmapMethod(), FastSafetensorsMethod(), RunaiMethod(), TensorizerMethod(),
     ]
     methods: list[Method] = []
     skipped: dict[str, str] = {}

@@ -29,6 +29,7 @@ from tangram.store.execute import ReadConfig, StagingRing, execute
 from tangram.store.format import Checkpoint
 from tangram.store.io import ReadMethod
 from tangram.store.plan import CopyRun, Piece, ReadRun, ordered_groups, plan_copies, plan_reads
+from tangram.store.verified import VERIFIED, FileStamp, Range, VerifiedRanges, reverify_default
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class LoadStats:
     bytes_from_disk: int = 0
     bytes_from_cache: int = 0
     bytes_padding: int = 0
+    bytes_known: int = 0  # of bytes_from_disk: not hashed again (verified before, file unchanged: verified.py)
     reads: int = 0
     seconds: float = 0.0
     method: str = ""
@@ -67,12 +69,18 @@ class Loader:
         cache: HostCache | None = None,
         staging_buffers: int | None = None,
         verify: bool = True,
+        reverify: bool | None = None,
+        verified: VerifiedRanges = VERIFIED,
     ) -> None:
         """Unset `threads`, `method`, `chunk_bytes` come from the per-filesystem measurement (probe.py).
 
         `verify`: check the bytes read from disk against the index hashes (the default; off only to measure
-        what the check costs)."""
+        what the check costs). Bytes this process verified before, in a file unchanged since, are not hashed
+        again (`verified`: the process's memory, store/verified.py); `reverify` (default: TANGRAM_REVERIFY)
+        hashes them anyway."""
         self.verify = verify
+        self.reverify = reverify_default() if reverify is None else reverify
+        self.verified = verified
         self.threads = threads
         self.method = ReadMethod(method) if method is not None else None
         self.chunk_bytes = chunk_bytes
@@ -110,7 +118,8 @@ class Loader:
 
         `verify` (default: this loader's `verify`, on unless turned off) checks
         every tensor read from disk against its index hash as its bytes land,
-        on the reader threads; a mismatch raises HashMismatchError naming the
+        on the reader threads (bytes this process verified before, in a file
+        unchanged since, are not hashed again unless `reverify`: verified.py); a mismatch raises HashMismatchError naming the
         file and the tensor, and that tensor is never reported landed. Host-cache
         hits were verified when cached. Only the named tensors are read.
         `order`: groups of names to load one group after the other (a
@@ -129,6 +138,8 @@ class Loader:
             raise ValueError(f"destinations span several devices: {sorted(map(str, devices))}")
         device = devices.pop() if devices else torch.device("cpu")
         groups = ordered_groups(list(dests), order)
+        memo = verify and not self.reverify
+        stamps: dict[int, FileStamp | None] = {}  # stat'ed before the read, compared after it (None: unreadable)
         pieces: list[list[Piece]] = [[] for _ in groups]
         hits: list[list[tuple[Piece, torch.Tensor]]] = [[] for _ in groups]
         empty: list[str] = []
@@ -144,13 +155,20 @@ class Loader:
                     empty.append(name)
                     continue
                 cached = self.cache.get(entry.hash) if self.cache is not None else None
-                piece = Piece(name, entry.file, entry.offset, entry.nbytes, dest, entry.hash if verify else None,
-                              tuple(entry.blocks) if verify else (), index.block_bytes)
+                check = verify
+                if memo and cached is None:
+                    if entry.file not in stamps:
+                        stamps[entry.file] = _stamp(ckpt.file_path(entry.file))
+                    stamp = stamps[entry.file]
+                    check = stamp is None or not self.verified.known(stamp, Range(entry.offset, entry.nbytes, entry.hash))
+                piece = Piece(name, entry.file, entry.offset, entry.nbytes, dest, entry.hash if check else None,
+                              tuple(entry.blocks) if check else (), index.block_bytes)
                 if cached is not None and cached.numel() == entry.nbytes:
                     hits[g].append((replace(piece, hash=None, blocks=()), cached))
                     stats.bytes_from_cache += entry.nbytes
                 else:
                     pieces[g].append(piece)
+                    stats.bytes_known += 0 if check or not verify else entry.nbytes
         stats.tensors = len(dests)
         disk = [p for group in pieces for p in group]
         config = self.config(ckpt.file_path(disk[0].file), sum(p.nbytes for p in disk)) if disk else probe.DEFAULT
@@ -173,11 +191,23 @@ class Loader:
             execute(tasks, paths, config, device, staging=lambda: self._ring(config), progress=progress,
                     landed=(lambda piece: landed(piece.name)) if landed is not None else None,
                     through_bounce=through_bounce)
+        if memo:
+            self._remember(ckpt, stamps, [p for p in disk if p.hash is not None])
         if self.cache is not None and disk:
             self.cache.fill_behind((index.tensors[index.resolve(p.name)].hash, p.dest) for p in disk)
         stats.seconds = time.perf_counter() - start
         log.debug("loaded %s: %s", ckpt.path, stats)
         return stats
+
+    def _remember(self, ckpt: Checkpoint, before: Mapping[int, FileStamp | None], hashed: list[Piece]) -> None:
+        """Record the ranges a load just verified, per data file, if the file did not change while it read."""
+        by_file: dict[int, list[Range]] = {}
+        for p in hashed:
+            by_file.setdefault(p.file, []).append(Range(p.offset, p.nbytes, p.hash))  # type: ignore[arg-type]
+        for f, ranges in by_file.items():
+            first, after = before.get(f), _stamp(ckpt.file_path(f))
+            if first is not None and after is not None:
+                self.verified.record(first, after, ranges)
 
     def load(
         self,
@@ -204,6 +234,14 @@ class Loader:
         self.last_stats = self.load_into(ckpt, dests, verify=verify, progress=progress)
         typed = {s: typed_view(dests[s], index.tensors[s].torch_dtype, index.tensors[s].shape) for s in stored}
         return {n: typed[index.resolve(n)] for n in wanted}
+
+
+def _stamp(path: Path) -> FileStamp | None:
+    """The file's stamp, None when it cannot be stat'ed (the read then fails with its own clear error)."""
+    try:
+        return FileStamp.of(path)
+    except OSError:
+        return None
 
 
 def typed_view(raw: torch.Tensor, dtype: torch.dtype, shape: list[int] | tuple[int, ...]) -> torch.Tensor:
