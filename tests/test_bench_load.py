@@ -87,6 +87,8 @@ def test_every_method_checked(result: tuple[dict, Path, str]) -> None:
     assert settings["tangram"]["verify"] is True and settings["tangram_noverify"]["verify"] is False
     assert settings["tangram"]["reverify"] is False and settings["tangram_rehash"]["reverify"] is True
     assert {("cold", "raw_read"), ("warm", "memcpy")} <= states
+    warm_loaders = [r for r in loaders if r["state"] == "warm"]
+    assert warm_loaders and all(0.0 <= r["resident_min"] <= 1.0 for r in warm_loaders)  # measured before each run
     pool = [r for r in rows if r["state"] == "pool"]
     assert len(pool) == 1 and pool[0]["checked"] is True  # the re-bound pool tensors were hash-checked
 

@@ -171,3 +171,13 @@ def test_auto_maps_each_file_once_per_load_not_once_per_chunk(tmp_path, monkeypa
     got = Loader(method="auto", threads=2, chunk_bytes=4 * ALIGNMENT).load(tmp_path / "c")
     assert all(torch.equal(got[n], t) for n, t in state.items())
     assert len(made) == 1  # 20 chunks, one data file
+
+
+def test_resident_fraction_sees_a_populated_file_whole_and_an_evicted_one_gone(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(4 << 20))
+    io.populate_page_cache(path)
+    assert io.resident_fraction(path) == 1.0
+    if io.odirect_supported(path):  # a disk-backed filesystem: its pages can be dropped (tmpfs keeps them)
+        io.evict_from_page_cache(path)
+        assert io.resident_fraction(path) < 0.5

@@ -7,8 +7,10 @@ files evicted with POSIX_FADV_DONTNEED before each run), `warm` (files read
 through the page cache just before each run), `dram` (Tangram's host cache holds
 the checkpoint); limits `raw_read` (best plain cold read of the same bytes) and
 `memcpy` (plain host copy of the same bytes), plus `h2d_pinned` on CUDA.
-Repeats are repeat-major, the method order rotated each repeat, so drift on a
-shared machine hits every method alike; numbers are medians. Tangram's loader
+Repeats are repeat-major, the method order shuffled each repeat (seeded), so drift
+on a shared machine hits every method alike and no method always runs right after
+the same one; numbers are medians. Warm rows record the smallest page-cache
+residency of the method's files seen just before a timed run (`resident_min`). Tangram's loader
 checks every tensor it reads against its hash, except bytes this process
 verified before in a file unchanged since (store/verified.py: the row `tangram`,
 as a long-lived server loads); the row `tangram_rehash` hashes every read (a
@@ -22,6 +24,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import random
 import time
 import traceback
 from collections.abc import Sequence
@@ -41,7 +44,7 @@ from tangram.bench.synthetic import MODELS, SyntheticCheckpoint, ensure_checkpoi
 from tangram.paths import data_dir
 from tangram.store import Checkpoint
 from tangram.store.format import align_up
-from tangram.store.io import evict_from_page_cache, odirect_supported, populate_page_cache
+from tangram.store.io import evict_from_page_cache, odirect_supported, populate_page_cache, resident_fraction
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ class _Series:
     def __init__(self, model: str, state: str, method: Method, nbytes: int) -> None:
         self.model, self.state, self.method, self.nbytes = model, state, method, nbytes
         self.runs: list[float] = []
+        self.resident: list[float] = []  # warm: the files' page-cache residency before each run
         self.error: str | None = None
         self.checked: bool | None = True if method.kind == "loader" else None
 
@@ -71,6 +75,8 @@ class _Series:
             "runs": [round(r, 6) for r in self.runs], "checked": self.checked if not self.error else False,
             "settings": dict(self.method.settings),
         }
+        if self.resident:
+            row["resident_min"] = round(min(self.resident), 4)
         if self.error:
             row["error"] = self.error
         return row
@@ -90,6 +96,7 @@ def _timed(series: _Series, ckpt: SyntheticCheckpoint, target: Target) -> None:
         elif series.state == "warm" and m.kind == "loader":
             for p in m.files(ckpt):
                 populate_page_cache(p)
+            series.resident.append(min((resident_fraction(p) for p in m.files(ckpt)), default=1.0))
         gc.collect()
         gc.disable()
         try:
@@ -160,8 +167,9 @@ def _bench_model(
                 for s in own:
                     bar.describe(f"{ckpt.name}: {s.state} {s.method.name}: set up ({rep + 1}/{repeats})")
                     _prepare(s, ckpt, target, [])
-                k = rep % len(phase) if phase else 0
-                for s in phase[k:] + phase[:k]:  # rotate the order each repeat
+                order = list(phase)
+                random.Random(f"{ckpt.name}/{rep}/{len(phase)}").shuffle(order)  # no fixed predecessor
+                for s in order:
                     bar.describe(f"{ckpt.name}: {s.state} {s.method.name} ({rep + 1}/{repeats})")
                     _timed(s, ckpt, target)
                     bar.advance()
