@@ -89,6 +89,8 @@ def test_every_method_checked(result: tuple[dict, Path, str]) -> None:
     assert {("cold", "raw_read"), ("warm", "memcpy")} <= states
     warm_loaders = [r for r in loaders if r["state"] == "warm"]
     assert warm_loaders and all(0.0 <= r["resident_min"] <= 1.0 for r in warm_loaders)  # measured before each run
+    assert all(len(r["resident"]) == len(r["runs"]) and min(r["resident"]) == r["resident_min"]
+               for r in warm_loaders if not r.get("error"))
     pool = [r for r in rows if r["state"] == "pool"]
     assert len(pool) == 1 and pool[0]["checked"] is True  # the re-bound pool tensors were hash-checked
 
@@ -175,3 +177,22 @@ def test_phase_buffers_live_only_during_their_phase(tmp_path: Path, monkeypatch:
         ("dram", "tangram"), ("pool", "tangram"), ("warm", "memcpy"), ("cold", "tangram"), ("warm", "tangram")}
     assert len(alive_during) > 10
     assert all(alive == [] for _, _, alive in alive_during), [a for a in alive_during if a[2]]
+
+
+def test_make_warm_leaves_only_the_methods_files_cached(tmp_path: Path) -> None:
+    from tangram.bench.load_state import make_cold, make_warm
+    from tangram.store.io import populate_page_cache, resident_fraction
+
+    ckpt = ensure_checkpoint(MODELS["tiny-qwen2"], tmp_path)
+    everything = [p for f in ckpt.formats for p in ckpt.files(f)]
+    assert len(ckpt.formats) >= 2
+    make_cold(everything)
+    if max(resident_fraction(p) for p in everything) > 0.5:
+        pytest.skip("this filesystem keeps evicted pages (tmpfs?)")
+    for p in everything:
+        populate_page_cache(p)
+    mine = ckpt.files("tangram")
+    make_warm(mine, ckpt)
+    assert all(resident_fraction(p) == 1.0 for p in mine)
+    others = [p for p in everything if p not in mine]
+    assert others and all(resident_fraction(p) < 0.5 for p in others)  # the kernel's LRU keeps no stale file

@@ -4,7 +4,8 @@ Protocol (see docs/benchmarks.md, "bench load"): synthetic checkpoints with real
 shapes; every loader fills the same pre-touched device buffer and is checked
 against the index hashes outside the timed region; states `cold` (the method's
 files evicted with POSIX_FADV_DONTNEED before each run), `warm` (files read
-through the page cache just before each run), `dram` (Tangram's host cache holds
+through the page cache just before each run, the checkpoint's other files evicted first so that
+the kernel's LRU cannot drop the fresh pages), `dram` (Tangram's host cache holds
 the checkpoint); limits `raw_read` (best plain cold read of the same bytes) and
 `memcpy` (plain host copy of the same bytes), plus `h2d_pinned` on CUDA.
 Repeats are repeat-major, the method order shuffled each repeat (seeded), so drift
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import random
 import time
 import traceback
@@ -39,12 +39,12 @@ from tangram.bench.common import (
     resolve_device, result_doc, step_progress, write_result,
 )
 from tangram.bench.limits import H2DPinned, Limit, Memcpy, RawRead, raw_read_variants
+from tangram.bench.load_state import make_cold, make_warm, memory_budget
 from tangram.bench.load_methods import Method, PoolMethod, TangramMethod, Target, loader_methods
 from tangram.bench.synthetic import MODELS, SyntheticCheckpoint, ensure_checkpoint
 from tangram.paths import data_dir
 from tangram.store import Checkpoint
-from tangram.store.format import align_up
-from tangram.store.io import evict_from_page_cache, odirect_supported, populate_page_cache, resident_fraction
+from tangram.store.io import odirect_supported, resident_fraction
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class _Series:
         }
         if self.resident:
             row["resident_min"] = round(min(self.resident), 4)
+            row["resident"] = [round(r, 4) for r in self.resident]
         if self.error:
             row["error"] = self.error
         return row
@@ -91,11 +92,9 @@ def _timed(series: _Series, ckpt: SyntheticCheckpoint, target: Target) -> None:
         if m.kind == "loader":
             target.clear()
         if series.state == "cold":
-            for p in m.files(ckpt):
-                evict_from_page_cache(p)
+            make_cold(m.files(ckpt))
         elif series.state == "warm" and m.kind == "loader":
-            for p in m.files(ckpt):
-                populate_page_cache(p)
+            make_warm(m.files(ckpt), ckpt)
             series.resident.append(min((resident_fraction(p) for p in m.files(ckpt)), default=1.0))
         gc.collect()
         gc.disable()
@@ -215,41 +214,6 @@ def _prepare(s: _Series, ckpt: SyntheticCheckpoint, target: Target, warm: list[_
                 w.error = s.error
 
 
-def memory_budget(ckpt: SyntheticCheckpoint, target: Target, raws: Sequence[RawRead], nbytes: int) -> dict[str, Any]:
-    """Bytes each phase of this model's runs holds at once, its peak, and the machine's memory.
-
-    The target lives through every phase; the DRAM tier, the pool arena and the memcpy source only in
-    their own phase; a warm run needs its largest file in the page cache; a peer makes its own host copy.
-    """
-    scratch = [r.scratch for r in raws if r.scratch is not None]
-    own_scratch = sum({id(t): t.numel() for t in scratch if t.data_ptr() != target.buffer.data_ptr()}.values())
-    parts = {
-        "target": target.buffer.numel(),
-        "dram_tier": nbytes + (64 << 20),
-        "pool": sum(align_up(e.nbytes, 4096) for e in Checkpoint(ckpt.tangram_dir).index.tensors.values()) + (1 << 20),
-        "raw_read_scratch": own_scratch,
-        "memcpy_source": nbytes,
-        "page_cache_file": max(sum(p.stat().st_size for p in ckpt.files(f)) for f in ckpt.formats),
-        "peer_host_copy": nbytes,
-    }
-    t = parts["target"]
-    phases = {
-        "cold": t + parts["raw_read_scratch"] + parts["peer_host_copy"],
-        "warm": t + parts["page_cache_file"] + parts["peer_host_copy"],
-        "dram": t + parts["dram_tier"],
-        "pool": t + parts["pool"],
-        "memcpy": t + parts["memcpy_source"],
-    }
-    return {**parts, "phases": phases, "peak": max(phases.values()), "machine": _mem_total()}
-
-
-def _mem_total() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return 0
-
-
 def _best_raw(raw_s: list[_Series]) -> _Series | None:
     ok = [s for s in raw_s if s.runs and not s.error]
     return min(ok, key=lambda s: median(s.runs) or float("inf")) if ok else None
@@ -346,9 +310,9 @@ def run_load_bench(
         "mode": "quick" if quick else "full", "device": str(dev), "repeats": n_rep, "models": [],
         "states": ["cold", "warm", "dram", "pool"],
         "pool": "re-acquire of a released model from Tangram's device pool (tensors retained: a re-bind)",
-        "order": "repeat-major; methods rotated each repeat; medians",
+        "order": "repeat-major; methods shuffled each repeat (seeded); medians",
         "cold": "posix_fadvise(DONTNEED) of the method's files before each run",
-        "warm": "the method's files read through the page cache before each run",
+        "warm": "the method's files read through the page cache before each run, the other formats' evicted first",
         "check": "xxh3-128 of every tensor in the device buffer against the index, after every run (untimed)",
         "versions": package_versions(PEER_PACKAGES), "workdir": str(root),
     }
