@@ -196,3 +196,33 @@ def test_make_warm_leaves_only_the_methods_files_cached(tmp_path: Path) -> None:
     assert all(resident_fraction(p) == 1.0 for p in mine)
     others = [p for p in everything if p not in mine]
     assert others and all(resident_fraction(p) < 0.5 for p in others)  # the kernel's LRU keeps no stale file
+
+
+def test_every_timed_warm_run_follows_a_run_of_its_own_method(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tangram.bench.load_methods import SafetensorsMethod
+
+    monkeypatch.setenv("TANGRAM_HOME", str(tmp_path / "home"))
+    calls: list[tuple[str, str]] = []  # (what ran, which series was being timed)
+    timing: list[str] = [""]
+
+    class Recording(SafetensorsMethod):
+        def run(self, ckpt: SyntheticCheckpoint, target: Target) -> None:
+            calls.append((self.name, timing[0]))
+            super().run(ckpt, target)
+
+    real_timed = bench_load._timed
+
+    def timed(series, ckpt, target):
+        timing[0] = f"{series.state}/{series.method.name}"
+        real_timed(series, ckpt, target)
+
+    monkeypatch.setattr(bench_load, "loader_methods", lambda formats: ([Recording()], {}))
+    monkeypatch.setattr(bench_load, "_timed", timed)
+    doc = bench_load.run_load_bench(quick=True, json_path=None, device="cpu", workdir=tmp_path / "work",
+                                    console=Console(file=io.StringIO()), models=["tiny-qwen2"], repeats=2,
+                                    progress=False)
+    warm = [r for r in doc["rows"] if r["state"] == "warm" and r["method"] == "safetensors"]
+    assert warm and warm[0]["checked"] and len(warm[0]["runs"]) == 2
+    runs_in_warm = [c for c in calls if c == ("safetensors", "warm/safetensors")]
+    runs_in_cold = [c for c in calls if c == ("safetensors", "cold/safetensors")]
+    assert len(runs_in_warm) == 4 and len(runs_in_cold) == 2  # warm: a lead-in run before each timed one
