@@ -44,3 +44,4 @@ def test_bench_lora_tiny(tmp_path, monkeypatch):
     assert (tmp_path / "lora.json").is_file()
     assert len(asked) == 1 and {p.name for p in asked[0][1:]} == {"r4-0", "r16-0"}
     assert result["config"]["read_probe_before_loads"] == []
+    assert result["config"]["tangram_hashes_every_read"] is True

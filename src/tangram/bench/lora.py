@@ -17,7 +17,8 @@ cold read's speed on the VM depends on what its disk read lately), medians. The 
 start-up heap frozen out of the garbage collector, as the server runs (`tangram.heap`), and the garbage of the
 previous state collected before each timed load, for both systems. The read-speed probe a server runs in the
 background at its start runs first, untimed (`probe_auto.measure_pending`; nothing when this machine's answer is
-kept): without it every cold load reads with the default configuration. Every load is checked: each module's A
+kept): without it every cold load reads with the default configuration. Tangram's loader hashes every byte it
+reads in every round (`reverify`, as a process's first load of an adapter). Every load is checked: each module's A
 and B that Tangram bound equal PEFT's loaded ones, bit for bit. The mixed batch runs 16 greedy requests over 4
 adapters in one engine, against the same 16 on the base; every output is checked against the same requests run
 one adapter per batch. The base computes in the dtype a
@@ -57,6 +58,7 @@ from tangram.store.probe_auto import measure_pending
 from tangram.workload import ModelSpec
 
 log = logging.getLogger(__name__)
+REHASH = True  # Tangram's loader hashes every read in every round (Loader(reverify=...))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOUCH_WAIT_S = 60.0  # at most, for a fresh pool's arena to be written (1.2 GB at 0.55 GB/s: 2.2 s here)
 PEFT_DEFAULT = ["q_proj", "v_proj"]  # PEFT's default target_modules for Qwen2 and Llama
@@ -256,7 +258,9 @@ def load_rows(inst: Instance, peft_model: Any, pairs: list[tuple[Path, Path]], s
         ourses: list[dict[str, float]] = []
         for rep in range(repeats):
             last = rep == repeats - 1
-            loader = Loader(cache=HostCache(2 * Checkpoint(conv).index.total_bytes + (64 << 20)))  # empty: cold
+            # Empty cache: cold. reverify: every round hashes what it reads, as a process's first load of an
+            # adapter does (later rounds of the same file would otherwise skip it: store/verified.py).
+            loader = Loader(cache=HostCache(2 * Checkpoint(conv).index.total_bytes + (64 << 20)), reverify=REHASH)
             for system in (("peft", "tangram") if rep % 2 == 0 else ("tangram", "peft")):
                 if system == "peft":
                     peers.append(_peft_states(peft_model, src, name))
@@ -372,7 +376,7 @@ def run_lora_bench(*, quick: bool, json_path: Path | None, console: Console | No
                "mixed_batch_tokens_per_s_vs_base": ratio(mixed["mixed_tokens_per_s"], mixed["base_tokens_per_s"]),
                **vllm.get("summary", {})}
     config = {**asdict(sizes), "base": spec.name, "base_bytes": base.index.total_bytes, "compute_dtype": SHORT[dtype],
-              "read_probe_before_loads": probed,
+              "read_probe_before_loads": probed, "tangram_hashes_every_read": REHASH,
               "targets": TARGETS,
               "mixed_batch": mixed, "mixed_batch_peft_default_targets": {**mixed_qv, "targets": PEFT_DEFAULT,
               "tokens_per_s_vs_base": ratio(mixed_qv["mixed_tokens_per_s"], mixed_qv["base_tokens_per_s"])}, "peer": "peft PeftModel.load_adapter (safetensors), the faster of "
