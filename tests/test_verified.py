@@ -100,9 +100,10 @@ def hashed(monkeypatch):
 @pytest.mark.parametrize("method", READ_METHODS)
 def test_a_second_load_of_an_unchanged_file_hashes_nothing(ckpt, hashed, method):
     path, state = ckpt
-    skip_if_no_odirect(method, path / read_index(path).files[0].name)  # a data file: a directory never reads
+    index = read_index(path)
+    skip_if_no_odirect(method, path / index.files[0].name)  # a data file: a directory never reads
     loader = Loader(method=method, threads=2, chunk_bytes=16 << 10, verified=settled())
-    total = read_index(path).total_bytes
+    total = index.total_bytes
     assert_state_equal(loader.load(path), state)
     assert hashed[0] == total and loader.last_stats.bytes_known == 0
     hashed[0] = 0
