@@ -6,24 +6,22 @@ server process on the SmolLM2-135M demo weights (Tangram's checkpoint; vLLM
 loads the Hugging Face directory beside it, the same weights), warmed with one
 chat, then a client process (serve_client) plays N concurrent streaming chats
 of `max_tokens` tokens each (ignore_eos, temperature 0) for every N, and in the
-default row a burst of many short chats. Never two servers at once; per row
-the system that goes first alternates. vLLM is optional (serve_peer). In quick
+default row a burst of many short chats. Tangram's and vLLM's servers of a row
+are up together and their runs alternate; Tangram on the vllm backend runs
+alone (serve_session); per row which goes first alternates. vLLM is optional
+(serve_peer). In quick
 mode a system's default that is identical to an explicit row here (the same
 weights, the same dtype in effect) is measured once, as that row.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 from rich.console import Console
 
@@ -31,12 +29,9 @@ from tangram.bench.common import (
     Column, fmt_num, median, print_summary, print_table, ratio, result_doc, step_progress, write_result,
 )
 from tangram.bench.serve_client import PROMPT
-from tangram.bench.serve_vllm import drop_cached, start_phase, vllm_backend_summary
-from tangram.bench.serve_peer import (
-    KV_CACHE_BYTES, MODEL_NAME, ServerProcess, VllmFound, find_vllm_python, tangram_served, tangram_server,
-    vllm_served, vllm_server,
-)
-from tangram.store import Checkpoint
+from tangram.bench.serve_peer import KV_CACHE_BYTES, VllmFound, find_vllm_python
+from tangram.bench.serve_session import measure_group, row_groups, start_server
+from tangram.bench.serve_vllm import vllm_backend_summary
 from tangram.store.probe_auto import measure_pending
 from tangram.workload import percentile
 
@@ -45,7 +40,6 @@ log = logging.getLogger(__name__)
 SYSTEMS = ("tangram", "vllm", "tangram-vllm")  # tangram-vllm: Tangram's server on the vllm backend
 DTYPE_ROWS = ("float32", "bfloat16", "default")
 SAME_DTYPE_ROWS = ("float32", "bfloat16")  # the rows the throughput ratios compare
-CLIENT_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -233,56 +227,6 @@ def summarize(rows: list[dict[str, Any]], starts: dict[str, dict[str, float]], s
     }
 
 
-def _play(server: ServerProcess, runs: list[dict[str, Any]], sizes: ServeSizes, workdir: Path,
-          tag: str) -> dict[str, Any]:
-    spec = {"url": server.url, "model": MODEL_NAME, "prompt": PROMPT, "warmup_tokens": sizes.warmup_tokens,
-            "runs": [{k: r[k] for k in ("n", "max_tokens", "response_format") if k in r} for r in runs]}
-    spec_path, out_path = workdir / f"client-{tag}.json", workdir / f"client-{tag}.out.json"
-    spec_path.write_text(json.dumps(spec))
-    subprocess.run([sys.executable, "-m", "tangram.bench.serve_client", str(spec_path), str(out_path)], check=True,
-                   timeout=CLIENT_TIMEOUT_S)
-    return json.loads(out_path.read_text())
-
-
-def measure(system: str, row: str, weights: Weights, sizes: ServeSizes, vllm: VllmFound, workdir: Path,
-            burst: bool | None = None) -> tuple[float, list[dict[str, Any]], dict[str, Any]]:
-    """Start one system's server for one dtype row, warm it, play the runs (`burst`: as `client_runs`), stop it:
-    start time, rows, facts."""
-    if system in ("tangram", "tangram-vllm"):
-        backend = "vllm" if system == "tangram-vllm" else "builtin"
-        label = row if backend == "builtin" else f"vllm-backend-{row}"
-        server = tangram_server(weights.checkpoint, "auto" if row == "default" else row, workdir, sizes.max_batch,
-                                label=label, backend=backend, vllm_python=vllm.python,
-                                kv_cache_bytes=sizes.vllm_kv_cache_bytes)
-    else:
-        assert vllm.python is not None
-        if not (weights.hf_dir / "config.json").is_file():
-            raise RuntimeError(f"{weights.hf_dir}: no Hugging Face directory beside {weights.checkpoint} for vLLM "
-                               "(tangram.demo.fetch_demo(force=True) rebuilds both)")
-        server = vllm_server(vllm.python, weights.hf_dir, None if row == "default" else row, workdir,
-                             sizes.vllm_kv_cache_bytes)
-        drop_cached(sorted(weights.hf_dir.glob("*.safetensors")))  # its load is cold, as tangram-vllm's is
-    runs = client_runs(sizes, row, burst, system)
-    facts: dict[str, Any] = {"log": str(server.log_path),
-                             "weights": str(weights.hf_dir if system == "vllm" else weights.checkpoint)}
-    with server:
-        if system != "vllm":
-            facts.update(tangram_served(server.url))
-        if system == "tangram-vllm":  # its first two requests: a cold start, then a pool hit after scale-to-zero
-            spec = json.loads((workdir / f"tangram-{label}.json").read_text())["deployments"][0]
-            drop_cached(Checkpoint(facts["resolved_checkpoint"]).data_files())
-            facts["start_phase"] = start_phase(server.url, spec)
-        result = _play(server, runs, sizes, workdir, f"{system}-{row}")
-        if system == "vllm":
-            facts.update(vllm_served(server.log_tail(10_000)))
-    assert server.start_s is not None
-    facts["warmup"] = result["warmup"]
-    if result["warmup"]["error"]:
-        log.warning("%s %s: the warm-up request failed: %s", system, row, result["warmup"]["error"])
-    rows = [run_row(system, row, run, res) for run, res in zip(runs, result["runs"])]
-    return server.start_s, rows, facts
-
-
 def run_serve_bench(*, quick: bool, json_path: Path | None, vllm_python: str | None = None,
                     console: Console | None = None, progress: bool = True, sizes: ServeSizes | None = None,
                     weights: dict[str, Weights] | None = None, use_vllm: bool = True,
@@ -311,27 +255,38 @@ def run_serve_bench(*, quick: bool, json_path: Path | None, vllm_python: str | N
     # The read-speed probe a fresh machine's first server would run in the background, during the first timed
     # rows, runs here instead, untimed (as bench load does).
     probed = [r.config.label for r in measure_pending(w.checkpoint for w in weights.values())]
-    sessions = [(row, s) for i, row in enumerate(weights) for s in (systems if i % 2 == 0 else systems[::-1])
-                if not (row == "default" and twins.get(s))]
+    groups = row_groups(list(weights), systems, twins)
     rows: list[dict[str, Any]] = []
     starts: dict[str, dict[str, float]] = {}
     facts: dict[str, dict[str, Any]] = {}
     server_errors: list[str] = []
-    with step_progress(console, len(sessions), "bench serve", progress) as bar:
-        for row, system in sessions:
-            bar.describe(f"{system} {row}")
-            burst = (row == "default" or twins.get(system) == row) and system != "tangram-vllm"
-            try:
-                start_s, run_rows, facts[f"{system}/{row}"] = measure(system, row, weights[row], sizes, vllm,
-                                                                      workdir, burst)
-            except (RuntimeError, OSError, subprocess.SubprocessError, httpx.HTTPError) as exc:
-                # a server that does not start, or a client that dies: that row is missing, the rest runs
-                log.error("%s %s: %s", system, row, exc)
-                facts[f"{system}/{row}"] = {"error": str(exc)[-2000:]}
-                server_errors.append(f"{system}/{row}: {str(exc).splitlines()[0][:300]}")
-            else:
-                starts.setdefault(system, {})[row] = start_s
-                rows += run_rows
+    with step_progress(console, len(groups), "bench serve", progress) as bar:
+        for row, group in groups:
+            bar.describe(f"{' + '.join(group)} {row}")
+            w = weights[row]
+            servers, runs = {}, {}
+            for system in group:
+                burst = (row == "default" or twins.get(system) == row) and system != "tangram-vllm"
+                runs[system] = client_runs(sizes, row, burst, system)
+                try:
+                    servers[system] = start_server(system, row, w.checkpoint, w.hf_dir, sizes.max_batch,
+                                                   sizes.vllm_kv_cache_bytes, vllm, workdir)
+                except RuntimeError as exc:
+                    log.error("%s %s: %s", system, row, exc)
+                    facts[f"{system}/{row}"] = {"error": str(exc)[-2000:]}
+                    server_errors.append(f"{system}/{row}: {str(exc).splitlines()[0][:300]}")
+            for system, session in measure_group(servers, runs, row, workdir, sizes.warmup_tokens).items():
+                key = f"{system}/{row}"
+                facts[key] = session.facts
+                if session.start_s is not None:
+                    starts.setdefault(system, {})[row] = session.start_s
+                rows += [run_row(system, row, run, res) for run, res in session.results]
+                if session.error:  # a server that does not start, or a client that dies: the rest runs
+                    facts[key]["error"] = session.error[-2000:]
+                    server_errors.append(f"{key}: {session.error.splitlines()[0][:300]}")
+                elif (session.facts.get("warmup") or {}).get("error"):
+                    log.warning("%s %s: the warm-up request failed: %s", system, row,
+                                session.facts["warmup"]["error"])
             bar.advance()
     summary = {**summarize(rows, starts, sizes, vllm, twins, facts), "server_errors": server_errors}
     config = {"mode": "quick" if quick else "full", "sizes": asdict(sizes), "prompt": PROMPT,

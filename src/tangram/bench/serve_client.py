@@ -4,8 +4,10 @@
 
 SPEC holds the server's `url`, the `model` name, the `prompt` pattern (with
 `{i}`), `warmup_tokens` and `runs` (each `{"n": concurrent requests,
-"max_tokens": ...}`), played in order after one untimed warm-up chat. Every
-request is a distinct prompt (one counter over the whole spec). Each request
+"max_tokens": ...}`), played in order after one untimed warm-up chat (none when
+`warmup_tokens` is 0). Every request is a distinct prompt (one counter over the
+whole spec, from `first_prompt`, 0 by default: a server played by several
+clients in turn gets each its own range). Each request
 streams with `ignore_eos` and temperature 0 and asks for the usage chunk; per
 request the client records TTFT (request sent -> first content token), the
 completion tokens the usage chunk reports, the content chunks it counted, the
@@ -93,7 +95,7 @@ async def play(spec: dict[str, Any]) -> dict[str, Any]:
     runs = spec["runs"]
     connections = max([1000, *(r["n"] for r in runs)])  # never the client's limit
     client = make_client(spec["url"], connections, spec.get("api_key"))
-    counter = 0
+    counter = int(spec.get("first_prompt", 0))
 
     def prompts(n: int) -> list[str]:
         nonlocal counter
@@ -102,10 +104,11 @@ async def play(spec: dict[str, Any]) -> dict[str, Any]:
         return out
 
     async with client:
-        warm = await one_chat(client, spec["model"], prompts(1)[0], spec.get("warmup_tokens", 8))
+        tokens = spec.get("warmup_tokens", 8)
+        warm = await one_chat(client, spec["model"], prompts(1)[0], tokens) if tokens else None
         results = [await concurrent_run(client, spec["model"], prompts(r["n"]), r["max_tokens"],
                                         r.get("response_format")) for r in runs]
-    return {"warmup": asdict(warm), "runs": results}
+    return {"warmup": asdict(warm) if warm is not None else None, "runs": results}
 
 
 def main(argv: list[str]) -> int:
