@@ -277,7 +277,7 @@ def run_serve_bench(*, quick: bool, json_path: Path | None, vllm_python: str | N
                     server_errors.append(f"{system}/{row}: {str(exc).splitlines()[0][:300]}")
             for system, session in measure_group(servers, runs, row, workdir, sizes.warmup_tokens).items():
                 key = f"{system}/{row}"
-                facts[key] = session.facts
+                facts[key] = {**session.facts, "weights": str(w.hf_dir if system == "vllm" else w.checkpoint)}
                 if session.start_s is not None:
                     starts.setdefault(system, {})[row] = session.start_s
                 rows += [run_row(system, row, run, res) for run, res in session.results]

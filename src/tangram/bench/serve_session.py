@@ -60,9 +60,7 @@ def interleave(runs: dict[str, list[dict[str, Any]]]) -> list[tuple[str, int]]:
     first rotates, so a drift of the machine's speed lands on every system alike. A run only one system has
     (Tangram's structured chats) is played in its place alone."""
     index = {s: {run_key(r): i for i, r in enumerate(rs)} for s, rs in runs.items()}
-    keys: list[RunKey] = []
-    for rs in runs.values():
-        keys += [k for k in map(run_key, rs) if k not in keys]
+    keys = list(dict.fromkeys(run_key(r) for rs in runs.values() for r in rs))
     systems = list(runs)
     order = []
     for step, key in enumerate(keys):
@@ -71,14 +69,19 @@ def interleave(runs: dict[str, list[dict[str, Any]]]) -> list[tuple[str, int]]:
     return order
 
 
+def _label(system: str, row: str) -> str:
+    """The name of a Tangram server's config and log files (`tangram_server`'s `label`)."""
+    return f"vllm-backend-{row}" if system == "tangram-vllm" else row
+
+
 def start_server(system: str, row: str, checkpoint: Path, hf_dir: Path, max_batch: int | None,
                  kv_cache_bytes: int, vllm: VllmFound, workdir: Path) -> ServerProcess:
     """The (not yet started) server of `system` for dtype row `row`."""
     if system in ("tangram", "tangram-vllm"):
         backend = "vllm" if system == "tangram-vllm" else "builtin"
-        label = row if backend == "builtin" else f"vllm-backend-{row}"
-        return tangram_server(checkpoint, "auto" if row == "default" else row, workdir, max_batch, label=label,
-                              backend=backend, vllm_python=vllm.python, kv_cache_bytes=kv_cache_bytes)
+        return tangram_server(checkpoint, "auto" if row == "default" else row, workdir, max_batch,
+                              label=_label(system, row), backend=backend, vllm_python=vllm.python,
+                              kv_cache_bytes=kv_cache_bytes)
     assert vllm.python is not None
     if not (hf_dir / "config.json").is_file():
         raise RuntimeError(f"{hf_dir}: no Hugging Face directory beside {checkpoint} for vLLM "
@@ -93,7 +96,7 @@ def _prepare(system: str, server: ServerProcess, row: str, workdir: Path, facts:
     if system != "vllm":
         facts.update(tangram_served(server.url))
     if system == "tangram-vllm":
-        spec = json.loads((workdir / f"tangram-vllm-backend-{row}.json").read_text())["deployments"][0]
+        spec = json.loads((workdir / f"tangram-{_label(system, row)}.json").read_text())["deployments"][0]
         drop_cached(Checkpoint(facts["resolved_checkpoint"]).data_files())
         facts["start_phase"] = start_phase(server.url, spec)
 
